@@ -1,0 +1,142 @@
+"""The only producer of Redis key strings; called by the mapper, persistence, loading and migrations.
+
+Layout (documented in `docs/key-layout.md`):
+
+```
+{P}:K:<id>                 object hash (one hash field per stored field, plus "#v", the version)
+{P}:K:#seq                 per-model counter for generated integer primary keys
+{P}:K:#ix:<field>:<value>  equality index: set of ids
+{P}:K:#uq:<field>          unique index: hash value -> id
+{P}:K:#zs:<field>          sorted index: zset of ids scored by the field
+{P}:K:#rel:<name>:<id>     one-to-many / many-to-many membership of one object
+{P}:#flush:<token>         short-lived marker written by each flush, read back to settle lost replies
+{P}:#meta:<name>           registry-wide bookkeeping (migrations)
+```
+
+`P` is the registry prefix and `K` the model's keyspace; both are restricted to
+`[A-Za-z0-9_.-]`. Every user-derived segment (ids, indexed values) is
+percent-encoded: only `[A-Za-z0-9_.-]` stay as they are, every other byte becomes
+`%XX`. So a segment never holds `:`, `#`, `{`, `}`, glob characters, spaces or NUL,
+and encoding is injective: two different ids always give two different keys.
+
+`{P}` is a Redis Cluster hash tag: by default every key of a registry hashes to
+one slot, so any flush can be one atomic transaction on a cluster too.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["KeySpace", "escape", "flush_token_key", "meta_key", "unescape", "valid_name"]
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HEX = "0123456789ABCDEF"
+# A precomputed table keeps escaping one dict lookup per byte on the hot path.
+_ESCAPE_TABLE = [chr(b) if b in _SAFE else f"%{_HEX[b >> 4]}{_HEX[b & 15]}" for b in range(256)]
+
+# The sigil "#" starts every key part that is not an id; ids are escaped, so no id
+# segment can begin with it and no id can collide with "#seq" or "#ix".
+_SIGIL = "#"
+
+
+def valid_name(name: str) -> bool:
+    """Whether `name` can be used raw as a prefix, keyspace or field part of a key."""
+    return bool(_NAME_RE.match(name))
+
+
+def escape(raw: bytes) -> str:
+    """Percent-encode a user-derived segment so it can hold nothing but `[A-Za-z0-9_.%-]`."""
+    if all(b in _SAFE for b in raw):
+        return raw.decode("ascii")
+    table = _ESCAPE_TABLE
+    return "".join([table[b] for b in raw])
+
+
+def unescape(segment: str) -> bytes:
+    """Invert `escape`; raises ValueError on a segment `escape` cannot have produced."""
+    if "%" not in segment:
+        if not _NAME_RE.match(segment) and segment != "":
+            raise ValueError(f"not an escaped segment: {segment!r}")
+        return segment.encode("ascii")
+    out = bytearray()
+    i = 0
+    n = len(segment)
+    while i < n:
+        ch = segment[i]
+        if ch == "%":
+            pair = segment[i + 1 : i + 3]
+            if len(pair) != 2 or any(c not in _HEX for c in pair):
+                raise ValueError(f"bad escape in {segment!r}")
+            out.append(int(pair, 16))
+            i += 3
+        elif ch.isascii() and ord(ch) in _SAFE:
+            out.append(ord(ch))
+            i += 1
+        else:
+            raise ValueError(f"not an escaped segment: {segment!r}")
+    return bytes(out)
+
+
+class KeySpace:
+    """The keys of one mapped model; built once per mapper at configure time."""
+
+    __slots__ = ("_base", "keyspace", "prefix", "tag")
+
+    def __init__(self, prefix: str, keyspace: str):
+        self.prefix = prefix
+        self.keyspace = keyspace
+        # The hash tag groups every key of the registry into one cluster slot.
+        self.tag = "{" + prefix + "}"
+        self._base = f"{self.tag}:{keyspace}:"
+
+    def object(self, id_segment: str) -> str:
+        """The hash holding one object's fields and version."""
+        return self._base + id_segment
+
+    @property
+    def object_prefix(self) -> str:
+        """What every object key of this model starts with (used by migrations' SCAN)."""
+        return self._base
+
+    def seq(self) -> str:
+        """The counter that hands out generated integer primary keys."""
+        return self._base + _SIGIL + "seq"
+
+    def index(self, field: str, value_segment: str) -> str:
+        """The set of ids whose `field` equals the encoded value."""
+        return f"{self._base}{_SIGIL}ix:{field}:{value_segment}"
+
+    def index_prefix(self, field: str) -> str:
+        """What every equality-index key of `field` starts with (migrations only)."""
+        return f"{self._base}{_SIGIL}ix:{field}:"
+
+    def unique(self, field: str) -> str:
+        """The hash mapping each taken value of `field` to the id holding it."""
+        return f"{self._base}{_SIGIL}uq:{field}"
+
+    def sorted(self, field: str) -> str:
+        """The zset of ids scored by `field`."""
+        return f"{self._base}{_SIGIL}zs:{field}"
+
+    def relation(self, name: str, id_segment: str) -> str:
+        """The ids related to one object through relationship `name`."""
+        return f"{self._base}{_SIGIL}rel:{name}:{id_segment}"
+
+    def is_object_key(self, key: str) -> bool:
+        """Whether `key` is an object hash of this model (and not an index or counter)."""
+        return key.startswith(self._base) and not key[len(self._base) :].startswith(_SIGIL)
+
+    def id_segment_of(self, key: str) -> str:
+        """The escaped id segment of an object key."""
+        return key[len(self._base) :]
+
+
+def flush_token_key(prefix: str, token: str) -> str:
+    """The marker a flush writes, so a lost EXEC reply can be settled by reading it back."""
+    return "{" + prefix + "}:" + _SIGIL + "flush:" + token
+
+
+def meta_key(prefix: str, name: str) -> str:
+    """Registry-wide bookkeeping keys (migration version, lock, layout snapshot)."""
+    return "{" + prefix + "}:" + _SIGIL + "meta:" + name
