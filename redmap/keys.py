@@ -5,8 +5,9 @@ Layout (documented in `docs/key-layout.md`):
 ```
 {P}:K:<id>                 object hash (one hash field per stored field, plus "#v", the version)
 {P}:K:#seq                 per-model counter for generated integer primary keys
-{P}:K:#ix:<field>:<value>  equality index: set of ids
-{P}:K:#uq:<field>          unique index: hash value -> id
+{P}:K:#all                 zset of every id of the model (default order, count)
+{P}:K:#ix:<field>:<value>  equality index: set of ids ("#null" as value for None)
+{P}:K:#uq:<field>:<value>  unique index: string holding the id that owns the value
 {P}:K:#zs:<field>          sorted index: zset of ids scored by the field
 {P}:K:#rel:<name>:<id>     one-to-many / many-to-many membership of one object
 {P}:#flush:<token>         short-lived marker written by each flush, read back to settle lost replies
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["KeySpace", "escape", "flush_token_key", "meta_key", "unescape", "valid_name"]
+__all__ = ["NULL_SEGMENT", "KeySpace", "escape", "flush_token_key", "meta_key", "unescape", "valid_name"]
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -38,6 +39,8 @@ _ESCAPE_TABLE = [chr(b) if b in _SAFE else f"%{_HEX[b >> 4]}{_HEX[b & 15]}" for 
 # The sigil "#" starts every key part that is not an id; ids are escaped, so no id
 # segment can begin with it and no id can collide with "#seq" or "#ix".
 _SIGIL = "#"
+# The index segment standing for None; escaping never produces "#", so no value collides.
+NULL_SEGMENT = "#null"
 
 
 def valid_name(name: str) -> bool:
@@ -103,6 +106,10 @@ class KeySpace:
         """The counter that hands out generated integer primary keys."""
         return self._base + _SIGIL + "seq"
 
+    def all(self) -> str:
+        """The zset of every id of the model (score: the id when it is an int, else 0)."""
+        return self._base + _SIGIL + "all"
+
     def index(self, field: str, value_segment: str) -> str:
         """The set of ids whose `field` equals the encoded value."""
         return f"{self._base}{_SIGIL}ix:{field}:{value_segment}"
@@ -111,9 +118,13 @@ class KeySpace:
         """What every equality-index key of `field` starts with (migrations only)."""
         return f"{self._base}{_SIGIL}ix:{field}:"
 
-    def unique(self, field: str) -> str:
-        """The hash mapping each taken value of `field` to the id holding it."""
-        return f"{self._base}{_SIGIL}uq:{field}"
+    def unique(self, field: str, value_segment: str) -> str:
+        """The string holding the id that owns one value of a unique `field`.
+
+        One key per value (not one hash per field) so that a flush watches only
+        the values it claims: inserts of different values never conflict.
+        """
+        return f"{self._base}{_SIGIL}uq:{field}:{value_segment}"
 
     def sorted(self, field: str) -> str:
         """The zset of ids scored by `field`."""

@@ -1,0 +1,272 @@
+"""`Dialect`: how one kind of Redis deployment is reached; used by `Engine`.
+
+This module is the one place where redis-py errors become `redmap.exc` errors
+(`translate_errors`), and where a `FlushPlan` is sent as WATCH / checks, then
+MULTI / writes / EXEC on one connection, never retried blindly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.exceptions as rex
+
+from ..exc import FlushError, OutcomeUnknownError, RedmapConnectionError, RedmapError, StaleDataError
+
+if TYPE_CHECKING:
+    from redis.connection import ConnectionPool
+
+    from ..persistence import FlushPlan
+
+__all__ = ["Command", "Dialect", "RoundTripHook", "safe_url", "translate_errors"]
+
+log = logging.getLogger("redmap.engine")
+
+Command = tuple[Any, ...]
+RoundTripHook = Callable[[Sequence[Command]], None]
+
+# A flush re-runs its checks when EXEC reports that a watched key changed; the
+# checks then say why (stale version, unique value taken). Only a writer that keeps
+# touching watched keys without changing what redmap checks exhausts this.
+WATCH_RETRIES = 5
+
+
+def safe_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, _, host = netloc.rpartition("@")
+        user = creds.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in creds else f"{creds}@{host}"
+    query = parts.query
+    if "password=" in query:
+        query = "&".join(
+            "password=***" if q.startswith("password=") else q for q in query.split("&")
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _password_of(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.password:
+        return parts.password
+    for q in parts.query.split("&"):
+        if q.startswith("password="):
+            return q.split("=", 1)[1] or None
+    return None
+
+
+@contextlib.contextmanager
+def translate_errors(url: str) -> Iterator[None]:
+    """Turn redis-py errors into `redmap.exc` errors that name the URL without a password."""
+    shown = safe_url(url)
+    secret = _password_of(url)
+
+    def clean(exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        return text.replace(secret, "***") if secret else text
+
+    try:
+        yield
+    except RedmapError:
+        raise
+    except rex.AuthenticationError as exc:
+        raise RedmapConnectionError(f"authentication failed ({clean(exc)})", url=shown) from None
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        raise RedmapConnectionError(f"cannot talk to Redis ({clean(exc)})", url=shown) from None
+    except rex.RedisError as exc:
+        raise RedmapError(f"Redis refused a command ({clean(exc)}) (url: {shown})") from None
+
+
+class Dialect:
+    """A way to reach Redis: client construction, pipelined reads, and the flush transaction.
+
+    Subclasses advertise what they can do with `supports_*` flags; tests skip by
+    capability, never by dialect name.
+    """
+
+    name = "base"
+    # One WATCH/MULTI/EXEC can span every key of a flush.
+    supports_multi_key_transactions = True
+    # Keys live in several hash slots on several nodes.
+    supports_cluster = False
+    # The server is started and stopped by redmap itself.
+    supports_embedded_server = False
+
+    def __init__(self, url: str, *, hook: RoundTripHook, **client_options: Any):
+        self.url = url
+        self.safe_url = safe_url(url)
+        self._hook = hook
+        self.client: Any = self.create_client(url, **client_options)
+
+    def create_client(self, url: str, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+    # -- reads ----------------------------------------------------------------------
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Send `commands` in one pipelined round trip; error replies come back as exceptions.
+
+        Reads may be retried by redis-py on connection errors: they are idempotent.
+        """
+        if not commands:
+            return []
+        self._hook(commands)
+        with translate_errors(self.url):
+            pipe = self.client.pipeline(transaction=False)
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            return replies
+
+    # -- the flush --------------------------------------------------------------------
+
+    def _pool(self) -> ConnectionPool:
+        pool: ConnectionPool = self.client.connection_pool
+        return pool
+
+    def execute_flush(self, plan: FlushPlan) -> None:
+        """Run `plan` as WATCH + checks, then MULTI/writes/EXEC, on one connection.
+
+        Round trips: 2, plus 2 per retry after a watched key changed. Nothing is
+        re-sent after EXEC may have reached the server: a lost reply is settled by
+        reading back the plan's token (see `_settle`).
+        """
+        pool = self._pool()
+        with translate_errors(self.url):
+            conn = pool.get_connection()
+        broken = False
+        try:
+            for _ in range(WATCH_RETRIES):
+                try:
+                    replies = self._round_trip(conn, [("WATCH", *plan.watch), *plan.check_commands])
+                except (rex.ConnectionError, rex.TimeoutError, OSError):
+                    broken = True
+                    raise
+                failure = plan.evaluate(replies[1:])
+                if failure is not None:
+                    try:
+                        self._round_trip(conn, [("UNWATCH",)])
+                    except (rex.ConnectionError, rex.TimeoutError, OSError):
+                        broken = True
+                    raise failure
+                try:
+                    replies = self._round_trip(conn, [("MULTI",), *plan.writes, ("EXEC",)])
+                except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                    broken = True
+                    self._after_lost_exec(plan, exc)
+                    return
+                exec_reply = replies[-1]
+                if exec_reply is None:
+                    continue  # a watched key changed: re-run the checks to learn why
+                if isinstance(exec_reply, Exception):
+                    # EXECABORT: a command was refused while queuing (e.g. OOM); Redis
+                    # discarded the whole transaction.
+                    queued_errors = [str(r) for r in replies[1:-1] if isinstance(r, Exception)]
+                    raise FlushError(
+                        f"Redis refused the flush before running it; nothing was written: "
+                        f"{'; '.join(queued_errors) or exec_reply}",
+                        errors=queued_errors or [str(exec_reply)],
+                    )
+                plan.check_exec_reply(list(exec_reply))
+                return
+            raise StaleDataError(
+                "watched keys kept changing during the flush; nothing was written",
+                objects=[s.obj for s in plan.states],
+                keys=list(plan.watch),
+            )
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            broken = True
+            raise RedmapConnectionError(
+                f"connection lost before the flush was sent; nothing was written "
+                f"({type(exc).__name__})",
+                url=self.safe_url,
+            ) from None
+        finally:
+            if broken:
+                with contextlib.suppress(Exception):
+                    conn.disconnect()
+            pool.release(conn)
+
+    def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
+        self._hook(commands)
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except rex.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    def _after_lost_exec(self, plan: FlushPlan, cause: BaseException) -> None:
+        """Settle a flush whose EXEC reply never came: return if applied, raise if not."""
+        if self._settle(plan):
+            log.warning("flush reply lost (%s); read-back shows it was applied", type(cause).__name__)
+            return
+        raise RedmapConnectionError(
+            f"connection lost during the flush ({type(cause).__name__}); read-back shows "
+            f"nothing was written",
+            url=self.safe_url,
+        )
+
+    def _settle(self, plan: FlushPlan) -> bool:
+        """Whether a flush whose reply was lost was applied, decided for good.
+
+        The token key is watched by the flush and written by its EXEC. Creating it
+        here with SET NX either finds it (the flush was applied) or creates it, which
+        also makes a late EXEC still queued on the old connection fail its WATCH.
+        """
+        pool = self._pool()
+        conn = None
+        try:
+            # A fresh connection outside the pool: the pooled ones may share the fault.
+            conn = pool.connection_class(**pool.connection_kwargs)
+            replies = self._round_trip(
+                conn, [("SET", plan.token_key, b"settled", "NX", "PX", plan.token_ttl_ms)]
+            )
+        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            for st in plan.states:
+                st.in_doubt = True
+            raise OutcomeUnknownError(
+                f"the flush's EXEC was sent but its reply was lost and the outcome could not "
+                f"be read back ({type(exc).__name__}); roll the session back and check",
+                url=self.safe_url,
+                objects=[s.obj for s in plan.states],
+            ) from None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.disconnect()
+        reply = replies[0]
+        if isinstance(reply, Exception):
+            raise RedmapError(f"cannot read back the flush token: {reply}")
+        return reply is None
+
+
+def default_client_options() -> dict[str, Any]:
+    """Options redmap passes to redis-py unless the user overrides them."""
+    return {"socket_connect_timeout": 10.0, "socket_timeout": 30.0}
+
+
+def build_standalone_client(url: str, **options: Any) -> redis.Redis:
+    opts = default_client_options()
+    opts.update(options)
+    return redis.Redis.from_url(url, **opts)

@@ -1,0 +1,100 @@
+"""Turns Redis replies into mapped objects through the session's identity map.
+
+Called by `Session.get/get_many/refresh`, attribute loading and queries. An object
+already in the session keeps its identity and its pending changes: only its
+unloaded (expired) attributes are filled in, unless a refresh is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .attributes import STATE_ATTR
+from .exc import DecodeError
+from .mapper import VERSION_FIELD, Mapper
+from .state import InstanceState
+
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["decode_hash", "load_instance"]
+
+_VERSION = VERSION_FIELD.encode()
+
+
+def decode_hash(
+    mapper: Mapper[Any], key: str, data: Any
+) -> tuple[dict[str, Any], dict[str, bytes | None], int | None] | None:
+    """Decode an HGETALL reply: (values, encoded snapshot, version), or None if absent."""
+    if isinstance(data, Exception):
+        raise DecodeError(
+            expected="a hash", raw=None, model=mapper.name, key=key, detail=str(data)
+        )
+    if not data:
+        return None
+    values: dict[str, Any] = {}
+    loaded: dict[str, bytes | None] = {}
+    for col in mapper.stored_columns():
+        codec = col.codec
+        assert codec is not None
+        raw = data.get(col.key.encode())
+        loaded[col.key] = raw
+        if raw is None:
+            if not codec.nullable:
+                raise DecodeError(
+                    expected=codec.expected, raw=None, model=mapper.name, field=col.key, key=key
+                )
+            values[col.key] = None
+            continue
+        try:
+            values[col.key] = codec.decode(raw)
+        except DecodeError as exc:
+            raise exc.with_location(model=mapper.name, field=col.key, key=key) from None
+    raw_version = data.get(_VERSION)
+    version: int | None = None
+    if raw_version is not None:
+        try:
+            version = int(raw_version)
+        except ValueError:
+            raise DecodeError(
+                expected="an integer version", raw=raw_version, model=mapper.name,
+                field=VERSION_FIELD, key=key,
+            ) from None
+    return values, loaded, version
+
+
+def load_instance(
+    session: Session, mapper: Mapper[Any], pk: Any, key: str, data: Any, *, refresh: bool = False
+) -> Any:
+    """The session's object for `pk` populated from `data`, or None when the hash is absent."""
+    decoded = decode_hash(mapper, key, data)
+    if decoded is None:
+        return None
+    values, loaded, version = decoded
+    st = session._identity_map.get((mapper.class_, pk))
+    if st is not None:
+        d = st.obj.__dict__
+        if refresh:
+            d.update(values)
+            st.modified.clear()
+            session._identity_map.modified.discard(st)
+        else:
+            unloaded = st.unloaded()
+            if not unloaded:
+                return st.obj
+            for name in unloaded:
+                d[name] = values[name]
+        st.loaded = loaded
+        st.version = version
+        st.in_doubt = False
+        return st.obj
+    obj = mapper.class_.__new__(mapper.class_)
+    d = obj.__dict__
+    d.update(values)
+    d[mapper.pk.key] = pk
+    st = InstanceState(obj, mapper)
+    d[STATE_ATTR] = st
+    st.loaded = loaded
+    st.version = version
+    session._make_persistent(st, pk, key)
+    return obj

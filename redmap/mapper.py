@@ -1,0 +1,302 @@
+"""`Mapper`: the per-class facts (fields, primary key, indexes, relationships, keys).
+
+Built by `registry.mapped` at decoration time (declaration errors surface there) and
+completed by `registry.configure()`; read by the session, persistence, loading and
+queries. Flush and load never inspect annotations: everything is compiled here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
+
+from . import keys
+from .exc import DecodeError, MappingError, ValidationError
+from .relationships import RELATIONSHIP_KEY, RelationshipProperty
+from .schema import ForeignKey, Indexed, Marker, PrimaryKey, Sorted, Unique
+from .types import Codec, compile_codec
+
+if TYPE_CHECKING:
+    from .registry import registry as Registry
+
+__all__ = ["ColumnProperty", "Mapper", "mapper_of"]
+
+M = TypeVar("M")
+
+_PK_TYPES = (int, str, uuid.UUID)
+# Name of the hash field holding an object's version; "#" cannot start a Python field name.
+VERSION_FIELD = "#v"
+
+
+class _Unresolved(Exception):
+    """An annotation naming a class that is not defined yet; retried at configure."""
+
+
+@dataclasses.dataclass
+class ColumnProperty:
+    """One stored field: its codec and the indexes it takes part in."""
+
+    key: str
+    annotation: Any
+    codec: Codec | None = None
+    primary_key: bool = False
+    indexed: bool = False
+    unique: bool = False
+    sorted: bool = False
+    foreign_key: ForeignKey | None = None
+    # An int primary key that is None at flush gets its value from the model's counter.
+    generated: bool = False
+    # True for the `id` attribute redmap adds to a model with no PrimaryKey field.
+    implicit: bool = False
+
+    @property
+    def has_index(self) -> bool:
+        return self.indexed or self.unique or self.sorted
+
+
+class Mapper(Generic[M]):
+    """Everything redmap knows about one mapped class."""
+
+    def __init__(self, class_: type[M], reg: Registry, keyspace: str):
+        self.class_ = class_
+        self.registry = reg
+        self.name = class_.__name__
+        self.keyspace = keyspace
+        self.keys = keys.KeySpace(reg.prefix, keyspace)
+        self.columns: dict[str, ColumnProperty] = {}
+        self.relationships: dict[str, RelationshipProperty] = {}
+        self.pk: ColumnProperty
+        self.configured = False
+        # Filled at configure time; kept as tuples so the hot path only iterates.
+        self.mutable_columns: tuple[ColumnProperty, ...] = ()
+        self.indexed_columns: tuple[ColumnProperty, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<Mapper {self.name} keyspace={self.keyspace!r}>"
+
+    # -- declaration -------------------------------------------------------------
+
+    def _declare(self) -> None:
+        cls = self.class_
+        pk_fields: list[str] = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            prop = f.metadata.get(RELATIONSHIP_KEY)
+            if isinstance(prop, RelationshipProperty):
+                prop.key = f.name
+                prop.parent = self
+                prop.annotation = f.type
+                self.relationships[f.name] = prop
+                continue
+            col = ColumnProperty(key=f.name, annotation=f.type)
+            self.columns[f.name] = col
+            try:
+                self._compile_column(col)
+            except _Unresolved:
+                pass  # a forward reference: compiled by configure()
+            if col.primary_key:
+                pk_fields.append(f.name)
+        if len(pk_fields) > 1:
+            raise MappingError(
+                f"more than one PrimaryKey() field: {', '.join(pk_fields)}", model=self.name
+            )
+        if pk_fields:
+            self.pk = self.columns[pk_fields[0]]
+        else:
+            if "id" in self.columns or "id" in self.relationships:
+                raise MappingError(
+                    "a field named 'id' exists but is not marked PrimaryKey(); mark it "
+                    "or rename it (redmap adds an 'id' primary key to models without one)",
+                    model=self.name,
+                    field="id",
+                )
+            col = ColumnProperty(
+                key="id",
+                annotation=int | None,
+                primary_key=True,
+                generated=True,
+                implicit=True,
+            )
+            col.codec = compile_codec(int | None, model=self.name, field="id")
+            self.columns["id"] = col
+            self.pk = col
+
+    def _compile_column(self, col: ColumnProperty) -> None:
+        tp = self._resolve(col.key, col.annotation)
+        base, markers = _split_markers(tp, model=self.name, field=col.key)
+        for m in markers:
+            if isinstance(m, PrimaryKey):
+                col.primary_key = True
+            elif isinstance(m, Indexed):
+                col.indexed = True
+            elif isinstance(m, Unique):
+                col.unique = True
+            elif isinstance(m, Sorted):
+                col.sorted = True
+            elif isinstance(m, ForeignKey):
+                col.foreign_key = m
+        codec = compile_codec(base, model=self.name, field=col.key)
+        col.codec = codec
+        if col.primary_key:
+            inner = _strip_optional(base)
+            if inner not in _PK_TYPES:
+                raise MappingError(
+                    f"a primary key must be int, str or uuid.UUID, not {codec.expected}",
+                    model=self.name,
+                    field=col.key,
+                )
+            if col.has_index:
+                raise MappingError(
+                    "a primary key needs no Indexed/Unique/Sorted marker", model=self.name,
+                    field=col.key,
+                )
+            col.generated = inner is int and codec.nullable
+        if (col.indexed or col.unique) and codec.mutable:
+            raise MappingError(
+                f"{codec.expected} values are stored as JSON and cannot be indexed",
+                model=self.name,
+                field=col.key,
+            )
+        if col.sorted and not codec.sortable:
+            raise MappingError(
+                f"Sorted() needs an int, float, Decimal, bool, date or datetime field, "
+                f"not {codec.expected}",
+                model=self.name,
+                field=col.key,
+            )
+
+    def _resolve(self, name: str, annotation: Any) -> Any:
+        if not isinstance(annotation, str):
+            return annotation
+        # get_type_hints on a one-field holder class resolves a single string
+        # annotation in the model's module, with the registry's classes in scope.
+        holder = type(
+            "_RedmapAnnotation",
+            (),
+            {"__annotations__": {name: annotation}, "__module__": self.class_.__module__},
+        )
+        localns = dict(self.registry._class_names)
+        localns.setdefault(self.class_.__name__, self.class_)
+        try:
+            return typing.get_type_hints(holder, localns=localns, include_extras=True)[name]
+        except NameError as exc:
+            raise _Unresolved(str(exc)) from exc
+
+    # -- configure -----------------------------------------------------------------
+
+    def _configure(self) -> None:
+        for col in self.columns.values():
+            if col.codec is None:
+                try:
+                    self._compile_column(col)
+                except _Unresolved as exc:
+                    raise MappingError(
+                        f"cannot resolve the annotation {col.annotation!r}: {exc}",
+                        model=self.name,
+                        field=col.key,
+                    ) from None
+        for col in self.columns.values():
+            if col.foreign_key is not None:
+                target = self.registry._lookup(col.foreign_key.target, model=self.name, field=col.key)
+                col.foreign_key = ForeignKey(target)
+        self.mutable_columns = tuple(c for c in self.columns.values() if self._codec(c).mutable)
+        self.indexed_columns = tuple(c for c in self.columns.values() if c.has_index)
+        self.configured = True
+
+    # -- primary keys ----------------------------------------------------------------
+
+    @staticmethod
+    def _codec(col: ColumnProperty) -> Codec:
+        assert col.codec is not None, "mapper not configured"
+        return col.codec
+
+    def validate_pk(self, pk: Any) -> None:
+        """Refuse a primary key of the wrong type before it reaches a key string."""
+        if pk is None:
+            raise ValidationError(
+                model=self.name, field=self.pk.key, expected=self._codec(self.pk).expected,
+                actual="None", detail="a primary key is required",
+            )
+        self._codec(self.pk).validate(pk, model=self.name, field=self.pk.key)
+
+    def pk_segment(self, pk: Any) -> str:
+        """The escaped key segment for a (validated) primary key."""
+        return keys.escape(self._codec(self.pk).encode(pk))
+
+    def pk_from_segment(self, segment: str) -> Any:
+        """The primary key an escaped segment stands for (index members, relation sets)."""
+        try:
+            raw = keys.unescape(segment)
+        except ValueError as exc:
+            raise DecodeError(
+                expected=self._codec(self.pk).expected, raw=segment.encode(), model=self.name,
+                field=self.pk.key, detail=str(exc),
+            ) from None
+        return self._codec(self.pk).decode(raw)
+
+    def object_key(self, pk: Any) -> str:
+        return self.keys.object(self.pk_segment(pk))
+
+    def stored_columns(self) -> Iterator[ColumnProperty]:
+        """Columns written as hash fields: every column but the primary key."""
+        for col in self.columns.values():
+            if not col.primary_key:
+                yield col
+
+
+def mapper_of(cls: type[M]) -> Mapper[M]:
+    """The mapper of a mapped class; configures its registry on first use."""
+    mapper: Mapper[M] | None = cls.__dict__.get("__redmap_mapper__")
+    if mapper is None:
+        from .exc import InvalidRequestError
+
+        raise InvalidRequestError(f"{cls.__name__} is not a mapped class (use @registry.mapped)")
+    if not mapper.configured:
+        mapper.registry.configure()
+    return mapper
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _split_markers(tp: Any, *, model: str, field: str) -> tuple[Any, list[Marker]]:
+    """Separate redmap markers from the type, looking inside Optional[Annotated[...]] too."""
+    markers: list[Marker] = []
+    if typing.get_origin(tp) is Annotated:
+        base, *meta = typing.get_args(tp)
+        markers.extend(_markers_of(meta, model=model, field=field))
+        return base, markers
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = list(typing.get_args(tp))
+        changed = False
+        for i, arg in enumerate(args):
+            if typing.get_origin(arg) is Annotated:
+                inner, *meta = typing.get_args(arg)
+                markers.extend(_markers_of(meta, model=model, field=field))
+                args[i] = inner
+                changed = True
+        if changed:
+            return Union[tuple(args)], markers  # noqa: UP007 - rebuilding a runtime Union
+    return tp, markers
+
+
+def _markers_of(meta: list[Any], *, model: str, field: str) -> list[Marker]:
+    out: list[Marker] = []
+    for m in meta:
+        if isinstance(m, type) and issubclass(m, Marker):
+            raise MappingError(
+                f"use {m.__name__}() with parentheses, not the class {m.__name__}",
+                model=model,
+                field=field,
+            )
+        if isinstance(m, Marker):
+            out.append(m)
+    return out

@@ -1,0 +1,354 @@
+"""Turns a unit of work into a `FlushPlan`: watched keys, checks and write commands; no I/O.
+
+Called by `unitofwork`; the plan is executed by `Dialect.execute_flush`. Everything
+that could make a command fail inside EXEC (wrong key types, taken unique values,
+existing primary keys, stale versions) becomes a check answered before MULTI, so a
+flush that reaches EXEC cannot fail half-way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import keys
+from .dialects.base import Command
+from .exc import FlushError, IntegrityError, StaleDataError, ValidationError
+from .mapper import VERSION_FIELD, ColumnProperty, Mapper
+
+if TYPE_CHECKING:
+    from .state import InstanceState
+
+__all__ = ["DeleteTask", "FlushPlan", "InsertTask", "UpdateTask", "plan_flush"]
+
+# How long a flush's token outlives it; settling a lost reply happens within the
+# client's socket timeout, far below this.
+TOKEN_TTL_MS = 120_000
+
+_TYPE_NAMES = {"set": b"set", "zset": b"zset", "hash": b"hash", "string": b"string"}
+
+
+@dataclasses.dataclass
+class InsertTask:
+    """A new object: every stored field is written."""
+
+    state: InstanceState
+    pk: Any
+    segment: str
+    key: str
+    values: dict[str, Any]
+    encoded: dict[str, bytes | None]
+    # The primary key was handed out by the model's counter in this flush.
+    generated: bool = False
+
+
+@dataclasses.dataclass
+class UpdateTask:
+    """A persistent object with changed fields: (new value, new encoding) per field."""
+
+    state: InstanceState
+    segment: str
+    key: str
+    changes: dict[str, tuple[Any, bytes | None]]
+
+
+@dataclasses.dataclass
+class DeleteTask:
+    """A persistent object marked for deletion."""
+
+    state: InstanceState
+    segment: str
+    key: str
+
+
+@dataclasses.dataclass
+class Check:
+    """One command sent after WATCH whose reply must match before MULTI is sent."""
+
+    kind: str  # "version" | "absent" | "unique" | "type"
+    key: str
+    command: Command
+    expected: Any = None
+    state: InstanceState | None = None
+    field: str | None = None
+    value: Any = None
+
+
+@dataclasses.dataclass
+class FlushPlan:
+    """Everything one flush sends, as data."""
+
+    token_key: str
+    token_ttl_ms: int
+    watch: list[str]
+    checks: list[Check]
+    writes: list[Command]
+    states: list[InstanceState]
+
+    @property
+    def check_commands(self) -> list[Command]:
+        return [c.command for c in self.checks]
+
+    def evaluate(self, replies: Sequence[Any]) -> Exception | None:
+        """The error that stops this flush given the check replies, or None to go ahead."""
+        stale: list[Check] = []
+        for check, reply in zip(self.checks, replies, strict=True):
+            if isinstance(reply, Exception):
+                return FlushError(
+                    f"key {check.key!r} cannot be used by this flush ({reply}); nothing was "
+                    f"written",
+                    key=check.key,
+                    errors=[str(reply)],
+                )
+            if check.kind == "version":
+                if reply != check.expected:
+                    stale.append(check)
+            elif check.kind == "absent":
+                if reply:
+                    st = check.state
+                    name = st.mapper.name if st else "?"
+                    return IntegrityError(
+                        f"{name} with primary key {check.value!r} already exists; nothing was "
+                        f"written",
+                        model=name,
+                        field=st.mapper.pk.key if st else None,
+                        value=check.value,
+                        key=check.key,
+                    )
+            elif check.kind == "unique":
+                if reply is not None and reply not in check.expected:
+                    st = check.state
+                    name = st.mapper.name if st else "?"
+                    return IntegrityError(
+                        f"{name}.{check.field} value {check.value!r} is already taken (unique); "
+                        f"nothing was written",
+                        model=name,
+                        field=check.field,
+                        value=check.value,
+                        key=check.key,
+                    )
+            elif check.kind == "type":
+                kind = reply.decode() if isinstance(reply, bytes) else str(reply)
+                if kind not in ("none", check.expected):
+                    return FlushError(
+                        f"key {check.key!r} holds a {kind}, not a {check.expected}; nothing "
+                        f"was written",
+                        key=check.key,
+                    )
+        if stale:
+            objs = [c.state.obj for c in stale if c.state is not None]
+            desc = ", ".join(
+                f"{c.state.mapper.name}({c.value!r})" for c in stale if c.state is not None
+            )
+            return StaleDataError(
+                f"{desc} changed or was deleted since it was loaded; nothing was written",
+                objects=objs,
+                keys=[c.key for c in stale],
+            )
+        return None
+
+    def check_exec_reply(self, replies: list[Any]) -> None:
+        """Raise FlushError if a command failed inside EXEC (then Redis applied the rest)."""
+        errors = [(i, r) for i, r in enumerate(replies) if isinstance(r, Exception)]
+        if not errors:
+            return
+        first_cmd = self.writes[errors[0][0]]
+        key = str(first_cmd[1]) if len(first_cmd) > 1 else None
+        for st in self.states:
+            st.in_doubt = True
+        raise FlushError(
+            f"Redis rejected {len(errors)} command(s) inside EXEC, first on key {key!r}: "
+            f"{errors[0][1]}; the other commands were applied and the objects are expired",
+            key=key,
+            errors=[str(e) for _, e in errors],
+        )
+
+
+class _Builder:
+    """Accumulates one plan; removals are emitted before additions so that a value
+    released by one object can be taken by another in the same flush."""
+
+    def __init__(self) -> None:
+        self.watch: dict[str, None] = {}
+        self.checks: list[Check] = []
+        self.removals: list[Command] = []
+        self.additions: list[Command] = []
+        self.typed: dict[str, str] = {}
+        # unique key -> (state, field, value, segment) claiming it in this flush
+        self.claims: dict[str, tuple[InstanceState, str, Any, str]] = {}
+        # unique key -> segments releasing it in this flush
+        self.releases: dict[str, set[str]] = {}
+
+    def expect_type(self, key: str, kind: str) -> None:
+        if key not in self.typed:
+            self.typed[key] = kind
+            self.checks.append(Check("type", key, ("TYPE", key), expected=kind))
+
+    # -- per-index maintenance ------------------------------------------------------
+
+    def add_index_entries(
+        self, mapper: Mapper[Any], col: ColumnProperty, value: Any, enc: bytes | None,
+        segment: str, state: InstanceState,
+    ) -> None:
+        ks = mapper.keys
+        if col.indexed or col.unique:
+            vseg = keys.NULL_SEGMENT if enc is None else keys.escape(enc)
+            if col.indexed or enc is not None:
+                ix = ks.index(col.key, vseg)
+                self.expect_type(ix, "set")
+                self.additions.append(("SADD", ix, segment))
+        if col.unique and enc is not None:
+            uq = ks.unique(col.key, keys.escape(enc))
+            other = self.claims.get(uq)
+            if other is not None and other[3] != segment:
+                raise IntegrityError(
+                    f"{mapper.name}.{col.key} value {value!r} is set on two objects of this "
+                    f"flush (unique); nothing was written",
+                    model=mapper.name,
+                    field=col.key,
+                    value=value,
+                    key=uq,
+                )
+            self.claims[uq] = (state, col.key, value, segment)
+            self.additions.append(("SET", uq, segment))
+        if col.sorted:
+            # None is kept at -inf so that ordering includes it (first ascending);
+            # range conditions start at "(-inf" and leave it out.
+            score = "-inf" if enc is None else _score(mapper, col, value)
+            zs = ks.sorted(col.key)
+            self.expect_type(zs, "zset")
+            self.additions.append(("ZADD", zs, score, segment))
+
+    def remove_index_entries(
+        self, mapper: Mapper[Any], col: ColumnProperty, old: bytes | None, segment: str,
+        *, replaced: bool,
+    ) -> None:
+        ks = mapper.keys
+        if col.indexed or col.unique:
+            vseg = keys.NULL_SEGMENT if old is None else keys.escape(old)
+            if col.indexed or old is not None:
+                ix = ks.index(col.key, vseg)
+                self.expect_type(ix, "set")
+                self.removals.append(("SREM", ix, segment))
+        if col.unique and old is not None:
+            uq = ks.unique(col.key, keys.escape(old))
+            self.releases.setdefault(uq, set()).add(segment)
+            self.watch[uq] = None
+            self.removals.append(("DEL", uq))
+        if col.sorted and not replaced:
+            zs = ks.sorted(col.key)
+            self.expect_type(zs, "zset")
+            self.removals.append(("ZREM", zs, segment))
+
+
+def _score(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> str:
+    assert col.codec is not None
+    score = col.codec.to_score(value)
+    if score == float("-inf"):
+        raise ValidationError(
+            model=mapper.name, field=col.key, expected="a value above -inf", actual="-inf",
+            detail="a Sorted() index keeps None at -inf",
+        )
+    return repr(score)
+
+
+def _all_score(mapper: Mapper[Any], pk: Any) -> str:
+    # Integer ids order numerically; other ids share score 0 and order by member bytes.
+    return str(pk) if mapper.pk.codec is not None and isinstance(pk, int) else "0"
+
+
+def plan_flush(
+    inserts: Sequence[InsertTask],
+    updates: Sequence[UpdateTask],
+    deletes: Sequence[DeleteTask],
+    *,
+    token_key: str,
+) -> FlushPlan:
+    """Build the plan for one flush. Raises IntegrityError for conflicts visible without I/O."""
+    b = _Builder()
+    deleted_keys = {d.key for d in deletes}
+
+    for d in deletes:
+        st = d.state
+        mapper = st.mapper
+        b.watch[d.key] = None
+        b.checks.append(_version_check(d.key, st))
+        b.removals.append(("DEL", d.key))
+        b.removals.append(("ZREM", mapper.keys.all(), d.segment))
+        b.expect_type(mapper.keys.all(), "zset")
+        for col in mapper.indexed_columns:
+            b.remove_index_entries(
+                mapper, col, st.loaded.get(col.key), d.segment, replaced=False
+            )
+
+    for u in updates:
+        st = u.state
+        mapper = st.mapper
+        b.watch[u.key] = None
+        b.checks.append(_version_check(u.key, st))
+        sets: list[Any] = []
+        dels: list[str] = []
+        for name, (value, enc) in u.changes.items():
+            if enc is None:
+                dels.append(name)
+            else:
+                sets.extend((name, enc))
+            col = mapper.columns[name]
+            if col.has_index:
+                b.remove_index_entries(
+                    mapper, col, st.loaded.get(name), u.segment, replaced=True
+                )
+                b.add_index_entries(mapper, col, value, enc, u.segment, st)
+        if dels:
+            b.additions.append(("HDEL", u.key, *dels))
+        if sets:
+            b.additions.append(("HSET", u.key, *sets))
+        b.additions.append(("HINCRBY", u.key, VERSION_FIELD, 1))
+
+    for ins in inserts:
+        st = ins.state
+        mapper = st.mapper
+        b.watch[ins.key] = None
+        if ins.key not in deleted_keys:
+            b.checks.append(
+                Check("absent", ins.key, ("EXISTS", ins.key), state=st, value=ins.pk)
+            )
+        fields: list[Any] = []
+        for name, enc in ins.encoded.items():
+            if enc is not None:
+                fields.extend((name, enc))
+        fields.extend((VERSION_FIELD, b"1"))
+        b.additions.append(("HSET", ins.key, *fields))
+        b.expect_type(mapper.keys.all(), "zset")
+        b.additions.append(("ZADD", mapper.keys.all(), _all_score(mapper, ins.pk), ins.segment))
+        for col in mapper.indexed_columns:
+            b.add_index_entries(
+                mapper, col, ins.values.get(col.key), ins.encoded.get(col.key), ins.segment, st
+            )
+
+    for uq, (st, field, value, segment) in b.claims.items():
+        b.watch[uq] = None
+        allowed = {segment.encode()} | {s.encode() for s in b.releases.get(uq, ())}
+        b.checks.append(
+            Check("unique", uq, ("GET", uq), expected=allowed, state=st, field=field, value=value)
+        )
+
+    b.watch[token_key] = None
+    writes = [*b.removals, *b.additions, ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS)]
+    states = [t.state for t in (*deletes, *updates, *inserts)]
+    return FlushPlan(
+        token_key=token_key,
+        token_ttl_ms=TOKEN_TTL_MS,
+        watch=list(b.watch),
+        checks=b.checks,
+        writes=writes,
+        states=states,
+    )
+
+
+def _version_check(key: str, st: InstanceState) -> Check:
+    expected = None if st.version is None else str(st.version).encode()
+    return Check(
+        "version", key, ("HGET", key, VERSION_FIELD), expected=expected, state=st, value=st.pk
+    )

@@ -1,0 +1,380 @@
+"""`select()`: queries answered from indexes, never by scanning; run by `Session.scalars/count`.
+
+A statement compiles into server-side set algebra on the model's index keys:
+every condition becomes a temporary zset (an equality-index set, a score range of
+a sorted index, a union for `in_`/`or_`), conditions are intersected with the
+ordering zset (the sorted index of the `order_by` field, or the model's id zset),
+and one ZRANGE reads the requested page. All of it runs in one MULTI/EXEC, so the
+temporary keys never outlive the round trip and the result is a consistent
+snapshot. A second round trip fetches the objects not already in the session.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from . import keys
+from .attributes import FieldAttribute
+from .exc import MultipleResultsFound, NoResultFound, QueryError
+from .expression import BinaryExpression, BooleanClauseList, Ordering
+from .mapper import ColumnProperty, Mapper, mapper_of
+
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["ScalarResult", "Select", "execute_count", "execute_select", "select"]
+
+M = TypeVar("M")
+
+_RANGE_OPS = {"<", "<=", ">", ">=", "between"}
+
+
+class Select(Generic[M]):
+    """A query for objects of one model; each method returns a new statement."""
+
+    def __init__(self, model: type[M]):
+        self.model = model
+        self._where: tuple[Any, ...] = ()
+        self._order_by: tuple[Ordering, ...] = ()
+        self._limit: int | None = None
+        self._offset: int = 0
+
+    def _copy(self) -> Select[M]:
+        new: Select[M] = Select(self.model)
+        new._where = self._where
+        new._order_by = self._order_by
+        new._limit = self._limit
+        new._offset = self._offset
+        return new
+
+    def where(self, *conditions: Any) -> Select[M]:
+        """Add conditions, all of which must hold."""
+        new = self._copy()
+        new._where = self._where + conditions
+        return new
+
+    filter = where
+
+    def order_by(self, *terms: Any) -> Select[M]:
+        """Order by a Sorted field (or the primary key); `Model.field.desc()` for descending."""
+        new = self._copy()
+        new._order_by = tuple(
+            t if isinstance(t, Ordering) else Ordering(t, descending=False) for t in terms
+        )
+        return new
+
+    def limit(self, n: int | None) -> Select[M]:
+        new = self._copy()
+        if n is not None and n < 0:
+            raise QueryError("limit must be >= 0")
+        new._limit = n
+        return new
+
+    def offset(self, n: int | None) -> Select[M]:
+        new = self._copy()
+        if n is not None and n < 0:
+            raise QueryError("offset must be >= 0")
+        new._offset = n or 0
+        return new
+
+    def __repr__(self) -> str:
+        return f"<Select {self.model.__name__} where={self._where!r} order_by={self._order_by!r}>"
+
+
+def select(model: type[M]) -> Select[M]:
+    """A statement selecting objects of `model`."""
+    return Select(model)
+
+
+class ScalarResult(Generic[M]):
+    """The objects a statement returned, in order."""
+
+    def __init__(self, objects: list[M]):
+        self._objects = objects
+
+    def __iter__(self) -> Iterator[M]:
+        return iter(self._objects)
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def all(self) -> list[M]:
+        return list(self._objects)
+
+    def first(self) -> M | None:
+        return self._objects[0] if self._objects else None
+
+    def one(self) -> M:
+        if not self._objects:
+            raise NoResultFound("no object matched the query")
+        if len(self._objects) > 1:
+            raise MultipleResultsFound(f"{len(self._objects)} objects matched, expected one")
+        return self._objects[0]
+
+    def one_or_none(self) -> M | None:
+        if len(self._objects) > 1:
+            raise MultipleResultsFound(f"{len(self._objects)} objects matched, expected one")
+        return self._objects[0] if self._objects else None
+
+
+class _Compiler:
+    """Builds the commands computing one statement's ids into temporary zsets."""
+
+    def __init__(self, mapper: Mapper[Any]):
+        self.mapper = mapper
+        self.ks = mapper.keys
+        self.commands: list[tuple[Any, ...]] = []
+        self.temps: list[str] = []
+        self._token = uuid.uuid4().hex
+
+    def temp(self) -> str:
+        key = keys.meta_key(self.mapper.registry.prefix, f"tmp:{self._token}:{len(self.temps)}")
+        self.temps.append(key)
+        return key
+
+    def column(self, attr: Any) -> ColumnProperty:
+        if not isinstance(attr, FieldAttribute):
+            raise QueryError(f"{attr!r} is not a mapped field")
+        if attr.mapper is not self.mapper:
+            raise QueryError(
+                f"{attr!r} belongs to {attr.mapper.name}, not {self.mapper.name}",
+                model=self.mapper.name,
+                field=attr.key,
+            )
+        return attr.column
+
+    # -- leaves ----------------------------------------------------------------------
+
+    def _value_segment(self, col: ColumnProperty, value: Any) -> str:
+        codec = col.codec
+        assert codec is not None
+        if value is None:
+            return keys.NULL_SEGMENT
+        codec.validate(value, model=self.mapper.name, field=col.key)
+        return keys.escape(codec.encode(value))
+
+    def _score(self, col: ColumnProperty, value: Any) -> str:
+        codec = col.codec
+        assert codec is not None
+        codec.validate(value, model=self.mapper.name, field=col.key)
+        if value is None:
+            raise QueryError(f"cannot compare {self.mapper.name}.{col.key} with None by order")
+        return repr(codec.to_score(value))
+
+    def _need(self, col: ColumnProperty, marker: str, op: str) -> QueryError:
+        return QueryError(
+            f"{self.mapper.name}.{col.key} {op} ... needs an index: mark the field "
+            f"{marker} (redmap never scans the keyspace)",
+            model=self.mapper.name,
+            field=col.key,
+        )
+
+    def _pk_set(self, values: tuple[Any, ...]) -> str:
+        tmp = self.temp()
+        members: list[Any] = []
+        for v in values:
+            self.mapper.validate_pk(v)
+            members.extend((0, self.mapper.pk_segment(v)))
+        if members:
+            self.commands.append(("ZADD", tmp, *members))
+        # Keep only ids that exist.
+        self.commands.append(("ZINTERSTORE", tmp, 2, tmp, self.ks.all(), "WEIGHTS", 0, 0))
+        return tmp
+
+    def _equal_set(self, col: ColumnProperty, values: tuple[Any, ...]) -> str:
+        if col.primary_key:
+            return self._pk_set(values)
+        if col.indexed or col.unique:
+            srcs = [self.ks.index(col.key, self._value_segment(col, v)) for v in values]
+            tmp = self.temp()
+            if not srcs:
+                self.commands.append(("DEL", tmp))
+                return tmp
+            self.commands.append(
+                ("ZUNIONSTORE", tmp, len(srcs), *srcs, "WEIGHTS", *([0] * len(srcs)))
+            )
+            return tmp
+        if col.sorted:
+            parts = []
+            for v in values:
+                if v is None:
+                    parts.append(self._range(col, "-inf", "-inf"))
+                else:
+                    s = self._score(col, v)
+                    parts.append(self._range(col, s, s))
+            return self._union(parts)
+        raise self._need(col, "Indexed() or Unique()", "==")
+
+    def _range(self, col: ColumnProperty, low: str, high: str) -> str:
+        tmp = self.temp()
+        src = self.ks.all() if col.primary_key else self.ks.sorted(col.key)
+        self.commands.append(("ZRANGESTORE", tmp, src, low, high, "BYSCORE"))
+        return tmp
+
+    def _range_leaf(self, col: ColumnProperty, op: str, value: Any) -> str:
+        if not (col.sorted or (col.primary_key and col.generated)):
+            raise self._need(col, "Sorted()", op)
+        # "(-inf" leaves out None, which sorted indexes hold at -inf.
+        low, high = "(-inf", "+inf"
+        if op == "between":
+            lo, hi = value
+            low, high = self._score(col, lo), self._score(col, hi)
+        elif op == "<":
+            high = "(" + self._score(col, value)
+        elif op == "<=":
+            high = self._score(col, value)
+        elif op == ">":
+            low = "(" + self._score(col, value)
+        elif op == ">=":
+            low = self._score(col, value)
+        return self._range(col, low, high)
+
+    def _union(self, parts: list[str]) -> str:
+        if len(parts) == 1:
+            return parts[0]
+        tmp = self.temp()
+        self.commands.append(("ZUNIONSTORE", tmp, len(parts), *parts, "WEIGHTS", *([0] * len(parts))))
+        return tmp
+
+    # -- tree --------------------------------------------------------------------------
+
+    def leaf(self, expr: BinaryExpression) -> tuple[str, bool]:
+        """A temp key for the condition and whether it is negated (for `!=`)."""
+        col = self.column(expr.attribute)
+        op = expr.op
+        if op == "==":
+            return self._equal_set(col, (expr.value,)), False
+        if op == "!=":
+            return self._equal_set(col, (expr.value,)), True
+        if op == "in":
+            return self._equal_set(col, tuple(expr.value)), False
+        if op in _RANGE_OPS:
+            return self._range_leaf(col, op, expr.value), False
+        raise QueryError(f"unsupported operator {op!r}")
+
+    def node(self, cond: Any) -> str:
+        if isinstance(cond, BinaryExpression):
+            key, negated = self.leaf(cond)
+            return self._negate(key) if negated else key
+        if isinstance(cond, BooleanClauseList):
+            if cond.operator == "or":
+                return self._union([self.node(c) for c in cond.clauses])
+            return self.conjunction(cond.clauses)
+        if isinstance(cond, bool):
+            raise QueryError("a condition evaluated to a plain bool; compare mapped fields")
+        raise QueryError(f"unsupported condition {cond!r}")
+
+    def _negate(self, key: str) -> str:
+        tmp = self.temp()
+        self.commands.append(("ZDIFFSTORE", tmp, 2, self.ks.all(), key))
+        return tmp
+
+    def conjunction(self, conds: tuple[Any, ...]) -> str:
+        positives: list[str] = []
+        negatives: list[str] = []
+        for c in conds:
+            if isinstance(c, BinaryExpression) and c.op == "!=":
+                key, _ = self.leaf(c)
+                negatives.append(key)
+            else:
+                positives.append(self.node(c))
+        if not positives:
+            positives = [self.ks.all()]
+        if len(positives) == 1 and not negatives:
+            return positives[0]
+        tmp = self.temp()
+        self.commands.append(
+            ("ZINTERSTORE", tmp, len(positives), *positives, "WEIGHTS", *([0] * len(positives)))
+        )
+        if negatives:
+            self.commands.append(("ZDIFFSTORE", tmp, 1 + len(negatives), tmp, *negatives))
+        return tmp
+
+    def ordering(self, stmt: Select[Any]) -> tuple[str, bool]:
+        if not stmt._order_by:
+            return self.ks.all(), False
+        if len(stmt._order_by) > 1:
+            raise QueryError(
+                "order_by takes one Sorted field (ties are ordered by primary key)",
+                model=self.mapper.name,
+            )
+        term = stmt._order_by[0]
+        col = self.column(term.attribute)
+        if col.primary_key:
+            return self.ks.all(), term.descending
+        if not col.sorted:
+            raise self._need(col, "Sorted()", "order_by")
+        return self.ks.sorted(col.key), term.descending
+
+
+def _compile(stmt: Select[Any]) -> tuple[_Compiler, str, bool]:
+    mapper = mapper_of(stmt.model)
+    c = _Compiler(mapper)
+    base = c.conjunction(stmt._where) if stmt._where else None
+    order_key, desc = c.ordering(stmt)
+    if base is None:
+        return c, order_key, desc
+    final = c.temp()
+    # The ordering zset gives the scores; the condition zset only filters.
+    c.commands.append(("ZINTERSTORE", final, 2, order_key, base, "WEIGHTS", 1, 0))
+    return c, final, desc
+
+
+def _run(session: Session, c: _Compiler, tail: list[tuple[Any, ...]]) -> list[Any]:
+    cmds: list[tuple[Any, ...]] = [("MULTI",), *c.commands, *tail]
+    if c.temps:
+        cmds.append(("DEL", *c.temps))
+    cmds.append(("EXEC",))
+    replies = session.bind.execute(cmds)
+    exec_reply = replies[-1]
+    if isinstance(exec_reply, Exception) or exec_reply is None:
+        errors = [r for r in replies if isinstance(r, Exception)]
+        raise QueryError(f"Redis refused the query: {errors[0] if errors else exec_reply}")
+    results = list(exec_reply)
+    for r in results:
+        if isinstance(r, Exception):
+            raise QueryError(f"Redis refused the query: {r}")
+    n = len(c.commands)
+    return results[n : n + len(tail)]
+
+
+def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
+    """Ids in one MULTI/EXEC round trip, then the objects in one pipelined round trip."""
+    c, final, desc = _compile(stmt)
+    start = stmt._offset
+    stop = -1 if stmt._limit is None else start + stmt._limit - 1
+    if stmt._limit == 0:
+        return ScalarResult([])
+    rng: tuple[Any, ...] = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
+    (ids,) = _run(session, c, [rng])
+    mapper = c.mapper
+    pks = [mapper.pk_from_segment(i.decode() if isinstance(i, bytes) else i) for i in ids]
+    return ScalarResult(_objects_for(session, mapper, pks))
+
+
+def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> list[Any]:
+    need = []
+    for pk in pks:
+        st = session._identity_map.get((mapper.class_, pk))
+        if st is None or st.unloaded():
+            need.append(pk)
+    if need:
+        session._load_many(mapper, need)
+    out = []
+    for pk in pks:
+        st = session._identity_map.get((mapper.class_, pk))
+        if st is not None and not st.deleted:
+            out.append(st.obj)
+    return out
+
+
+def execute_count(session: Session, stmt: Select[Any]) -> int:
+    """The number of matches after offset/limit: one MULTI/EXEC round trip."""
+    c, final, _ = _compile(stmt)
+    (card,) = _run(session, c, [("ZCARD", final)])
+    n = max(0, int(card) - stmt._offset)
+    if stmt._limit is not None:
+        n = min(n, stmt._limit)
+    return n

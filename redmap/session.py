@@ -1,0 +1,469 @@
+"""`Session`, `sessionmaker` and `run_in_transaction`: the public unit-of-work lifecycle.
+
+A session holds an identity map (one object per model and primary key), tracks
+changes per attribute, and flushes everything pending in one WATCH/MULTI/EXEC
+(`unitofwork`). It is not thread-safe; use one per thread or task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .attributes import STATE_ATTR, state_of
+from .engine import Engine, default_engine
+from .exc import InvalidRequestError, StaleDataError
+from .identity import IdentityMap, IdentitySet
+from .loading import load_instance
+from .mapper import Mapper, mapper_of
+from .state import InstanceState
+from .unitofwork import UOWTransaction, changed_fields
+
+if TYPE_CHECKING:
+    from .query import ScalarResult, Select
+
+__all__ = ["ObjectDeletedError", "Session", "run_in_transaction", "sessionmaker"]
+
+M = TypeVar("M")
+R = TypeVar("R")
+S = TypeVar("S", bound="Session")
+
+
+class ObjectDeletedError(InvalidRequestError):
+    """Raised when an expired object is accessed and Redis no longer holds it."""
+
+
+class Session:
+    """The unit of work: add, change and delete objects, then `commit()` them atomically.
+
+    >>> with Session(engine) as s:
+    ...     s.add(Player(name="ann"))
+    ...     s.commit()
+    """
+
+    def __init__(
+        self,
+        bind: Engine | None = None,
+        *,
+        autoflush: bool = True,
+        expire_on_commit: bool = True,
+    ):
+        self._bind = bind
+        self.autoflush = autoflush
+        self.expire_on_commit = expire_on_commit
+        self._identity_map = IdentityMap()
+        # Pending (added, never flushed) states in insertion order, by id(state).
+        self._new: dict[int, InstanceState] = {}
+        # Persistent states marked for deletion, by id(state).
+        self._deleted: dict[int, InstanceState] = {}
+        self._no_autoflush = 0
+        self._flushing = False
+
+    @property
+    def bind(self) -> Engine:
+        """The engine; the default one (see `redmap.configure`) when none was given."""
+        if self._bind is None:
+            self._bind = default_engine()
+        return self._bind
+
+    def __enter__(self: S) -> S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session {len(self._identity_map)} persistent, {len(self._new)} pending>"
+
+    # -- membership -------------------------------------------------------------------
+
+    def _state(self, obj: object) -> InstanceState:
+        st = state_of(obj)
+        if st is None:
+            mapper = mapper_of(type(obj))
+            st = InstanceState(obj, mapper)
+            obj.__dict__[STATE_ATTR] = st
+        else:
+            mapper_of(type(obj))
+        return st
+
+    def _own_state(self, obj: object, action: str) -> InstanceState:
+        st = state_of(obj)
+        if st is None or st.session is not self:
+            raise InvalidRequestError(f"cannot {action} {obj!r}: it is not in this session")
+        return st
+
+    def add(self, obj: object) -> None:
+        """Put a new or detached object in the session; it is written at the next flush."""
+        st = self._state(obj)
+        if st.session is self:
+            return
+        if st.session is not None:
+            raise InvalidRequestError(
+                f"{st.mapper.name} object is already attached to another session; "
+                f"expunge it there or use merge()"
+            )
+        if st.identity is None:
+            st.session = self
+            self._new[id(st)] = st
+            return
+        existing = self._identity_map.get(st.identity)
+        if existing is not None and existing is not st:
+            raise InvalidRequestError(
+                f"another {st.mapper.name} object with primary key {st.pk!r} is already in "
+                f"this session; use merge()"
+            )
+        st.session = self
+        self._identity_map.add(st)
+        if st.modified:
+            self._identity_map.modified.add(st)
+
+    def add_all(self, objs: Iterable[object]) -> None:
+        for obj in objs:
+            self.add(obj)
+
+    def delete(self, obj: object) -> None:
+        """Mark a persistent object for deletion at the next flush."""
+        st = self._state(obj)
+        if st.identity is None:
+            raise InvalidRequestError(f"{st.mapper.name} object is not persisted; cannot delete")
+        if st.session is None:
+            self.add(obj)
+        elif st.session is not self:
+            raise InvalidRequestError(f"{st.mapper.name} object belongs to another session")
+        st.deleted = True
+        self._deleted[id(st)] = st
+
+    def expunge(self, obj: object) -> None:
+        """Remove an object from the session; its loaded attributes stay readable."""
+        self._detach(self._own_state(obj, "expunge"))
+
+    def expunge_all(self) -> None:
+        for st in [*self._identity_map.states(), *self._new.values(), *self._deleted.values()]:
+            self._detach(st)
+        self._identity_map.clear()
+        self._new.clear()
+        self._deleted.clear()
+
+    def close(self) -> None:
+        """Release every object; loaded attributes stay readable, the rest raise
+        DetachedInstanceError."""
+        self.expunge_all()
+
+    def _detach(self, st: InstanceState) -> None:
+        self._identity_map.discard(st)
+        self._new.pop(id(st), None)
+        self._deleted.pop(id(st), None)
+        st.deleted = False
+        st.session = None
+
+    def _make_persistent(self, st: InstanceState, pk: Any, key: str) -> None:
+        """Record that `st` is backed by `key` (after an insert or a load)."""
+        self._new.pop(id(st), None)
+        st.identity = (st.mapper.class_, pk)
+        st.key = key
+        st.session = self
+        self._identity_map.add(st)
+
+    def _forget_deleted(self, st: InstanceState) -> None:
+        self._identity_map.discard(st)
+        self._deleted.pop(id(st), None)
+        st.deleted = False
+        st.session = None
+
+    # -- state views --------------------------------------------------------------------
+
+    def _pending_states(self) -> list[InstanceState]:
+        return list(self._new.values())
+
+    def _deleted_states(self) -> list[InstanceState]:
+        return list(self._deleted.values())
+
+    def _dirty_candidates(self) -> list[InstanceState]:
+        out = list(self._identity_map.modified)
+        seen = {id(s) for s in out}
+        for st in self._identity_map.states():
+            if st.mapper.mutable_columns and id(st) not in seen:
+                out.append(st)
+        return out
+
+    @property
+    def new(self) -> IdentitySet:
+        """Objects added and not yet flushed."""
+        return IdentitySet(st.obj for st in self._new.values())
+
+    @property
+    def deleted(self) -> IdentitySet:
+        """Objects marked for deletion and not yet flushed."""
+        return IdentitySet(st.obj for st in self._deleted.values())
+
+    @property
+    def dirty(self) -> IdentitySet:
+        """Persistent objects whose values differ from what was loaded."""
+        return IdentitySet(
+            st.obj
+            for st in self._dirty_candidates()
+            if not st.deleted and st.identity is not None and changed_fields(st)
+        )
+
+    def is_modified(self, obj: object) -> bool:
+        """Whether flushing `obj` would write anything."""
+        st = self._state(obj)
+        if st.identity is None:
+            return True
+        return bool(changed_fields(st))
+
+    def __contains__(self, obj: object) -> bool:
+        st = state_of(obj)
+        return st is not None and st.session is self
+
+    def __iter__(self) -> Iterator[Any]:
+        for st in [*self._identity_map.states(), *self._new.values()]:
+            yield st.obj
+
+    # -- flush and transaction ------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every pending change in one WATCH/MULTI/EXEC transaction.
+
+        Round trips: none when nothing changed; 2 otherwise, plus 1 when new objects
+        need generated primary keys. On error nothing is written and every pending
+        change stays pending.
+        """
+        if self._flushing:
+            raise InvalidRequestError("Session is already flushing")
+        self._flushing = True
+        try:
+            UOWTransaction(self).execute()
+        finally:
+            self._flushing = False
+
+    def _autoflush(self) -> None:
+        if self.autoflush and not self._no_autoflush and not self._flushing:
+            if self._new or self._deleted or self._identity_map.modified or any(
+                st.mapper.mutable_columns for st in self._identity_map.states()
+            ):
+                self.flush()
+
+    @property
+    @contextlib.contextmanager
+    def no_autoflush(self) -> Iterator[Session]:
+        """`with session.no_autoflush:` queries and gets inside do not flush first."""
+        self._no_autoflush += 1
+        try:
+            yield self
+        finally:
+            self._no_autoflush -= 1
+
+    def commit(self) -> None:
+        """Flush, then (with expire_on_commit) expire every object so it reloads on access."""
+        self.flush()
+        if self.expire_on_commit:
+            self.expire_all()
+
+    def rollback(self) -> None:
+        """Discard pending changes: new objects are expunged, the others expired."""
+        for st in list(self._new.values()):
+            self._detach(st)
+        for st in list(self._deleted.values()):
+            st.deleted = False
+        self._deleted.clear()
+        for st in self._identity_map.states():
+            st.in_doubt = False
+            st.expire()
+        self._identity_map.modified.clear()
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Session]:
+        """Commit at the end of the block, or roll back if it raises."""
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+    # -- expiry and refresh ----------------------------------------------------------------
+
+    def expire(self, obj: object, attribute_names: Sequence[str] | None = None) -> None:
+        """Forget loaded values (and pending changes to them); they reload on access."""
+        st = self._own_state(obj, "expire")
+        st.expire(None if attribute_names is None else list(attribute_names))
+        if not st.modified:
+            self._identity_map.modified.discard(st)
+
+    def expire_all(self) -> None:
+        for st in self._identity_map.states():
+            st.expire()
+        self._identity_map.modified.clear()
+
+    def refresh(self, obj: object) -> None:
+        """Reload every attribute from Redis now, discarding pending changes (1 round trip)."""
+        st = self._own_state(obj, "refresh")
+        if st.identity is None or st.key is None:
+            raise InvalidRequestError(f"{st.mapper.name} object is pending; nothing to refresh")
+        (data,) = self.bind.execute([("HGETALL", st.key)])
+        if load_instance(self, st.mapper, st.pk, st.key, data, refresh=True) is None:
+            raise ObjectDeletedError(
+                f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
+            )
+
+    def _load_unloaded(self, st: InstanceState) -> None:
+        assert st.key is not None
+        (data,) = self.bind.execute([("HGETALL", st.key)])
+        if load_instance(self, st.mapper, st.pk, st.key, data) is None:
+            raise ObjectDeletedError(
+                f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
+            )
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def get(self, model: type[M], pk: Any) -> M | None:
+        """The object with this primary key, or None.
+
+        No command when the object is already in the session and loaded; else
+        1 round trip (after an autoflush of pending changes, if any).
+        """
+        mapper = mapper_of(model)
+        mapper.validate_pk(pk)
+        st = self._identity_map.get((model, pk))
+        if st is not None:
+            if st.deleted:
+                return None
+            if not st.unloaded():
+                obj: M = st.obj
+                return obj
+        self._autoflush()
+        key = mapper.object_key(pk)
+        (data,) = self.bind.execute([("HGETALL", key)])
+        found: M | None = load_instance(self, mapper, pk, key, data)
+        return found
+
+    def get_many(self, model: type[M], pks: Iterable[Any]) -> list[M | None]:
+        """The objects for `pks`, in order, None where absent; 1 round trip at most."""
+        mapper = mapper_of(model)
+        pks = list(pks)
+        for pk in pks:
+            mapper.validate_pk(pk)
+        missing: list[Any] = []
+        for pk in pks:
+            st = self._identity_map.get((model, pk))
+            if st is None or st.unloaded():
+                missing.append(pk)
+        if missing:
+            self._autoflush()
+            self._load_many(mapper, dict.fromkeys(missing))
+        out: list[M | None] = []
+        for pk in pks:
+            st = self._identity_map.get((model, pk))
+            out.append(None if st is None or st.deleted else st.obj)
+        return out
+
+    def _load_many(self, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:
+        """Load objects by primary key in one round trip; absent ones give None."""
+        pks = list(pks)
+        keys = [mapper.object_key(pk) for pk in pks]
+        replies = self.bind.execute([("HGETALL", k) for k in keys])
+        return [
+            load_instance(self, mapper, pk, key, data)
+            for pk, key, data in zip(pks, keys, replies, strict=True)
+        ]
+
+    def merge(self, obj: M) -> M:
+        """Copy `obj`'s state onto the session's object with the same primary key
+        (loading it, or adding a new one), and return that object."""
+        mapper = mapper_of(type(obj))
+        pk = obj.__dict__.get(mapper.pk.key)
+        target: M | None = None
+        if pk is not None:
+            target = self.get(type(obj), pk)
+        if target is None:
+            target = mapper.class_.__new__(mapper.class_)
+            if pk is not None:
+                target.__dict__[mapper.pk.key] = pk
+            for col in mapper.stored_columns():
+                if col.key in obj.__dict__:
+                    target.__dict__[col.key] = obj.__dict__[col.key]
+            self.add(target)
+            return target
+        for col in mapper.stored_columns():
+            if col.key in obj.__dict__:
+                setattr(target, col.key, obj.__dict__[col.key])
+        return target
+
+    # -- queries (see redmap.query) ------------------------------------------------------
+
+    def scalars(self, stmt: Select[M]) -> ScalarResult[M]:
+        """Run a `select()` and return its objects."""
+        from .query import execute_select
+
+        self._autoflush()
+        return execute_select(self, stmt)
+
+    def count(self, stmt: Select[Any]) -> int:
+        """How many objects `stmt` matches (limit/offset applied); 1 round trip."""
+        from .query import execute_count
+
+        self._autoflush()
+        return execute_count(self, stmt)
+
+
+class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name
+    """A factory of sessions with preset options.
+
+    >>> Session = sessionmaker(engine)
+    >>> with Session.begin() as s:
+    ...     s.add(obj)
+    """
+
+    def __init__(
+        self,
+        bind: Engine | None = None,
+        *,
+        class_: type[S] = Session,  # type: ignore[assignment]
+        autoflush: bool = True,
+        expire_on_commit: bool = True,
+    ):
+        self.bind = bind
+        self.class_ = class_
+        self.kw: dict[str, Any] = {"autoflush": autoflush, "expire_on_commit": expire_on_commit}
+
+    def __call__(self, **overrides: Any) -> S:
+        kw = {**self.kw, **overrides}
+        bind = kw.pop("bind", self.bind)
+        return self.class_(bind, **kw)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[S]:
+        """A new session committed at the end of the block, rolled back on error, then closed."""
+        with self() as session, session.begin():
+            yield session
+
+
+def run_in_transaction(
+    fn: Callable[[Session], R],
+    session_factory: Callable[[], Session] = Session,
+    retries: int = 10,
+) -> R:
+    """Call `fn(session)` and commit; on StaleDataError retry with a fresh session.
+
+    Up to `retries` retries after the first attempt, with a short randomized
+    back-off so that competing writers spread out; the last StaleDataError is
+    re-raised when they run out.
+    """
+    attempt = 0
+    while True:
+        with session_factory() as session:
+            try:
+                result = fn(session)
+                session.commit()
+                return result
+            except StaleDataError:
+                session.rollback()
+                if attempt >= retries:
+                    raise
+        attempt += 1
+        time.sleep(random.uniform(0, min(0.05, 0.001 * (2**attempt))))

@@ -1,0 +1,107 @@
+"""`InstanceState`: the per-object facts the session keeps; owned by attributes and the session.
+
+A state knows its identity (class and primary key), the encoded snapshot of what
+Redis held at the version it was loaded at, which attributes changed since, and
+where it stands in its life (transient, pending, persistent, deleted, detached).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import ObjectStatus
+from .exc import DetachedInstanceError
+
+if TYPE_CHECKING:
+    from .mapper import Mapper
+    from .session import Session
+
+__all__ = ["InstanceState"]
+
+Identity = tuple[type[Any], Any]
+
+
+class InstanceState:
+    """What the ORM knows about one mapped object."""
+
+    __slots__ = (
+        "deleted",
+        "identity",
+        "in_doubt",
+        "key",
+        "loaded",
+        "mapper",
+        "modified",
+        "obj",
+        "session",
+        "version",
+        "__weakref__",
+    )
+
+    def __init__(self, obj: Any, mapper: Mapper[Any]):
+        self.obj = obj
+        self.mapper = mapper
+        self.session: Session | None = None
+        # (class, primary key) once the object is persistent.
+        self.identity: Identity | None = None
+        # The object's Redis key, set together with identity.
+        self.key: str | None = None
+        # Encoded stored fields as Redis held them at `version` (None = field absent).
+        self.loaded: dict[str, bytes | None] = {}
+        # Attributes assigned since the snapshot; compared with it at flush.
+        self.modified: set[str] = set()
+        self.version: int | None = None
+        # Marked for deletion by Session.delete(), until the flush or a rollback.
+        self.deleted = False
+        # The last flush's outcome is unknown for this object (lost EXEC reply).
+        self.in_doubt = False
+
+    def __repr__(self) -> str:
+        return f"<InstanceState {self.mapper.name} {self.status.value} key={self.key!r}>"
+
+    @property
+    def status(self) -> ObjectStatus:
+        if self.session is None:
+            return ObjectStatus.TRANSIENT if self.identity is None else ObjectStatus.DETACHED
+        if self.identity is None:
+            return ObjectStatus.PENDING
+        return ObjectStatus.DELETED if self.deleted else ObjectStatus.PERSISTENT
+
+    @property
+    def pk(self) -> Any:
+        return None if self.identity is None else self.identity[1]
+
+    def modified_attribute(self, key: str) -> None:
+        """Record an assignment to a persistent object's attribute."""
+        self.modified.add(key)
+        if self.session is not None:
+            self.session._identity_map.modified.add(self)
+
+    def unloaded(self) -> list[str]:
+        """Stored attributes with no value in the instance (expired or never loaded)."""
+        d = self.obj.__dict__
+        return [c.key for c in self.mapper.stored_columns() if c.key not in d]
+
+    def load_unloaded(self, key: str) -> None:
+        """Load expired attributes on first access, through the owning session."""
+        if self.session is None:
+            raise DetachedInstanceError(
+                f"{self.mapper.name} object with key {self.key!r} is detached; attribute "
+                f"{key!r} is not loaded and there is no session to load it from"
+            )
+        self.session._load_unloaded(self)
+
+    def expire(self, attribute_names: list[str] | None = None) -> None:
+        """Drop attribute values so they reload on next access; pending changes to them go."""
+        d = self.obj.__dict__
+        names = (
+            [c.key for c in self.mapper.stored_columns()]
+            if attribute_names is None
+            else attribute_names
+        )
+        for name in names:
+            d.pop(name, None)
+            self.modified.discard(name)
+        if attribute_names is None:
+            for rel in self.mapper.relationships:
+                d.pop(rel, None)

@@ -1,0 +1,207 @@
+"""`UOWTransaction`: gathers a session's pending work, validates it, and runs one flush.
+
+Called by `Session.flush`. Order: collect and validate every value (no I/O), hand
+out generated primary keys (one pipelined INCRBY round trip, only when needed),
+build the `FlushPlan` (pure, `persistence`), execute it in one transaction
+(`Dialect.execute_flush`), then record the new committed state on each object.
+On any error before or during the transaction the session's objects keep their
+pending changes, so the flush can be retried.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from . import keys
+from .exc import IntegrityError, InvalidRequestError, ValidationError
+from .mapper import ColumnProperty, Mapper
+from .persistence import DeleteTask, InsertTask, UpdateTask, plan_flush
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .state import InstanceState
+
+__all__ = ["UOWTransaction", "changed_fields"]
+
+
+def _encode(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> bytes | None:
+    codec = col.codec
+    assert codec is not None
+    codec.validate(value, model=mapper.name, field=col.key)
+    return None if value is None else codec.encode(value)
+
+
+def changed_fields(state: InstanceState) -> dict[str, tuple[Any, bytes | None]]:
+    """Fields of a persistent object whose current value differs from the snapshot.
+
+    Assigned fields are compared; mutable (JSON) fields are always compared, since
+    in-place changes do not pass through the attribute descriptor.
+    """
+    mapper = state.mapper
+    d = state.obj.__dict__
+    names = set(state.modified)
+    names.update(c.key for c in mapper.mutable_columns if c.key in d)
+    out: dict[str, tuple[Any, bytes | None]] = {}
+    for name in names:
+        if name not in d:
+            continue
+        col = mapper.columns[name]
+        value = d[name]
+        if col.primary_key:
+            if value != state.pk:
+                raise InvalidRequestError(
+                    f"the primary key of a persistent {mapper.name} cannot be changed "
+                    f"({state.pk!r} -> {value!r}); delete it and add a new object"
+                )
+            continue
+        enc = _encode(mapper, col, value)
+        if enc != state.loaded.get(name):
+            out[name] = (value, enc)
+    return out
+
+
+class UOWTransaction:
+    """The work of one flush of one session."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.inserts: list[InsertTask] = []
+        self.updates: list[UpdateTask] = []
+        self.deletes: list[DeleteTask] = []
+
+    # -- collect: validation only, no I/O -------------------------------------------
+
+    def collect(self) -> None:
+        s = self.session
+        for st in s._deleted_states():
+            assert st.key is not None
+            self.deletes.append(DeleteTask(st, st.mapper.pk_segment(st.pk), st.key))
+        for st in s._dirty_candidates():
+            if st.deleted or st.identity is None:
+                continue
+            changes = changed_fields(st)
+            if changes:
+                assert st.key is not None
+                self.updates.append(UpdateTask(st, st.mapper.pk_segment(st.pk), st.key, changes))
+        seen: dict[str, InstanceState] = {}
+        for st in s._pending_states():
+            task = self._insert_task(st)
+            if task.key:
+                self._check_identity(task, seen)
+            self.inserts.append(task)
+
+    def _insert_task(self, st: InstanceState) -> InsertTask:
+        mapper = st.mapper
+        d = st.obj.__dict__
+        values: dict[str, Any] = {}
+        encoded: dict[str, bytes | None] = {}
+        for col in mapper.stored_columns():
+            value = d.get(col.key)
+            values[col.key] = value
+            encoded[col.key] = _encode(mapper, col, value)
+        pk = d.get(mapper.pk.key)
+        generated = False
+        if pk is None:
+            inner = mapper.pk.codec.expected if mapper.pk.codec else "?"
+            if mapper.pk.generated:
+                generated = True
+            elif "UUID" in inner:
+                pk = uuid.uuid4()
+            else:
+                raise ValidationError(
+                    model=mapper.name, field=mapper.pk.key, expected=inner, actual="None",
+                    detail="only int and UUID primary keys are generated; set this one",
+                )
+        if pk is not None:
+            mapper.validate_pk(pk)
+            segment = mapper.pk_segment(pk)
+            key = mapper.keys.object(segment)
+        else:
+            segment = key = ""
+        return InsertTask(st, pk, segment, key, values, encoded, generated)
+
+    def _check_identity(self, task: InsertTask, seen: dict[str, InstanceState]) -> None:
+        mapper = task.state.mapper
+        other = seen.get(task.key)
+        existing = self.session._identity_map.get((mapper.class_, task.pk))
+        if (other is not None) or (existing is not None and not existing.deleted):
+            raise IntegrityError(
+                f"two {mapper.name} objects in this session have primary key {task.pk!r}; "
+                f"nothing was written",
+                model=mapper.name,
+                field=mapper.pk.key,
+                value=task.pk,
+                key=task.key,
+            )
+        seen[task.key] = task.state
+
+    @property
+    def empty(self) -> bool:
+        return not (self.inserts or self.updates or self.deletes)
+
+    # -- generated keys -----------------------------------------------------------------
+
+    def allocate_primary_keys(self) -> None:
+        """Hand out counter values to new objects without a primary key (one round trip)."""
+        wanting: dict[Mapper[Any], list[InsertTask]] = {}
+        for task in self.inserts:
+            if task.generated:
+                wanting.setdefault(task.state.mapper, []).append(task)
+        if not wanting:
+            return
+        mappers = list(wanting)
+        replies = self.session.bind.execute(
+            [("INCRBY", m.keys.seq(), len(wanting[m])) for m in mappers]
+        )
+        for mapper, reply in zip(mappers, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise ValidationError(
+                    model=mapper.name, field=mapper.pk.key, expected="a counter",
+                    actual=str(reply), detail=f"key {mapper.keys.seq()!r} is not a counter",
+                )
+            tasks = wanting[mapper]
+            first = int(reply) - len(tasks) + 1
+            for i, task in enumerate(tasks):
+                task.pk = first + i
+                task.segment = mapper.pk_segment(task.pk)
+                task.key = mapper.keys.object(task.segment)
+
+    # -- run ----------------------------------------------------------------------------
+
+    def execute(self) -> None:
+        self.collect()
+        if self.empty:
+            return
+        self.allocate_primary_keys()
+        token = uuid.uuid4().hex
+        first = (self.inserts or self.updates or self.deletes)[0].state.mapper
+        plan = plan_flush(
+            self.inserts,
+            self.updates,
+            self.deletes,
+            token_key=keys.flush_token_key(first.registry.prefix, token),
+        )
+        self.session.bind.flush(plan)
+        self.finalize()
+
+    def finalize(self) -> None:
+        """Record what Redis now holds on each flushed object."""
+        s = self.session
+        for d in self.deletes:
+            s._forget_deleted(d.state)
+        for u in self.updates:
+            st = u.state
+            for name, (_, enc) in u.changes.items():
+                st.loaded[name] = enc
+            st.version = (st.version or 0) + 1
+            st.modified.clear()
+            s._identity_map.modified.discard(st)
+        for ins in self.inserts:
+            st = ins.state
+            mapper = st.mapper
+            st.loaded = dict(ins.encoded)
+            st.version = 1
+            st.modified.clear()
+            st.obj.__dict__[mapper.pk.key] = ins.pk
+            s._make_persistent(st, ins.pk, ins.key)
