@@ -9,7 +9,7 @@ flush that reaches EXEC cannot fail half-way.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import keys
@@ -85,14 +85,27 @@ class FlushPlan:
     checks: list[Check]
     writes: list[Command]
     states: list[InstanceState]
+    # INCRBY commands handing out generated primary keys, sent only once every check
+    # passed (so a refused flush never moves a counter); `bind_ids` receives the replies
+    # and returns the final writes.
+    allocations: list[Command] = dataclasses.field(default_factory=list)
+    bind_ids: Callable[[list[Any]], list[Command]] | None = None
+    # Writes decided by the check replies (raising a counter past an explicit id).
+    extra_writes: list[Command] = dataclasses.field(default_factory=list)
 
     @property
     def check_commands(self) -> list[Command]:
         return [c.command for c in self.checks]
 
+    @property
+    def transaction(self) -> list[Command]:
+        """The commands between MULTI and EXEC."""
+        return [*self.writes[:-1], *self.extra_writes, self.writes[-1]]
+
     def evaluate(self, replies: Sequence[Any]) -> Exception | None:
         """The error that stops this flush given the check replies, or None to go ahead."""
         stale: list[Check] = []
+        self.extra_writes = []
         for check, reply in zip(self.checks, replies, strict=True):
             if isinstance(reply, Exception):
                 return FlushError(
@@ -128,6 +141,10 @@ class FlushPlan:
                         value=check.value,
                         key=check.key,
                     )
+            elif check.kind == "seqmax":
+                # An explicit id above the counter would later collide with a generated one.
+                if reply is None or int(reply) < check.value:
+                    self.extra_writes.append(("SET", check.key, check.value))
             elif check.kind == "type":
                 kind = reply.decode() if isinstance(reply, bytes) else str(reply)
                 if kind not in ("none", check.expected):
@@ -153,7 +170,7 @@ class FlushPlan:
         errors = [(i, r) for i, r in enumerate(replies) if isinstance(r, Exception)]
         if not errors:
             return
-        first_cmd = self.writes[errors[0][0]]
+        first_cmd = self.transaction[errors[0][0]]
         key = str(first_cmd[1]) if len(first_cmd) > 1 else None
         for st in self.states:
             st.in_doubt = True
@@ -268,6 +285,7 @@ def plan_flush(
     """Build the plan for one flush. Raises IntegrityError for conflicts visible without I/O."""
     b = _Builder()
     deleted_keys = {d.key for d in deletes}
+    seqmax: dict[str, Check] = {}
 
     for d in deletes:
         st = d.state
@@ -309,11 +327,21 @@ def plan_flush(
     for ins in inserts:
         st = ins.state
         mapper = st.mapper
-        b.watch[ins.key] = None
-        if ins.key not in deleted_keys:
-            b.checks.append(
-                Check("absent", ins.key, ("EXISTS", ins.key), state=st, value=ins.pk)
-            )
+        if ins.generated:
+            # The counter hands out ids no other object has: nothing to watch or check.
+            pass
+        else:
+            b.watch[ins.key] = None
+            if ins.key not in deleted_keys:
+                b.checks.append(
+                    Check("absent", ins.key, ("EXISTS", ins.key), state=st, value=ins.pk)
+                )
+            if mapper.pk.generated and isinstance(ins.pk, int):
+                seq = mapper.keys.seq()
+                prev = seqmax.get(seq)
+                if prev is None or prev.value < ins.pk:
+                    seqmax[seq] = Check("seqmax", seq, ("GET", seq), value=ins.pk)
+                    b.watch[seq] = None
         fields: list[Any] = []
         for name, enc in ins.encoded.items():
             if enc is not None:
@@ -327,6 +355,7 @@ def plan_flush(
                 mapper, col, ins.values.get(col.key), ins.encoded.get(col.key), ins.segment, st
             )
 
+    b.checks.extend(seqmax.values())
     for uq, (st, field, value, segment) in b.claims.items():
         b.watch[uq] = None
         allowed = {segment.encode()} | {s.encode() for s in b.releases.get(uq, ())}

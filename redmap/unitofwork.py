@@ -14,7 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from . import keys
-from .exc import IntegrityError, InvalidRequestError, ValidationError
+from .exc import FlushError, IntegrityError, InvalidRequestError, ValidationError
 from .mapper import ColumnProperty, Mapper
 from .persistence import DeleteTask, InsertTask, UpdateTask, plan_flush
 
@@ -142,25 +142,25 @@ class UOWTransaction:
 
     # -- generated keys -----------------------------------------------------------------
 
-    def allocate_primary_keys(self) -> None:
-        """Hand out counter values to new objects without a primary key (one round trip)."""
+    def _allocations(self) -> tuple[list[tuple[Any, ...]], list[tuple[Mapper[Any], list[InsertTask]]]]:
         wanting: dict[Mapper[Any], list[InsertTask]] = {}
         for task in self.inserts:
             if task.generated:
                 wanting.setdefault(task.state.mapper, []).append(task)
-        if not wanting:
-            return
-        mappers = list(wanting)
-        replies = self.session.bind.execute(
-            [("INCRBY", m.keys.seq(), len(wanting[m])) for m in mappers]
-        )
-        for mapper, reply in zip(mappers, replies, strict=True):
+        groups = list(wanting.items())
+        return [("INCRBY", m.keys.seq(), len(tasks)) for m, tasks in groups], groups
+
+    @staticmethod
+    def _assign_ids(
+        groups: list[tuple[Mapper[Any], list[InsertTask]]], replies: list[Any]
+    ) -> None:
+        for (mapper, tasks), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
-                raise ValidationError(
-                    model=mapper.name, field=mapper.pk.key, expected="a counter",
-                    actual=str(reply), detail=f"key {mapper.keys.seq()!r} is not a counter",
+                raise FlushError(
+                    f"cannot hand out {mapper.name} ids: key {mapper.keys.seq()!r} is not a "
+                    f"counter ({reply}); nothing was written",
+                    key=mapper.keys.seq(),
                 )
-            tasks = wanting[mapper]
             first = int(reply) - len(tasks) + 1
             for i, task in enumerate(tasks):
                 task.pk = first + i
@@ -173,15 +173,21 @@ class UOWTransaction:
         self.collect()
         if self.empty:
             return
-        self.allocate_primary_keys()
         token = uuid.uuid4().hex
         first = (self.inserts or self.updates or self.deletes)[0].state.mapper
-        plan = plan_flush(
-            self.inserts,
-            self.updates,
-            self.deletes,
-            token_key=keys.flush_token_key(first.registry.prefix, token),
-        )
+        token_key = keys.flush_token_key(first.registry.prefix, token)
+        plan = plan_flush(self.inserts, self.updates, self.deletes, token_key=token_key)
+        allocations, groups = self._allocations()
+        if allocations:
+
+            def bind_ids(replies: list[Any]) -> list[tuple[Any, ...]]:
+                self._assign_ids(groups, replies)
+                return plan_flush(
+                    self.inserts, self.updates, self.deletes, token_key=token_key
+                ).writes
+
+            plan.allocations = allocations
+            plan.bind_ids = bind_ids
         self.session.bind.flush(plan)
         self.finalize()
 

@@ -167,8 +167,18 @@ class Dialect:
                     except (rex.ConnectionError, rex.TimeoutError, OSError):
                         broken = True
                     raise failure
+                if plan.bind_ids is not None and plan.allocations:
+                    # Every check passed: only now may counters move. The ids stay ours
+                    # if a retry follows (a counter value is never handed out twice).
+                    try:
+                        id_replies = self._round_trip(conn, plan.allocations)
+                    except (rex.ConnectionError, rex.TimeoutError, OSError):
+                        broken = True
+                        raise
+                    plan.writes = plan.bind_ids(id_replies)
+                    plan.allocations = []
                 try:
-                    replies = self._round_trip(conn, [("MULTI",), *plan.writes, ("EXEC",)])
+                    replies = self._round_trip(conn, [("MULTI",), *plan.transaction, ("EXEC",)])
                 except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                     broken = True
                     self._after_lost_exec(plan, exc)

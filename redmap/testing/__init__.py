@@ -1,0 +1,1 @@
+"""Helpers for testing with redmap: real redis-server processes started on demand."""
