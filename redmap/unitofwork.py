@@ -118,7 +118,9 @@ class UOWTransaction:
             segment = mapper.pk_segment(pk)
             key = mapper.keys.object(segment)
         else:
-            segment = key = ""
+            # Until the counter answers, a placeholder no escaped id can equal ("#" is
+            # never produced by escaping) keeps the objects of one flush apart.
+            segment, key = f"#new{id(st)}", ""
         return InsertTask(st, pk, segment, key, values, encoded, generated)
 
     def _check_identity(self, task: InsertTask, seen: dict[str, InstanceState]) -> None:
