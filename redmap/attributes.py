@@ -73,7 +73,7 @@ class FieldAttribute(ColumnOperators):
 
 
 class RelationshipAttribute:
-    """A relationship attribute; lists default to an empty list."""
+    """A relationship attribute: loads on first access (per `lazy`), reports changes."""
 
     __slots__ = ("key", "prop")
 
@@ -85,24 +85,86 @@ class RelationshipAttribute:
         owner = self.prop.parent.name if self.prop.parent else "?"
         return f"{owner}.{self.key}"
 
+    def _empty(self, obj: object) -> Any:
+        from .collections import InstrumentedList
+
+        return InstrumentedList(obj, self.prop) if self._uselist() else None
+
+    def _uselist(self) -> bool:
+        if self.prop.target is not None:
+            return self.prop.uselist
+        ann = self.prop.annotation
+        if isinstance(ann, str):
+            return ann.replace(" ", "").startswith(("list[", "List[", "typing.List["))
+        return getattr(ann, "__origin__", None) is list
+
     def __get__(self, obj: object | None, owner: type[Any] | None = None) -> Any:
         if obj is None:
             return self
         d = obj.__dict__
-        if self.key not in d:
-            d[self.key] = [] if self.prop.uselist else None
+        try:
+            return d[self.key]
+        except KeyError:
+            pass
+        st = state_of(obj)
+        if st is None or st.identity is None:
+            d[self.key] = self._empty(obj)
+            return d[self.key]
+        st.load_relationship(self.prop)
         return d[self.key]
 
     def __set__(self, obj: object, value: Any) -> None:
-        if value is None and self._uselist_hint():
-            value = []
-        obj.__dict__[self.key] = value
+        from .collections import InstrumentedList
+        from .relationship_events import collection_added, collection_removed, scalar_set
 
-    def _uselist_hint(self) -> bool:
-        ann = self.prop.annotation
-        if isinstance(ann, str):
-            return ann.replace(" ", "").startswith(("list[", "List["))
-        return getattr(ann, "__origin__", None) is list
+        d = obj.__dict__
+        if self._uselist():
+            if value is None:
+                value = []
+            st = state_of(obj)
+            if self.key not in d and st is not None and st.identity is not None:
+                st.load_relationship(self.prop)  # replacing needs the old members
+            old = list(d.get(self.key) or [])
+            new = InstrumentedList(obj, self.prop)
+            list.extend(new, _unique(value))
+            d[self.key] = new
+            if not _configured(self.prop):
+                return
+            for item in old:
+                if not any(x is item for x in new):
+                    collection_removed(obj, self.prop, item)
+            for item in new:
+                if not any(x is item for x in old):
+                    collection_added(obj, self.prop, item)
+            return
+        old_value = d.get(self.key)
+        if self.key not in d:
+            st = state_of(obj)
+            if st is not None and st.session is not None and self.prop.target is not None:
+                old_value = st.session._peek_many_to_one(st, self.prop)
+        d[self.key] = value
+        if (value is not None or old_value is not None) and _configured(self.prop):
+            scalar_set(obj, self.prop, old_value, value)
+
+
+def _configured(prop: RelationshipProperty) -> bool:
+    """Configure the registry on first use; False while its classes are still being defined."""
+    if prop.target is None and prop.parent is not None:
+        from .exc import MappingError
+
+        try:
+            prop.parent.registry.configure()
+        except MappingError:
+            return False
+    return prop.target is not None
+
+
+def _unique(items: Any) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        if not any(x is item for x in out):
+            out.append(item)
+    return out
 
 
 def instrument_class(mapper: Mapper[Any]) -> None:

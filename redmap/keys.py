@@ -9,7 +9,8 @@ Layout (documented in `docs/key-layout.md`):
 {P}:K:#ix:<field>:<value>  equality index: set of ids ("#null" as value for None)
 {P}:K:#uq:<field>:<value>  unique index: string holding the id that owns the value
 {P}:K:#zs:<field>          sorted index: zset of ids scored by the field
-{P}:K:#rel:<name>:<id>     one-to-many / many-to-many membership of one object
+{P}:K:#fk:<field>:<id>     zset of the ids whose foreign key <field> holds <id> (one-to-many)
+{P}:K:#rel:<name>:<id>     zset of the ids linked to one object by many-to-many <name>
 {P}:#flush:<token>         short-lived marker written by each flush, read back to settle lost replies
 {P}:#meta:<name>           registry-wide bookkeeping (migrations)
 ```
@@ -133,6 +134,10 @@ class KeySpace:
     def relation(self, name: str, id_segment: str) -> str:
         """The ids related to one object through relationship `name`."""
         return f"{self._base}{_SIGIL}rel:{name}:{id_segment}"
+
+    def foreign(self, field: str, parent_segment: str) -> str:
+        """The zset of ids whose foreign key `field` points at one parent (one-to-many)."""
+        return f"{self._base}{_SIGIL}fk:{field}:{parent_segment}"
 
     def is_object_key(self, key: str) -> bool:
         """Whether `key` is an object hash of this model (and not an index or counter)."""

@@ -52,10 +52,13 @@ class ColumnProperty:
     generated: bool = False
     # True for the `id` attribute redmap adds to a model with no PrimaryKey field.
     implicit: bool = False
+    # A foreign key's per-parent zset is scored by this Sorted field of the same model
+    # (set by a one-to-many relationship's order_by); None scores by primary key.
+    order_column: str | None = None
 
     @property
     def has_index(self) -> bool:
-        return self.indexed or self.unique or self.sorted
+        return self.indexed or self.unique or self.sorted or self.foreign_key is not None
 
 
 class Mapper(Generic[M]):
@@ -69,6 +72,9 @@ class Mapper(Generic[M]):
         self.keys = keys.KeySpace(reg.prefix, keyspace)
         self.columns: dict[str, ColumnProperty] = {}
         self.relationships: dict[str, RelationshipProperty] = {}
+        # Many-to-many relationships of other models that point here without a
+        # back_populates side: deleting an object here must still unlink it there.
+        self.hidden_links: list[RelationshipProperty] = []
         self.pk: ColumnProperty
         self.configured = False
         # Filled at configure time; kept as tuples so the hot path only iterates.
@@ -245,6 +251,12 @@ class Mapper(Generic[M]):
         for col in self.columns.values():
             if not col.primary_key:
                 yield col
+
+
+def mapper_of_configured(cls: type[M]) -> Mapper[M]:
+    """The mapper of a mapped class, without triggering configuration (configure itself)."""
+    mapper: Mapper[M] = cls.__dict__["__redmap_mapper__"]
+    return mapper
 
 
 def mapper_of(cls: type[M]) -> Mapper[M]:

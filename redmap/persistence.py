@@ -18,6 +18,7 @@ from .exc import FlushError, IntegrityError, StaleDataError, ValidationError
 from .mapper import VERSION_FIELD, ColumnProperty, Mapper
 
 if TYPE_CHECKING:
+    from .dependency import RelationshipWork
     from .state import InstanceState
 
 __all__ = ["DeleteTask", "FlushPlan", "InsertTask", "UpdateTask", "plan_flush"]
@@ -141,6 +142,12 @@ class FlushPlan:
                         value=check.value,
                         key=check.key,
                     )
+            elif check.kind == "exists":
+                if not reply:
+                    stale.append(check)
+            elif check.kind == "members":
+                if set(reply) != check.expected:
+                    stale.append(check)
             elif check.kind == "seqmax":
                 # An explicit id above the counter would later collide with a generated one.
                 if reply is None or int(reply) < check.value:
@@ -281,9 +288,14 @@ def plan_flush(
     deletes: Sequence[DeleteTask],
     *,
     token_key: str,
+    work: RelationshipWork | None = None,
 ) -> FlushPlan:
     """Build the plan for one flush. Raises IntegrityError for conflicts visible without I/O."""
     b = _Builder()
+    segments: dict[int, str] = {}
+    for t in (*inserts, *updates, *deletes):
+        segments[id(t.state)] = t.segment
+    new_pks = {id(t.state): t.pk for t in inserts}
     deleted_keys = {d.key for d in deletes}
     seqmax: dict[str, Check] = {}
 
@@ -299,6 +311,10 @@ def plan_flush(
             b.remove_index_entries(
                 mapper, col, st.loaded.get(col.key), d.segment, replaced=False
             )
+            old_fk = st.loaded.get(col.key)
+            if col.foreign_key is not None and old_fk is not None:
+                b.removals.append(("ZREM", mapper.keys.foreign(col.key, keys.escape(old_fk)),
+                                   d.segment))
 
     for u in updates:
         st = u.state
@@ -318,6 +334,7 @@ def plan_flush(
                     mapper, col, st.loaded.get(name), u.segment, replaced=True
                 )
                 b.add_index_entries(mapper, col, value, enc, u.segment, st)
+        _update_foreign_keys(b, u)
         if dels:
             b.additions.append(("HDEL", u.key, *dels))
         if sets:
@@ -354,7 +371,15 @@ def plan_flush(
             b.add_index_entries(
                 mapper, col, ins.values.get(col.key), ins.encoded.get(col.key), ins.segment, st
             )
+            enc = ins.encoded.get(col.key)
+            if col.foreign_key is not None and enc is not None:
+                fk_key = mapper.keys.foreign(col.key, keys.escape(enc))
+                b.expect_type(fk_key, "zset")
+                score = _fk_score(mapper, col, ins.values.get(col.order_column or ""), ins.pk)
+                b.additions.append(("ZADD", fk_key, score, ins.segment))
 
+    if work is not None:
+        _plan_relationships(b, work, segments, new_pks)
     b.checks.extend(seqmax.values())
     for uq, (st, field, value, segment) in b.claims.items():
         b.watch[uq] = None
@@ -364,7 +389,11 @@ def plan_flush(
         )
 
     b.watch[token_key] = None
-    writes = [*b.removals, *b.additions, ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS)]
+    writes = [
+        *dict.fromkeys(b.removals),
+        *dict.fromkeys(b.additions),
+        ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS),
+    ]
     states = [t.state for t in (*deletes, *updates, *inserts)]
     return FlushPlan(
         token_key=token_key,
@@ -381,3 +410,81 @@ def _version_check(key: str, st: InstanceState) -> Check:
     return Check(
         "version", key, ("HGET", key, VERSION_FIELD), expected=expected, state=st, value=st.pk
     )
+
+
+def _fk_score(mapper: Mapper[Any], col: ColumnProperty, order_value: Any, pk: Any) -> str:
+    """Score of a child in its parent's zset: its order_by field, else its primary key."""
+    if col.order_column is None:
+        return _all_score(mapper, pk)
+    if order_value is None:
+        return "-inf"
+    return _score(mapper, mapper.columns[col.order_column], order_value)
+
+
+def _current_value(st: InstanceState, u: UpdateTask, name: str) -> Any:
+    if name in u.changes:
+        return u.changes[name][0]
+    d = st.obj.__dict__
+    if name in d:
+        return d[name]
+    raw = st.loaded.get(name)
+    codec = st.mapper.columns[name].codec
+    return None if raw is None or codec is None else codec.decode(raw)
+
+
+def _update_foreign_keys(b: _Builder, u: UpdateTask) -> None:
+    st = u.state
+    mapper = st.mapper
+    for col in mapper.indexed_columns:
+        if col.foreign_key is None:
+            continue
+        moved = col.key in u.changes
+        reordered = col.order_column is not None and col.order_column in u.changes
+        if not (moved or reordered):
+            continue
+        old = st.loaded.get(col.key)
+        new = u.changes[col.key][1] if moved else old
+        if moved and old is not None:
+            b.removals.append(("ZREM", mapper.keys.foreign(col.key, keys.escape(old)), u.segment))
+        if new is not None:
+            fk_key = mapper.keys.foreign(col.key, keys.escape(new))
+            b.expect_type(fk_key, "zset")
+            order_value = _current_value(st, u, col.order_column) if col.order_column else None
+            b.additions.append(("ZADD", fk_key, _fk_score(mapper, col, order_value, st.pk),
+                                u.segment))
+
+
+def _plan_relationships(
+    b: _Builder, work: RelationshipWork, segments: dict[int, str], new_pks: dict[int, Any]
+) -> None:
+    def seg(st: InstanceState) -> str:
+        known = segments.get(id(st))
+        return known if known is not None else st.mapper.pk_segment(st.pk)
+
+    def pk_score(st: InstanceState) -> str:
+        pk = st.pk if st.identity is not None else new_pks.get(id(st))
+        return "0" if pk is None else _all_score(st.mapper, pk)
+
+    for mc in work.member_checks:
+        b.watch[mc.key] = None
+        b.checks.append(Check("members", mc.key, ("ZRANGE", mc.key, 0, -1),
+                              expected=mc.expected, state=mc.state, value=mc.state.pk))
+    for link in work.links:
+        a_key = link.a.mapper.keys.relation(link.link_name, seg(link.a))
+        b_key = link.b.mapper.keys.relation(link.reverse_link_name, seg(link.b))
+        b.expect_type(a_key, "zset")
+        b.expect_type(b_key, "zset")
+        if link.added:
+            for end in (link.a, link.b):
+                if id(end) not in new_pks and end.key is not None and end.key not in b.watch:
+                    # The other end must still exist when the link is written.
+                    b.watch[end.key] = None
+                    b.checks.append(Check("exists", end.key, ("EXISTS", end.key),
+                                          state=end, value=end.pk))
+            b.additions.append(("ZADD", a_key, pk_score(link.b), seg(link.b)))
+            b.additions.append(("ZADD", b_key, pk_score(link.a), seg(link.a)))
+        else:
+            b.removals.append(("ZREM", a_key, seg(link.b)))
+            b.removals.append(("ZREM", b_key, seg(link.a)))
+    for key in work.drop_keys:
+        b.removals.append(("DEL", key))

@@ -367,6 +367,10 @@ def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> list[
         st = session._identity_map.get((mapper.class_, pk))
         if st is not None and not st.deleted:
             out.append(st.obj)
+    if mapper.relationships:
+        from .strategies import selectin_for
+
+        selectin_for(session, out)
     return out
 
 

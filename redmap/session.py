@@ -24,6 +24,7 @@ from .unitofwork import UOWTransaction, changed_fields
 
 if TYPE_CHECKING:
     from .query import ScalarResult, Select
+    from .relationships import RelationshipProperty
 
 __all__ = ["ObjectDeletedError", "Session", "run_in_transaction", "sessionmaker"]
 
@@ -61,6 +62,13 @@ class Session:
         self._deleted: dict[int, InstanceState] = {}
         self._no_autoflush = 0
         self._flushing = False
+        # Relationship bookkeeping between flushes (see redmap.dependency):
+        # objects whose relationships changed, by id(obj) ...
+        self._rel_dirty: dict[int, Any] = {}
+        # ... objects removed from a delete-orphan collection: (object, relationship) ...
+        self._orphans: dict[int, tuple[Any, RelationshipProperty]] = {}
+        # ... and many-to-many changes in order: (owner, relationship, item, added).
+        self._links: list[tuple[Any, RelationshipProperty, Any, bool]] = []
 
     @property
     def bind(self) -> Engine:
@@ -109,6 +117,7 @@ class Session:
         if st.identity is None:
             st.session = self
             self._new[id(st)] = st
+            self._cascade_add(st)
             return
         existing = self._identity_map.get(st.identity)
         if existing is not None and existing is not st:
@@ -120,6 +129,50 @@ class Session:
         self._identity_map.add(st)
         if st.modified:
             self._identity_map.modified.add(st)
+        self._cascade_add(st)
+
+    def _cascade_add(self, st: InstanceState) -> None:
+        """save-update cascade: related objects already attached in memory join too."""
+        d = st.obj.__dict__
+        for prop in st.mapper.relationships.values():
+            if "save-update" not in prop.cascade or prop.key not in d:
+                continue
+            value = d[prop.key]
+            related = value if isinstance(value, list) else [value]
+            for obj in related:
+                if obj is not None:
+                    other = state_of(obj)
+                    if other is None or other.session is None:
+                        self.add(obj)
+                    self._rel_dirty[id(obj)] = obj
+            self._rel_dirty[id(st.obj)] = st.obj
+
+    # -- relationship bookkeeping (used by relationship_events and dependency) ------------
+
+    def _relationship_changed(self, obj: Any) -> None:
+        self._rel_dirty[id(obj)] = obj
+
+    def _record_link(self, owner: Any, prop: RelationshipProperty, item: Any, added: bool) -> None:
+        self._links.append((owner, prop, item, added))
+        self._rel_dirty[id(owner)] = owner
+
+    def _peek_many_to_one(self, st: InstanceState, prop: RelationshipProperty) -> Any:
+        """The current many-to-one target if it is in the session, without I/O."""
+        fk = st.obj.__dict__.get(prop.fk_column)
+        if fk is None:
+            return None
+        target = self._identity_map.get((prop.target, fk))
+        return None if target is None else target.obj
+
+    def _load_relationship(self, st: InstanceState, prop: RelationshipProperty) -> None:
+        from .strategies import load_relationship
+
+        load_relationship(self, st, prop)
+
+    def _relationships_flushed(self) -> None:
+        self._rel_dirty.clear()
+        self._orphans.clear()
+        self._links.clear()
 
     def add_all(self, objs: Iterable[object]) -> None:
         for obj in objs:
@@ -266,6 +319,7 @@ class Session:
 
     def rollback(self) -> None:
         """Discard pending changes: new objects are expunged, the others expired."""
+        self._relationships_flushed()
         for st in list(self._new.values()):
             self._detach(st)
         for st in list(self._deleted.values()):
@@ -360,6 +414,10 @@ class Session:
         for pk in pks:
             st = self._identity_map.get((model, pk))
             out.append(None if st is None or st.deleted else st.obj)
+        if mapper.relationships:
+            from .strategies import selectin_for
+
+            selectin_for(self, [o for o in out if o is not None])
         return out
 
     def _load_many(self, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:

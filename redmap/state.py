@@ -91,6 +91,15 @@ class InstanceState:
             )
         self.session._load_unloaded(self)
 
+    def load_relationship(self, prop: Any) -> None:
+        """Load a relationship attribute on first access, as its `lazy` option says."""
+        if self.session is None:
+            raise DetachedInstanceError(
+                f"{self.mapper.name} object with key {self.key!r} is detached; relationship "
+                f"{prop.key!r} is not loaded and there is no session to load it from"
+            )
+        self.session._load_relationship(self, prop)
+
     def expire(self, attribute_names: list[str] | None = None) -> None:
         """Drop attribute values so they reload on next access; pending changes to them go."""
         d = self.obj.__dict__

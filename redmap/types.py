@@ -20,7 +20,7 @@ import re
 import types
 import typing
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
@@ -49,24 +49,40 @@ _JSON_INT_CHECK_BITS = 2000
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True)
 
 
-class _InvalidError(Exception):
-    """A value that does not fit, raised inside a codec tree; `path` grows while unwinding."""
+class _PathError(Exception):
+    """Raised inside a codec tree; `path` grows while unwinding so the top can say where."""
+
+    path: list[str]
+
+
+class _InvalidError(_PathError):
+    """A value that does not fit; becomes a ValidationError at the top."""
 
     def __init__(self, expected: str, actual: str, reason: str | None = None) -> None:
-        self.expected, self.actual, self.reason = expected, actual, reason
-        self.path: list[str] = []
+        self.expected, self.actual, self.reason, self.path = expected, actual, reason, []
 
 
-class _BadJsonError(Exception):
-    """A part of a stored JSON document that does not decode; `path` grows while unwinding."""
+class _BadJsonError(_PathError):
+    """A part of a stored JSON document that does not decode; becomes a DecodeError."""
 
     def __init__(self, detail: str) -> None:
-        self.detail = detail
-        self.path: list[str] = []
+        self.detail, self.path = detail, []
 
 
 class _UnsupportedError(Exception):
     """An annotation no codec exists for; `compile_codec` turns it into a MappingError."""
+
+
+def _each(fn: Callable[[Any], Any], pairs: Iterable[tuple[Any, Any]], at: str = "[{!r}]") -> Any:
+    """`fn` over the items of (key, item) pairs; an error's path gains the item's key."""
+    out = []
+    for key, item in pairs:
+        try:
+            out.append(fn(item))
+        except _PathError as e:
+            e.path.append(at.format(key))
+            raise
+    return out
 
 
 def _where(path: list[str], reason: str | None) -> str | None:
@@ -336,30 +352,24 @@ def _score_date(value: date) -> float:
     return float(value.toordinal() - _EPOCH_ORDINAL)
 
 
-def _text(
-    name: str, types: type, dump: Callable[[Any], str], load: Callable[[str], Any], **kw: Any
+def _derived(
+    name: str,
+    types: type,
+    dump: Callable[[Any], Any],
+    load: Callable[[Any], Any],
+    form: _Scalar,
+    **kw: Any,
 ) -> _Scalar:
-    """A scalar stored as one string, in a hash field and inside JSON alike."""
+    """A scalar stored in the form of another (`form`), in a hash field and inside JSON alike."""
+    encode, decode = form._encode, form._decode
 
-    def encode(value: Any) -> bytes:
-        return dump(value).encode("utf-8")
+    def encode_derived(value: Any) -> bytes:
+        return encode(dump(value))
 
-    def decode(raw: bytes) -> Any:
-        return load(raw.decode("utf-8"))
+    def decode_derived(raw: bytes) -> Any:
+        return load(decode(raw))
 
-    return _Scalar(name, types, encode, decode, (str,), dump, load, **kw)
-
-
-def _encode_str(value: str) -> bytes:
-    return value.encode("utf-8")
-
-
-def _decode_str(raw: bytes) -> str:
-    return raw.decode("utf-8")
-
-
-def _encode_bool(value: bool) -> bytes:
-    return b"1" if value else b"0"
+    return _Scalar(name, types, encode_derived, decode_derived, form._json_types, dump, load, **kw)
 
 
 def _encode_float(value: float) -> bytes:
@@ -371,20 +381,8 @@ def _dump_bytes(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
 
 
-def _load_bytes(text: str) -> bytes:
-    return base64.b64decode(text, validate=True)
-
-
-def _encode_timedelta(value: timedelta) -> bytes:
-    return b"%d" % (value // _MICROSECOND)  # whole microseconds: exactly what it holds
-
-
 def _dump_timedelta(value: timedelta) -> int:
-    return value // _MICROSECOND
-
-
-def _decode_timedelta(raw: bytes) -> timedelta:
-    return timedelta(microseconds=_decode_int(raw))
+    return value // _MICROSECOND  # whole microseconds: exactly what a timedelta holds
 
 
 def _load_timedelta(micros: int) -> timedelta:
@@ -393,57 +391,42 @@ def _load_timedelta(micros: int) -> timedelta:
 
 _NUMBER = (float, int)
 _NO_BOOL = (bool,)
-_BOOLS = {b"1": True, b"0": False}
+_UTF8 = _Scalar(
+    "str", str, operator.methodcaller("encode", "utf-8"), operator.methodcaller("decode", "utf-8")
+)
+_INT = _Scalar("int", int, _encode_int, _decode_int, (int,), score=_score_int, reject=_NO_BOOL)
+# One line per type: name, accepted types, encode, decode, JSON types, to/from JSON, options.
+# fmt: off
+_SCALARS: dict[object, _Scalar] = {
+    str: _Scalar("str", str, _UTF8._encode, _UTF8._decode, extra=_check_text),
+    # Any size in a hash field; bool is refused although it subclasses int.
+    int: _INT,
+    bool: _Scalar("bool", bool, {True: b"1", False: b"0"}.__getitem__,
+                  {b"1": True, b"0": False}.__getitem__, (bool,), score=float),
+    # An int is accepted and stored as a float, so it reads back as a float.
+    float: _Scalar("float", _NUMBER, _encode_float, float, _NUMBER, float, float,
+                   score=_score_float, reject=_NO_BOOL, extra=_check_float),
+    # Raw bytes in a hash field, base64 inside JSON; a bytearray reads back as bytes.
+    bytes: _BytesScalar("bytes", (bytes, bytearray), bytes, bytes, (str,), _dump_bytes,
+                        functools.partial(base64.b64decode, validate=True)),
+    # `str(d)` keeps digits, exponent and sign exactly (1.10, -0, 1E+3, NaN).
+    decimal.Decimal: _derived("Decimal", decimal.Decimal, decimal.Decimal.__str__, _load_decimal,
+                              _UTF8, score=_score_float),
+    # ISO 8601; an aware value reads back with a fixed-offset zone equal to its offset
+    # (a ZoneInfo's name is not kept: same instant, same offset).
+    datetime: _derived("datetime", datetime, datetime.isoformat, _iso_loader(datetime), _UTF8,
+                       score=_score_datetime),
+    # `datetime` subclasses `date`, so a datetime is refused explicitly.
+    date: _derived("date", date, date.isoformat, date.fromisoformat, _UTF8,
+                   score=_score_date, reject=(datetime,)),
+    time: _derived("time", time, time.isoformat, _iso_loader(time), _UTF8),
+    uuid.UUID: _derived("UUID", uuid.UUID, str, uuid.UUID, _UTF8),
+    timedelta: _derived("timedelta", timedelta, _dump_timedelta, _load_timedelta, _INT),
+}
+# fmt: on
 _JSON_INT = _Scalar(
     "int", int, _encode_int, _decode_int, (int,), reject=_NO_BOOL, extra=_check_json_int
 )
-_SCALARS: dict[object, _Scalar] = {
-    str: _Scalar("str", str, _encode_str, _decode_str, (str,), extra=_check_text),
-    # Any size in a hash field; bool is refused although it subclasses int.
-    int: _Scalar("int", int, _encode_int, _decode_int, (int,), score=_score_int, reject=_NO_BOOL),
-    bool: _Scalar("bool", bool, _encode_bool, _BOOLS.__getitem__, (bool,), score=float),
-    # An int is accepted and stored as a float, so it reads back as a float.
-    float: _Scalar(
-        "float",
-        _NUMBER,
-        _encode_float,
-        float,
-        _NUMBER,
-        float,
-        float,
-        score=_score_float,
-        reject=_NO_BOOL,
-        extra=_check_float,
-    ),
-    # Raw bytes in a hash field, base64 inside JSON; a bytearray reads back as bytes.
-    bytes: _BytesScalar(
-        "bytes", (bytes, bytearray), bytes, bytes, (str,), _dump_bytes, _load_bytes
-    ),
-    # `str(d)` keeps digits, exponent and sign exactly (1.10, -0, 1E+3, NaN).
-    decimal.Decimal: _text(
-        "Decimal", decimal.Decimal, decimal.Decimal.__str__, _load_decimal, score=_score_float
-    ),
-    # ISO 8601; an aware value reads back with a fixed-offset zone equal to its offset
-    # (a ZoneInfo's name is not kept: same instant, same offset).
-    datetime: _text(
-        "datetime", datetime, datetime.isoformat, _iso_loader(datetime), score=_score_datetime
-    ),
-    # `datetime` subclasses `date`, so a datetime is refused explicitly.
-    date: _text(
-        "date", date, date.isoformat, date.fromisoformat, score=_score_date, reject=(datetime,)
-    ),
-    time: _text("time", time, time.isoformat, _iso_loader(time)),
-    uuid.UUID: _text("UUID", uuid.UUID, str, uuid.UUID),
-    timedelta: _Scalar(
-        "timedelta",
-        timedelta,
-        _encode_timedelta,
-        _decode_timedelta,
-        (int,),
-        _dump_timedelta,
-        _load_timedelta,
-    ),
-}
 
 
 def _enum_codec(cls: type[enum.Enum]) -> _Scalar:
@@ -453,7 +436,9 @@ def _enum_codec(cls: type[enum.Enum]) -> _Scalar:
     """
     by_name: dict[str, Any] = dict(cls.__members__)
     if not issubclass(cls, enum.Flag):
-        return _text(cls.__name__, cls, operator.attrgetter("_name_"), by_name.__getitem__)
+        return _derived(
+            cls.__name__, cls, operator.attrgetter("_name_"), by_name.__getitem__, _UTF8
+        )
     bits = [m for m in dict.fromkeys(by_name.values()) if m._value_ & (m._value_ - 1) == 0]
 
     def dump(value: Any) -> str:
@@ -478,7 +463,7 @@ def _enum_codec(cls: type[enum.Enum]) -> _Scalar:
             return str(e)
         return None
 
-    return _text(cls.__name__, cls, dump, load, extra=extra)
+    return _derived(cls.__name__, cls, dump, load, _UTF8, extra=extra)
 
 
 # --- JSON documents --------------------------------------------------------------------
@@ -504,6 +489,14 @@ class _JsonCodec(Codec):
         raise DecodeError(expected=self.expected, raw=raw, detail=detail)
 
 
+def _check_key(key: Any) -> None:
+    if not isinstance(key, str):
+        raise _InvalidError("str", type(key).__name__, "JSON object keys must be str")
+    reason = _check_text(key)
+    if reason is not None:
+        raise _InvalidError("str", "str", reason)
+
+
 def _check_plain(value: Any) -> None:
     """Accept exactly what JSON gives back unchanged: no tuples, no int or str subclasses."""
     kind, reason = type(value), None
@@ -512,22 +505,10 @@ def _check_plain(value: Any) -> None:
     elif kind is int:
         reason = _check_json_int(value)
     elif isinstance(value, list):
-        for i, item in enumerate(value):
-            try:
-                _check_plain(item)
-            except _InvalidError as e:
-                e.path.append(f"[{i}]")
-                raise
+        _each(_check_plain, enumerate(value))
     elif isinstance(value, dict):
-        for key, item in value.items():
-            try:
-                if type(key) is not str:
-                    raise _InvalidError("str", type(key).__name__, "JSON object keys are str")
-                _check_plain(key)
-                _check_plain(item)
-            except _InvalidError as e:
-                e.path.append(f"[{key!r}]")
-                raise
+        _each(_check_key, ((key, key) for key in value))
+        _each(_check_plain, value.items())
     elif kind is not float and kind is not bool and value is not None:
         raise _InvalidError("JSON value", kind.__name__)
     if reason is not None:
@@ -542,30 +523,25 @@ def _copy_plain(value: Any) -> Any:
     return value
 
 
-class _PlainJsonCodec(_JsonCodec):
-    """Bare `list`, bare `dict`, and `Any` inside a container: any plain JSON value."""
+class _AnyCodec(_JsonCodec):
+    """`Any` inside a container, and the items of bare `list`/`dict`: any plain JSON value."""
 
     _plain = True
 
-    def __init__(self, name: str, kind: type | None) -> None:
-        super().__init__(name)
-        self._kind = kind
-
     def _check(self, value: Any) -> None:
-        if self._kind is not None and not isinstance(value, self._kind):
-            raise self._invalid(value)
         _check_plain(value)
 
     def _to_json(self, value: Any) -> Any:
         return value
 
     def _from_json(self, obj: Any) -> Any:
-        if self._kind is not None and type(obj) is not self._kind:
-            raise self._bad_json(obj)
         return obj
 
     def _copy(self, value: Any) -> Any:
         return _copy_plain(value)
+
+
+_ANY = _AnyCodec("Any")
 
 
 class _OptionalJsonCodec(_JsonCodec):
@@ -605,13 +581,7 @@ class _SeqCodec(_JsonCodec):
     def _check(self, value: Any) -> None:
         if not isinstance(value, self._kind):
             raise self._invalid(value)
-        check = self._item._check
-        for i, item in enumerate(value):
-            try:
-                check(item)
-            except _InvalidError as e:
-                e.path.append(f"[{i}]")
-                raise
+        _each(self._item._check, enumerate(value))
 
     def _to_json(self, value: Any) -> Any:
         if self._is_set:
@@ -621,13 +591,7 @@ class _SeqCodec(_JsonCodec):
     def _from_json(self, obj: Any) -> Any:
         if type(obj) is not list:
             raise self._bad_json(obj)
-        load, out = self._item._from_json, list[Any]()
-        for i, item in enumerate(obj):
-            try:
-                out.append(load(item))
-            except _BadJsonError as e:
-                e.path.append(f"[{i}]")
-                raise
+        out = _each(self._item._from_json, enumerate(obj))
         if self._kind is list:
             return out
         try:
@@ -651,18 +615,8 @@ class _DictCodec(_JsonCodec):
     def _check(self, value: Any) -> None:
         if not isinstance(value, dict):
             raise self._invalid(value)
-        check = self._item._check
-        for key, item in value.items():
-            try:
-                if not isinstance(key, str):
-                    raise _InvalidError("str", type(key).__name__, "dict keys must be str")
-                reason = _check_text(key)
-                if reason is not None:
-                    raise _InvalidError("str", "str", reason)
-                check(item)
-            except _InvalidError as e:
-                e.path.append(f"[{key!r}]")
-                raise
+        _each(_check_key, ((key, key) for key in value))
+        _each(self._item._check, value.items())
 
     def _to_json(self, value: Any) -> Any:
         if self._item._plain:
@@ -673,14 +627,7 @@ class _DictCodec(_JsonCodec):
     def _from_json(self, obj: Any) -> Any:
         if type(obj) is not dict:
             raise self._bad_json(obj)
-        load, out = self._item._from_json, dict[str, Any]()
-        for key, item in obj.items():
-            try:
-                out[key] = load(item)
-            except _BadJsonError as e:
-                e.path.append(f"[{key!r}]")
-                raise
-        return out
+        return dict(zip(obj, _each(self._item._from_json, obj.items()), strict=True))
 
     def _copy(self, value: Any) -> Any:
         if self._item.mutable:
@@ -706,15 +653,9 @@ class _DataclassCodec(_JsonCodec):
         if not isinstance(value, self._cls):
             raise self._invalid(value)
         for name, codec, _, _ in self._fields:
-            try:
-                try:
-                    item = getattr(value, name)
-                except AttributeError:
-                    raise _InvalidError(codec._name, "nothing", "attribute not set") from None
-                codec._check(item)
-            except _InvalidError as e:
-                e.path.append(f".{name}")
-                raise
+            if not hasattr(value, name):
+                raise _InvalidError(codec._name, "nothing", f"at .{name}: attribute not set")
+            _each(codec._check, [(name, getattr(value, name))], ".{}")
 
     def _to_json(self, value: Any) -> Any:
         return {name: codec._to_json(getattr(value, name)) for name, codec, _, _ in self._fields}
@@ -729,11 +670,7 @@ class _DataclassCodec(_JsonCodec):
                 if required:
                     raise _BadJsonError(f"{self._name} field {name!r} is missing")
                 continue
-            try:
-                item = codec._from_json(obj[name])
-            except _BadJsonError as e:
-                e.path.append(f".{name}")
-                raise
+            [item] = _each(codec._from_json, [(name, obj[name])], ".{}")
             if init:
                 kwargs[name] = item
             else:
@@ -756,7 +693,7 @@ class _DataclassCodec(_JsonCodec):
 
 # --- compiling annotations -------------------------------------------------------------
 
-_SEQUENCES: dict[object, type] = {list: list, tuple: tuple, set: set, frozenset: frozenset}
+_SEQUENCES = (list, tuple, set, frozenset)
 
 
 def _show(tp: object) -> str:
@@ -786,77 +723,75 @@ def _split_optional(tp: object) -> tuple[object, bool]:
     return _unwrap(rest[0]), True
 
 
-class _Compiler:
-    """Builds one codec tree; remembers dataclasses so recursive ones compile to a cycle."""
-
-    def __init__(self) -> None:
-        self._dataclasses: dict[type, _DataclassCodec] = {}
-
-    def compile(self, tp: object, *, in_json: bool) -> Codec:
-        tp, nullable = _split_optional(tp)
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if origin is dict or origin in _SEQUENCES:
-            codec = self._generic(tp, origin, args)
-        elif tp is Any and in_json:
-            codec = _PlainJsonCodec("Any", None)
-        elif tp is int and in_json:
-            codec = _JSON_INT
-        elif tp in _SCALARS:
-            codec = _SCALARS[tp]
-        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
-            codec = _enum_codec(tp)
-        elif tp is list or tp is dict:
-            codec = _PlainJsonCodec(tp.__name__, tp)
-        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            codec = self._dataclass(tp)
-        else:
-            raise _UnsupportedError(f"{_show(tp)} is not a supported type")
-        if not nullable:
-            return codec
-        if in_json:
-            return _OptionalJsonCodec(codec)
-        codec = copy.copy(codec)
-        codec.nullable, codec.expected = True, f"Optional[{codec._name}]"
+def _compile(tp: object, in_json: bool, seen: dict[type, _DataclassCodec]) -> Codec:
+    """The codec tree for `tp`; `seen` lets a recursive dataclass compile to a cycle."""
+    tp, nullable = _split_optional(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict or origin in _SEQUENCES:
+        codec = _generic(tp, origin, args, seen)
+    elif tp is Any and in_json:
+        codec = _ANY
+    elif tp is int and in_json:
+        codec = _JSON_INT
+    elif tp in _SCALARS:
+        codec = _SCALARS[tp]
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        codec = _enum_codec(tp)
+    elif tp is list:
+        codec = _SeqCodec("list", list, _ANY)
+    elif tp is dict:
+        codec = _DictCodec("dict", _ANY)
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        codec = seen.get(tp) or _dataclass(tp, seen)
+    else:
+        raise _UnsupportedError(f"{_show(tp)} is not a supported type")
+    if not nullable:
         return codec
+    if in_json:
+        return _OptionalJsonCodec(codec)
+    codec = copy.copy(codec)
+    codec.nullable, codec.expected = True, f"Optional[{codec._name}]"
+    return codec
 
-    def _generic(self, tp: object, origin: object, args: tuple[Any, ...]) -> Codec:
-        if not args and (origin is list or origin is dict):
-            return _PlainJsonCodec(origin.__name__, origin)  # typing.List, typing.Dict
-        if origin is dict:
-            if _unwrap(args[0]) is not str:
-                raise _UnsupportedError(f"{_show(tp)}: dict keys must be str (JSON object keys)")
-            item = self.compile(args[1], in_json=True)
-            return _DictCodec(f"dict[str, {item._name}]", item)
-        kind = _SEQUENCES[origin]
-        if kind is tuple:
-            if len(args) != 2 or args[1] is not Ellipsis:
-                raise _UnsupportedError(f"{_show(tp)}: only tuple[X, ...] is supported")
-            item = self.compile(args[0], in_json=True)
-            return _SeqCodec(f"tuple[{item._name}, ...]", tuple, item)
-        if len(args) != 1:
-            raise _UnsupportedError(f"{_show(tp)} needs one element type")
-        item = self.compile(args[0], in_json=True)
-        return _SeqCodec(f"{kind.__name__}[{item._name}]", kind, item)
 
-    def _dataclass(self, cls: type) -> Codec:
-        known = self._dataclasses.get(cls)
-        if known is not None:
-            return known
-        codec = self._dataclasses[cls] = _DataclassCodec(cls)
+def _generic(
+    tp: object, origin: object, args: tuple[Any, ...], seen: dict[type, _DataclassCodec]
+) -> Codec:
+    if not args and (origin is list or origin is dict):
+        return _compile(origin, True, seen)  # typing.List, typing.Dict
+    if origin is dict:
+        if _unwrap(args[0]) is not str:
+            raise _UnsupportedError(f"{_show(tp)}: dict keys must be str (JSON object keys)")
+        item = _compile(args[1], True, seen)
+        return _DictCodec(f"dict[str, {item._name}]", item)
+    assert isinstance(origin, type)
+    if origin is tuple:
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise _UnsupportedError(f"{_show(tp)}: only tuple[X, ...] is supported")
+        item = _compile(args[0], True, seen)
+        return _SeqCodec(f"tuple[{item._name}, ...]", tuple, item)
+    if len(args) != 1:
+        raise _UnsupportedError(f"{_show(tp)} needs one element type")
+    item = _compile(args[0], True, seen)
+    return _SeqCodec(f"{origin.__name__}[{item._name}]", origin, item)
+
+
+def _dataclass(cls: type, seen: dict[type, _DataclassCodec]) -> Codec:
+    codec = seen[cls] = _DataclassCodec(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as e:  # NameError for an unresolvable forward reference, ...
+        raise _UnsupportedError(f"cannot resolve the annotations of {_show(cls)}: {e}") from e
+    for f in dataclasses.fields(cls):
         try:
-            hints = typing.get_type_hints(cls)
-        except Exception as e:  # NameError for an unresolvable forward reference, ...
-            raise _UnsupportedError(f"cannot resolve the annotations of {_show(cls)}: {e}") from e
-        for f in dataclasses.fields(cls):
-            try:
-                item = self.compile(hints.get(f.name, f.type), in_json=True)
-            except _UnsupportedError as e:
-                raise _UnsupportedError(f"in {_show(cls)}.{f.name}: {e}") from None
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            codec._fields.append((f.name, item, f.init, required))
-        frozen = getattr(cls, "__dataclass_params__").frozen  # noqa: B009
-        codec.mutable = not frozen or any(item.mutable for _, item, _, _ in codec._fields)
-        return codec
+            item = _compile(hints.get(f.name, f.type), True, seen)
+        except _UnsupportedError as e:
+            raise _UnsupportedError(f"in {_show(cls)}.{f.name}: {e}") from None
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        codec._fields.append((f.name, item, f.init, required))
+    frozen = getattr(cls, "__dataclass_params__").frozen  # noqa: B009
+    codec.mutable = not frozen or any(item.mutable for _, item, _, _ in codec._fields)
+    return codec
 
 
 def compile_codec(tp: object, *, model: str, field: str) -> Codec:
@@ -866,7 +801,7 @@ def compile_codec(tp: object, *, model: str, field: str) -> Codec:
     `nullable` set: None is stored as an absent hash field, never encoded.
     """
     try:
-        return _Compiler().compile(tp, in_json=False)
+        return _compile(tp, False, {})
     except _UnsupportedError as e:
         raise MappingError(
             f"unsupported field type {_show(tp)} ({e})", model=model, field=field

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import keys
 from .exc import FlushError, IntegrityError, InvalidRequestError, ValidationError
 from .mapper import ColumnProperty, Mapper
+from .dependency import RelationshipWork, prepare
 from .persistence import DeleteTask, InsertTask, UpdateTask, plan_flush
 
 if TYPE_CHECKING:
@@ -32,7 +33,9 @@ def _encode(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> bytes | Non
     return None if value is None else codec.encode(value)
 
 
-def changed_fields(state: InstanceState) -> dict[str, tuple[Any, bytes | None]]:
+def changed_fields(
+    state: InstanceState, deferred: frozenset[str] = frozenset()
+) -> dict[str, tuple[Any, bytes | None]]:
     """Fields of a persistent object whose current value differs from the snapshot.
 
     Assigned fields are compared; mutable (JSON) fields are always compared, since
@@ -43,6 +46,10 @@ def changed_fields(state: InstanceState) -> dict[str, tuple[Any, bytes | None]]:
     names = set(state.modified)
     names.update(c.key for c in mapper.mutable_columns if c.key in d)
     out: dict[str, tuple[Any, bytes | None]] = {}
+    for name in deferred:
+        # A foreign key to a new object: its value is known once ids are handed out.
+        out[name] = (None, None)
+        names.discard(name)
     for name in names:
         if name not in d:
             continue
@@ -69,18 +76,27 @@ class UOWTransaction:
         self.inserts: list[InsertTask] = []
         self.updates: list[UpdateTask] = []
         self.deletes: list[DeleteTask] = []
+        self.work = RelationshipWork()
 
     # -- collect: validation only, no I/O -------------------------------------------
 
+    def _deferred_columns(self, st: InstanceState) -> frozenset[str]:
+        return frozenset(d.column for d in self.work.deferred if d.child is st)
+
     def collect(self) -> None:
         s = self.session
+        self.work = prepare(s)
+        deferred_states = {id(d.child): d.child for d in self.work.deferred}
         for st in s._deleted_states():
             assert st.key is not None
             self.deletes.append(DeleteTask(st, st.mapper.pk_segment(st.pk), st.key))
-        for st in s._dirty_candidates():
+        candidates = s._dirty_candidates()
+        known = {id(c) for c in candidates}
+        candidates += [c for i, c in deferred_states.items() if i not in known]
+        for st in candidates:
             if st.deleted or st.identity is None:
                 continue
-            changes = changed_fields(st)
+            changes = changed_fields(st, self._deferred_columns(st))
             if changes:
                 assert st.key is not None
                 self.updates.append(UpdateTask(st, st.mapper.pk_segment(st.pk), st.key, changes))
@@ -96,10 +112,11 @@ class UOWTransaction:
         d = st.obj.__dict__
         values: dict[str, Any] = {}
         encoded: dict[str, bytes | None] = {}
+        deferred = self._deferred_columns(st)
         for col in mapper.stored_columns():
             value = d.get(col.key)
             values[col.key] = value
-            encoded[col.key] = _encode(mapper, col, value)
+            encoded[col.key] = None if col.key in deferred else _encode(mapper, col, value)
         pk = d.get(mapper.pk.key)
         generated = False
         if pk is None:
@@ -169,6 +186,23 @@ class UOWTransaction:
                 task.segment = mapper.pk_segment(task.pk)
                 task.key = mapper.keys.object(task.segment)
 
+    def _bind_deferred(self) -> None:
+        """Fill foreign keys that point at objects whose ids were just handed out."""
+        tasks: dict[int, InsertTask | UpdateTask] = {id(t.state): t for t in self.inserts}
+        tasks.update({id(t.state): t for t in self.updates})
+        for d in self.work.deferred:
+            target = tasks.get(id(d.target))
+            assert isinstance(target, InsertTask) and target.pk is not None
+            mapper = d.child.mapper
+            col = mapper.columns[d.column]
+            enc = _encode(mapper, col, target.pk)
+            task = tasks[id(d.child)]
+            if isinstance(task, InsertTask):
+                task.values[d.column] = target.pk
+                task.encoded[d.column] = enc
+            else:
+                task.changes[d.column] = (target.pk, enc)
+
     # -- run ----------------------------------------------------------------------------
 
     def execute(self) -> None:
@@ -178,14 +212,18 @@ class UOWTransaction:
         token = uuid.uuid4().hex
         first = (self.inserts or self.updates or self.deletes)[0].state.mapper
         token_key = keys.flush_token_key(first.registry.prefix, token)
-        plan = plan_flush(self.inserts, self.updates, self.deletes, token_key=token_key)
+        plan = plan_flush(
+            self.inserts, self.updates, self.deletes, token_key=token_key, work=self.work
+        )
         allocations, groups = self._allocations()
         if allocations:
 
             def bind_ids(replies: list[Any]) -> list[tuple[Any, ...]]:
                 self._assign_ids(groups, replies)
+                self._bind_deferred()
                 return plan_flush(
-                    self.inserts, self.updates, self.deletes, token_key=token_key
+                    self.inserts, self.updates, self.deletes, token_key=token_key,
+                    work=self.work,
                 ).writes
 
             plan.allocations = allocations
@@ -213,3 +251,6 @@ class UOWTransaction:
             st.modified.clear()
             st.obj.__dict__[mapper.pk.key] = ins.pk
             s._make_persistent(st, ins.pk, ins.key)
+        for dk in self.work.deferred:
+            dk.child.obj.__dict__[dk.column] = dk.target.pk
+        s._relationships_flushed()

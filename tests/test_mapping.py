@@ -8,7 +8,16 @@ from typing import Annotated, Any, Optional
 
 import pytest
 
-from redmap import Indexed, PrimaryKey, Session, Sorted, Unique, registry, relationship
+from redmap import (
+    ForeignKey,
+    Indexed,
+    PrimaryKey,
+    Session,
+    Sorted,
+    Unique,
+    registry,
+    relationship,
+)
 from redmap.engine import Engine
 from redmap.exc import InvalidRequestError, MappingError
 from redmap.mapper import mapper_of
@@ -164,10 +173,29 @@ def test_forward_references_resolve_at_configure() -> None:
     @dataclass
     class Child:
         name: str = ""
+        parent_id: Annotated[Optional[int], ForeignKey("Parent")] = None
 
     reg.configure()
     prop = mapper_of(Parent).relationships["kids"]
-    assert prop.target is Child and prop.uselist
+    assert prop.target is Child and prop.uselist and prop.fk_column == "parent_id"
+
+
+def test_relationship_without_foreign_key_is_mapping_error() -> None:
+    """A one-to-many whose target has no foreign key back is refused at configure."""
+    reg = registry(prefix="nofk")
+
+    @reg.mapped
+    @dataclass
+    class P:
+        kids: list[K] = relationship()  # noqa: F821 - defined below
+
+    @reg.mapped
+    @dataclass
+    class K:
+        name: str = ""
+
+    with pytest.raises(MappingError, match="ForeignKey"):
+        reg.configure()
 
 
 def test_relationship_is_a_dataclass_field() -> None:
@@ -177,13 +205,18 @@ def test_relationship_is_a_dataclass_field() -> None:
     @reg.mapped
     @dataclass
     class A:
-        things: list[Any] = relationship()
-        parent: Optional[Any] = relationship()
+        things: list[B] = relationship(back_populates="owner")  # noqa: F821
+
+    @reg.mapped
+    @dataclass
+    class B:
+        owner_id: Annotated[Optional[int], ForeignKey("A")] = None
+        owner: Optional[A] = relationship(back_populates="things")
 
     f = {x.name: x for x in dataclasses.fields(A)}
     assert f["things"].default is None
     a = A()
-    assert a.things == [] and a.parent is None
+    assert a.things == [] and B().owner is None
 
 
 def test_unmapped_class_in_session_is_refused(engine: Engine) -> None:

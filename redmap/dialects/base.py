@@ -252,7 +252,10 @@ class Dialect:
             replies = self._round_trip(
                 conn, [("SET", plan.token_key, b"settled", "NX", "PX", plan.token_ttl_ms)]
             )
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+            if isinstance(replies[0], Exception):
+                # Refused (OOM, LOADING, READONLY, ...): the outcome is just as unknown.
+                raise replies[0]
+        except (rex.RedisError, OSError) as exc:
             for st in plan.states:
                 st.in_doubt = True
             raise OutcomeUnknownError(
@@ -265,10 +268,7 @@ class Dialect:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.disconnect()
-        reply = replies[0]
-        if isinstance(reply, Exception):
-            raise RedmapError(f"cannot read back the flush token: {reply}")
-        return reply is None
+        return replies[0] is None
 
 
 def default_client_options() -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""Keeps both sides of a relationship in step in memory and records what a flush must write.
+
+Called by `InstrumentedList` (collection adds/removes) and by the relationship
+descriptor (scalar sets). `back_populates` is applied at once; foreign keys follow
+when the target's primary key is known (else at flush); new related objects join
+the session (save-update cascade); many-to-many link changes and delete-orphan
+candidates are recorded on the owning session.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .attributes import state_of
+from .relationships import Direction
+
+if TYPE_CHECKING:
+    from .collections import InstrumentedList
+    from .relationships import RelationshipProperty
+    from .session import Session
+    from .state import InstanceState
+
+__all__ = ["collection_added", "collection_removed", "scalar_set"]
+
+
+def _session_of(*objs: Any) -> Session | None:
+    for obj in objs:
+        st = state_of(obj) if obj is not None else None
+        if st is not None and st.session is not None:
+            return st.session
+    return None
+
+
+def _cascade_add(session: Session | None, prop: RelationshipProperty, obj: Any) -> None:
+    if session is not None and obj is not None and "save-update" in prop.cascade:
+        st = state_of(obj)
+        if st is None or st.session is None:
+            session.add(obj)
+
+
+def _loaded_list(obj: Any, key: str) -> InstrumentedList[Any] | None:
+    value = obj.__dict__.get(key)
+    return value if value is not None and hasattr(value, "_append_quiet") else None
+
+
+def _mark_fk(child: Any, prop_fk: str, parent: Any) -> None:
+    """Point `child`'s foreign key at `parent` (None clears it), now if the key is known."""
+    from .session import Session
+
+    st = state_of(child)
+    session: Session | None = st.session if st is not None else _session_of(parent)
+    if session is not None:
+        session._relationship_changed(child)
+    value = None if parent is None else _known_pk(parent)
+    if parent is None or value is not None:
+        setattr(child, prop_fk, value)
+
+
+def _known_pk(obj: Any) -> Any:
+    from .mapper import mapper_of
+
+    st = state_of(obj)
+    if st is not None and st.identity is not None:
+        return st.pk
+    return obj.__dict__.get(mapper_of(type(obj)).pk.key)
+
+
+def collection_added(owner: Any, prop: RelationshipProperty, item: Any) -> None:
+    """`item` was added to `owner.<prop>` by user code."""
+    session = _session_of(owner, item)
+    _cascade_add(session, prop, item)
+    if session is not None:
+        session._orphans.pop(id(item), None)
+    reverse = prop.reverse
+    if prop.direction is Direction.ONETOMANY:
+        if reverse is not None:
+            old_parent = item.__dict__.get(reverse.key)
+            if old_parent is not None and old_parent is not owner:
+                old_list = _loaded_list(old_parent, prop.key)
+                if old_list is not None:
+                    old_list._remove_quiet(item)
+            item.__dict__[reverse.key] = owner
+        _mark_fk(item, prop.fk_column, owner)
+    elif prop.direction is Direction.MANYTOMANY:
+        if reverse is not None:
+            other = _loaded_list(item, reverse.key)
+            if other is not None:
+                other._append_quiet(owner)
+        if session is not None:
+            session._record_link(owner, prop, item, added=True)
+
+
+def collection_removed(owner: Any, prop: RelationshipProperty, item: Any) -> None:
+    """`item` was removed from `owner.<prop>` by user code."""
+    session = _session_of(owner, item)
+    reverse = prop.reverse
+    if prop.direction is Direction.ONETOMANY:
+        if reverse is not None and item.__dict__.get(reverse.key) is owner:
+            item.__dict__[reverse.key] = None
+        if _current_parent_is(item, prop, owner):
+            _mark_fk(item, prop.fk_column, None)
+        if session is not None and "delete-orphan" in prop.cascade:
+            session._orphans[id(item)] = (item, prop)
+    elif prop.direction is Direction.MANYTOMANY:
+        if reverse is not None:
+            other = _loaded_list(item, reverse.key)
+            if other is not None:
+                other._remove_quiet(owner)
+        if session is not None:
+            session._record_link(owner, prop, item, added=False)
+
+
+def _current_parent_is(item: Any, prop: RelationshipProperty, owner: Any) -> bool:
+    fk = item.__dict__.get(prop.fk_column)
+    return fk is None or fk == _known_pk(owner)
+
+
+def scalar_set(obj: Any, prop: RelationshipProperty, old: Any, new: Any) -> None:
+    """`obj.<prop>` (many-to-one) changed from `old` to `new` by user code."""
+    session = _session_of(obj, new)
+    _cascade_add(session, prop, new)
+    _mark_fk(obj, prop.fk_column, new)
+    reverse = prop.reverse
+    if reverse is None:
+        return
+    if old is not None and old is not new:
+        old_list = _loaded_list(old, reverse.key)
+        if old_list is not None:
+            old_list._remove_quiet(obj)
+    if new is not None:
+        new_list = _loaded_list(new, reverse.key)
+        if new_list is not None:
+            new_list._append_quiet(obj)
+    if session is not None and new is None and "delete-orphan" in reverse.cascade:
+        session._orphans[id(obj)] = (obj, reverse)
+
+
+def owner_state(obj: Any) -> InstanceState | None:
+    return state_of(obj)

@@ -1,0 +1,124 @@
+"""Relationship loading: lazy "select" on first access, batched "selectin", and "raise".
+
+Called by `Session._load_relationship` and after every batch load (get_many,
+queries). Costs, never a scan:
+- many-to-one: the target by primary key (0 round trips when already in the session).
+- one-to-many / many-to-many: one ZRANGE of the parent's link zset, then one
+  pipelined HGETALL for the targets not yet in the session: 2 round trips.
+- selectin for N parents: the same two round trips for all N parents together.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .collections import InstrumentedList
+from .exc import InvalidRequestError
+from .mapper import mapper_of
+from .relationships import Direction
+
+if TYPE_CHECKING:
+    from .relationships import RelationshipProperty
+    from .session import Session
+    from .state import InstanceState
+
+__all__ = ["link_key", "load_relationship", "selectin_for", "selectin_load"]
+
+
+def link_key(state: InstanceState, prop: RelationshipProperty) -> str:
+    """The zset listing the targets of a list relationship of one persistent object."""
+    seg = state.mapper.pk_segment(state.pk)
+    if prop.direction is Direction.ONETOMANY:
+        return mapper_of(prop.target).keys.foreign(prop.fk_column, seg)
+    return state.mapper.keys.relation(prop.link_name, seg)
+
+
+def _ids(target_mapper: Any, reply: Any) -> list[Any]:
+    if isinstance(reply, Exception):
+        raise InvalidRequestError(f"cannot read a relationship: {reply}")
+    return [target_mapper.pk_from_segment(i.decode()) for i in reply]
+
+
+def load_relationship(session: Session, state: InstanceState, prop: RelationshipProperty) -> None:
+    """Fill one unloaded relationship attribute of a persistent object."""
+    if prop.lazy == "raise":
+        raise InvalidRequestError(
+            f"{state.mapper.name}.{prop.key} is lazy='raise' and not loaded; load it with "
+            f"a selectin relationship or access it after loading"
+        )
+    session._autoflush()
+    selectin_load(session, [state], prop)
+
+
+def selectin_load(session: Session, states: list[InstanceState], prop: RelationshipProperty) -> None:
+    """Load `prop` for every state in `states` in at most two round trips."""
+    states = [s for s in states if s.identity is not None and prop.key not in s.obj.__dict__]
+    if not states:
+        return
+    target_mapper = mapper_of(prop.target)
+    if prop.direction is Direction.MANYTOONE:
+        wanted = {}
+        for st in states:
+            if prop.fk_column not in st.obj.__dict__:
+                st.load_unloaded(prop.fk_column)
+            fk = st.obj.__dict__.get(prop.fk_column)
+            if fk is not None:
+                wanted[fk] = None
+        _load_targets(session, target_mapper, list(wanted))
+        for st in states:
+            fk = st.obj.__dict__.get(prop.fk_column)
+            target = None
+            if fk is not None:
+                tst = session._identity_map.get((prop.target, fk))
+                target = None if tst is None or tst.deleted else tst.obj
+            st.obj.__dict__[prop.key] = target
+        return
+    replies = session.bind.execute([("ZRANGE", link_key(st, prop), 0, -1) for st in states])
+    per_state = [_ids(target_mapper, r) for r in replies]
+    wanted_all: dict[Any, None] = {}
+    for ids in per_state:
+        wanted_all.update(dict.fromkeys(ids))
+    _load_targets(session, target_mapper, list(wanted_all))
+    for st, ids in zip(states, per_state, strict=True):
+        items = []
+        for pk in ids:
+            tst = session._identity_map.get((prop.target, pk))
+            if tst is not None and not tst.deleted:
+                items.append(tst.obj)
+        st.obj.__dict__[prop.key] = InstrumentedList(st.obj, prop, items)
+
+
+def _load_targets(session: Session, target_mapper: Any, pks: list[Any]) -> None:
+    missing = []
+    for pk in pks:
+        tst = session._identity_map.get((target_mapper.class_, pk))
+        if tst is None or tst.unloaded():
+            missing.append(pk)
+    if missing:
+        session._load_many(target_mapper, missing)
+
+
+def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> None:
+    """Run every lazy="selectin" relationship for a batch of freshly loaded objects."""
+    if not objects or depth > 8:
+        return
+    by_mapper: dict[Any, list[InstanceState]] = {}
+    for obj in objects:
+        st = obj.__dict__.get("_redmap_state")
+        if st is not None:
+            by_mapper.setdefault(st.mapper, []).append(st)
+    for mapper, states in by_mapper.items():
+        for prop in mapper.relationships.values():
+            if prop.lazy != "selectin":
+                continue
+            pending = [s for s in states if prop.key not in s.obj.__dict__]
+            selectin_load(session, pending, prop)
+            loaded: list[Any] = []
+            for st in pending:
+                value = st.obj.__dict__.get(prop.key)
+                if isinstance(value, list):
+                    loaded.extend(value)
+                elif value is not None:
+                    loaded.append(value)
+            selectin_for(session, loaded, depth + 1)
+
