@@ -219,7 +219,14 @@ def _set_fk(
 
 def _links(session: Session, work: RelationshipWork) -> None:
     net: dict[tuple[int, str, int], LinkChange] = {}
-    for owner, prop, item, added in session._links:
+    changes = list(session._links)
+    for st in session._pending_states():
+        # A new object's collections were filled before it met the session: every
+        # member is a new link.
+        for prop in st.mapper.relationships.values():
+            if prop.direction is Direction.MANYTOMANY and prop.key in st.obj.__dict__:
+                changes.extend((st.obj, prop, item, True) for item in st.obj.__dict__[prop.key])
+    for owner, prop, item, added in changes:
         a, b = state_of(owner), state_of(item)
         if a is None or b is None or a.session is not session or b.session is not session:
             continue

@@ -42,8 +42,8 @@ _DECIMAL_RE = re.compile(
     re.ASCII | re.IGNORECASE,
 )
 # `fromisoformat` (3.11.7) drops an offset whose only non-zero part is microseconds,
-# so the offset `isoformat` writes is parsed here and attached by hand.
-_OFFSET_RE = re.compile(r"([+-])([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.([0-9]{6}))?)?\Z")
+# so an offset with microseconds is parsed here and attached by hand.
+_MICRO_OFFSET_RE = re.compile(r"([+-])([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{6})")
 # Past ~600 digits an int may hit `sys.get_int_max_str_digits` (640 at the lowest).
 _JSON_INT_CHECK_BITS = 2000
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=True)
@@ -326,16 +326,16 @@ def _load_decimal(text: str) -> decimal.Decimal:
 
 
 def _iso_loader(cls: type[datetime] | type[time]) -> Callable[[str], Any]:
-    """`cls.fromisoformat`, but with the UTC offset parsed here (see `_OFFSET_RE`)."""
+    """`cls.fromisoformat`, except for offsets with microseconds (see `_MICRO_OFFSET_RE`)."""
 
     def load(text: str) -> Any:
-        m = _OFFSET_RE.search(text)
-        value = cls.fromisoformat(text if m is None else text[: m.start()])
+        m = _MICRO_OFFSET_RE.fullmatch(text, len(text) - 16) if len(text) > 16 else None
         if m is None:
-            return value
+            return cls.fromisoformat(text)
+        value = cls.fromisoformat(text[:-16])
         if value.tzinfo is not None:
             raise ValueError("two UTC offsets")
-        hours, minutes, seconds, micros = (int(part) for part in m.groups("0")[1:])
+        hours, minutes, seconds, micros = map(int, m.groups()[1:])
         offset = timedelta(hours=hours, minutes=minutes, seconds=seconds, microseconds=micros)
         return value.replace(tzinfo=timezone(-offset if m[1] == "-" else offset))
 

@@ -157,7 +157,8 @@ class UOWTransaction:
 
     @property
     def empty(self) -> bool:
-        return not (self.inserts or self.updates or self.deletes)
+        return not (self.inserts or self.updates or self.deletes or self.work.links
+                    or self.work.drop_keys)
 
     # -- generated keys -----------------------------------------------------------------
 
@@ -208,9 +209,11 @@ class UOWTransaction:
     def execute(self) -> None:
         self.collect()
         if self.empty:
+            self.session._relationships_flushed()
             return
         token = uuid.uuid4().hex
-        first = (self.inserts or self.updates or self.deletes)[0].state.mapper
+        tasks = [*self.inserts, *self.updates, *self.deletes]
+        first = tasks[0].state.mapper if tasks else self.work.links[0].a.mapper
         token_key = keys.flush_token_key(first.registry.prefix, token)
         plan = plan_flush(
             self.inserts, self.updates, self.deletes, token_key=token_key, work=self.work

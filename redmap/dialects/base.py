@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -177,11 +178,12 @@ class Dialect:
                         raise
                     plan.writes = plan.bind_ids(id_replies)
                     plan.allocations = []
+                sent_at = time.monotonic()
                 try:
                     replies = self._round_trip(conn, [("MULTI",), *plan.transaction, ("EXEC",)])
                 except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                     broken = True
-                    self._after_lost_exec(plan, exc)
+                    self._after_lost_exec(plan, exc, sent_at)
                     return
                 exec_reply = replies[-1]
                 if exec_reply is None:
@@ -226,9 +228,9 @@ class Dialect:
                 replies.append(exc)
         return replies
 
-    def _after_lost_exec(self, plan: FlushPlan, cause: BaseException) -> None:
+    def _after_lost_exec(self, plan: FlushPlan, cause: BaseException, sent_at: float) -> None:
         """Settle a flush whose EXEC reply never came: return if applied, raise if not."""
-        if self._settle(plan):
+        if self._settle(plan, sent_at):
             log.warning("flush reply lost (%s); read-back shows it was applied", type(cause).__name__)
             return
         raise RedmapConnectionError(
@@ -237,12 +239,16 @@ class Dialect:
             url=self.safe_url,
         )
 
-    def _settle(self, plan: FlushPlan) -> bool:
+    def _settle(self, plan: FlushPlan, sent_at: float) -> bool:
         """Whether a flush whose reply was lost was applied, decided for good.
 
         The token key is watched by the flush and written by its EXEC. Creating it
         here with SET NX either finds it (the flush was applied) or creates it, which
         also makes a late EXEC still queued on the old connection fail its WATCH.
+        Creating it proves nothing once the token's lifetime has passed since the EXEC
+        was sent (`sent_at`, monotonic): the flush's own token may have come and gone.
+        Raises OutcomeUnknownError, marking the plan's objects in doubt, when the
+        read-back fails, is refused, or comes too late.
         """
         pool = self._pool()
         conn = None
@@ -256,19 +262,26 @@ class Dialect:
                 # Refused (OOM, LOADING, READONLY, ...): the outcome is just as unknown.
                 raise replies[0]
         except (rex.RedisError, OSError) as exc:
-            for st in plan.states:
-                st.in_doubt = True
-            raise OutcomeUnknownError(
-                f"the flush's EXEC was sent but its reply was lost and the outcome could not "
-                f"be read back ({type(exc).__name__}); roll the session back and check",
-                url=self.safe_url,
-                objects=[s.obj for s in plan.states],
-            ) from None
+            raise self._outcome_unknown(plan, type(exc).__name__) from None
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.disconnect()
-        return replies[0] is None
+        applied = replies[0] is None
+        if not applied and time.monotonic() - sent_at >= plan.token_ttl_ms / 1000:
+            raise self._outcome_unknown(plan, "the read-back came after the token's lifetime")
+        return applied
+
+    def _outcome_unknown(self, plan: FlushPlan, reason: str) -> OutcomeUnknownError:
+        """The error for an unsettled flush; marks the plan's objects as in doubt."""
+        for st in plan.states:
+            st.in_doubt = True
+        return OutcomeUnknownError(
+            f"the flush's EXEC was sent but its reply was lost and the outcome could not "
+            f"be read back ({reason}); roll the session back and check",
+            url=self.safe_url,
+            objects=[s.obj for s in plan.states],
+        )
 
 
 def default_client_options() -> dict[str, Any]:

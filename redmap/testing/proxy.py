@@ -22,6 +22,7 @@ Modes (switchable at run time with `set_mode`):
 * `drop_exec`: forward everything before an EXEC, never the EXEC itself, and close both
   sides: the server discards the open MULTI, the transaction does not apply.
 * `blackhole`: accept connections and forward nothing either way; clients time out.
+  Connections blackholed are closed when the proxy leaves this mode.
 * `reset`: close every open connection at once, and every new one as soon as accepted.
 
 With `once=True` the two EXEC modes fire on the next EXEC only; when that fault is
@@ -381,14 +382,17 @@ class LoopbackProxy:
             self._links.clear()
 
     def _apply_mode(self) -> None:
-        """Act on a switch to `reset` or `blackhole` for the connections already open."""
+        """Act on a mode switch for the connections already open.
+
+        `reset` closes them; `blackhole` stops forwarding on them; leaving `blackhole`
+        closes the ones it swallowed bytes from, whose streams can no longer be resumed.
+        """
         with self._lock:
             mode = self._mode
-        if mode == "reset":
-            for link in self._links:
+        for link in self._links:
+            if mode == "reset" or (link.blackholed and mode != "blackhole"):
                 self._close(link)
-        elif mode == "blackhole":
-            for link in self._links:
+            elif mode == "blackhole":
                 link.blackholed = True
 
     def _drain_wake(self) -> None:
