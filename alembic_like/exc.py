@@ -70,7 +70,7 @@ class RevisionError(AlembicLikeError):
     """The revision graph, or a reference into it, is wrong."""
 
 
-class MultipleHeads(RevisionError):  # noqa: N818 - Alembic's name, kept on purpose
+class MultipleHeads(RevisionError):  # Alembic's name, kept on purpose
     """Raised when a single head is needed (`head`, `head-1`, `+1`) but there are several."""
 
     def __init__(self, heads: Sequence[str], argument: str) -> None:
@@ -91,7 +91,7 @@ class ResolutionError(RevisionError):
         super().__init__(message)
 
 
-class CycleDetected(RevisionError):  # noqa: N818 - Alembic's name, kept on purpose
+class CycleDetected(RevisionError):  # Alembic's name, kept on purpose
     """Raised when building a revision map whose down_revision links form a loop."""
 
     def __init__(self, revisions: Sequence[str]) -> None:

@@ -9,6 +9,8 @@ from .engine import Engine as Engine
 from .engine import configure as configure
 from .engine import create_engine as create_engine
 from .expression import and_ as and_
+from .expression import asc as asc
+from .expression import desc as desc
 from .expression import or_ as or_
 from .query import Select as Select
 from .query import select as select
@@ -35,8 +37,10 @@ __all__ = [
     "Sorted",
     "Unique",
     "and_",
+    "asc",
     "configure",
     "create_engine",
+    "desc",
     "or_",
     "registry",
     "relationship",

@@ -125,7 +125,7 @@ class RelationshipAttribute:
             if self.key not in d and st is not None and st.identity is not None:
                 st.load_relationship(self.prop)  # replacing needs the old members
             old = list(d.get(self.key) or [])
-            new = InstrumentedList(obj, self.prop)
+            new: InstrumentedList[Any] = InstrumentedList(obj, self.prop)
             list.extend(new, _unique(value))
             d[self.key] = new
             if not _configured(self.prop):

@@ -26,11 +26,15 @@ def _demo(url: str | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `redmap` console script."""
-    parser = argparse.ArgumentParser(prog="redmap", description="redmap: an object mapper for Redis")
+    parser = argparse.ArgumentParser(
+        prog="redmap", description="redmap: an object mapper for Redis"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a short tour: models, commit, reload, conflict and retry")
     demo.add_argument("--url", help="Redis URL (default: REDMAP_URL, else an embedded server)")
-    migrate = sub.add_parser("migrate", help="versioned migrations of the key layout", add_help=False)
+    migrate = sub.add_parser(
+        "migrate", help="versioned migrations of the key layout", add_help=False
+    )
     migrate.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:
@@ -39,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             from .migrate.cli import main as migrate_main
 
-            return migrate_main(args.rest)
+            code: int = migrate_main(args.rest)
+            return code
     except RedmapError as exc:
         print(f"redmap: error: {exc}", file=sys.stderr)
         return 1

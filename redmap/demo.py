@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 from .engine import Engine, create_engine, default_engine
 from .exc import StaleDataError
+from .expression import desc
 from .query import select
 from .registry import registry
 from .schema import Indexed, PrimaryKey, Sorted
@@ -35,11 +36,11 @@ def run_demo(url: str | None = None, *, out: Callable[[str], None] = print) -> N
     out("")
     out("1. Add three players and commit them in one transaction")
     with Session(engine) as s, count_round_trips(engine) as rt:
-        s.add_all([Player(name="ann", score=10), Player(name="bob", score=7),
-                   Player(name="cy", score=12)])
+        s.add_all(
+            [Player(name="ann", score=10), Player(name="bob", score=7), Player(name="cy", score=12)]
+        )
         s.commit()
-    out(f"   committed 3 players in {rt.round_trips} round trips "
-        f"({len(rt.commands)} commands)")
+    out(f"   committed 3 players in {rt.round_trips} round trips ({len(rt.commands)} commands)")
 
     out("2. Reload in a fresh session")
     with Session(engine) as s:
@@ -62,7 +63,7 @@ def run_demo(url: str | None = None, *, out: Callable[[str], None] = print) -> N
 
     out("4. Query the sorted index: players with score >= 10, best first")
     with Session(engine) as s:
-        stmt = select(Player).where(Player.score >= 10).order_by(Player.score.desc())
+        stmt = select(Player).where(Player.score >= 10).order_by(desc(Player.score))
         out(f"   {[(p.name, p.score) for p in s.scalars(stmt)]}")
 
     out("5. Two sessions update the same player: the second gets StaleDataError")
@@ -79,7 +80,7 @@ def run_demo(url: str | None = None, *, out: Callable[[str], None] = print) -> N
             b.rollback()
 
     out("6. run_in_transaction retries on conflict until it commits")
-    factory = sessionmaker(engine)
+    factory: sessionmaker[Session] = sessionmaker(engine)
 
     def bump(s: Session) -> int:
         p = s.get(Player, 2)

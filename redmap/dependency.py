@@ -123,8 +123,11 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                         for other in members:
                             ost = state_of(other)
                             if ost is not None and ost.identity is not None:
-                                work.links.append(LinkChange(
-                                    False, st, prop.link_name, ost, prop.reverse_link_name))
+                                work.links.append(
+                                    LinkChange(
+                                        False, st, prop.link_name, ost, prop.reverse_link_name
+                                    )
+                                )
                         work.drop_keys.append(key)
                         if "delete" in prop.cascade:
                             for other in members:
@@ -150,15 +153,18 @@ def _detach_children(
 
 
 def _unlink_hidden(
-    session: Session, states: list[InstanceState], src: RelationshipProperty,
+    session: Session,
+    states: list[InstanceState],
+    src: RelationshipProperty,
     work: RelationshipWork,
 ) -> None:
     """Remove deleted objects from the sets of a many-to-many that has no reverse side."""
     source_mapper = mapper_of(src.parent.class_) if src.parent else None
     if source_mapper is None:
         return
-    keys = [st.mapper.keys.relation(src.reverse_link_name, st.mapper.pk_segment(st.pk))
-            for st in states]
+    keys = [
+        st.mapper.keys.relation(src.reverse_link_name, st.mapper.pk_segment(st.pk)) for st in states
+    ]
     replies = session.bind.execute([("ZRANGE", k, 0, -1) for k in keys])
     for st, key, reply in zip(states, keys, replies, strict=True):
         if isinstance(reply, Exception):
@@ -169,8 +175,7 @@ def _unlink_hidden(
             owner = session.get(source_mapper.class_, pk)
             ost = state_of(owner) if owner is not None else None
             if ost is not None:
-                work.links.append(LinkChange(False, ost, src.link_name, st,
-                                             src.reverse_link_name))
+                work.links.append(LinkChange(False, ost, src.link_name, st, src.reverse_link_name))
         work.drop_keys.append(key)
 
 

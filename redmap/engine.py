@@ -107,7 +107,7 @@ def configure(url_or_engine: str | Engine, **options: Any) -> Engine:
 
 
 def default_engine() -> Engine:
-    """`configure(...)`'s engine, else one for `REDMAP_URL`, else an embedded server in ./.redmap/."""
+    """The `configure()` engine, else one for `REDMAP_URL`, else an embedded server (./.redmap/)."""
     global _default
     with _default_lock:
         if _default is None:

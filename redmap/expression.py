@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .attributes import FieldAttribute
 
-__all__ = ["BinaryExpression", "BooleanClauseList", "ColumnOperators", "Ordering", "and_", "or_"]
+__all__ = [
+    "BinaryExpression",
+    "BooleanClauseList",
+    "ColumnOperators",
+    "Ordering",
+    "and_",
+    "asc",
+    "desc",
+    "or_",
+]
 
 
 class ColumnOperators:
@@ -92,6 +101,16 @@ class Ordering:
 
     attribute: FieldAttribute
     descending: bool = False
+
+
+def desc(attribute: Any) -> Ordering:
+    """`order_by(desc(Model.field))`: descending order (same as `Model.field.desc()`)."""
+    return Ordering(attribute, descending=True)
+
+
+def asc(attribute: Any) -> Ordering:
+    """`order_by(asc(Model.field))`: ascending order, the default."""
+    return Ordering(attribute, descending=False)
 
 
 def and_(*clauses: Any) -> BooleanClauseList:

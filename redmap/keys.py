@@ -1,4 +1,4 @@
-"""The only producer of Redis key strings; called by the mapper, persistence, loading and migrations.
+"""The only producer of Redis key strings; called by mapper, persistence, loading and migrations.
 
 Layout (documented in `docs/key-layout.md`):
 
@@ -11,7 +11,7 @@ Layout (documented in `docs/key-layout.md`):
 {P}:K:#zs:<field>          sorted index: zset of ids scored by the field
 {P}:K:#fk:<field>:<id>     zset of the ids whose foreign key <field> holds <id> (one-to-many)
 {P}:K:#rel:<name>:<id>     zset of the ids linked to one object by many-to-many <name>
-{P}:#flush:<token>         short-lived marker written by each flush, read back to settle lost replies
+{P}:#flush:<token>         short-lived marker written by each flush, read back after a lost reply
 {P}:#meta:<name>           registry-wide bookkeeping (migrations)
 ```
 
@@ -29,7 +29,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["NULL_SEGMENT", "KeySpace", "escape", "flush_token_key", "meta_key", "unescape", "valid_name"]
+__all__ = [
+    "NULL_SEGMENT",
+    "KeySpace",
+    "escape",
+    "flush_token_key",
+    "meta_key",
+    "unescape",
+    "valid_name",
+]
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -27,9 +27,7 @@ def decode_hash(
 ) -> tuple[dict[str, Any], dict[str, bytes | None], int | None] | None:
     """Decode an HGETALL reply: (values, encoded snapshot, version), or None if absent."""
     if isinstance(data, Exception):
-        raise DecodeError(
-            expected="a hash", raw=None, model=mapper.name, key=key, detail=str(data)
-        )
+        raise DecodeError(expected="a hash", raw=None, model=mapper.name, key=key, detail=str(data))
     if not data:
         return None
     values: dict[str, Any] = {}
@@ -57,8 +55,11 @@ def decode_hash(
             version = int(raw_version)
         except ValueError:
             raise DecodeError(
-                expected="an integer version", raw=raw_version, model=mapper.name,
-                field=VERSION_FIELD, key=key,
+                expected="an integer version",
+                raw=raw_version,
+                model=mapper.name,
+                field=VERSION_FIELD,
+                key=key,
             ) from None
     return values, loaded, version
 
@@ -88,7 +89,8 @@ def load_instance(
         st.version = version
         st.in_doubt = False
         return st.obj
-    obj = mapper.class_.__new__(mapper.class_)
+    cls: Any = mapper.class_
+    obj = cls.__new__(cls)
     d = obj.__dict__
     d.update(values)
     d[mapper.pk.key] = pk

@@ -21,7 +21,7 @@ from .schema import ForeignKey, Indexed, Marker, PrimaryKey, Sorted, Unique
 from .types import Codec, compile_codec
 
 if TYPE_CHECKING:
-    from .registry import registry as Registry
+    from .registry import registry as _Registry  # noqa: N812 - the class is lowercase
 
 __all__ = ["ColumnProperty", "Mapper", "mapper_of"]
 
@@ -32,7 +32,7 @@ _PK_TYPES = (int, str, uuid.UUID)
 VERSION_FIELD = "#v"
 
 
-class _Unresolved(Exception):
+class _UnresolvedError(Exception):
     """An annotation naming a class that is not defined yet; retried at configure."""
 
 
@@ -64,7 +64,7 @@ class ColumnProperty:
 class Mapper(Generic[M]):
     """Everything redmap knows about one mapped class."""
 
-    def __init__(self, class_: type[M], reg: Registry, keyspace: str):
+    def __init__(self, class_: type[M], reg: _Registry, keyspace: str):
         self.class_ = class_
         self.registry = reg
         self.name = class_.__name__
@@ -101,7 +101,7 @@ class Mapper(Generic[M]):
             self.columns[f.name] = col
             try:
                 self._compile_column(col)
-            except _Unresolved:
+            except _UnresolvedError:
                 pass  # a forward reference: compiled by configure()
             if col.primary_key:
                 pk_fields.append(f.name)
@@ -156,7 +156,8 @@ class Mapper(Generic[M]):
                 )
             if col.has_index:
                 raise MappingError(
-                    "a primary key needs no Indexed/Unique/Sorted marker", model=self.name,
+                    "a primary key needs no Indexed/Unique/Sorted marker",
+                    model=self.name,
                     field=col.key,
                 )
             col.generated = inner is int and codec.nullable
@@ -189,7 +190,7 @@ class Mapper(Generic[M]):
         try:
             return typing.get_type_hints(holder, localns=localns, include_extras=True)[name]
         except NameError as exc:
-            raise _Unresolved(str(exc)) from exc
+            raise _UnresolvedError(str(exc)) from exc
 
     # -- configure -----------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class Mapper(Generic[M]):
             if col.codec is None:
                 try:
                     self._compile_column(col)
-                except _Unresolved as exc:
+                except _UnresolvedError as exc:
                     raise MappingError(
                         f"cannot resolve the annotation {col.annotation!r}: {exc}",
                         model=self.name,
@@ -206,7 +207,9 @@ class Mapper(Generic[M]):
                     ) from None
         for col in self.columns.values():
             if col.foreign_key is not None:
-                target = self.registry._lookup(col.foreign_key.target, model=self.name, field=col.key)
+                target = self.registry._lookup(
+                    col.foreign_key.target, model=self.name, field=col.key
+                )
                 col.foreign_key = ForeignKey(target)
         self.mutable_columns = tuple(c for c in self.columns.values() if self._codec(c).mutable)
         self.indexed_columns = tuple(c for c in self.columns.values() if c.has_index)
@@ -223,8 +226,11 @@ class Mapper(Generic[M]):
         """Refuse a primary key of the wrong type before it reaches a key string."""
         if pk is None:
             raise ValidationError(
-                model=self.name, field=self.pk.key, expected=self._codec(self.pk).expected,
-                actual="None", detail="a primary key is required",
+                model=self.name,
+                field=self.pk.key,
+                expected=self._codec(self.pk).expected,
+                actual="None",
+                detail="a primary key is required",
             )
         self._codec(self.pk).validate(pk, model=self.name, field=self.pk.key)
 
@@ -238,8 +244,11 @@ class Mapper(Generic[M]):
             raw = keys.unescape(segment)
         except ValueError as exc:
             raise DecodeError(
-                expected=self._codec(self.pk).expected, raw=segment.encode(), model=self.name,
-                field=self.pk.key, detail=str(exc),
+                expected=self._codec(self.pk).expected,
+                raw=segment.encode(),
+                model=self.name,
+                field=self.pk.key,
+                detail=str(exc),
             ) from None
         return self._codec(self.pk).decode(raw)
 

@@ -212,8 +212,13 @@ class _Builder:
     # -- per-index maintenance ------------------------------------------------------
 
     def add_index_entries(
-        self, mapper: Mapper[Any], col: ColumnProperty, value: Any, enc: bytes | None,
-        segment: str, state: InstanceState,
+        self,
+        mapper: Mapper[Any],
+        col: ColumnProperty,
+        value: Any,
+        enc: bytes | None,
+        segment: str,
+        state: InstanceState,
     ) -> None:
         ks = mapper.keys
         if col.indexed or col.unique:
@@ -245,8 +250,13 @@ class _Builder:
             self.additions.append(("ZADD", zs, score, segment))
 
     def remove_index_entries(
-        self, mapper: Mapper[Any], col: ColumnProperty, old: bytes | None, segment: str,
-        *, replaced: bool,
+        self,
+        mapper: Mapper[Any],
+        col: ColumnProperty,
+        old: bytes | None,
+        segment: str,
+        *,
+        replaced: bool,
     ) -> None:
         ks = mapper.keys
         if col.indexed or col.unique:
@@ -271,7 +281,10 @@ def _score(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> str:
     score = col.codec.to_score(value)
     if score == float("-inf"):
         raise ValidationError(
-            model=mapper.name, field=col.key, expected="a value above -inf", actual="-inf",
+            model=mapper.name,
+            field=col.key,
+            expected="a value above -inf",
+            actual="-inf",
             detail="a Sorted() index keeps None at -inf",
         )
     return repr(score)
@@ -293,7 +306,8 @@ def plan_flush(
     """Build the plan for one flush. Raises IntegrityError for conflicts visible without I/O."""
     b = _Builder()
     segments: dict[int, str] = {}
-    for t in (*inserts, *updates, *deletes):
+    all_tasks: list[InsertTask | UpdateTask | DeleteTask] = [*inserts, *updates, *deletes]
+    for t in all_tasks:
         segments[id(t.state)] = t.segment
     new_pks = {id(t.state): t.pk for t in inserts}
     deleted_keys = {d.key for d in deletes}
@@ -308,13 +322,12 @@ def plan_flush(
         b.removals.append(("ZREM", mapper.keys.all(), d.segment))
         b.expect_type(mapper.keys.all(), "zset")
         for col in mapper.indexed_columns:
-            b.remove_index_entries(
-                mapper, col, st.loaded.get(col.key), d.segment, replaced=False
-            )
+            b.remove_index_entries(mapper, col, st.loaded.get(col.key), d.segment, replaced=False)
             old_fk = st.loaded.get(col.key)
             if col.foreign_key is not None and old_fk is not None:
-                b.removals.append(("ZREM", mapper.keys.foreign(col.key, keys.escape(old_fk)),
-                                   d.segment))
+                b.removals.append(
+                    ("ZREM", mapper.keys.foreign(col.key, keys.escape(old_fk)), d.segment)
+                )
 
     for u in updates:
         st = u.state
@@ -330,9 +343,7 @@ def plan_flush(
                 sets.extend((name, enc))
             col = mapper.columns[name]
             if col.has_index:
-                b.remove_index_entries(
-                    mapper, col, st.loaded.get(name), u.segment, replaced=True
-                )
+                b.remove_index_entries(mapper, col, st.loaded.get(name), u.segment, replaced=True)
                 b.add_index_entries(mapper, col, value, enc, u.segment, st)
         _update_foreign_keys(b, u)
         if dels:
@@ -394,7 +405,7 @@ def plan_flush(
         *dict.fromkeys(b.additions),
         ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS),
     ]
-    states = [t.state for t in (*deletes, *updates, *inserts)]
+    states = [t.state for t in all_tasks]
     return FlushPlan(
         token_key=token_key,
         token_ttl_ms=TOKEN_TTL_MS,
@@ -450,8 +461,9 @@ def _update_foreign_keys(b: _Builder, u: UpdateTask) -> None:
             fk_key = mapper.keys.foreign(col.key, keys.escape(new))
             b.expect_type(fk_key, "zset")
             order_value = _current_value(st, u, col.order_column) if col.order_column else None
-            b.additions.append(("ZADD", fk_key, _fk_score(mapper, col, order_value, st.pk),
-                                u.segment))
+            b.additions.append(
+                ("ZADD", fk_key, _fk_score(mapper, col, order_value, st.pk), u.segment)
+            )
 
 
 def _plan_relationships(
@@ -467,8 +479,16 @@ def _plan_relationships(
 
     for mc in work.member_checks:
         b.watch[mc.key] = None
-        b.checks.append(Check("members", mc.key, ("ZRANGE", mc.key, 0, -1),
-                              expected=mc.expected, state=mc.state, value=mc.state.pk))
+        b.checks.append(
+            Check(
+                "members",
+                mc.key,
+                ("ZRANGE", mc.key, 0, -1),
+                expected=mc.expected,
+                state=mc.state,
+                value=mc.state.pk,
+            )
+        )
     for link in work.links:
         a_key = link.a.mapper.keys.relation(link.link_name, seg(link.a))
         b_key = link.b.mapper.keys.relation(link.reverse_link_name, seg(link.b))
@@ -479,8 +499,9 @@ def _plan_relationships(
                 if id(end) not in new_pks and end.key is not None and end.key not in b.watch:
                     # The other end must still exist when the link is written.
                     b.watch[end.key] = None
-                    b.checks.append(Check("exists", end.key, ("EXISTS", end.key),
-                                          state=end, value=end.pk))
+                    b.checks.append(
+                        Check("exists", end.key, ("EXISTS", end.key), state=end, value=end.pk)
+                    )
             b.additions.append(("ZADD", a_key, pk_score(link.b), seg(link.b)))
             b.additions.append(("ZADD", b_key, pk_score(link.a), seg(link.a)))
         else:

@@ -235,7 +235,9 @@ class _Compiler:
         if len(parts) == 1:
             return parts[0]
         tmp = self.temp()
-        self.commands.append(("ZUNIONSTORE", tmp, len(parts), *parts, "WEIGHTS", *([0] * len(parts))))
+        self.commands.append(
+            ("ZUNIONSTORE", tmp, len(parts), *parts, "WEIGHTS", *([0] * len(parts)))
+        )
         return tmp
 
     # -- tree --------------------------------------------------------------------------

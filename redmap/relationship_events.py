@@ -45,7 +45,6 @@ def _loaded_list(obj: Any, key: str) -> InstrumentedList[Any] | None:
 
 def _mark_fk(child: Any, prop_fk: str, parent: Any) -> None:
     """Point `child`'s foreign key at `parent` (None clears it), now if the key is known."""
-    from .session import Session
 
     st = state_of(child)
     session: Session | None = st.session if st is not None else _session_of(parent)

@@ -1,4 +1,4 @@
-"""`relationship()` and `RelationshipProperty`; declared on mapped classes, configured by the registry.
+"""`relationship()` and `RelationshipProperty`; declared on mapped classes, configured by registry.
 
 `relationship()` returns a `dataclasses.Field` (default None) carrying its
 `RelationshipProperty` in the field's metadata, so a plain `@dataclass` accepts it;
@@ -72,7 +72,7 @@ class RelationshipProperty:
         self.order_by = order_by
         # Filled in by the mapper and by configure().
         self.key: str = ""
-        self.parent: Mapper | None = None
+        self.parent: Mapper[Any] | None = None
         self.annotation: Any = None
         self.uselist: bool = False
         self.target: Any = None

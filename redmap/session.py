@@ -296,8 +296,11 @@ class Session:
 
     def _autoflush(self) -> None:
         if self.autoflush and not self._no_autoflush and not self._flushing:
-            if self._new or self._deleted or self._identity_map.modified or any(
-                st.mapper.mutable_columns for st in self._identity_map.states()
+            if (
+                self._new
+                or self._deleted
+                or self._identity_map.modified
+                or any(st.mapper.mutable_columns for st in self._identity_map.states())
             ):
                 self.flush()
 

@@ -50,14 +50,16 @@ def load_relationship(session: Session, state: InstanceState, prop: Relationship
     selectin_load(session, [state], prop)
 
 
-def selectin_load(session: Session, states: list[InstanceState], prop: RelationshipProperty) -> None:
+def selectin_load(
+    session: Session, states: list[InstanceState], prop: RelationshipProperty
+) -> None:
     """Load `prop` for every state in `states` in at most two round trips."""
     states = [s for s in states if s.identity is not None and prop.key not in s.obj.__dict__]
     if not states:
         return
     target_mapper = mapper_of(prop.target)
     if prop.direction is Direction.MANYTOONE:
-        wanted = {}
+        wanted: dict[Any, None] = {}
         for st in states:
             if prop.fk_column not in st.obj.__dict__:
                 st.load_unloaded(prop.fk_column)
@@ -121,4 +123,3 @@ def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> None:
                 elif value is not None:
                     loaded.append(value)
             selectin_for(session, loaded, depth + 1)
-

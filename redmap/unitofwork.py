@@ -14,9 +14,9 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from . import keys
+from .dependency import RelationshipWork, prepare
 from .exc import FlushError, IntegrityError, InvalidRequestError, ValidationError
 from .mapper import ColumnProperty, Mapper
-from .dependency import RelationshipWork, prepare
 from .persistence import DeleteTask, InsertTask, UpdateTask, plan_flush
 
 if TYPE_CHECKING:
@@ -127,7 +127,10 @@ class UOWTransaction:
                 pk = uuid.uuid4()
             else:
                 raise ValidationError(
-                    model=mapper.name, field=mapper.pk.key, expected=inner, actual="None",
+                    model=mapper.name,
+                    field=mapper.pk.key,
+                    expected=inner,
+                    actual="None",
                     detail="only int and UUID primary keys are generated; set this one",
                 )
         if pk is not None:
@@ -157,12 +160,15 @@ class UOWTransaction:
 
     @property
     def empty(self) -> bool:
-        return not (self.inserts or self.updates or self.deletes or self.work.links
-                    or self.work.drop_keys)
+        return not (
+            self.inserts or self.updates or self.deletes or self.work.links or self.work.drop_keys
+        )
 
     # -- generated keys -----------------------------------------------------------------
 
-    def _allocations(self) -> tuple[list[tuple[Any, ...]], list[tuple[Mapper[Any], list[InsertTask]]]]:
+    def _allocations(
+        self,
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Mapper[Any], list[InsertTask]]]]:
         wanting: dict[Mapper[Any], list[InsertTask]] = {}
         for task in self.inserts:
             if task.generated:
@@ -171,9 +177,7 @@ class UOWTransaction:
         return [("INCRBY", m.keys.seq(), len(tasks)) for m, tasks in groups], groups
 
     @staticmethod
-    def _assign_ids(
-        groups: list[tuple[Mapper[Any], list[InsertTask]]], replies: list[Any]
-    ) -> None:
+    def _assign_ids(groups: list[tuple[Mapper[Any], list[InsertTask]]], replies: list[Any]) -> None:
         for (mapper, tasks), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
                 raise FlushError(
@@ -212,7 +216,11 @@ class UOWTransaction:
             self.session._relationships_flushed()
             return
         token = uuid.uuid4().hex
-        tasks = [*self.inserts, *self.updates, *self.deletes]
+        tasks: list[InsertTask | UpdateTask | DeleteTask] = [
+            *self.inserts,
+            *self.updates,
+            *self.deletes,
+        ]
         first = tasks[0].state.mapper if tasks else self.work.links[0].a.mapper
         token_key = keys.flush_token_key(first.registry.prefix, token)
         plan = plan_flush(
@@ -225,7 +233,10 @@ class UOWTransaction:
                 self._assign_ids(groups, replies)
                 self._bind_deferred()
                 return plan_flush(
-                    self.inserts, self.updates, self.deletes, token_key=token_key,
+                    self.inserts,
+                    self.updates,
+                    self.deletes,
+                    token_key=token_key,
                     work=self.work,
                 ).writes
 

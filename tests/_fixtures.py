@@ -7,7 +7,7 @@ import enum
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from redmap import Indexed, PrimaryKey, Sorted, Unique, registry
 
@@ -20,15 +20,15 @@ class Author:
     name: Annotated[str, Indexed()]
     email: Annotated[str, Unique()]
     age: Annotated[int, Sorted()] = 0
-    bio: Optional[str] = None
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    bio: str | None = None
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
 @dataclass
 class Counter:
     value: int = 0
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
@@ -41,7 +41,7 @@ class Doc:
 @reg.mapped
 @dataclass
 class Token:
-    id: Annotated[Optional[uuid.UUID], PrimaryKey()] = None
+    id: Annotated[uuid.UUID | None, PrimaryKey()] = None
     label: str = ""
 
 
@@ -71,8 +71,8 @@ class Everything:
     span: dt.timedelta = dt.timedelta(0)
     u: uuid.UUID = uuid.UUID(int=0)
     color: Color = Color.RED
-    maybe: Optional[int] = None
+    maybe: int | None = None
     items: list[int] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
-    point: Optional[Point] = None
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    point: Point | None = None
+    id: Annotated[int | None, PrimaryKey()] = None

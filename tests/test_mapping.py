@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated
 
 import pytest
 
@@ -167,13 +167,13 @@ def test_forward_references_resolve_at_configure() -> None:
     @reg.mapped
     @dataclass
     class Parent:
-        kids: list[Child] = relationship()  # noqa: F821 - defined below
+        kids: list[Child] = relationship()
 
     @reg.mapped
     @dataclass
     class Child:
         name: str = ""
-        parent_id: Annotated[Optional[int], ForeignKey("Parent")] = None
+        parent_id: Annotated[int | None, ForeignKey("Parent")] = None
 
     reg.configure()
     prop = mapper_of(Parent).relationships["kids"]
@@ -187,7 +187,7 @@ def test_relationship_without_foreign_key_is_mapping_error() -> None:
     @reg.mapped
     @dataclass
     class P:
-        kids: list[K] = relationship()  # noqa: F821 - defined below
+        kids: list[K] = relationship()
 
     @reg.mapped
     @dataclass
@@ -205,13 +205,13 @@ def test_relationship_is_a_dataclass_field() -> None:
     @reg.mapped
     @dataclass
     class A:
-        things: list[B] = relationship(back_populates="owner")  # noqa: F821
+        things: list[B] = relationship(back_populates="owner")
 
     @reg.mapped
     @dataclass
     class B:
-        owner_id: Annotated[Optional[int], ForeignKey("A")] = None
-        owner: Optional[A] = relationship(back_populates="things")
+        owner_id: Annotated[int | None, ForeignKey("A")] = None
+        owner: A | None = relationship(back_populates="things")
 
     f = {x.name: x for x in dataclasses.fields(A)}
     assert f["things"].default is None

@@ -83,8 +83,9 @@ class TestOperators:
         with Session(people) as s:
             stmt = select(Author).where(or_(Author.name == "bob", Author.age > 55))
             assert ids(s.scalars(stmt)) == [2, 6]
-            assert s.count(select(Author).where(or_(Author.name == "ann",
-                                                    Author.name == "bob"))) == 4
+            assert (
+                s.count(select(Author).where(or_(Author.name == "ann", Author.name == "bob"))) == 4
+            )
 
     def test_order_by_limit_offset(self, people: Engine) -> None:
         """order_by a Sorted field, descending, with limit and offset; ties by primary key."""
@@ -180,12 +181,14 @@ class TestCost:
         for total in (100, 2000):
             with Session(engine) as s:
                 have = s.count(select(Author))
-                s.add_all([Author(name="n", email=f"{total}-{i}@x", age=i)
-                           for i in range(have, total)])
+                s.add_all(
+                    [Author(name="n", email=f"{total}-{i}@x", age=i) for i in range(have, total)]
+                )
                 s.commit()
             with Session(engine) as s, count_round_trips(engine) as rt:
-                got = s.scalars(select(Author).where(Author.age.between(10, 60))
-                                .order_by(Author.age).limit(10)).all()
+                got = s.scalars(
+                    select(Author).where(Author.age.between(10, 60)).order_by(Author.age).limit(10)
+                ).all()
             assert [a.age for a in got] == list(range(10, 20))
             shapes.append((rt.round_trips, [c[0] for c in rt.commands]))
         assert shapes[0] == shapes[1]
@@ -297,14 +300,17 @@ def _claim_email(url: str, rounds: int, barrier: Any, results: Any) -> None:
 
 
 class TestUniqueConcurrency:
-    def test_concurrent_processes_one_winner_per_value(self, engine: Engine,
-                                                       redis_url: str, redis_client: Any) -> None:
+    def test_concurrent_processes_one_winner_per_value(
+        self, engine: Engine, redis_url: str, redis_client: Any
+    ) -> None:
         """4 processes race to insert the same unique value 25 times: one winner each time."""
         ctx = multiprocessing.get_context("spawn")
         barrier = ctx.Barrier(4)
         results = ctx.Queue()
-        procs = [ctx.Process(target=_claim_email, args=(redis_url, 25, barrier, results))
-                 for _ in range(4)]
+        procs = [
+            ctx.Process(target=_claim_email, args=(redis_url, 25, barrier, results))
+            for _ in range(4)
+        ]
         for p in procs:
             p.start()
         outcomes = [results.get(timeout=120) for _ in procs]

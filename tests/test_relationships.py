@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import pytest
 
@@ -20,11 +20,11 @@ reg = registry(prefix="r")
 @dataclass
 class Room:
     name: str
-    messages: list[Message] = relationship(  # noqa: F821
+    messages: list[Message] = relationship(
         back_populates="room", order_by="Message.sent_at", cascade="all, delete-orphan"
     )
-    members: list[User] = relationship(secondary="room_members", back_populates="rooms")  # noqa: F821
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    members: list[User] = relationship(secondary="room_members", back_populates="rooms")
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
@@ -32,9 +32,9 @@ class Room:
 class Message:
     text: str
     sent_at: Annotated[dt.datetime, Sorted()]
-    room_id: Annotated[Optional[int], ForeignKey("Room")] = None
-    room: Optional[Room] = relationship(back_populates="messages")
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    room_id: Annotated[int | None, ForeignKey("Room")] = None
+    room: Room | None = relationship(back_populates="messages")
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
@@ -44,42 +44,42 @@ class User:
     rooms: list[Room] = relationship(secondary="room_members", back_populates="members")
     following: list[User] = relationship(secondary="follows", back_populates="followers")
     followers: list[User] = relationship(secondary="follows", back_populates="following")
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
 @dataclass
 class Comment:
     text: str
-    parent_id: Annotated[Optional[int], ForeignKey("Comment")] = None
-    parent: Optional[Comment] = relationship(back_populates="replies")
+    parent_id: Annotated[int | None, ForeignKey("Comment")] = None
+    parent: Comment | None = relationship(back_populates="replies")
     replies: list[Comment] = relationship(back_populates="parent")
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
 @dataclass
 class Author:
     name: str
-    books: list[Book] = relationship(back_populates="author", lazy="selectin")  # noqa: F821
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    books: list[Book] = relationship(back_populates="author", lazy="selectin")
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
 @dataclass
 class Book:
     title: str
-    author_id: Annotated[Optional[int], ForeignKey("Author")] = None
-    author: Optional[Author] = relationship(back_populates="books")
-    tags: list[Tag] = relationship(secondary="book_tags", lazy="raise")  # noqa: F821
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    author_id: Annotated[int | None, ForeignKey("Author")] = None
+    author: Author | None = relationship(back_populates="books")
+    tags: list[Tag] = relationship(secondary="book_tags", lazy="raise")
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 @reg.mapped
 @dataclass
 class Tag:
     label: str
-    id: Annotated[Optional[int], PrimaryKey()] = None
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 T0 = dt.datetime(2026, 1, 1, 12, 0)
@@ -264,8 +264,7 @@ class TestManyToMany:
             assert b2 is not None and [u.name for u in b2.followers] == ["a"]
             assert [u.name for u in b2.following] == []
 
-    def test_delete_removes_object_from_every_set(self, engine: Engine,
-                                                  redis_client: Any) -> None:
+    def test_delete_removes_object_from_every_set(self, engine: Engine, redis_client: Any) -> None:
         """Deleting an object unlinks it from every many-to-many set it is in."""
         with Session(engine) as s:
             u = User(name="u")
@@ -340,8 +339,9 @@ class TestLoading:
         with pytest.raises(DetachedInstanceError):
             _ = m.room
 
-    def test_stale_flush_leaves_relationship_keys_unchanged(self, engine: Engine,
-                                                           redis_client: Any) -> None:
+    def test_stale_flush_leaves_relationship_keys_unchanged(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
         """A StaleDataError in a flush that also changed relationships writes nothing."""
         _room_with_messages(engine, 2)
         with Session(engine) as s:

@@ -350,10 +350,21 @@ class TestKeysAndTypes:
         """Every supported field type reads back equal and of the same type."""
         tz = dt.timezone(dt.timedelta(hours=5, minutes=30))
         e = Everything(
-            s="", i=-(2**70), f=-0.0, b=True, raw=bytes(range(256)), d=Decimal("1.10"),
-            when=dt.datetime(2024, 2, 29, 12, 0, 1, 5, tzinfo=tz), day=dt.date(1999, 12, 31),
-            at=dt.time(23, 59, 59, 1), span=dt.timedelta(days=-1, microseconds=3),
-            u=uuid.uuid4(), color=Color.GREEN, maybe=None, items=[1, 2], meta={"a": None},
+            s="",
+            i=-(2**70),
+            f=-0.0,
+            b=True,
+            raw=bytes(range(256)),
+            d=Decimal("1.10"),
+            when=dt.datetime(2024, 2, 29, 12, 0, 1, 5, tzinfo=tz),
+            day=dt.date(1999, 12, 31),
+            at=dt.time(23, 59, 59, 1),
+            span=dt.timedelta(days=-1, microseconds=3),
+            u=uuid.uuid4(),
+            color=Color.GREEN,
+            maybe=None,
+            items=[1, 2],
+            meta={"a": None},
             point=Point(3, 4),
         )
         with Session(engine, expire_on_commit=False) as s:
@@ -362,8 +373,24 @@ class TestKeysAndTypes:
         with Session(engine) as s:
             got = s.get(Everything, 1)
             assert got is not None
-            for name in ("s", "i", "f", "b", "raw", "d", "when", "day", "at", "span", "u",
-                         "color", "maybe", "items", "meta", "point"):
+            for name in (
+                "s",
+                "i",
+                "f",
+                "b",
+                "raw",
+                "d",
+                "when",
+                "day",
+                "at",
+                "span",
+                "u",
+                "color",
+                "maybe",
+                "items",
+                "meta",
+                "point",
+            ):
                 mine, theirs = getattr(e, name), getattr(got, name)
                 assert theirs == mine and type(theirs) is type(mine), name
             assert str(got.f) == "-0.0" and str(got.d) == "1.10"
@@ -384,8 +411,9 @@ class TestKeysAndTypes:
             got = s.get(Doc, slug)
             assert got is not None and got.slug == slug and got.body == "mine"
         objects = [
-            k for k in redis_client.keys("*")
-            if k.startswith(b"{t}:doc:") and not k[len(b"{t}:doc:"):].startswith(b"#")
+            k
+            for k in redis_client.keys("*")
+            if k.startswith(b"{t}:doc:") and not k[len(b"{t}:doc:") :].startswith(b"#")
         ]
         assert len(objects) == 2 and all(k.count(b"{") == 1 for k in objects)
         assert all(k.count(b":") == 2 for k in objects)
@@ -411,8 +439,9 @@ class TestKeysAndTypes:
         assert (e.model, e.field, e.expected, e.actual) == ("Author", "age", "int", "str")
         assert "Author.age" in str(e)
 
-    def test_corrupt_stored_value_names_key_and_field(self, engine: Engine,
-                                                     redis_client: Any) -> None:
+    def test_corrupt_stored_value_names_key_and_field(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
         """A stored value the codec rejects raises DecodeError naming key and field."""
         with Session(engine) as s:
             s.add(Counter(value=1))
@@ -424,8 +453,9 @@ class TestKeysAndTypes:
 
 
 class TestAtomicity:
-    def test_one_stale_object_among_ten_writes_nothing(self, engine: Engine,
-                                                      redis_client: Any) -> None:
+    def test_one_stale_object_among_ten_writes_nothing(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
         """A flush with one stale object leaves every key byte-for-byte unchanged."""
         with Session(engine) as s:
             s.add_all([Author(name=f"a{i}", email=f"{i}@x", age=i) for i in range(10)])
@@ -465,8 +495,9 @@ class TestAtomicity:
                 b.commit()
             assert dump_keys(redis_client) == before
 
-    def test_existing_primary_key_is_integrity_error(self, engine: Engine,
-                                                     redis_client: Any) -> None:
+    def test_existing_primary_key_is_integrity_error(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
         """Inserting a primary key that exists raises IntegrityError; nothing is written."""
         with Session(engine) as s:
             s.add(Doc(slug="x", body="first"))
@@ -480,8 +511,9 @@ class TestAtomicity:
         assert err.value.model == "Doc" and err.value.value == "x"
         assert dump_keys(redis_client) == before
 
-    def test_wrong_key_type_is_refused_before_multi(self, engine: Engine,
-                                                    redis_client: Any) -> None:
+    def test_wrong_key_type_is_refused_before_multi(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
         """An index key of the wrong type stops the flush before MULTI, naming the key."""
         redis_client.set("{t}:author:#zs:age", "oops")
         before = dump_keys(redis_client)
@@ -520,8 +552,9 @@ def _increment_worker(url: str, n: int) -> None:
 
 
 class TestConcurrency:
-    def test_four_processes_increment_without_lost_updates(self, engine: Engine,
-                                                           redis_url: str) -> None:
+    def test_four_processes_increment_without_lost_updates(
+        self, engine: Engine, redis_url: str
+    ) -> None:
         """4 processes x 200 increments through run_in_transaction end at exactly 800."""
         with Session(engine) as s:
             s.add(Counter(value=0))
