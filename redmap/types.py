@@ -147,9 +147,9 @@ class Codec(abc.ABC):
         """The sorted-index score of `value`, for codecs with `sortable` set.
 
         Refused (`ValidationError` with no model/field) for nan, ints beyond ±2**53 and
-        unsortable types. A Decimal scores as its nearest float, so Decimals closer than a
-        double can tell apart share a score; datetimes score as seconds since 1970 UTC
-        (naive ones counted as UTC), dates as days since 1970-01-01.
+        unsortable types. A Decimal scores as its nearest float (±inf past 1.8e308), so
+        Decimals closer than a double can tell apart share a score; datetimes score as
+        seconds since 1970 UTC (naive ones counted as UTC), dates as days since 1970-01-01.
         """
         actual = type(value).__name__
         if self._score is None:
@@ -654,7 +654,9 @@ class _DataclassCodec(_JsonCodec):
             raise self._invalid(value)
         for name, codec, _, _ in self._fields:
             if not hasattr(value, name):
-                raise _InvalidError(codec._name, "nothing", f"at .{name}: attribute not set")
+                error = _InvalidError(codec._name, "nothing", "attribute not set")
+                error.path.append(f".{name}")
+                raise error
             _each(codec._check, [(name, getattr(value, name))], ".{}")
 
     def _to_json(self, value: Any) -> Any:
@@ -733,7 +735,7 @@ def _compile(tp: object, in_json: bool, seen: dict[type, _DataclassCodec]) -> Co
         codec = _ANY
     elif tp is int and in_json:
         codec = _JSON_INT
-    elif tp in _SCALARS:
+    elif isinstance(tp, type) and tp in _SCALARS:
         codec = _SCALARS[tp]
     elif isinstance(tp, type) and issubclass(tp, enum.Enum):
         codec = _enum_codec(tp)
