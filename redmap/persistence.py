@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DeleteTask", "FlushPlan", "InsertTask", "UpdateTask", "plan_flush"]
 
-# How long a flush's token outlives it; settling a lost reply happens within the
-# client's socket timeout, far below this.
+# How long a flush's token outlives it. Settling a lost reply normally takes one
+# socket timeout; a read-back that only succeeds after this long cannot tell "applied
+# and expired" from "never applied" and reports the outcome as unknown instead.
 TOKEN_TTL_MS = 120_000
 
 _TYPE_NAMES = {"set": b"set", "zset": b"zset", "hash": b"hash", "string": b"string"}

@@ -17,7 +17,13 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.exceptions as rex
 
-from ..exc import FlushError, OutcomeUnknownError, RedmapConnectionError, RedmapError, StaleDataError
+from ..exc import (
+    FlushError,
+    OutcomeUnknownError,
+    RedmapConnectionError,
+    RedmapError,
+    StaleDataError,
+)
 
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
@@ -214,7 +220,7 @@ class Dialect:
         finally:
             if broken:
                 with contextlib.suppress(Exception):
-                    conn.disconnect()
+                    conn.disconnect()  # type: ignore[no-untyped-call]
             pool.release(conn)
 
     def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
@@ -231,7 +237,9 @@ class Dialect:
     def _after_lost_exec(self, plan: FlushPlan, cause: BaseException, sent_at: float) -> None:
         """Settle a flush whose EXEC reply never came: return if applied, raise if not."""
         if self._settle(plan, sent_at):
-            log.warning("flush reply lost (%s); read-back shows it was applied", type(cause).__name__)
+            log.warning(
+                "flush reply lost (%s); read-back shows it was applied", type(cause).__name__
+            )
             return
         raise RedmapConnectionError(
             f"connection lost during the flush ({type(cause).__name__}); read-back shows "
