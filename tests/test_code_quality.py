@@ -25,7 +25,15 @@ def _tool(name: str) -> list[str]:
 def test_ruff_is_clean() -> None:
     """ruff check (including the pickle/eval rules S301/S307) reports nothing."""
     proc = subprocess.run(
-        [*_tool("ruff"), "check", "redmap", "alembic_like", "tests", "benchmarks"],
+        [
+            *_tool("ruff"),
+            "check",
+            *[
+                d
+                for d in ("redmap", "alembic_like", "tests", "benchmarks")
+                if ROOT.joinpath(d).is_dir()
+            ],
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
