@@ -154,7 +154,7 @@ def _expect_indexes(
         for seg, (pk, values) in objs.items():
             value = values.get(col.key)
             vseg = keys.NULL_SEGMENT if value is None else keys.escape(codec.encode(value))
-            if col.indexed or (col.unique and value is not None):
+            if col.indexed or col.unique:
                 expected.setdefault(ks.index(col.key, vseg), set()).add(seg)
             if col.unique and value is not None:
                 expected[ks.unique(col.key, vseg)] = seg

@@ -60,6 +60,10 @@ class Engine:
         """One pipelined round trip of read commands."""
         return self.dialect.execute(commands)
 
+    def execute_transaction(self, commands: Sequence[Command]) -> list[Any]:
+        """One MULTI/EXEC round trip of commands (queries)."""
+        return self.dialect.execute_transaction(commands)
+
     def flush(self, plan: FlushPlan) -> None:
         """Apply a flush plan atomically (see `Dialect.execute_flush`)."""
         self.dialect.execute_flush(plan)
@@ -84,7 +88,8 @@ def create_engine(url: str, *, echo: bool = False, **client_options: Any) -> Eng
     """An engine for `url` (`redis://`, `rediss://`, `unix://`, `redis+cluster://`,
     `redis+embedded://`); extra keyword arguments go to the redis-py client.
 
-    Nothing connects until the first command.
+    Nothing connects until the first command, except `redis+embedded://`, which starts
+    (or joins) its server at once.
     """
     return Engine(url, echo=echo, **client_options)
 

@@ -10,7 +10,9 @@ RedmapError
 ├── NoResultFound             .one() found nothing
 ├── MultipleResultsFound      .one() / .one_or_none() found more than one
 ├── InvalidRequestError       the session was used in a way it does not allow
-│   └── DetachedInstanceError an unloaded attribute of an object with no session
+│   ├── DetachedInstanceError an unloaded attribute of an object with no session
+│   ├── ObjectDeletedError    an expired object that Redis no longer holds
+│   └── CrossSlotError        a cluster flush whose keys fall in several hash slots
 ├── QueryError                a query redmap cannot answer without scanning
 ├── MigrationError            a migration that cannot run or failed
 ├── FlushError                a flush that Redis refused part-way (a runtime error inside EXEC)
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "CrossSlotError",
     "DecodeError",
     "DetachedInstanceError",
     "FlushError",
@@ -37,6 +40,7 @@ __all__ = [
     "MigrationError",
     "MultipleResultsFound",
     "NoResultFound",
+    "ObjectDeletedError",
     "OutcomeUnknownError",
     "QueryError",
     "RedmapConnectionError",
@@ -118,10 +122,13 @@ class DecodeError(RedmapError):
         self.raw = raw
         self.key = key
         self.detail = detail
-        shown = "nothing (field missing)" if raw is None else _preview(raw)
-        msg = f"cannot decode stored value as {expected}: got {shown}"
-        if detail:
-            msg += f" ({detail})"
+        if raw is None and detail:
+            msg = f"cannot decode stored value as {expected}: {detail}"
+        else:
+            shown = "nothing (field missing)" if raw is None else _preview(raw)
+            msg = f"cannot decode stored value as {expected}: got {shown}"
+            if detail:
+                msg += f" ({detail})"
         where = _where(model, field)
         if where:
             msg += f" — at {where}"
@@ -201,6 +208,23 @@ class DetachedInstanceError(InvalidRequestError):
     Loaded attributes stay readable after `close()` or `expunge()`; expired ones and
     unloaded relationships need a session to load from.
     """
+
+
+class CrossSlotError(InvalidRequestError):
+    """Raised before any I/O when a flush on Redis Cluster would span several hash slots.
+
+    One WATCH/MULTI/EXEC can only touch keys of one slot. `slots` lists the slots
+    involved. Open the session with `allow_cross_slot=True` to commit slot by slot
+    instead (each part atomic, the whole not).
+    """
+
+    def __init__(self, message: str, *, slots: Sequence[int] = ()):
+        self.slots = list(slots)
+        super().__init__(message)
+
+
+class ObjectDeletedError(InvalidRequestError):
+    """Raised when an expired object is accessed or refreshed and Redis no longer holds it."""
 
 
 class QueryError(RedmapError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .attributes import STATE_ATTR
-from .exc import DecodeError
+from .exc import DecodeError, RedmapError
 from .mapper import VERSION_FIELD, Mapper
 from .state import InstanceState
 
@@ -27,7 +27,15 @@ def decode_hash(
 ) -> tuple[dict[str, Any], dict[str, bytes | None], int | None] | None:
     """Decode an HGETALL reply: (values, encoded snapshot, version), or None if absent."""
     if isinstance(data, Exception):
-        raise DecodeError(expected="a hash", raw=None, model=mapper.name, key=key, detail=str(data))
+        if "WRONGTYPE" in str(data):
+            raise DecodeError(
+                expected="a hash",
+                raw=None,
+                model=mapper.name,
+                key=key,
+                detail="the key holds another Redis type",
+            )
+        raise RedmapError(f"Redis refused to read {key!r}: {data}")
     if not data:
         return None
     values: dict[str, Any] = {}
@@ -85,6 +93,12 @@ def load_instance(
                 return st.obj
             for name in unloaded:
                 d[name] = values[name]
+            if st.modified and version != st.version:
+                # Pending changes were made against the version loaded earlier: keep
+                # that version so the flush still detects the concurrent change.
+                for name in unloaded:
+                    st.loaded[name] = loaded[name]
+                return st.obj
         st.loaded = loaded
         st.version = version
         st.in_doubt = False

@@ -94,6 +94,9 @@ class FlushPlan:
     bind_ids: Callable[[list[Any]], list[Command]] | None = None
     # Writes decided by the check replies (raising a counter past an explicit id).
     extra_writes: list[Command] = dataclasses.field(default_factory=list)
+    # Per counter key: how far the counter is below the highest explicit id of this
+    # flush; generated ids of the same flush are handed out above it.
+    seq_gaps: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def check_commands(self) -> list[Command]:
@@ -108,6 +111,7 @@ class FlushPlan:
         """The error that stops this flush given the check replies, or None to go ahead."""
         stale: list[Check] = []
         self.extra_writes = []
+        self.seq_gaps = {}
         for check, reply in zip(self.checks, replies, strict=True):
             if isinstance(reply, Exception):
                 return FlushError(
@@ -151,8 +155,10 @@ class FlushPlan:
                     stale.append(check)
             elif check.kind == "seqmax":
                 # An explicit id above the counter would later collide with a generated one.
-                if reply is None or int(reply) < check.value:
+                current = 0 if reply is None else int(reply)
+                if current < check.value:
                     self.extra_writes.append(("SET", check.key, check.value))
+                    self.seq_gaps[check.key] = check.value - current
             elif check.kind == "type":
                 kind = reply.decode() if isinstance(reply, bytes) else str(reply)
                 if kind not in ("none", check.expected):
@@ -184,7 +190,8 @@ class FlushPlan:
             st.in_doubt = True
         raise FlushError(
             f"Redis rejected {len(errors)} command(s) inside EXEC, first on key {key!r}: "
-            f"{errors[0][1]}; the other commands were applied and the objects are expired",
+            f"{errors[0][1]}; the other commands were applied: roll the session back so the "
+            f"objects reload from what Redis holds",
             key=key,
             errors=[str(e) for _, e in errors],
         )
@@ -224,10 +231,9 @@ class _Builder:
         ks = mapper.keys
         if col.indexed or col.unique:
             vseg = keys.NULL_SEGMENT if enc is None else keys.escape(enc)
-            if col.indexed or enc is not None:
-                ix = ks.index(col.key, vseg)
-                self.expect_type(ix, "set")
-                self.additions.append(("SADD", ix, segment))
+            ix = ks.index(col.key, vseg)
+            self.expect_type(ix, "set")
+            self.additions.append(("SADD", ix, segment))
         if col.unique and enc is not None:
             uq = ks.unique(col.key, keys.escape(enc))
             other = self.claims.get(uq)
@@ -262,10 +268,9 @@ class _Builder:
         ks = mapper.keys
         if col.indexed or col.unique:
             vseg = keys.NULL_SEGMENT if old is None else keys.escape(old)
-            if col.indexed or old is not None:
-                ix = ks.index(col.key, vseg)
-                self.expect_type(ix, "set")
-                self.removals.append(("SREM", ix, segment))
+            ix = ks.index(col.key, vseg)
+            self.expect_type(ix, "set")
+            self.removals.append(("SREM", ix, segment))
         if col.unique and old is not None:
             uq = ks.unique(col.key, keys.escape(old))
             self.releases.setdefault(uq, set()).add(segment)
@@ -279,7 +284,16 @@ class _Builder:
 
 def _score(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> str:
     assert col.codec is not None
-    score = col.codec.to_score(value)
+    try:
+        score = col.codec.to_score(value)
+    except ValidationError as exc:
+        raise ValidationError(
+            model=mapper.name,
+            field=col.key,
+            expected=exc.expected,
+            actual=exc.actual,
+            detail=exc.detail,
+        ) from None
     if score == float("-inf"):
         raise ValidationError(
             model=mapper.name,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import keys
 from .attributes import FieldAttribute
-from .exc import MultipleResultsFound, NoResultFound, QueryError
+from .exc import MultipleResultsFound, NoResultFound, QueryError, RedmapError
 from .expression import BinaryExpression, BooleanClauseList, Ordering
 from .mapper import ColumnProperty, Mapper, mapper_of
 
@@ -214,7 +214,8 @@ class _Compiler:
         return tmp
 
     def _range_leaf(self, col: ColumnProperty, op: str, value: Any) -> str:
-        if not (col.sorted or (col.primary_key and col.generated)):
+        int_pk = col.primary_key and col.codec is not None and "int" in col.codec.expected
+        if not (col.sorted or int_pk):
             raise self._need(col, "Sorted()", op)
         # "(-inf" leaves out None, which sorted indexes hold at -inf.
         low, high = "(-inf", "+inf"
@@ -234,6 +235,10 @@ class _Compiler:
     def _union(self, parts: list[str]) -> str:
         if len(parts) == 1:
             return parts[0]
+        if not parts:
+            tmp = self.temp()
+            self.commands.append(("DEL", tmp))  # the empty set
+            return tmp
         tmp = self.temp()
         self.commands.append(
             ("ZUNIONSTORE", tmp, len(parts), *parts, "WEIGHTS", *([0] * len(parts)))
@@ -299,7 +304,7 @@ class _Compiler:
             return self.ks.all(), False
         if len(stmt._order_by) > 1:
             raise QueryError(
-                "order_by takes one Sorted field (ties are ordered by primary key)",
+                "order_by takes one Sorted field (ties are ordered by the id's key text)",
                 model=self.mapper.name,
             )
         term = stmt._order_by[0]
@@ -325,19 +330,13 @@ def _compile(stmt: Select[Any]) -> tuple[_Compiler, str, bool]:
 
 
 def _run(session: Session, c: _Compiler, tail: list[tuple[Any, ...]]) -> list[Any]:
-    cmds: list[tuple[Any, ...]] = [("MULTI",), *c.commands, *tail]
+    cmds: list[tuple[Any, ...]] = [*c.commands, *tail]
     if c.temps:
         cmds.append(("DEL", *c.temps))
-    cmds.append(("EXEC",))
-    replies = session.bind.execute(cmds)
-    exec_reply = replies[-1]
-    if isinstance(exec_reply, Exception) or exec_reply is None:
-        errors = [r for r in replies if isinstance(r, Exception)]
-        raise QueryError(f"Redis refused the query: {errors[0] if errors else exec_reply}")
-    results = list(exec_reply)
-    for r in results:
-        if isinstance(r, Exception):
-            raise QueryError(f"Redis refused the query: {r}")
+    try:
+        results = session.bind.execute_transaction(cmds)
+    except RedmapError as exc:
+        raise QueryError(f"Redis refused the query: {exc}") from None
     n = len(c.commands)
     return results[n : n + len(tail)]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .attributes import STATE_ATTR, state_of
 from .engine import Engine, default_engine
-from .exc import InvalidRequestError, StaleDataError
+from .exc import InvalidRequestError, ObjectDeletedError, StaleDataError
 from .identity import IdentityMap, IdentitySet
 from .loading import load_instance
 from .mapper import Mapper, mapper_of
@@ -26,15 +26,11 @@ if TYPE_CHECKING:
     from .query import ScalarResult, Select
     from .relationships import RelationshipProperty
 
-__all__ = ["ObjectDeletedError", "Session", "run_in_transaction", "sessionmaker"]
+__all__ = ["Session", "run_in_transaction", "sessionmaker"]
 
 M = TypeVar("M")
 R = TypeVar("R")
 S = TypeVar("S", bound="Session")
-
-
-class ObjectDeletedError(InvalidRequestError):
-    """Raised when an expired object is accessed and Redis no longer holds it."""
 
 
 class Session:
@@ -51,8 +47,12 @@ class Session:
         *,
         autoflush: bool = True,
         expire_on_commit: bool = True,
+        allow_cross_slot: bool = False,
     ):
         self._bind = bind
+        # On Redis Cluster: commit a flush spanning several hash slots slot by slot
+        # (each part atomic, the whole not) instead of refusing it.
+        self.allow_cross_slot = allow_cross_slot
         self.autoflush = autoflush
         self.expire_on_commit = expire_on_commit
         self._identity_map = IdentityMap()
@@ -288,6 +288,13 @@ class Session:
         """
         if self._flushing:
             raise InvalidRequestError("Session is already flushing")
+        doubt = [st for st in self._identity_map.states() if st.in_doubt]
+        doubt += [st for st in self._new.values() if st.in_doubt]
+        if doubt:
+            raise InvalidRequestError(
+                f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
+                f"call rollback() so they reload from what Redis holds"
+            )
         self._flushing = True
         try:
             UOWTransaction(self).execute()
@@ -324,6 +331,7 @@ class Session:
         """Discard pending changes: new objects are expunged, the others expired."""
         self._relationships_flushed()
         for st in list(self._new.values()):
+            st.in_doubt = False
             self._detach(st)
         for st in list(self._deleted.values()):
             st.deleted = False
@@ -487,10 +495,15 @@ class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name
         class_: type[S] = Session,  # type: ignore[assignment]
         autoflush: bool = True,
         expire_on_commit: bool = True,
+        allow_cross_slot: bool = False,
     ):
         self.bind = bind
         self.class_ = class_
-        self.kw: dict[str, Any] = {"autoflush": autoflush, "expire_on_commit": expire_on_commit}
+        self.kw: dict[str, Any] = {
+            "autoflush": autoflush,
+            "expire_on_commit": expire_on_commit,
+            "allow_cross_slot": allow_cross_slot,
+        }
 
     def __call__(self, **overrides: Any) -> S:
         kw = {**self.kw, **overrides}

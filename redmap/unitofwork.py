@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import keys
 from .dependency import RelationshipWork, prepare
-from .exc import FlushError, IntegrityError, InvalidRequestError, ValidationError
+from .exc import CrossSlotError, FlushError, IntegrityError, InvalidRequestError, ValidationError
 from .mapper import ColumnProperty, Mapper
 from .persistence import DeleteTask, InsertTask, UpdateTask, plan_flush
 
@@ -215,6 +215,58 @@ class UOWTransaction:
         if self.empty:
             self.session._relationships_flushed()
             return
+        dialect = self.session.bind.dialect
+        if self.session.allow_cross_slot and dialect.supports_cluster:
+            groups = self._split_by_registry()
+            if len(groups) > 1:
+                for part in groups:
+                    part._run()
+                self.session._relationships_flushed()
+                return
+        self._run()
+
+    def _split_by_registry(self) -> list[UOWTransaction]:
+        """One unit of work per registry prefix (one hash slot each), for allow_cross_slot."""
+        parts: dict[str, UOWTransaction] = {}
+
+        def part(st: InstanceState) -> UOWTransaction:
+            prefix = st.mapper.registry.prefix
+            if prefix not in parts:
+                parts[prefix] = UOWTransaction(self.session)
+            return parts[prefix]
+
+        for ins in self.inserts:
+            part(ins.state).inserts.append(ins)
+        for u in self.updates:
+            part(u.state).updates.append(u)
+        for d in self.deletes:
+            part(d.state).deletes.append(d)
+        for link in self.work.links:
+            if link.a.mapper.registry.prefix != link.b.mapper.registry.prefix:
+                raise CrossSlotError(
+                    f"a many-to-many link between {link.a.mapper.name} and "
+                    f"{link.b.mapper.name} spans two registries (two hash slots); nothing "
+                    f"was written"
+                )
+            part(link.a).work.links.append(link)
+        for mc in self.work.member_checks:
+            part(mc.state).work.member_checks.append(mc)
+        for dk in self.work.deferred:
+            if dk.child.mapper.registry.prefix != dk.target.mapper.registry.prefix:
+                raise CrossSlotError(
+                    f"{dk.child.mapper.name}.{dk.column} points at a new "
+                    f"{dk.target.mapper.name} of another registry; flush the target first"
+                )
+            part(dk.child).work.deferred.append(dk)
+        for key in self.work.drop_keys:
+            owner = next(
+                (p for prefix, p in parts.items() if key.startswith("{" + prefix + "}")), None
+            )
+            if owner is not None:
+                owner.work.drop_keys.append(key)
+        return list(parts.values())
+
+    def _run(self) -> None:
         token = uuid.uuid4().hex
         tasks: list[InsertTask | UpdateTask | DeleteTask] = [
             *self.inserts,

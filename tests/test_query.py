@@ -323,3 +323,19 @@ class TestUniqueConcurrency:
         assert redis_client.zcard("{t}:author:#all") == 25
         assert redis_client.scard("{t}:author:#ix:name:racer") == 25
         assert len(redis_client.keys("{t}:author:#uq:email:*")) == 25
+
+
+class TestEdgeCases:
+    def test_empty_in_and_or_match_nothing(self, people: Engine) -> None:
+        """in_([]) and or_() with no branches match no object."""
+        with Session(people) as s:
+            assert s.scalars(select(Author).where(Author.age.in_([]))).all() == []
+            assert s.scalars(select(Author).where(Author.name.in_([]))).all() == []
+            assert s.count(select(Author).where(or_())) == 0
+
+    def test_range_on_explicit_int_primary_key(self, engine: Engine) -> None:
+        """An int primary key supports ranges whether generated or given."""
+        with Session(engine) as s:
+            s.add_all([Counter(id=i, value=i) for i in (5, 10, 15)])
+            s.commit()
+            assert [c.id for c in s.scalars(select(Counter).where(Counter.id >= 10))] == [10, 15]

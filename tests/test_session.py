@@ -591,3 +591,53 @@ class TestConcurrency:
         with pytest.raises(StaleDataError):
             run_in_transaction(always_conflicts, sessionmaker(engine), retries=3)
         assert len(calls) == 4
+
+
+class TestRegressions:
+    def test_explicit_and_generated_ids_in_one_flush(self, engine: Engine) -> None:
+        """Generated ids are handed out above an explicit id added in the same flush."""
+        with Session(engine) as s:
+            s.add(Counter(value=0))
+            s.commit()
+        with Session(engine, expire_on_commit=False) as s:
+            explicit, generated = Counter(value=3, id=3), Counter(value=4)
+            s.add_all([explicit, generated])
+            s.commit()
+            assert generated.id is not None and generated.id > 3
+        with Session(engine) as s:
+            got = s.get_many(Counter, [3, generated.id])
+            assert [c.value if c else None for c in got] == [3, 4]
+
+    def test_reload_of_expired_attribute_keeps_conflict_check(self, engine: Engine) -> None:
+        """Reading an expired attribute does not forgive a concurrent change."""
+        with Session(engine) as s:
+            s.add(Author(name="a", email="a@x", age=1))
+            s.commit()
+        with Session(engine) as s:
+            a = s.get(Author, 1)
+            assert a is not None
+            s.expire(a, ["name"])
+            a.age = 2
+            with Session(engine) as other:
+                o = other.get(Author, 1)
+                assert o is not None
+                o.age = 50
+                other.commit()
+            assert a.name == "a"  # reloads the expired attribute
+            with pytest.raises(StaleDataError):
+                s.commit()
+
+    def test_in_doubt_objects_block_flush_until_rollback(self, engine: Engine) -> None:
+        """A session whose last flush outcome is unknown refuses to flush until rolled back."""
+        with Session(engine) as s:
+            c = Counter(value=1)
+            s.add(c)
+            s.commit()
+            c.value = 2
+            state = state_of(c)
+            assert state is not None
+            state.in_doubt = True
+            with pytest.raises(InvalidRequestError, match="rollback"):
+                s.flush()
+            s.rollback()
+            assert c.value == 1

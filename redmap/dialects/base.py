@@ -30,7 +30,14 @@ if TYPE_CHECKING:
 
     from ..persistence import FlushPlan
 
-__all__ = ["Command", "Dialect", "RoundTripHook", "safe_url", "translate_errors"]
+__all__ = [
+    "Command",
+    "Dialect",
+    "RetryFlush",
+    "RoundTripHook",
+    "safe_url",
+    "translate_errors",
+]
 
 log = logging.getLogger("redmap.engine")
 
@@ -97,6 +104,17 @@ def translate_errors(url: str) -> Iterator[None]:
         raise RedmapError(f"Redis refused a command ({clean(exc)}) (url: {shown})") from None
 
 
+_REDIRECTS = (rex.AskError, rex.TryAgainError, rex.ClusterDownError)
+
+
+class RetryFlush(Exception):
+    """The cluster redirected a command of a flush that wrote nothing: refresh and retry."""
+
+
+def _redirected(replies: Sequence[Any]) -> bool:
+    return any(isinstance(r, _REDIRECTS) for r in replies)
+
+
 class Dialect:
     """A way to reach Redis: client construction, pipelined reads, and the flush transaction.
 
@@ -143,9 +161,25 @@ class Dialect:
             replies: list[Any] = pipe.execute(raise_on_error=False)
             return replies
 
+    def execute_transaction(self, commands: Sequence[Command]) -> list[Any]:
+        """Run `commands` in one MULTI/EXEC (one round trip) and return their results.
+
+        For reads that need a consistent snapshot or temporary keys (queries); a
+        command error raises. redis-py may retry it on a connection error, which is
+        harmless for these commands.
+        """
+        self._hook([("MULTI",), *commands, ("EXEC",)])
+        with translate_errors(self.url):
+            pipe = self.client.pipeline(transaction=True)
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            results: list[Any] = pipe.execute()
+            return results
+
     # -- the flush --------------------------------------------------------------------
 
-    def _pool(self) -> ConnectionPool:
+    def _flush_pool(self, plan: FlushPlan) -> ConnectionPool:
+        """The pool of the server holding the plan's keys."""
         pool: ConnectionPool = self.client.connection_pool
         return pool
 
@@ -156,7 +190,7 @@ class Dialect:
         re-sent after EXEC may have reached the server: a lost reply is settled by
         reading back the plan's token (see `_settle`).
         """
-        pool = self._pool()
+        pool = self._flush_pool(plan)
         with translate_errors(self.url):
             conn = pool.get_connection()
         broken = False
@@ -167,6 +201,14 @@ class Dialect:
                 except (rex.ConnectionError, rex.TimeoutError, OSError):
                     broken = True
                     raise
+                if _redirected(replies):
+                    self._unwatch_quietly(conn)
+                    raise RetryFlush()
+                if isinstance(replies[0], Exception):
+                    raise FlushError(
+                        f"Redis refused WATCH ({replies[0]}); nothing was written",
+                        errors=[str(replies[0])],
+                    )
                 failure = plan.evaluate(replies[1:])
                 if failure is not None:
                     try:
@@ -177,8 +219,15 @@ class Dialect:
                 if plan.bind_ids is not None and plan.allocations:
                     # Every check passed: only now may counters move. The ids stay ours
                     # if a retry follows (a counter value is never handed out twice).
+                    allocations = [
+                        (cmd, key, n + plan.seq_gaps.get(key, 0))
+                        for cmd, key, n in plan.allocations
+                    ]
+                    # The counters moved past the explicit ids: no SET of them in MULTI.
+                    bumped = {a[1] for a in allocations}
+                    plan.extra_writes = [w for w in plan.extra_writes if w[1] not in bumped]
                     try:
-                        id_replies = self._round_trip(conn, plan.allocations)
+                        id_replies = self._round_trip(conn, allocations)
                     except (rex.ConnectionError, rex.TimeoutError, OSError):
                         broken = True
                         raise
@@ -195,8 +244,10 @@ class Dialect:
                 if exec_reply is None:
                     continue  # a watched key changed: re-run the checks to learn why
                 if isinstance(exec_reply, Exception):
-                    # EXECABORT: a command was refused while queuing (e.g. OOM); Redis
-                    # discarded the whole transaction.
+                    # EXECABORT: a command was refused while queuing (e.g. OOM, or MOVED
+                    # during a slot migration); Redis discarded the whole transaction.
+                    if _redirected(replies[1:-1]):
+                        raise RetryFlush()
                     queued_errors = [str(r) for r in replies[1:-1] if isinstance(r, Exception)]
                     raise FlushError(
                         f"Redis refused the flush before running it; nothing was written: "
@@ -222,6 +273,10 @@ class Dialect:
                 with contextlib.suppress(Exception):
                     conn.disconnect()  # type: ignore[no-untyped-call]
             pool.release(conn)
+
+    def _unwatch_quietly(self, conn: Any) -> None:
+        with contextlib.suppress(rex.ConnectionError, rex.TimeoutError, OSError):
+            self._round_trip(conn, [("UNWATCH",)])
 
     def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
         self._hook(commands)
@@ -258,7 +313,7 @@ class Dialect:
         Raises OutcomeUnknownError, marking the plan's objects in doubt, when the
         read-back fails, is refused, or comes too late.
         """
-        pool = self._pool()
+        pool = self._flush_pool(plan)
         conn = None
         try:
             # A fresh connection outside the pool: the pooled ones may share the fault.

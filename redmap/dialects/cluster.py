@@ -1,0 +1,110 @@
+"""The cluster dialect: `redis+cluster://host:port[,host:port...]` on redis-py's `RedisCluster`.
+
+Routing, MOVED/ASK handling for reads and topology discovery are redis-py's. The
+flush is not: redis-py's cluster transaction re-sends MULTI...EXEC without the WATCH
+after a reconnect, which can lose a concurrent update. redmap runs its own
+WATCH / checks / MULTI / EXEC on one connection to the node owning the flush's slot
+(`Dialect.execute_flush`), never re-sends after EXEC, and on a redirect (the slot
+moved, or is migrating) refreshes the topology and starts the flush again, which is
+safe because a redirected flush has written nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+
+from ..exc import CrossSlotError, RedmapConnectionError
+from .base import Dialect, RetryFlush, default_client_options, translate_errors
+
+if TYPE_CHECKING:
+    from redis.connection import ConnectionPool
+
+    from ..persistence import FlushPlan
+
+__all__ = ["ClusterDialect", "parse_cluster_url"]
+
+# How many times a flush is restarted after redirects (a slot migration in progress
+# answers TRYAGAIN until its keys have moved).
+REDIRECT_RETRIES = 50
+
+
+def parse_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """Split `redis+cluster://[user:pw@]h1:p1,h2:p2[/db][?q]` into a one-host redis:// URL
+    (credentials and options, for redis-py's `from_url`) and the list of seed nodes."""
+    rest = url.partition("://")[2]
+    netloc, sep, tail = rest.partition("/")
+    creds, at, hosts = netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise RedmapConnectionError(f"bad cluster node {part!r} in a redis+cluster:// URL")
+        nodes.append((host, int(port)))
+    first = f"{nodes[0][0]}:{nodes[0][1]}"
+    single = f"redis://{creds}{at}{first}{sep}{tail}"
+    urlsplit(single)  # fail early on anything urllib cannot read
+    return single, nodes
+
+
+class ClusterDialect(Dialect):
+    """A Redis Cluster; every flush runs on the node owning its hash slot."""
+
+    name = "cluster"
+    supports_cluster = True
+    # One transaction can only touch keys of one hash slot.
+    supports_multi_key_transactions = False
+
+    def create_client(self, url: str, **options: Any) -> Any:
+        single, nodes = parse_cluster_url(url)
+        opts = default_client_options()
+        opts.update(options)
+        startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
+        with translate_errors(url):
+            return RedisCluster.from_url(single, startup_nodes=startup, **opts)
+
+    def _flush_pool(self, plan: FlushPlan) -> ConnectionPool:
+        slot = key_slot(plan.token_key.encode())
+        node = self.client.nodes_manager.get_node_from_slot(slot)
+        pool: ConnectionPool = self.client.get_redis_connection(node).connection_pool
+        return pool
+
+    def check_single_slot(self, plan: FlushPlan) -> None:
+        """Refuse, before any I/O, a flush whose keys fall in more than one hash slot."""
+        slots: dict[int, list[str]] = {}
+        keys = [*plan.watch, *(c.key for c in plan.checks), *(str(w[1]) for w in plan.writes)]
+        for key in keys:
+            slots.setdefault(key_slot(key.encode()), []).append(key)
+        if len(slots) > 1:
+            groups = "; ".join(
+                f"slot {slot}: {', '.join(sorted(set(ks))[:3])}"
+                for slot, ks in sorted(slots.items())
+            )
+            raise CrossSlotError(
+                f"this flush spans {len(slots)} hash slots and one transaction can hold one; "
+                f"nothing was written ({groups}). Keep objects that change together under "
+                f"one registry prefix, or open the session with allow_cross_slot=True",
+                slots=sorted(slots),
+            )
+
+    def execute_flush(self, plan: FlushPlan) -> None:
+        self.check_single_slot(plan)
+        for attempt in range(REDIRECT_RETRIES):
+            try:
+                super().execute_flush(plan)
+                return
+            except RetryFlush:
+                # The slot moved or is migrating: nothing was written. Learn the new
+                # owner and start again.
+                time.sleep(min(0.5, 0.01 * (attempt + 1)) * random.uniform(0.5, 1.0))
+                with translate_errors(self.url):
+                    self.client.nodes_manager.initialize()
+        raise RedmapConnectionError(
+            "the cluster kept redirecting the flush (slot migration?); nothing was written",
+            url=self.safe_url,
+        )
