@@ -79,7 +79,8 @@ class ClusterDialect(Dialect):
         slots: dict[int, list[str]] = {}
         keys = [*plan.watch, *(c.key for c in plan.checks), *(str(w[1]) for w in plan.writes)]
         for key in keys:
-            slots.setdefault(key_slot(key.encode()), []).append(key)
+            if key:  # "" stands for an object whose generated id is not handed out yet
+                slots.setdefault(key_slot(key.encode()), []).append(key)
         if len(slots) > 1:
             groups = "; ".join(
                 f"slot {slot}: {', '.join(sorted(set(ks))[:3])}"
