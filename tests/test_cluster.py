@@ -165,7 +165,7 @@ class TestSlots:
         host, port = _owner_address(cluster, "{t}:counter:1")
         admin = redis.Redis(host=host, port=port)
         outcomes = []
-        for i in range(20):
+        for _ in range(20):
             with Session(cengine) as s:
                 c = s.get(Counter, 1)
                 assert c is not None
