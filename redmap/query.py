@@ -214,6 +214,15 @@ class _Compiler:
         return tmp
 
     def _range_leaf(self, col: ColumnProperty, op: str, value: Any) -> str:
+        low, high = self.bounds(col, op, value)
+        return self._range(col, low, high)
+
+    def range_source(self, col: ColumnProperty) -> str:
+        """The zset a range on `col` reads (its sorted index, or the id zset)."""
+        return self.ks.all() if col.primary_key else self.ks.sorted(col.key)
+
+    def bounds(self, col: ColumnProperty, op: str, value: Any) -> tuple[str, str]:
+        """ZRANGE BYSCORE bounds for one range condition."""
         int_pk = col.primary_key and col.codec is not None and "int" in col.codec.expected
         if not (col.sorted or int_pk):
             raise self._need(col, "Sorted()", op)
@@ -230,7 +239,7 @@ class _Compiler:
             low = "(" + self._score(col, value)
         elif op == ">=":
             low = self._score(col, value)
-        return self._range(col, low, high)
+        return low, high
 
     def _union(self, parts: list[str]) -> str:
         if len(parts) == 1:
@@ -316,6 +325,27 @@ class _Compiler:
         return self.ks.sorted(col.key), term.descending
 
 
+def _single_condition(stmt: Select[Any]) -> BinaryExpression | None:
+    if len(stmt._where) == 1 and isinstance(stmt._where[0], BinaryExpression):
+        return stmt._where[0]
+    return None
+
+
+def _direct_range(stmt: Select[Any]) -> tuple[_Compiler, str, str, str, bool] | None:
+    """A lone range condition on the ordering field reads its zset directly:
+    `ZRANGE key low high BYSCORE LIMIT`, cost O(log N + page) whatever the matches."""
+    cond = _single_condition(stmt)
+    if cond is None or cond.op not in _RANGE_OPS:
+        return None
+    c = _Compiler(mapper_of(stmt.model))
+    col = c.column(cond.attribute)
+    order_key, desc = c.ordering(stmt)
+    if c.range_source(col) != order_key:
+        return None
+    low, high = c.bounds(col, cond.op, cond.value)
+    return c, order_key, low, high, desc
+
+
 def _compile(stmt: Select[Any]) -> tuple[_Compiler, str, bool]:
     mapper = mapper_of(stmt.model)
     c = _Compiler(mapper)
@@ -343,6 +373,18 @@ def _run(session: Session, c: _Compiler, tail: list[tuple[Any, ...]]) -> list[An
 
 def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
     """Ids in one MULTI/EXEC round trip, then the objects in one pipelined round trip."""
+    if stmt._limit == 0:
+        return ScalarResult([])
+    direct = _direct_range(stmt)
+    if direct is not None:
+        dc, key, low, high, rev = direct
+        count = -1 if stmt._limit is None else stmt._limit
+        by: tuple[Any, ...] = (high, low, "BYSCORE", "REV") if rev else (low, high, "BYSCORE")
+        (ids,) = session.bind.execute([("ZRANGE", key, *by, "LIMIT", stmt._offset, count)])
+        if isinstance(ids, Exception):
+            raise QueryError(f"Redis refused the query: {ids}")
+        pks = [dc.mapper.pk_from_segment(i.decode()) for i in ids]
+        return ScalarResult(_objects_for(session, dc.mapper, pks))
     c, final, desc = _compile(stmt)
     start = stmt._offset
     stop = -1 if stmt._limit is None else start + stmt._limit - 1
@@ -375,10 +417,32 @@ def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> list[
     return out
 
 
+def _direct_count(session: Session, stmt: Select[Any]) -> int | None:
+    """ZCOUNT for a lone range, SCARD for a lone equality: no temporary keys."""
+    cond = _single_condition(stmt)
+    if cond is None:
+        return None
+    c = _Compiler(mapper_of(stmt.model))
+    col = c.column(cond.attribute)
+    if cond.op in _RANGE_OPS:
+        low, high = c.bounds(col, cond.op, cond.value)
+        cmd: tuple[Any, ...] = ("ZCOUNT", c.range_source(col), low, high)
+    elif cond.op == "==" and (col.indexed or col.unique) and not col.primary_key:
+        cmd = ("SCARD", c.ks.index(col.key, c._value_segment(col, cond.value)))
+    else:
+        return None
+    (reply,) = session.bind.execute([cmd])
+    if isinstance(reply, Exception):
+        raise QueryError(f"Redis refused the query: {reply}")
+    return int(reply)
+
+
 def execute_count(session: Session, stmt: Select[Any]) -> int:
-    """The number of matches after offset/limit: one MULTI/EXEC round trip."""
-    c, final, _ = _compile(stmt)
-    (card,) = _run(session, c, [("ZCARD", final)])
+    """The number of matches after offset/limit: one round trip."""
+    card = _direct_count(session, stmt)
+    if card is None:
+        c, final, _ = _compile(stmt)
+        (card,) = _run(session, c, [("ZCARD", final)])
     n = max(0, int(card) - stmt._offset)
     if stmt._limit is not None:
         n = min(n, stmt._limit)
