@@ -363,9 +363,9 @@ def plan_flush(
         _update_foreign_keys(b, u)
         if dels:
             b.additions.append(("HDEL", u.key, *dels))
-        if sets:
-            b.additions.append(("HSET", u.key, *sets))
-        b.additions.append(("HINCRBY", u.key, VERSION_FIELD, 1))
+        # The version is checked under WATCH, so the new one can be set, not incremented.
+        sets.extend((VERSION_FIELD, str((st.version or 0) + 1).encode()))
+        b.additions.append(("HSET", u.key, *sets))
 
     for ins in inserts:
         st = ins.state
@@ -416,8 +416,8 @@ def plan_flush(
 
     b.watch[token_key] = None
     writes = [
-        *dict.fromkeys(b.removals),
-        *dict.fromkeys(b.additions),
+        *_merge(b.removals),
+        *_merge(b.additions),
         ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS),
     ]
     states = [t.state for t in all_tasks]
@@ -436,6 +436,37 @@ def _version_check(key: str, st: InstanceState) -> Check:
     return Check(
         "version", key, ("HGET", key, VERSION_FIELD), expected=expected, state=st, value=st.pk
     )
+
+
+_VARIADIC = {"SADD": 1, "SREM": 1, "ZADD": 2, "ZREM": 1}
+
+
+def _merge(commands: list[Command]) -> list[Command]:
+    """Fold the member commands of one key into one variadic command, dropping repeats.
+
+    Within one list (removals, or additions) these commands commute, so a key's
+    members can all ride on the command's first occurrence.
+    """
+    out: list[Command | list[Any]] = []
+    seen: set[Command] = set()
+    at: dict[tuple[str, str], int] = {}
+    for cmd in commands:
+        if cmd in seen:
+            continue
+        seen.add(cmd)
+        width = _VARIADIC.get(cmd[0])
+        if width is None:
+            out.append(cmd)
+            continue
+        slot = (cmd[0], cmd[1])
+        if slot in at:
+            merged = out[at[slot]]
+            assert isinstance(merged, list)
+            merged.extend(cmd[2:])
+        else:
+            at[slot] = len(out)
+            out.append(list(cmd))
+    return [tuple(c) for c in out]
 
 
 def _fk_score(mapper: Mapper[Any], col: ColumnProperty, order_value: Any, pk: Any) -> str:
