@@ -9,6 +9,7 @@ flush that reaches EXEC cannot fail half-way.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -392,7 +393,10 @@ def plan_flush(
         fields.extend((VERSION_FIELD, b"1"))
         b.additions.append(("HSET", ins.key, *fields))
         b.expect_type(mapper.keys.all(), "zset")
-        b.additions.append(("ZADD", mapper.keys.all(), _all_score(mapper, ins.pk), ins.segment))
+        # A generated id's placeholder segment also stands in for its score: once the
+        # counter answers, both become the same decimal text (see `bind_placeholders`).
+        pk_score = ins.segment if ins.pk is None else _all_score(mapper, ins.pk)
+        b.additions.append(("ZADD", mapper.keys.all(), pk_score, ins.segment))
         for col in mapper.indexed_columns:
             b.add_index_entries(
                 mapper, col, ins.values.get(col.key), ins.encoded.get(col.key), ins.segment, st
@@ -401,7 +405,11 @@ def plan_flush(
             if col.foreign_key is not None and enc is not None:
                 fk_key = mapper.keys.foreign(col.key, keys.escape(enc))
                 b.expect_type(fk_key, "zset")
-                score = _fk_score(mapper, col, ins.values.get(col.order_column or ""), ins.pk)
+                score = (
+                    ins.segment
+                    if ins.pk is None and col.order_column is None
+                    else _fk_score(mapper, col, ins.values.get(col.order_column or ""), ins.pk)
+                )
                 b.additions.append(("ZADD", fk_key, score, ins.segment))
 
     if work is not None:
@@ -436,6 +444,25 @@ def _version_check(key: str, st: InstanceState) -> Check:
     return Check(
         "version", key, ("HGET", key, VERSION_FIELD), expected=expected, state=st, value=st.pk
     )
+
+
+PLACEHOLDER = "#new"
+_PLACEHOLDER_RE = re.compile(r"#new[0-9]+")
+
+
+def bind_placeholders(writes: list[Command], ids: dict[str, str]) -> list[Command]:
+    """Replace generated-id placeholders (`#new<n>`) in keys, members and scores.
+
+    Placeholders are only ever segments of integer ids, whose escaped segment and
+    score are the same decimal text, so one substitution serves both.
+    """
+
+    def fix(arg: Any) -> Any:
+        if isinstance(arg, str) and PLACEHOLDER in arg:
+            return _PLACEHOLDER_RE.sub(lambda m: ids[m.group(0)], arg)
+        return arg
+
+    return [tuple(fix(a) for a in cmd) for cmd in writes]
 
 
 _VARIADIC = {"SADD": 1, "SREM": 1, "ZADD": 2, "ZREM": 1}
@@ -521,7 +548,7 @@ def _plan_relationships(
 
     def pk_score(st: InstanceState) -> str:
         pk = st.pk if st.identity is not None else new_pks.get(id(st))
-        return "0" if pk is None else _all_score(st.mapper, pk)
+        return seg(st) if pk is None else _all_score(st.mapper, pk)
 
     for mc in work.member_checks:
         b.watch[mc.key] = None

@@ -17,7 +17,14 @@ from . import keys
 from .dependency import RelationshipWork, prepare
 from .exc import CrossSlotError, FlushError, IntegrityError, InvalidRequestError, ValidationError
 from .mapper import ColumnProperty, Mapper
-from .persistence import DeleteTask, InsertTask, UpdateTask, plan_flush
+from .persistence import (
+    PLACEHOLDER,
+    DeleteTask,
+    InsertTask,
+    UpdateTask,
+    bind_placeholders,
+    plan_flush,
+)
 
 if TYPE_CHECKING:
     from .session import Session
@@ -103,7 +110,7 @@ class UOWTransaction:
         seen: dict[str, InstanceState] = {}
         for st in s._pending_states():
             task = self._insert_task(st)
-            if task.key:
+            if not task.generated:
                 self._check_identity(task, seen)
             self.inserts.append(task)
 
@@ -140,7 +147,8 @@ class UOWTransaction:
         else:
             # Until the counter answers, a placeholder no escaped id can equal ("#" is
             # never produced by escaping) keeps the objects of one flush apart.
-            segment, key = f"#new{id(st)}", ""
+            segment = f"{PLACEHOLDER}{len(self.inserts)}"
+            key = mapper.keys.object(segment)
         return InsertTask(st, pk, segment, key, values, encoded, generated)
 
     def _check_identity(self, task: InsertTask, seen: dict[str, InstanceState]) -> None:
@@ -282,7 +290,11 @@ class UOWTransaction:
         if allocations:
 
             def bind_ids(replies: list[Any]) -> list[tuple[Any, ...]]:
+                placeholders = {t.segment: t for t in self.inserts if t.generated}
                 self._assign_ids(groups, replies)
+                if not self.work.deferred:
+                    ids = {ph: t.segment for ph, t in placeholders.items()}
+                    return bind_placeholders(plan.writes, ids)
                 self._bind_deferred()
                 return plan_flush(
                     self.inserts,
