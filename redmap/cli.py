@@ -50,6 +50,13 @@ def _audit(url: str | None, models: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `redmap` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["migrate"]:
+        # alembic_like's CLI parses everything after "migrate", options included.
+        from .migrate.cli import main as migrate_main
+
+        code: int = migrate_main(args_list[1:])
+        return code
     parser = argparse.ArgumentParser(
         prog="redmap", description="redmap: an object mapper for Redis"
     )
@@ -65,17 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate", help="versioned migrations of the key layout", add_help=False
     )
     migrate.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         if args.command == "demo":
             return _demo(args.url)
         if args.command == "audit":
             return _audit(args.url, args.models)
-        if args.command == "migrate":
-            from .migrate.cli import main as migrate_main
-
-            code: int = migrate_main(args.rest)
-            return code
     except RedmapError as exc:
         print(f"redmap: error: {exc}", file=sys.stderr)
         return 1

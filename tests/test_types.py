@@ -337,7 +337,7 @@ class TestCodecFacts:
         ("tp", "expected", "nullable", "mutable", "sortable"),
         [
             (int, "int", False, False, True),
-            (Optional[int], "Optional[int]", True, False, True),  # noqa: UP045
+            (Optional[int], "Optional[int]", True, False, True),
             (datetime | None, "Optional[datetime]", True, False, True),
             (date, "date", False, False, True),
             (Decimal, "Decimal", False, False, True),
@@ -409,7 +409,7 @@ class TestValidation:
 
     def test_optional_accepts_none(self) -> None:
         """None passes an Optional field and is never encoded."""
-        codec(Optional[int]).validate(None, model="M", field="f")  # noqa: UP045
+        codec(Optional[int]).validate(None, model="M", field="f")
         codec(int | None).validate(None, model="M", field="f")
 
     def test_nested_error_names_the_element_and_its_path(self) -> None:
@@ -473,7 +473,7 @@ class TestMapping:
         ("tp", "named"),
         [
             (complex, "complex"),
-            (Union[int, str], "Union"),  # noqa: UP007
+            (Union[int, str], "Union"),
             (int | str, "int | str"),
             (dict[int, str], "dict[int, str]"),
             (tuple[int, str], "tuple[int, str]"),
