@@ -40,22 +40,21 @@ def decode_hash(
         return None
     values: dict[str, Any] = {}
     loaded: dict[str, bytes | None] = {}
-    for col in mapper.stored_columns():
-        codec = col.codec
-        assert codec is not None
-        raw = data.get(col.key.encode())
-        loaded[col.key] = raw
+    get = data.get
+    for name, name_bytes, codec in mapper.decode_plan:
+        raw = get(name_bytes)
+        loaded[name] = raw
         if raw is None:
             if not codec.nullable:
                 raise DecodeError(
-                    expected=codec.expected, raw=None, model=mapper.name, field=col.key, key=key
+                    expected=codec.expected, raw=None, model=mapper.name, field=name, key=key
                 )
-            values[col.key] = None
+            values[name] = None
             continue
         try:
-            values[col.key] = codec.decode(raw)
+            values[name] = codec.decode(raw)
         except DecodeError as exc:
-            raise exc.with_location(model=mapper.name, field=col.key, key=key) from None
+            raise exc.with_location(model=mapper.name, field=name, key=key) from None
     raw_version = data.get(_VERSION)
     version: int | None = None
     if raw_version is not None:

@@ -80,6 +80,7 @@ class Mapper(Generic[M]):
         # Filled at configure time; kept as tuples so the hot path only iterates.
         self.mutable_columns: tuple[ColumnProperty, ...] = ()
         self.indexed_columns: tuple[ColumnProperty, ...] = ()
+        self.decode_plan: tuple[tuple[str, bytes, Codec], ...] = ()
 
     def __repr__(self) -> str:
         return f"<Mapper {self.name} keyspace={self.keyspace!r}>"
@@ -213,6 +214,10 @@ class Mapper(Generic[M]):
                 col.foreign_key = ForeignKey(target)
         self.mutable_columns = tuple(c for c in self.columns.values() if self._codec(c).mutable)
         self.indexed_columns = tuple(c for c in self.columns.values() if c.has_index)
+        # (name, hash field as bytes, codec) per stored field, for the load hot path.
+        self.decode_plan = tuple(
+            (c.key, c.key.encode(), self._codec(c)) for c in self.stored_columns()
+        )
         self.configured = True
 
     # -- primary keys ----------------------------------------------------------------
