@@ -398,13 +398,7 @@ def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
 
 
 def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> list[Any]:
-    need = []
-    for pk in pks:
-        st = session._identity_map.get((mapper.class_, pk))
-        if st is None or st.unloaded():
-            need.append(pk)
-    if need:
-        session._load_many(mapper, need)
+    session._ensure_loaded(mapper, pks)
     out = []
     for pk in pks:
         st = session._identity_map.get((mapper.class_, pk))

@@ -413,14 +413,9 @@ class Session:
         pks = list(pks)
         for pk in pks:
             mapper.validate_pk(pk)
-        missing: list[Any] = []
-        for pk in pks:
-            st = self._identity_map.get((model, pk))
-            if st is None or st.unloaded():
-                missing.append(pk)
-        if missing:
+        if self._unloaded_pks(mapper, pks):
             self._autoflush()
-            self._load_many(mapper, dict.fromkeys(missing))
+            self._ensure_loaded(mapper, pks)
         out: list[M | None] = []
         for pk in pks:
             st = self._identity_map.get((model, pk))
@@ -430,6 +425,21 @@ class Session:
 
             selectin_for(self, [o for o in out if o is not None])
         return out
+
+    def _unloaded_pks(self, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:
+        """The keys among `pks` with no fully loaded object in the session, once each."""
+        out: dict[Any, None] = {}
+        for pk in pks:
+            st = self._identity_map.get((mapper.class_, pk))
+            if st is None or st.unloaded():
+                out[pk] = None
+        return list(out)
+
+    def _ensure_loaded(self, mapper: Mapper[Any], pks: Iterable[Any]) -> None:
+        """Load, in one round trip, the objects among `pks` the session lacks (0 if none)."""
+        missing = self._unloaded_pks(mapper, pks)
+        if missing:
+            self._load_many(mapper, missing)
 
     def _load_many(self, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:
         """Load objects by primary key in one round trip; absent ones give None."""

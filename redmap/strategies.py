@@ -66,7 +66,7 @@ def selectin_load(
             fk = st.obj.__dict__.get(prop.fk_column)
             if fk is not None:
                 wanted[fk] = None
-        _load_targets(session, target_mapper, list(wanted))
+        session._ensure_loaded(target_mapper, wanted)
         for st in states:
             fk = st.obj.__dict__.get(prop.fk_column)
             target = None
@@ -80,7 +80,7 @@ def selectin_load(
     wanted_all: dict[Any, None] = {}
     for ids in per_state:
         wanted_all.update(dict.fromkeys(ids))
-    _load_targets(session, target_mapper, list(wanted_all))
+    session._ensure_loaded(target_mapper, wanted_all)
     for st, ids in zip(states, per_state, strict=True):
         items = []
         for pk in ids:
@@ -88,16 +88,6 @@ def selectin_load(
             if tst is not None and not tst.deleted:
                 items.append(tst.obj)
         st.obj.__dict__[prop.key] = InstrumentedList(st.obj, prop, items)
-
-
-def _load_targets(session: Session, target_mapper: Any, pks: list[Any]) -> None:
-    missing = []
-    for pk in pks:
-        tst = session._identity_map.get((target_mapper.class_, pk))
-        if tst is None or tst.unloaded():
-            missing.append(pk)
-    if missing:
-        session._load_many(target_mapper, missing)
 
 
 def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> None:
