@@ -363,3 +363,19 @@ class TestLoading:
             with pytest.raises(StaleDataError):
                 s.commit()
             assert dump_keys(redis_client) == before
+
+
+def test_concurrent_children_of_one_parent_are_all_kept(engine: Engine) -> None:
+    """Two sessions adding children to the same parent both keep theirs."""
+    _room_with_messages(engine, 1)
+    with Session(engine) as s1, Session(engine) as s2:
+        r1, r2 = s1.get(Room, 1), s2.get(Room, 1)
+        assert r1 is not None and r2 is not None
+        r1.messages.append(Message(text="from s1", sent_at=at(10)))
+        r2.messages.append(Message(text="from s2", sent_at=at(20)))
+        s1.commit()
+        s2.commit()
+    with Session(engine) as s:
+        room = s.get(Room, 1)
+        assert room is not None
+        assert [m.text for m in room.messages] == ["m0", "from s1", "from s2"]
