@@ -33,6 +33,7 @@ __all__ = [
     "NULL_SEGMENT",
     "KeySpace",
     "escape",
+    "shard_tag",
     "flush_token_key",
     "meta_key",
     "unescape",
@@ -90,16 +91,25 @@ def unescape(segment: str) -> bytes:
     return bytes(out)
 
 
+def shard_tag(prefix: str, shard: int | None) -> str:
+    """The hash tag of a registry (`{P}`), or of one of its shards (`{P|3}`).
+
+    "|" cannot occur in a prefix, so no registry's tag equals another's shard tag.
+    """
+    return "{" + prefix + "}" if shard is None else "{" + prefix + "|" + str(shard) + "}"
+
+
 class KeySpace:
-    """The keys of one mapped model; built once per mapper at configure time."""
+    """The keys of one mapped model (in one shard, for sharded models); built at configure."""
 
-    __slots__ = ("_base", "keyspace", "prefix", "tag")
+    __slots__ = ("_base", "keyspace", "prefix", "shard", "tag")
 
-    def __init__(self, prefix: str, keyspace: str):
+    def __init__(self, prefix: str, keyspace: str, shard: int | None = None):
         self.prefix = prefix
         self.keyspace = keyspace
-        # The hash tag groups every key of the registry into one cluster slot.
-        self.tag = "{" + prefix + "}"
+        self.shard = shard
+        # The hash tag groups every key of the registry (or of one shard) into one slot.
+        self.tag = shard_tag(prefix, shard)
         self._base = f"{self.tag}:{keyspace}:"
 
     def object(self, id_segment: str) -> str:
@@ -156,11 +166,16 @@ class KeySpace:
         return key[len(self._base) :]
 
 
-def flush_token_key(prefix: str, token: str) -> str:
-    """The marker a flush writes, so a lost EXEC reply can be settled by reading it back."""
-    return "{" + prefix + "}:" + _SIGIL + "flush:" + token
+def flush_token_key(tag: str, token: str) -> str:
+    """The marker a flush writes, so a lost EXEC reply can be settled by reading it back.
+
+    `tag` is the hash tag of the flush's keys (`KeySpace.tag`), so the token shares
+    their slot.
+    """
+    return tag + ":" + _SIGIL + "flush:" + token
 
 
-def meta_key(prefix: str, name: str) -> str:
-    """Registry-wide bookkeeping keys (migration version, lock, layout snapshot)."""
-    return "{" + prefix + "}:" + _SIGIL + "meta:" + name
+def meta_key(prefix: str, name: str, *, tag: str | None = None) -> str:
+    """Registry-wide bookkeeping keys (migration version, lock, layout snapshot), or
+    with `tag`, per-shard ones (temporary query keys)."""
+    return (tag or "{" + prefix + "}") + ":" + _SIGIL + "meta:" + name

@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 
@@ -69,7 +70,18 @@ class Mapper(Generic[M]):
         self.registry = reg
         self.name = class_.__name__
         self.keyspace = keyspace
+        # The registry-wide keys (and, for an unsharded model, every key of it).
         self.keys = keys.KeySpace(reg.prefix, keyspace)
+        # `__shard_key__`: the field whose value picks the shard (hash tag) of an object,
+        # its indexes and its links; None keeps every key under the registry's tag.
+        shard_key = class_.__dict__.get("__shard_key__")
+        self.shard_key: str | None = shard_key
+        self.shards: int = reg.shards
+        self.shard_keys: tuple[keys.KeySpace, ...] = (
+            tuple(keys.KeySpace(reg.prefix, keyspace, b) for b in range(reg.shards))
+            if shard_key is not None
+            else ()
+        )
         self.columns: dict[str, ColumnProperty] = {}
         self.relationships: dict[str, RelationshipProperty] = {}
         # Many-to-many relationships of other models that point here without a
@@ -130,6 +142,78 @@ class Mapper(Generic[M]):
             col.codec = compile_codec(int | None, model=self.name, field="id")
             self.columns["id"] = col
             self.pk = col
+
+    def _check_shard_key(self) -> None:
+        """A shard key names an int, str or UUID field; unique values must be per shard."""
+        if self.shard_key is None:
+            return
+        col = self.columns.get(self.shard_key)
+        if col is None:
+            raise MappingError(
+                f"__shard_key__ = {self.shard_key!r} names no stored field", model=self.name
+            )
+        inner = _strip_optional(self._resolve(col.key, col.annotation))
+        base, _ = _split_markers(inner, model=self.name, field=col.key)
+        if _strip_optional(base) not in _PK_TYPES:
+            raise MappingError(
+                "a shard key must be an int, str or uuid.UUID field",
+                model=self.name,
+                field=col.key,
+            )
+        for other in self.columns.values():
+            if other.unique and other.key != self.shard_key:
+                raise MappingError(
+                    "Unique() on a sharded model would only hold within one shard; shard by "
+                    "that field or drop the constraint",
+                    model=self.name,
+                    field=other.key,
+                )
+        if self.pk is not col and not (
+            self.pk.codec is not None and "int" in self.pk.codec.expected
+        ):
+            raise MappingError(
+                "a model sharded by another field needs an int primary key (its value "
+                "carries the shard)",
+                model=self.name,
+                field=self.pk.key,
+            )
+
+    # -- shards ----------------------------------------------------------------------
+
+    def shard_of_value(self, value: Any) -> int:
+        """The shard a shard-key value belongs to: ints by remainder, others by CRC32."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value % self.shards
+        codec = self.columns[self.shard_key or self.pk.key].codec
+        assert codec is not None
+        return zlib.crc32(codec.encode(value)) % self.shards
+
+    def shard_of_pk(self, pk: Any) -> int | None:
+        """The shard of the object with this primary key (None: the model is not sharded).
+
+        A model sharded by its own key takes the shard of that value; one sharded by
+        another field gets ids whose remainder is the shard (see `shard_id`).
+        """
+        if self.shard_key is None:
+            return None
+        if self.shard_key == self.pk.key:
+            return self.shard_of_value(pk)
+        return int(pk) % self.shards
+
+    def shard_id(self, counter: int, shard: int) -> int:
+        """A generated id that lands in `shard` (ids of sharded models carry their shard)."""
+        return counter * self.shards + shard
+
+    def keys_for_shard(self, shard: int | None) -> keys.KeySpace:
+        return self.keys if shard is None else self.shard_keys[shard]
+
+    def keys_for_pk(self, pk: Any) -> keys.KeySpace:
+        """The keys of the object with this primary key (its shard's, if sharded)."""
+        return self.keys_for_shard(self.shard_of_pk(pk))
+
+    def all_keyspaces(self) -> tuple[keys.KeySpace, ...]:
+        """Every keyspace holding objects of the model: one, or one per shard."""
+        return self.shard_keys or (self.keys,)
 
     def _compile_column(self, col: ColumnProperty) -> None:
         tp = self._resolve(col.key, col.annotation)
@@ -212,6 +296,7 @@ class Mapper(Generic[M]):
                     col.foreign_key.target, model=self.name, field=col.key
                 )
                 col.foreign_key = ForeignKey(target)
+        self._check_shard_key()
         self.mutable_columns = tuple(c for c in self.columns.values() if self._codec(c).mutable)
         self.indexed_columns = tuple(c for c in self.columns.values() if c.has_index)
         # (name, hash field as bytes, codec) per stored field, for the load hot path.
@@ -258,7 +343,7 @@ class Mapper(Generic[M]):
         return self._codec(self.pk).decode(raw)
 
     def object_key(self, pk: Any) -> str:
-        return self.keys.object(self.pk_segment(pk))
+        return self.keys_for_pk(pk).object(self.pk_segment(pk))
 
     def stored_columns(self) -> Iterator[ColumnProperty]:
         """Columns written as hash fields: every column but the primary key."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import keys
 from .dialects.base import Command
 from .exc import FlushError, IntegrityError, StaleDataError, ValidationError
+from .keys import KeySpace
 from .mapper import VERSION_FIELD, ColumnProperty, Mapper
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class InsertTask:
     encoded: dict[str, bytes | None]
     # The primary key was handed out by the model's counter in this flush.
     generated: bool = False
+    # The object's keyspace: the registry's, or its shard's for a sharded model.
+    ks: KeySpace | None = None
 
 
 @dataclasses.dataclass
@@ -54,6 +57,7 @@ class UpdateTask:
     segment: str
     key: str
     changes: dict[str, tuple[Any, bytes | None]]
+    ks: KeySpace | None = None
 
 
 @dataclasses.dataclass
@@ -63,6 +67,7 @@ class DeleteTask:
     state: InstanceState
     segment: str
     key: str
+    ks: KeySpace | None = None
 
 
 @dataclasses.dataclass
@@ -223,13 +228,13 @@ class _Builder:
     def add_index_entries(
         self,
         mapper: Mapper[Any],
+        ks: KeySpace,
         col: ColumnProperty,
         value: Any,
         enc: bytes | None,
         segment: str,
         state: InstanceState,
     ) -> None:
-        ks = mapper.keys
         if col.indexed or col.unique:
             vseg = keys.NULL_SEGMENT if enc is None else keys.escape(enc)
             ix = ks.index(col.key, vseg)
@@ -260,13 +265,13 @@ class _Builder:
     def remove_index_entries(
         self,
         mapper: Mapper[Any],
+        ks: KeySpace,
         col: ColumnProperty,
         old: bytes | None,
         segment: str,
         *,
         replaced: bool,
     ) -> None:
-        ks = mapper.keys
         if col.indexed or col.unique:
             vseg = keys.NULL_SEGMENT if old is None else keys.escape(old)
             ix = ks.index(col.key, vseg)
@@ -323,8 +328,10 @@ def plan_flush(
     b = _Builder()
     segments: dict[int, str] = {}
     all_tasks: list[InsertTask | UpdateTask | DeleteTask] = [*inserts, *updates, *deletes]
+    spaces: dict[int, KeySpace] = {}
     for t in all_tasks:
         segments[id(t.state)] = t.segment
+        spaces[id(t.state)] = _ks(t)
     new_pks = {id(t.state): t.pk for t in inserts}
     deleted_keys = {d.key for d in deletes}
     seqmax: dict[str, Check] = {}
@@ -332,18 +339,19 @@ def plan_flush(
     for d in deletes:
         st = d.state
         mapper = st.mapper
+        ks = _ks(d)
         b.watch[d.key] = None
         b.checks.append(_version_check(d.key, st))
         b.removals.append(("DEL", d.key))
-        b.removals.append(("ZREM", mapper.keys.all(), d.segment))
-        b.expect_type(mapper.keys.all(), "zset")
+        b.removals.append(("ZREM", ks.all(), d.segment))
+        b.expect_type(ks.all(), "zset")
         for col in mapper.indexed_columns:
-            b.remove_index_entries(mapper, col, st.loaded.get(col.key), d.segment, replaced=False)
+            b.remove_index_entries(
+                mapper, ks, col, st.loaded.get(col.key), d.segment, replaced=False
+            )
             old_fk = st.loaded.get(col.key)
             if col.foreign_key is not None and old_fk is not None:
-                b.removals.append(
-                    ("ZREM", mapper.keys.foreign(col.key, keys.escape(old_fk)), d.segment)
-                )
+                b.removals.append(("ZREM", ks.foreign(col.key, keys.escape(old_fk)), d.segment))
 
     for u in updates:
         st = u.state
@@ -359,8 +367,11 @@ def plan_flush(
                 sets.extend((name, enc))
             col = mapper.columns[name]
             if col.has_index:
-                b.remove_index_entries(mapper, col, st.loaded.get(name), u.segment, replaced=True)
-                b.add_index_entries(mapper, col, value, enc, u.segment, st)
+                ks = _ks(u)
+                b.remove_index_entries(
+                    mapper, ks, col, st.loaded.get(name), u.segment, replaced=True
+                )
+                b.add_index_entries(mapper, ks, col, value, enc, u.segment, st)
         _update_foreign_keys(b, u)
         if dels:
             b.additions.append(("HDEL", u.key, *dels))
@@ -380,7 +391,7 @@ def plan_flush(
                 b.checks.append(
                     Check("absent", ins.key, ("EXISTS", ins.key), state=st, value=ins.pk)
                 )
-            if mapper.pk.generated and isinstance(ins.pk, int):
+            if mapper.pk.generated and isinstance(ins.pk, int) and mapper.shard_key is None:
                 seq = mapper.keys.seq()
                 prev = seqmax.get(seq)
                 if prev is None or prev.value < ins.pk:
@@ -392,18 +403,25 @@ def plan_flush(
                 fields.extend((name, enc))
         fields.extend((VERSION_FIELD, b"1"))
         b.additions.append(("HSET", ins.key, *fields))
-        b.expect_type(mapper.keys.all(), "zset")
+        ks = _ks(ins)
+        b.expect_type(ks.all(), "zset")
         # A generated id's placeholder segment also stands in for its score: once the
         # counter answers, both become the same decimal text (see `bind_placeholders`).
         pk_score = ins.segment if ins.pk is None else _all_score(mapper, ins.pk)
-        b.additions.append(("ZADD", mapper.keys.all(), pk_score, ins.segment))
+        b.additions.append(("ZADD", ks.all(), pk_score, ins.segment))
         for col in mapper.indexed_columns:
             b.add_index_entries(
-                mapper, col, ins.values.get(col.key), ins.encoded.get(col.key), ins.segment, st
+                mapper,
+                ks,
+                col,
+                ins.values.get(col.key),
+                ins.encoded.get(col.key),
+                ins.segment,
+                st,
             )
             enc = ins.encoded.get(col.key)
             if col.foreign_key is not None and enc is not None:
-                fk_key = mapper.keys.foreign(col.key, keys.escape(enc))
+                fk_key = ks.foreign(col.key, keys.escape(enc))
                 b.expect_type(fk_key, "zset")
                 score = (
                     ins.segment
@@ -413,7 +431,7 @@ def plan_flush(
                 b.additions.append(("ZADD", fk_key, score, ins.segment))
 
     if work is not None:
-        _plan_relationships(b, work, segments, new_pks)
+        _plan_relationships(b, work, segments, new_pks, spaces)
     b.checks.extend(seqmax.values())
     for uq, (st, field, value, segment) in b.claims.items():
         b.watch[uq] = None
@@ -516,9 +534,17 @@ def _current_value(st: InstanceState, u: UpdateTask, name: str) -> Any:
     return None if raw is None or codec is None else codec.decode(raw)
 
 
+def _ks(task: InsertTask | UpdateTask | DeleteTask) -> KeySpace:
+    """The keyspace of a task's object (its shard's, for a sharded model)."""
+    if task.ks is not None:
+        return task.ks
+    return task.state.mapper.keys_for_pk(task.state.pk)
+
+
 def _update_foreign_keys(b: _Builder, u: UpdateTask) -> None:
     st = u.state
     mapper = st.mapper
+    ks = _ks(u)
     for col in mapper.indexed_columns:
         if col.foreign_key is None:
             continue
@@ -529,9 +555,9 @@ def _update_foreign_keys(b: _Builder, u: UpdateTask) -> None:
         old = st.loaded.get(col.key)
         new = u.changes[col.key][1] if moved else old
         if moved and old is not None:
-            b.removals.append(("ZREM", mapper.keys.foreign(col.key, keys.escape(old)), u.segment))
+            b.removals.append(("ZREM", ks.foreign(col.key, keys.escape(old)), u.segment))
         if new is not None:
-            fk_key = mapper.keys.foreign(col.key, keys.escape(new))
+            fk_key = ks.foreign(col.key, keys.escape(new))
             b.expect_type(fk_key, "zset")
             order_value = _current_value(st, u, col.order_column) if col.order_column else None
             b.additions.append(
@@ -540,11 +566,19 @@ def _update_foreign_keys(b: _Builder, u: UpdateTask) -> None:
 
 
 def _plan_relationships(
-    b: _Builder, work: RelationshipWork, segments: dict[int, str], new_pks: dict[int, Any]
+    b: _Builder,
+    work: RelationshipWork,
+    segments: dict[int, str],
+    new_pks: dict[int, Any],
+    spaces: dict[int, KeySpace],
 ) -> None:
     def seg(st: InstanceState) -> str:
         known = segments.get(id(st))
         return known if known is not None else st.mapper.pk_segment(st.pk)
+
+    def space(st: InstanceState) -> KeySpace:
+        known = spaces.get(id(st))
+        return known if known is not None else st.mapper.keys_for_pk(st.pk)
 
     def pk_score(st: InstanceState) -> str:
         pk = st.pk if st.identity is not None else new_pks.get(id(st))
@@ -563,8 +597,8 @@ def _plan_relationships(
             )
         )
     for link in work.links:
-        a_key = link.a.mapper.keys.relation(link.link_name, seg(link.a))
-        b_key = link.b.mapper.keys.relation(link.reverse_link_name, seg(link.b))
+        a_key = space(link.a).relation(link.link_name, seg(link.a))
+        b_key = space(link.b).relation(link.reverse_link_name, seg(link.b))
         b.expect_type(a_key, "zset")
         b.expect_type(b_key, "zset")
         if link.added:

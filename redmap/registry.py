@@ -30,10 +30,14 @@ class registry:  # noqa: N801 - lowercase like SQLAlchemy's registry
     `registry(prefix="app")` puts every key under the hash tag `{app}`.
     """
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX):
+    def __init__(self, prefix: str = DEFAULT_PREFIX, *, shards: int = 16):
         if not keys.valid_name(prefix):
             raise MappingError(f"registry prefix {prefix!r} may only hold [A-Za-z0-9_.-]")
+        if not 1 <= shards <= 16384:
+            raise MappingError(f"shards must be between 1 and 16384, got {shards}")
         self.prefix = prefix
+        # Models with __shard_key__ spread over this many hash tags ({P|0} ... {P|n-1}).
+        self.shards = shards
         self.mappers: dict[type[Any], Mapper[Any]] = {}
         self._class_names: dict[str, type[Any]] = {}
         self._keyspaces: dict[str, type[Any]] = {}

@@ -10,6 +10,7 @@ pending changes, so the flush can be retried.
 
 from __future__ import annotations
 
+import random
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -109,10 +110,11 @@ class UOWTransaction:
                 self.updates.append(UpdateTask(st, st.mapper.pk_segment(st.pk), st.key, changes))
         seen: dict[str, InstanceState] = {}
         for st in s._pending_states():
-            task = self._insert_task(st)
+            self.inserts.append(self._insert_task(st))
+        self._place_in_shards()
+        for task in self.inserts:
             if not task.generated:
                 self._check_identity(task, seen)
-            self.inserts.append(task)
 
     def _insert_task(self, st: InstanceState) -> InsertTask:
         mapper = st.mapper
@@ -143,13 +145,93 @@ class UOWTransaction:
         if pk is not None:
             mapper.validate_pk(pk)
             segment = mapper.pk_segment(pk)
-            key = mapper.keys.object(segment)
         else:
             # Until the counter answers, a placeholder no escaped id can equal ("#" is
             # never produced by escaping) keeps the objects of one flush apart.
             segment = f"{PLACEHOLDER}{len(self.inserts)}"
-            key = mapper.keys.object(segment)
-        return InsertTask(st, pk, segment, key, values, encoded, generated)
+        ks = mapper.keys if mapper.shard_key is None else None  # shards: _place_in_shards
+        key = "" if ks is None else ks.object(segment)
+        return InsertTask(st, pk, segment, key, values, encoded, generated, ks)
+
+    def _place_in_shards(self) -> None:
+        """Give each new object of a sharded model its shard's keyspace.
+
+        The shard comes from the shard-key value; a value still to be handed out (a
+        foreign key to a new parent) takes the parent's shard; a model sharded by its
+        own generated id joins the shard of the flush's other objects when it has any.
+        """
+        pending = [t for t in self.inserts if t.ks is None]
+        if not pending:
+            return
+        by_state = {id(t.state): t for t in self.inserts}
+        waiting_on = {
+            id(d.child): by_state.get(id(d.target))
+            for d in self.work.deferred
+            if d.column == d.child.mapper.shard_key
+        }
+        for _ in range(len(pending) + 1):
+            left = []
+            for task in pending:
+                shard = self._shard_of(task, waiting_on)
+                if shard is None:
+                    left.append(task)
+                    continue
+                mapper = task.state.mapper
+                if task.pk is not None and mapper.shard_of_pk(task.pk) != shard:
+                    raise ValidationError(
+                        model=mapper.name,
+                        field=mapper.pk.key,
+                        expected=f"an id in shard {shard}",
+                        actual=str(task.pk),
+                        detail="ids of a sharded model carry their shard (id % shards)",
+                    )
+                task.ks = mapper.keys_for_shard(shard)
+                task.key = task.ks.object(task.segment)
+            if not left:
+                return
+            pending = left
+        raise InvalidRequestError("cannot place new objects in shards (circular shard keys)")
+
+    def _shard_of(self, task: InsertTask, waiting_on: dict[int, InsertTask | None]) -> int | None:
+        mapper = task.state.mapper
+        assert mapper.shard_key is not None
+        if id(task.state) in waiting_on:
+            parent = waiting_on[id(task.state)]
+            if parent is None or parent.ks is None:
+                return None
+            return parent.ks.shard
+        if mapper.shard_key == mapper.pk.key:
+            if task.pk is not None:
+                return mapper.shard_of_value(task.pk)
+            return self._flush_shard(mapper)
+        value = task.values.get(mapper.shard_key)
+        if value is None:
+            raise ValidationError(
+                model=mapper.name,
+                field=mapper.shard_key,
+                expected="a shard-key value",
+                actual="None",
+                detail="the shard key picks where the object is stored",
+            )
+        return mapper.shard_of_value(value)
+
+    def _tasks(self) -> list[InsertTask | UpdateTask | DeleteTask]:
+        return [*self.inserts, *self.updates, *self.deletes]
+
+    def _flush_shard(self, mapper: Mapper[Any]) -> int:
+        for t in self._tasks():
+            ks = t.ks
+            if ks is None and t.state.identity is not None:
+                ks = t.state.mapper.keys_for_pk(t.state.pk)
+            if ks is not None and ks.shard is not None and ks.shard < mapper.shards:
+                return int(ks.shard)
+        return random.randrange(mapper.shards)
+
+    def _tag_of(self, st: InstanceState) -> str:
+        for t in self._tasks():
+            if t.state is st and t.ks is not None:
+                return t.ks.tag
+        return st.mapper.keys_for_pk(st.pk).tag
 
     def _check_identity(self, task: InsertTask, seen: dict[str, InstanceState]) -> None:
         mapper = task.state.mapper
@@ -188,16 +270,20 @@ class UOWTransaction:
     def _assign_ids(groups: list[tuple[Mapper[Any], list[InsertTask]]], replies: list[Any]) -> None:
         for (mapper, tasks), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
+                # Not only a wrong type: OOM, NOPERM, READONLY refuse INCRBY as well.
                 raise FlushError(
-                    f"cannot hand out {mapper.name} ids: key {mapper.keys.seq()!r} is not a "
-                    f"counter ({reply}); nothing was written",
+                    f"cannot hand out {mapper.name} ids: Redis refused INCRBY on "
+                    f"{mapper.keys.seq()!r} ({type(reply).__name__}: {reply}); nothing was "
+                    f"written",
                     key=mapper.keys.seq(),
+                    errors=[str(reply)],
                 )
             first = int(reply) - len(tasks) + 1
             for i, task in enumerate(tasks):
-                task.pk = first + i
+                ks = task.ks or mapper.keys
+                task.pk = first + i if ks.shard is None else mapper.shard_id(first + i, ks.shard)
                 task.segment = mapper.pk_segment(task.pk)
-                task.key = mapper.keys.object(task.segment)
+                task.key = ks.object(task.segment)
 
     def _bind_deferred(self) -> None:
         """Fill foreign keys that point at objects whose ids were just handed out."""
@@ -234,14 +320,14 @@ class UOWTransaction:
         self._run()
 
     def _split_by_registry(self) -> list[UOWTransaction]:
-        """One unit of work per registry prefix (one hash slot each), for allow_cross_slot."""
+        """One unit of work per hash tag (registry or shard), for allow_cross_slot."""
         parts: dict[str, UOWTransaction] = {}
 
         def part(st: InstanceState) -> UOWTransaction:
-            prefix = st.mapper.registry.prefix
-            if prefix not in parts:
-                parts[prefix] = UOWTransaction(self.session)
-            return parts[prefix]
+            tag = self._tag_of(st)
+            if tag not in parts:
+                parts[tag] = UOWTransaction(self.session)
+            return parts[tag]
 
         for ins in self.inserts:
             part(ins.state).inserts.append(ins)
@@ -250,26 +336,24 @@ class UOWTransaction:
         for d in self.deletes:
             part(d.state).deletes.append(d)
         for link in self.work.links:
-            if link.a.mapper.registry.prefix != link.b.mapper.registry.prefix:
+            if self._tag_of(link.a) != self._tag_of(link.b):
                 raise CrossSlotError(
                     f"a many-to-many link between {link.a.mapper.name} and "
-                    f"{link.b.mapper.name} spans two registries (two hash slots); nothing "
-                    f"was written"
+                    f"{link.b.mapper.name} spans two hash tags (registries or shards); "
+                    f"nothing was written"
                 )
             part(link.a).work.links.append(link)
         for mc in self.work.member_checks:
             part(mc.state).work.member_checks.append(mc)
         for dk in self.work.deferred:
-            if dk.child.mapper.registry.prefix != dk.target.mapper.registry.prefix:
+            if self._tag_of(dk.child) != self._tag_of(dk.target):
                 raise CrossSlotError(
                     f"{dk.child.mapper.name}.{dk.column} points at a new "
-                    f"{dk.target.mapper.name} of another registry; flush the target first"
+                    f"{dk.target.mapper.name} under another hash tag; flush the target first"
                 )
             part(dk.child).work.deferred.append(dk)
         for key in self.work.drop_keys:
-            owner = next(
-                (p for prefix, p in parts.items() if key.startswith("{" + prefix + "}")), None
-            )
+            owner = next((p for tag, p in parts.items() if key.startswith(tag + ":")), None)
             if owner is not None:
                 owner.work.drop_keys.append(key)
         return list(parts.values())
@@ -281,8 +365,12 @@ class UOWTransaction:
             *self.updates,
             *self.deletes,
         ]
-        first = tasks[0].state.mapper if tasks else self.work.links[0].a.mapper
-        token_key = keys.flush_token_key(first.registry.prefix, token)
+        if tasks:
+            tag = (tasks[0].ks or tasks[0].state.mapper.keys_for_pk(tasks[0].state.pk)).tag
+        else:
+            a = self.work.links[0].a
+            tag = a.mapper.keys_for_pk(a.pk).tag
+        token_key = keys.flush_token_key(tag, token)
         plan = plan_flush(
             self.inserts, self.updates, self.deletes, token_key=token_key, work=self.work
         )
