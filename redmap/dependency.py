@@ -16,7 +16,7 @@ from .attributes import state_of
 from .exc import InvalidRequestError
 from .mapper import mapper_of
 from .relationships import Direction
-from .strategies import link_key, selectin_load
+from .strategies import link_keys, selectin_load
 
 if TYPE_CHECKING:
     from .relationships import RelationshipProperty
@@ -63,12 +63,17 @@ class RelationshipWork:
     deferred: list[DeferredKey] = dataclasses.field(default_factory=list)
 
 
-def _segments(objs: list[Any]) -> set[bytes]:
-    out = set()
-    for obj in objs:
-        st = state_of(obj)
-        if st is not None and st.identity is not None:
-            out.add(st.mapper.pk_segment(st.pk).encode())
+def _read_members(
+    session: Session, pairs: list[tuple[InstanceState, str]]
+) -> dict[str, set[bytes]]:
+    """The members of link zsets as Redis holds them now (one round trip)."""
+    keys_ = list(dict.fromkeys(k for _, k in pairs))
+    replies = session.bind.execute([("ZRANGE", k, 0, -1) for k in keys_])
+    out: dict[str, set[bytes]] = {}
+    for k, reply in zip(keys_, replies, strict=True):
+        if isinstance(reply, Exception):
+            raise InvalidRequestError(f"cannot read {k!r}: {reply}")
+        out[k] = set(reply)
     return out
 
 
@@ -113,10 +118,16 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                 if prop.direction is Direction.MANYTOONE:
                     continue
                 selectin_load(session, states, prop)
+                current = _read_members(
+                    session, [(st, k) for st in states for k in link_keys(st, prop)]
+                )
                 for st in states:
                     members = list(st.obj.__dict__.get(prop.key) or [])
-                    key = link_key(st, prop)
-                    work.member_checks.append(MemberCheck(key, _segments(members), st))
+                    keys_ = link_keys(st, prop)
+                    for k in keys_:
+                        # What Redis holds now must still be there at EXEC.
+                        work.member_checks.append(MemberCheck(k, current[k], st))
+                    key = keys_[0]
                     if prop.direction is Direction.ONETOMANY:
                         _detach_children(session, st, prop, members)
                     else:
@@ -163,7 +174,8 @@ def _unlink_hidden(
     if source_mapper is None:
         return
     keys = [
-        st.mapper.keys.relation(src.reverse_link_name, st.mapper.pk_segment(st.pk)) for st in states
+        st.mapper.keys_for_pk(st.pk).relation(src.reverse_link_name, st.mapper.pk_segment(st.pk))
+        for st in states
     ]
     replies = session.bind.execute([("ZRANGE", k, 0, -1) for k in keys])
     for st, key, reply in zip(states, keys, replies, strict=True):

@@ -22,15 +22,25 @@ if TYPE_CHECKING:
     from .session import Session
     from .state import InstanceState
 
-__all__ = ["link_key", "load_relationship", "selectin_for", "selectin_load"]
+__all__ = ["link_keys", "load_relationship", "selectin_for", "selectin_load"]
 
 
-def link_key(state: InstanceState, prop: RelationshipProperty) -> str:
-    """The zset listing the targets of a list relationship of one persistent object."""
+def link_keys(state: InstanceState, prop: RelationshipProperty) -> list[str]:
+    """The zsets listing the targets of a list relationship of one persistent object.
+
+    One key, except for a one-to-many whose children are sharded by another field:
+    each shard then holds the part of the list that lives there.
+    """
     seg = state.mapper.pk_segment(state.pk)
     if prop.direction is Direction.ONETOMANY:
-        return mapper_of(prop.target).keys.foreign(prop.fk_column, seg)
-    return state.mapper.keys.relation(prop.link_name, seg)
+        child = mapper_of(prop.target)
+        if child.shard_key is None:
+            return [child.keys.foreign(prop.fk_column, seg)]
+        if child.shard_key == prop.fk_column:
+            ks = child.keys_for_shard(child.shard_of_value(state.pk))
+            return [ks.foreign(prop.fk_column, seg)]
+        return [ks.foreign(prop.fk_column, seg) for ks in child.all_keyspaces()]
+    return [state.mapper.keys_for_pk(state.pk).relation(prop.link_name, seg)]
 
 
 def _ids(target_mapper: Any, reply: Any) -> list[Any]:
@@ -75,8 +85,27 @@ def selectin_load(
                 target = None if tst is None or tst.deleted else tst.obj
             st.obj.__dict__[prop.key] = target
         return
-    replies = session.bind.execute([("ZRANGE", link_key(st, prop), 0, -1) for st in states])
-    per_state = [_ids(target_mapper, r) for r in replies]
+    keys_per_state = [link_keys(st, prop) for st in states]
+    fanned = any(len(k) > 1 for k in keys_per_state)
+    cmds: list[tuple[Any, ...]] = [
+        ("ZRANGE", k, 0, -1, *(("WITHSCORES",) if fanned else ()))
+        for keys_ in keys_per_state
+        for k in keys_
+    ]
+    replies = iter(session.bind.execute(cmds))
+    per_state = []
+    for keys_ in keys_per_state:
+        if not fanned:
+            per_state.append(_ids(target_mapper, next(replies)))
+            continue
+        merged: list[tuple[float, bytes]] = []
+        for _ in keys_:
+            reply = next(replies)
+            if isinstance(reply, Exception):
+                raise InvalidRequestError(f"cannot read a relationship: {reply}")
+            merged.extend((float(score), member) for member, score in reply)
+        merged.sort()
+        per_state.append(_ids(target_mapper, [m for _, m in merged]))
     wanted_all: dict[Any, None] = {}
     for ids in per_state:
         wanted_all.update(dict.fromkeys(ids))

@@ -231,7 +231,14 @@ class Dialect:
                     except (rex.ConnectionError, rex.TimeoutError, OSError):
                         broken = True
                         raise
-                    plan.writes = plan.bind_ids(id_replies)
+                    try:
+                        plan.writes = plan.bind_ids(id_replies)
+                    except BaseException:
+                        # Refused (OOM, wrong type, ...): the connection goes back to the
+                        # pool, so it must not keep this flush's WATCH (a later MULTI on
+                        # it, such as a query, would fail when a watched key changes).
+                        broken = not self._unwatch_quietly(conn)
+                        raise
                     plan.allocations = []
                 sent_at = time.monotonic()
                 try:
@@ -274,9 +281,13 @@ class Dialect:
                     conn.disconnect()  # type: ignore[no-untyped-call]
             pool.release(conn)
 
-    def _unwatch_quietly(self, conn: Any) -> None:
-        with contextlib.suppress(rex.ConnectionError, rex.TimeoutError, OSError):
+    def _unwatch_quietly(self, conn: Any) -> bool:
+        """UNWATCH; False when the connection failed (disconnect it, do not reuse it)."""
+        try:
             self._round_trip(conn, [("UNWATCH",)])
+        except (rex.ConnectionError, rex.TimeoutError, OSError):
+            return False
+        return True
 
     def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
         self._hook(commands)
