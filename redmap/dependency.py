@@ -183,7 +183,7 @@ def _unlink_hidden(
             raise InvalidRequestError(f"cannot read {key!r}: {reply}")
         work.member_checks.append(MemberCheck(key, set(reply), st))
         for seg in reply:
-            pk = source_mapper.pk_from_segment(seg.decode())
+            pk = source_mapper.pk_from_segment(seg)
             owner = session.get(source_mapper.class_, pk)
             ost = state_of(owner) if owner is not None else None
             if ost is not None:
@@ -217,8 +217,8 @@ def _set_fk(
     session: Session, child: InstanceState, column: str, target: Any, work: RelationshipWork
 ) -> None:
     if target is None:
-        if child.obj.__dict__.get(column) is not None:
-            setattr(child.obj, column, None)
+        # Clearing a relationship clears the key at once (relationship_events); a None
+        # that was never set (the dataclass default) leaves a key set by hand alone.
         return
     tst = state_of(target)
     if tst is None or tst.session is not session:

@@ -64,6 +64,10 @@ class Engine:
         """One MULTI/EXEC round trip of commands (queries)."""
         return self.dialect.execute_transaction(commands)
 
+    def execute_transactions(self, groups: Sequence[Sequence[Command]]) -> list[list[Any]]:
+        """Several MULTI/EXEC groups (a query fanned out over shards)."""
+        return self.dialect.execute_transactions(groups)
+
     def flush(self, plan: FlushPlan) -> None:
         """Apply a flush plan atomically (see `Dialect.execute_flush`)."""
         self.dialect.execute_flush(plan)

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# `\Z`, not `$`: "$" also matches before a trailing newline.
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _HEX = "0123456789ABCDEF"
 # A precomputed table keeps escaping one dict lookup per byte on the hot path.
 _ESCAPE_TABLE = [chr(b) if b in _SAFE else f"%{_HEX[b >> 4]}{_HEX[b & 15]}" for b in range(256)]
@@ -81,7 +82,12 @@ def unescape(segment: str) -> bytes:
             pair = segment[i + 1 : i + 3]
             if len(pair) != 2 or any(c not in _HEX for c in pair):
                 raise ValueError(f"bad escape in {segment!r}")
-            out.append(int(pair, 16))
+            byte = int(pair, 16)
+            if byte in _SAFE:
+                # escape() keeps safe bytes as they are: "%41" is not how "A" is written,
+                # and accepting it would let two segments stand for one id.
+                raise ValueError(f"non-canonical escape in {segment!r}")
+            out.append(byte)
             i += 3
         elif ch.isascii() and ord(ch) in _SAFE:
             out.append(ord(ch))

@@ -92,9 +92,11 @@ def load_instance(
                 return st.obj
             for name in unloaded:
                 d[name] = values[name]
-            if st.modified and version != st.version:
-                # Pending changes were made against the version loaded earlier: keep
-                # that version so the flush still detects the concurrent change.
+            if version != st.version and len(unloaded) < len(loaded):
+                # Some attributes were loaded at the earlier version (pending changes, or
+                # values this session flushed while the rest was expired): keep that
+                # version so the object never passes for current while it shows older
+                # values, and a flush still detects the concurrent change.
                 for name in unloaded:
                     st.loaded[name] = loaded[name]
                 return st.obj

@@ -328,14 +328,19 @@ class Mapper(Generic[M]):
         """The escaped key segment for a (validated) primary key."""
         return keys.escape(self._codec(self.pk).encode(pk))
 
-    def pk_from_segment(self, segment: str) -> Any:
-        """The primary key an escaped segment stands for (index members, relation sets)."""
+    def pk_from_segment(self, segment: str | bytes) -> Any:
+        """The primary key an escaped segment stands for (index members, relation sets).
+
+        Takes the member as Redis returned it (bytes) or as text; anything `escape`
+        cannot have produced, non-ASCII bytes included, is a DecodeError.
+        """
         try:
-            raw = keys.unescape(segment)
-        except ValueError as exc:
+            text = segment.decode("ascii") if isinstance(segment, bytes) else segment
+            raw = keys.unescape(text)
+        except ValueError as exc:  # UnicodeDecodeError included
             raise DecodeError(
                 expected=self._codec(self.pk).expected,
-                raw=segment.encode(),
+                raw=segment if isinstance(segment, bytes) else segment.encode(),
                 model=self.name,
                 field=self.pk.key,
                 detail=str(exc),

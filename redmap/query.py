@@ -19,6 +19,7 @@ from . import keys
 from .attributes import FieldAttribute
 from .exc import MultipleResultsFound, NoResultFound, QueryError, RedmapError
 from .expression import BinaryExpression, BooleanClauseList, Ordering
+from .keys import KeySpace
 from .mapper import ColumnProperty, Mapper, mapper_of
 
 if TYPE_CHECKING:
@@ -122,15 +123,17 @@ class ScalarResult(Generic[M]):
 class _Compiler:
     """Builds the commands computing one statement's ids into temporary zsets."""
 
-    def __init__(self, mapper: Mapper[Any]):
+    def __init__(self, mapper: Mapper[Any], ks: KeySpace | None = None):
         self.mapper = mapper
-        self.ks = mapper.keys
+        self.ks = ks or mapper.keys
         self.commands: list[tuple[Any, ...]] = []
         self.temps: list[str] = []
         self._token = uuid.uuid4().hex
 
     def temp(self) -> str:
-        key = keys.meta_key(self.mapper.registry.prefix, f"tmp:{self._token}:{len(self.temps)}")
+        key = keys.meta_key(
+            self.mapper.registry.prefix, f"tmp:{self._token}:{len(self.temps)}", tag=self.ks.tag
+        )
         self.temps.append(key)
         return key
 
@@ -176,6 +179,8 @@ class _Compiler:
         members: list[Any] = []
         for v in values:
             self.mapper.validate_pk(v)
+            if self.mapper.keys_for_pk(v) is not self.ks:
+                continue  # an id of another shard cannot be in this one
             members.extend((0, self.mapper.pk_segment(v)))
         if members:
             self.commands.append(("ZADD", tmp, *members))
@@ -331,24 +336,48 @@ def _single_condition(stmt: Select[Any]) -> BinaryExpression | None:
     return None
 
 
-def _direct_range(stmt: Select[Any]) -> tuple[_Compiler, str, str, str, bool] | None:
+def _target_shards(stmt: Select[Any], mapper: Mapper[Any]) -> list[KeySpace]:
+    """The keyspaces a statement must read: one, unless a sharded model is queried
+    without its shard key (== or in_ at the top level), which fans out to every shard."""
+    if mapper.shard_key is None:
+        return [mapper.keys]
+    wanted: set[int] | None = None
+    for cond in stmt._where:
+        if not isinstance(cond, BinaryExpression):
+            continue
+        attr = cond.attribute
+        if not isinstance(attr, FieldAttribute) or attr.key != mapper.shard_key:
+            continue
+        if cond.op == "==" and cond.value is not None:
+            shards = {mapper.shard_of_value(cond.value)}
+        elif cond.op == "in":
+            shards = {mapper.shard_of_value(v) for v in cond.value if v is not None}
+        else:
+            continue
+        wanted = shards if wanted is None else wanted & shards
+    if wanted is None:
+        return list(mapper.all_keyspaces())
+    return [mapper.keys_for_shard(b) for b in sorted(wanted)]
+
+
+def _direct_range(stmt: Select[Any], ks: KeySpace) -> tuple[str, str, str, bool] | None:
     """A lone range condition on the ordering field reads its zset directly:
     `ZRANGE key low high BYSCORE LIMIT`, cost O(log N + page) whatever the matches."""
     cond = _single_condition(stmt)
     if cond is None or cond.op not in _RANGE_OPS:
         return None
-    c = _Compiler(mapper_of(stmt.model))
+    c = _Compiler(mapper_of(stmt.model), ks)
     col = c.column(cond.attribute)
     order_key, desc = c.ordering(stmt)
     if c.range_source(col) != order_key:
         return None
     low, high = c.bounds(col, cond.op, cond.value)
-    return c, order_key, low, high, desc
+    return order_key, low, high, desc
 
 
-def _compile(stmt: Select[Any]) -> tuple[_Compiler, str, bool]:
+def _compile(stmt: Select[Any], ks: KeySpace) -> tuple[_Compiler, str, bool]:
     mapper = mapper_of(stmt.model)
-    c = _Compiler(mapper)
+    c = _Compiler(mapper, ks)
     base = c.conjunction(stmt._where) if stmt._where else None
     order_key, desc = c.ordering(stmt)
     if base is None:
@@ -359,41 +388,83 @@ def _compile(stmt: Select[Any]) -> tuple[_Compiler, str, bool]:
     return c, final, desc
 
 
-def _run(session: Session, c: _Compiler, tail: list[tuple[Any, ...]]) -> list[Any]:
+def _transaction(c: _Compiler, tail: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     cmds: list[tuple[Any, ...]] = [*c.commands, *tail]
     if c.temps:
         cmds.append(("DEL", *c.temps))
+    return cmds
+
+
+def _run_all(
+    session: Session, groups: list[tuple[_Compiler, list[tuple[Any, ...]]]]
+) -> list[list[Any]]:
+    """Run each compiled statement's transaction; the replies of each one's `tail`."""
     try:
-        results = session.bind.execute_transaction(cmds)
+        results = session.bind.execute_transactions([_transaction(c, t) for c, t in groups])
     except RedmapError as exc:
         raise QueryError(f"Redis refused the query: {exc}") from None
-    n = len(c.commands)
-    return results[n : n + len(tail)]
+    out = []
+    for (c, tail), res in zip(groups, results, strict=True):
+        n = len(c.commands)
+        out.append(list(res[n : n + len(tail)]))
+    return out
+
+
+def _page(stmt: Select[Any], desc: bool, fanned: bool) -> tuple[int, int]:
+    """ZRANGE start/stop for one keyspace: the page itself, or on a fan-out everything
+    up to the page's end (each shard's best offset+limit, merged afterwards)."""
+    if fanned:
+        stop = -1 if stmt._limit is None else stmt._offset + stmt._limit - 1
+        return 0, stop
+    start = stmt._offset
+    return start, -1 if stmt._limit is None else start + stmt._limit - 1
+
+
+def _ids_in(session: Session, stmt: Select[Any], spaces: list[KeySpace]) -> list[bytes]:
+    """The ids of the requested page: read from one keyspace, or merged across shards."""
+    fanned = len(spaces) > 1
+    scored = ("WITHSCORES",) if fanned else ()
+    direct = [_direct_range(stmt, ks) for ks in spaces]
+    per_space: list[list[Any]] = []
+    desc = False
+    if all(d is not None for d in direct):
+        cmds = []
+        for d in direct:
+            assert d is not None
+            key, low, high, desc = d
+            start, stop = _page(stmt, desc, fanned)
+            count = -1 if stop == -1 else stop - start + 1
+            by: tuple[Any, ...] = (high, low, "BYSCORE", "REV") if desc else (low, high, "BYSCORE")
+            cmds.append(("ZRANGE", key, *by, "LIMIT", start, count, *scored))
+        replies = session.bind.execute(cmds)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise QueryError(f"Redis refused the query: {r}")
+            per_space.append(list(r))
+    else:
+        groups = []
+        for ks in spaces:
+            c, final, desc = _compile(stmt, ks)
+            start, stop = _page(stmt, desc, fanned)
+            rng: tuple[Any, ...] = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
+            groups.append((c, [(*rng, *scored)]))
+        per_space = [tail[0] for tail in _run_all(session, groups)]
+    if not fanned:
+        return per_space[0]
+    merged = [(float(score), member) for ids in per_space for member, score in ids]
+    # The order one zset would give: by score, then by member bytes (REV reverses both).
+    merged.sort(reverse=desc)
+    end = None if stmt._limit is None else stmt._offset + stmt._limit
+    return [member for _, member in merged[stmt._offset : end]]
 
 
 def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
-    """Ids in one MULTI/EXEC round trip, then the objects in one pipelined round trip."""
+    """Ids in one round trip (per shard read, for a fan-out), then the objects in one."""
     if stmt._limit == 0:
         return ScalarResult([])
-    direct = _direct_range(stmt)
-    if direct is not None:
-        dc, key, low, high, rev = direct
-        count = -1 if stmt._limit is None else stmt._limit
-        by: tuple[Any, ...] = (high, low, "BYSCORE", "REV") if rev else (low, high, "BYSCORE")
-        (ids,) = session.bind.execute([("ZRANGE", key, *by, "LIMIT", stmt._offset, count)])
-        if isinstance(ids, Exception):
-            raise QueryError(f"Redis refused the query: {ids}")
-        pks = [dc.mapper.pk_from_segment(i.decode()) for i in ids]
-        return ScalarResult(_objects_for(session, dc.mapper, pks))
-    c, final, desc = _compile(stmt)
-    start = stmt._offset
-    stop = -1 if stmt._limit is None else start + stmt._limit - 1
-    if stmt._limit == 0:
-        return ScalarResult([])
-    rng: tuple[Any, ...] = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
-    (ids,) = _run(session, c, [rng])
-    mapper = c.mapper
-    pks = [mapper.pk_from_segment(i.decode() if isinstance(i, bytes) else i) for i in ids]
+    mapper = mapper_of(stmt.model)
+    ids = _ids_in(session, stmt, _target_shards(stmt, mapper))
+    pks = [mapper.pk_from_segment(i) for i in ids]
     return ScalarResult(_objects_for(session, mapper, pks))
 
 
@@ -411,33 +482,38 @@ def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> list[
     return out
 
 
-def _direct_count(session: Session, stmt: Select[Any]) -> int | None:
+def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | None:
     """ZCOUNT for a lone range, SCARD for a lone equality: no temporary keys."""
     cond = _single_condition(stmt)
     if cond is None:
         return None
-    c = _Compiler(mapper_of(stmt.model))
+    c = _Compiler(mapper_of(stmt.model), ks)
     col = c.column(cond.attribute)
     if cond.op in _RANGE_OPS:
         low, high = c.bounds(col, cond.op, cond.value)
-        cmd: tuple[Any, ...] = ("ZCOUNT", c.range_source(col), low, high)
-    elif cond.op == "==" and (col.indexed or col.unique) and not col.primary_key:
-        cmd = ("SCARD", c.ks.index(col.key, c._value_segment(col, cond.value)))
-    else:
-        return None
-    (reply,) = session.bind.execute([cmd])
-    if isinstance(reply, Exception):
-        raise QueryError(f"Redis refused the query: {reply}")
-    return int(reply)
+        return ("ZCOUNT", c.range_source(col), low, high)
+    if cond.op == "==" and (col.indexed or col.unique) and not col.primary_key:
+        return ("SCARD", c.ks.index(col.key, c._value_segment(col, cond.value)))
+    return None
 
 
 def execute_count(session: Session, stmt: Select[Any]) -> int:
-    """The number of matches after offset/limit: one round trip."""
-    card = _direct_count(session, stmt)
-    if card is None:
-        c, final, _ = _compile(stmt)
-        (card,) = _run(session, c, [("ZCARD", final)])
-    n = max(0, int(card) - stmt._offset)
+    """The number of matches after offset/limit: one round trip (per shard read)."""
+    spaces = _target_shards(stmt, mapper_of(stmt.model))
+    direct = [_direct_count_command(stmt, ks) for ks in spaces]
+    if all(d is not None for d in direct):
+        replies = session.bind.execute([d for d in direct if d is not None])
+        for r in replies:
+            if isinstance(r, Exception):
+                raise QueryError(f"Redis refused the query: {r}")
+        card = sum(int(r) for r in replies)
+    else:
+        groups = []
+        for ks in spaces:
+            c, final, _ = _compile(stmt, ks)
+            groups.append((c, [("ZCARD", final)]))
+        card = sum(int(tail[0]) for tail in _run_all(session, groups))
+    n = max(0, card - stmt._offset)
     if stmt._limit is not None:
         n = min(n, stmt._limit)
     return n

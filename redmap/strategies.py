@@ -46,7 +46,7 @@ def link_keys(state: InstanceState, prop: RelationshipProperty) -> list[str]:
 def _ids(target_mapper: Any, reply: Any) -> list[Any]:
     if isinstance(reply, Exception):
         raise InvalidRequestError(f"cannot read a relationship: {reply}")
-    return [target_mapper.pk_from_segment(i.decode()) for i in reply]
+    return [target_mapper.pk_from_segment(i) for i in reply]
 
 
 def load_relationship(session: Session, state: InstanceState, prop: RelationshipProperty) -> None:

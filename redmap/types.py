@@ -36,9 +36,10 @@ _EPOCH_ORDINAL = _EPOCH.toordinal()
 _MAX_EXACT_INT = 2**53
 _INT_RE = re.compile(rb"-?[0-9]+")
 # What `Decimal(str)` documents, without the whitespace, underscores and non-ASCII
-# digits it also tolerates: stored text is `str(d)` or close to it.
+# digits it also tolerates: stored text is `str(d)` or close to it. No two ways to
+# split the digits (as "[0-9]+\.?[0-9]*" had): a failed match stays linear in length.
 _DECIMAL_RE = re.compile(
-    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf(?:inity)?|s?nan[0-9]*)",
+    r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?|inf(?:inity)?|s?nan[0-9]*)",
     re.ASCII | re.IGNORECASE,
 )
 # `fromisoformat` (3.11.7) drops an offset whose only non-zero part is microseconds,

@@ -176,6 +176,10 @@ class Dialect:
             results: list[Any] = pipe.execute()
             return results
 
+    def execute_transactions(self, groups: Sequence[Sequence[Command]]) -> list[list[Any]]:
+        """Run several MULTI/EXEC groups; one round trip each unless a dialect can do better."""
+        return [self.execute_transaction(g) for g in groups]
+
     # -- the flush --------------------------------------------------------------------
 
     def _flush_pool(self, plan: FlushPlan) -> ConnectionPool:
@@ -205,6 +209,7 @@ class Dialect:
                     self._unwatch_quietly(conn)
                     raise RetryFlush()
                 if isinstance(replies[0], Exception):
+                    broken = not self._unwatch_quietly(conn)
                     raise FlushError(
                         f"Redis refused WATCH ({replies[0]}); nothing was written",
                         errors=[str(replies[0])],
@@ -226,12 +231,10 @@ class Dialect:
                     # The counters moved past the explicit ids: no SET of them in MULTI.
                     bumped = {a[1] for a in allocations}
                     plan.extra_writes = [w for w in plan.extra_writes if w[1] not in bumped]
+                    # Counters live under the registry's tag, which on a cluster may be
+                    # another node than a sharded flush's: they go through the client.
                     try:
-                        id_replies = self._round_trip(conn, allocations)
-                    except (rex.ConnectionError, rex.TimeoutError, OSError):
-                        broken = True
-                        raise
-                    try:
+                        id_replies = self.execute(allocations)
                         plan.writes = plan.bind_ids(id_replies)
                     except BaseException:
                         # Refused (OOM, wrong type, ...): the connection goes back to the

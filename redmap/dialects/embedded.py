@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ._server import acquire_embedded
-from .base import Dialect, build_standalone_client
+from .base import build_standalone_client
+from .standalone import StandaloneDialect
 
 __all__ = ["DEFAULT_DATADIR", "EmbeddedDialect", "datadir_of"]
 
@@ -29,7 +30,7 @@ def datadir_of(url: str) -> Path:
     return Path(path)
 
 
-class EmbeddedDialect(Dialect):
+class EmbeddedDialect(StandaloneDialect):
     """A redis-server that redmap starts itself, reached over a unix socket."""
 
     name = "embedded"
