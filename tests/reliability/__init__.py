@@ -1,0 +1,1 @@
+"""Reliability suite: races, faults and hostile input against real redis-server processes."""
