@@ -58,7 +58,11 @@ def audit(client: Any, reg: Any) -> AuditReport:
     reg.configure()
     report = AuditReport()
     tag = "{" + reg.prefix + "}:"
-    all_keys = sorted(set(_scan(client, _glob_escape(tag) + "*")))
+    shard_tags = "{" + reg.prefix + "|"
+    all_keys = sorted(
+        set(_scan(client, _glob_escape(tag) + "*"))
+        | set(_scan(client, _glob_escape(shard_tags) + "*"))
+    )
     report.keys = len(all_keys)
     by_space: dict[str, Mapper[Any]] = {m.keyspace: m for m in reg.mappers.values()}
     explained: set[str] = set()
@@ -66,7 +70,7 @@ def audit(client: Any, reg: Any) -> AuditReport:
     objects: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {}
 
     for key in all_keys:
-        rest = key[len(tag) :]
+        rest = key.partition("}:")[2]
         if rest.startswith(("#flush:", "#meta:")):
             explained.add(key)
     for mapper in by_space.values():
@@ -90,10 +94,12 @@ def audit(client: Any, reg: Any) -> AuditReport:
                 default=0,
             )
             current = int(client.get(seq) or 0)
+            if mapper.shard_key is not None:
+                top //= mapper.shards  # ids of sharded models are counter * shards + shard
             if mapper.pk.generated and current < top:
                 report.mismatches.append(f"{seq}: counter {current} is below the highest id {top}")
-        for seg in objects[mapper.keyspace]:
-            explained.add(mapper.keys.object(seg))
+        for seg, (pk, _) in objects[mapper.keyspace].items():
+            explained.add(mapper.keys_for_pk(pk).object(seg))
     for key in all_keys:
         if key not in explained:
             # Empty index containers are deleted by Redis itself, so any leftover key
@@ -106,15 +112,15 @@ def _load_objects(
     client: Any, mapper: Mapper[Any], all_keys: list[str], report: AuditReport
 ) -> dict[str, tuple[Any, dict[str, Any]]]:
     """id segment -> (pk, decoded values) for every object hash of the model."""
-    ks = mapper.keys
-    keys_ = [k for k in all_keys if ks.is_object_key(k)]
+    spaces = mapper.all_keyspaces()
+    keys_ = [(k, ks) for k in all_keys for ks in spaces if ks.is_object_key(k)]
     out: dict[str, tuple[Any, dict[str, Any]]] = {}
     for i in range(0, len(keys_), _BATCH):
         batch = keys_[i : i + _BATCH]
         pipe = client.pipeline(transaction=False)
-        for k in batch:
+        for k, _ in batch:
             pipe.hgetall(k)
-        for k, data in zip(batch, pipe.execute(raise_on_error=False), strict=True):
+        for (k, ks), data in zip(batch, pipe.execute(raise_on_error=False), strict=True):
             seg = ks.id_segment_of(k)
             try:
                 pk = mapper.pk_from_segment(seg)
@@ -145,13 +151,13 @@ def _pk_score(pk: Any) -> float:
 def _expect_indexes(
     mapper: Mapper[Any], objs: dict[str, tuple[Any, dict[str, Any]]], expected: dict[str, Any]
 ) -> None:
-    ks = mapper.keys
-    if objs:
-        expected[ks.all()] = {seg: _pk_score(pk) for seg, (pk, _) in objs.items()}
+    for seg, (pk, _) in objs.items():
+        expected.setdefault(mapper.keys_for_pk(pk).all(), {})[seg] = _pk_score(pk)
     for col in mapper.indexed_columns:
         codec = col.codec
         assert codec is not None
         for seg, (pk, values) in objs.items():
+            ks = mapper.keys_for_pk(pk)
             value = values.get(col.key)
             vseg = keys.NULL_SEGMENT if value is None else keys.escape(codec.encode(value))
             if col.indexed or col.unique:
@@ -187,16 +193,18 @@ def _expect_links(
             if rev is not None and (rev.parent.keyspace, rev.key) < (mapper.keyspace, prop.key):  # type: ignore[union-attr]
                 continue  # the pair is audited once, from its first side
             target = next(m for m in by_space.values() if m.class_ is prop.target)
-            a_prefix = mapper.keys.relation(prop.link_name, "")
-            b_prefix = target.keys.relation(prop.reverse_link_name, "")
+            a_prefixes = [ks.relation(prop.link_name, "") for ks in mapper.all_keyspaces()]
+            b_prefixes = [ks.relation(prop.reverse_link_name, "") for ks in target.all_keyspaces()]
             links: set[tuple[str, str]] = set()
             for key in all_keys:
-                if key.startswith(a_prefix):
-                    for m in client.zrange(key, 0, -1):
-                        links.add((key[len(a_prefix) :], m.decode()))
-                elif key.startswith(b_prefix):
-                    for m in client.zrange(key, 0, -1):
-                        links.add((m.decode(), key[len(b_prefix) :]))
+                for a_prefix in a_prefixes:
+                    if key.startswith(a_prefix):
+                        for m in client.zrange(key, 0, -1):
+                            links.add((key[len(a_prefix) :], m.decode()))
+                for b_prefix in b_prefixes:
+                    if key.startswith(b_prefix):
+                        for m in client.zrange(key, 0, -1):
+                            links.add((m.decode(), key[len(b_prefix) :]))
             a_objs, b_objs = objects[mapper.keyspace], objects[target.keyspace]
             for a, b in sorted(links):
                 if a not in a_objs or b not in b_objs:
@@ -204,12 +212,11 @@ def _expect_links(
                         f"{mapper.name}.{prop.key}: link {a} -> {b} names a missing object"
                     )
                     continue
-                expected.setdefault(mapper.keys.relation(prop.link_name, a), {})[b] = _pk_score(
-                    b_objs[b][0]
-                )
-                expected.setdefault(target.keys.relation(prop.reverse_link_name, b), {})[a] = (
-                    _pk_score(a_objs[a][0])
-                )
+                a_pk, b_pk = a_objs[a][0], b_objs[b][0]
+                a_key = mapper.keys_for_pk(a_pk).relation(prop.link_name, a)
+                b_key = target.keys_for_pk(b_pk).relation(prop.reverse_link_name, b)
+                expected.setdefault(a_key, {})[b] = _pk_score(b_pk)
+                expected.setdefault(b_key, {})[a] = _pk_score(a_pk)
 
 
 def _read(client: Any, key: str, want: Any) -> Any:

@@ -201,6 +201,17 @@ class _Compiler:
                 ("ZUNIONSTORE", tmp, len(srcs), *srcs, "WEIGHTS", *([0] * len(srcs)))
             )
             return tmp
+        if col.foreign_key is not None and all(v is not None for v in values):
+            # A foreign key's per-parent zsets (one-to-many upkeep) answer equality.
+            srcs = [self.ks.foreign(col.key, self._value_segment(col, v)) for v in values]
+            tmp = self.temp()
+            if not srcs:
+                self.commands.append(("DEL", tmp))
+                return tmp
+            self.commands.append(
+                ("ZUNIONSTORE", tmp, len(srcs), *srcs, "WEIGHTS", *([0] * len(srcs)))
+            )
+            return tmp
         if col.sorted:
             parts = []
             for v in values:
