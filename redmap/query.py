@@ -188,30 +188,28 @@ class _Compiler:
         self.commands.append(("ZINTERSTORE", tmp, 2, tmp, self.ks.all(), "WEIGHTS", 0, 0))
         return tmp
 
+    def _union_of(self, sources: list[str]) -> str:
+        """A temporary zset holding every id in `sources` (index sets or zsets), score 0."""
+        tmp = self.temp()
+        if not sources:
+            self.commands.append(("DEL", tmp))  # the empty set
+            return tmp
+        weights = [0] * len(sources)
+        self.commands.append(("ZUNIONSTORE", tmp, len(sources), *sources, "WEIGHTS", *weights))
+        return tmp
+
     def _equal_set(self, col: ColumnProperty, values: tuple[Any, ...]) -> str:
         if col.primary_key:
             return self._pk_set(values)
         if col.indexed or col.unique:
-            srcs = [self.ks.index(col.key, self._value_segment(col, v)) for v in values]
-            tmp = self.temp()
-            if not srcs:
-                self.commands.append(("DEL", tmp))
-                return tmp
-            self.commands.append(
-                ("ZUNIONSTORE", tmp, len(srcs), *srcs, "WEIGHTS", *([0] * len(srcs)))
+            return self._union_of(
+                [self.ks.index(col.key, self._value_segment(col, v)) for v in values]
             )
-            return tmp
         if col.foreign_key is not None and all(v is not None for v in values):
             # A foreign key's per-parent zsets (one-to-many upkeep) answer equality.
-            srcs = [self.ks.foreign(col.key, self._value_segment(col, v)) for v in values]
-            tmp = self.temp()
-            if not srcs:
-                self.commands.append(("DEL", tmp))
-                return tmp
-            self.commands.append(
-                ("ZUNIONSTORE", tmp, len(srcs), *srcs, "WEIGHTS", *([0] * len(srcs)))
+            return self._union_of(
+                [self.ks.foreign(col.key, self._value_segment(col, v)) for v in values]
             )
-            return tmp
         if col.sorted:
             parts = []
             for v in values:
@@ -258,17 +256,7 @@ class _Compiler:
         return low, high
 
     def _union(self, parts: list[str]) -> str:
-        if len(parts) == 1:
-            return parts[0]
-        if not parts:
-            tmp = self.temp()
-            self.commands.append(("DEL", tmp))  # the empty set
-            return tmp
-        tmp = self.temp()
-        self.commands.append(
-            ("ZUNIONSTORE", tmp, len(parts), *parts, "WEIGHTS", *([0] * len(parts)))
-        )
-        return tmp
+        return parts[0] if len(parts) == 1 else self._union_of(parts)
 
     # -- tree --------------------------------------------------------------------------
 
