@@ -537,12 +537,18 @@ def run_in_transaction(
     Up to `retries` retries after the first attempt, with a short randomized
     back-off so that competing writers spread out; the last StaleDataError is
     re-raised when they run out.
+
+    Autoflush is off while `fn` runs: every change `fn` makes goes into the one
+    commit at the end, so a retried attempt can never find part of an earlier one
+    already written. Queries inside `fn` therefore see what Redis holds, not `fn`'s
+    own pending changes.
     """
     attempt = 0
     while True:
         with session_factory() as session:
             try:
-                result = fn(session)
+                with session.no_autoflush:
+                    result = fn(session)
                 session.commit()
                 return result
             except StaleDataError:
