@@ -476,11 +476,19 @@ def bind_placeholders(writes: list[Command], ids: dict[str, str]) -> list[Comman
     """
 
     def fix(arg: Any) -> Any:
-        if isinstance(arg, str) and PLACEHOLDER in arg:
-            return _PLACEHOLDER_RE.sub(lambda m: ids[m.group(0)], arg)
-        return arg
+        if type(arg) is not str or PLACEHOLDER not in arg:
+            return arg
+        # Fast paths: a member or score is the placeholder itself; a key ends with it.
+        whole = ids.get(arg)
+        if whole is not None:
+            return whole
+        head, sep, tail = arg.rpartition(":")
+        last = ids.get(tail)
+        if last is not None:
+            return head + sep + last
+        return _PLACEHOLDER_RE.sub(lambda m: ids[m.group(0)], arg)
 
-    return [tuple(fix(a) for a in cmd) for cmd in writes]
+    return [tuple([fix(a) for a in cmd]) for cmd in writes]
 
 
 _VARIADIC = {"SADD": 1, "SREM": 1, "ZADD": 2, "ZREM": 1}
