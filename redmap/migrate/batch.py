@@ -219,6 +219,10 @@ class MigrationRun:
         self.dry_run = dry_run
         self._recorded: dict[str, str] | None = None
         self._generation: int | None = None
+        # The shard an operation on a sharded model is visiting (see RedisOperations.invoke).
+        self.shard: int | None = None
+        # Redis Cluster: keys of different hash tags cannot meet in one script.
+        self.clustered = False
         self._shas: dict[str, str] = {}
 
     # -- models ------------------------------------------------------------------------
@@ -230,15 +234,32 @@ class MigrationRun:
             by_keyspace = None
             for mapper in self.registry.mappers.values():
                 if mapper.name == model:
-                    return Target(model, mapper.keys, mapper)
+                    return Target(model, self._keys_of(mapper), mapper)
                 if mapper.keyspace == model:
                     by_keyspace = mapper
             if by_keyspace is not None:
-                return Target(model, by_keyspace.keys, by_keyspace)
+                return Target(model, self._keys_of(by_keyspace), by_keyspace)
         keyspace = self.recorded_keyspaces().get(model, model)
         if not keys.valid_name(keyspace):
             raise MigrationError(f"no model or keyspace named {model!r}")
         return Target(model, keys.KeySpace(self.prefix, keyspace))
+
+    def sharded_mapper(self, model: str) -> Mapper[Any] | None:
+        """The registry's mapper for `model` when that model has a shard key."""
+        if self.registry is None:
+            return None
+        self.registry.configure()
+        for mapper in self.registry.mappers.values():
+            if model in (mapper.name, mapper.keyspace) and mapper.shard_key is not None:
+                return mapper
+        return None
+
+    def _keys_of(self, mapper: Mapper[Any]) -> keys.KeySpace:
+        if mapper.shard_key is None:
+            return mapper.keys
+        if self.shard is None:
+            raise MigrationError(f"{mapper.name} is sharded: operations visit one shard at a time")
+        return mapper.keys_for_shard(self.shard)
 
     def recorded_keyspaces(self) -> dict[str, str]:
         """Class name -> keyspace of the models in the layout recorded at the last upgrade."""

@@ -145,6 +145,7 @@ class RedisEnvironment:
             batch_size=self.batch_size,
             dry_run=self.dry_run,
         )
+        run.clustered = self.engine.dialect.supports_cluster
         return RedisOperations(run)
 
     def compare(self) -> list[str]:

@@ -341,6 +341,9 @@ def drop_index(operations: Operations, op: DropIndex) -> None:
 def rename_model(operations: Operations, op: RenameModel) -> None:
     """RENAME every key of the old keyspace to the new one; keys already moved are skipped."""
     run = _run(operations)
+    for name in (op.old_keyspace, op.new_keyspace):
+        if run.sharded_mapper(name) is not None:
+            raise MigrationError(f"{op.summary()}: renaming a sharded model is not supported yet")
     old = keys.KeySpace(run.prefix, op.old_keyspace)
     new = keys.KeySpace(run.prefix, op.new_keyspace)
     conflicts: list[str] = []

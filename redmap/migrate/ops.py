@@ -251,12 +251,33 @@ class RedisOperations(Operations):
         self.position = 0
 
     def invoke(self, operation: MigrateOperation) -> Any:
-        """Run `operation`; while collecting for a dry run, bind the counts to report."""
+        """Run `operation`; while collecting for a dry run, bind the counts to report.
+
+        An operation on a sharded model runs once per shard, each visit seeing that
+        shard's keys (a registry's shards are separate hash tags).
+        """
         if not self.collecting:
             self.position += 1
         elif isinstance(operation, RedisOperation) and getattr(self.context, "dry_run", False):
             operation.bind(self.context)
-        return super().invoke(operation)
+        run = self.context
+        model = getattr(operation, "model", None)
+        mapper = run.sharded_mapper(model) if model and hasattr(run, "sharded_mapper") else None
+        if mapper is None or self.collecting:
+            return super().invoke(operation)
+        if isinstance(operation, Transform) and getattr(run, "clustered", False):
+            raise MigrationError(
+                f"{operation.summary()}: transform of a sharded model is not supported on a "
+                f"cluster yet (its exactly-once checkpoints live under the registry's tag)"
+            )
+        result = None
+        try:
+            for shard in range(mapper.shards):
+                run.shard = shard
+                result = super().invoke(operation)
+        finally:
+            run.shard = None
+        return result
 
     def add_field(self, model: str, name: str, default: Any = None) -> None:
         """Store `default` in field `name` of every object lacking it (None stores nothing)."""
