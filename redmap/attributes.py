@@ -138,12 +138,22 @@ class RelationshipAttribute:
                     collection_added(obj, self.prop, item)
             return
         old_value = d.get(self.key)
+        # A persistent object whose many-to-one is not loaded but whose stored foreign key
+        # points somewhere: setting None must still clear the key (and make an orphan),
+        # even if the target is not in the session. (Not for a new object, whose
+        # constructor sets the relationship's None default after an explicit key.)
+        st = state_of(obj)
+        points = (
+            self.key not in d
+            and st is not None
+            and st.identity is not None
+            and d.get(self.prop.fk_column or "") is not None
+        )
         if self.key not in d:
-            st = state_of(obj)
             if st is not None and st.session is not None and self.prop.target is not None:
                 old_value = st.session._peek_many_to_one(st, self.prop)
         d[self.key] = value
-        if (value is not None or old_value is not None) and _configured(self.prop):
+        if (value is not None or old_value is not None or points) and _configured(self.prop):
             scalar_set(obj, self.prop, old_value, value)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .attributes import state_of
-from .exc import InvalidRequestError
+from .exc import InvalidRequestError, StaleDataError
 from .mapper import mapper_of
 from .relationships import Direction
 from .strategies import link_keys, selectin_load
@@ -92,10 +92,14 @@ def _orphans(session: Session) -> None:
         st = state_of(item)
         if st is None or st.session is not session or st.deleted:
             continue
-        if item.__dict__.get(prop.fk_column) is not None:
-            continue  # re-parented since it was removed
+        # Re-parented since it was removed? The many-to-one says so when loaded (the key
+        # column may still hold a parent it was moved away from before the removal);
+        # otherwise the key column does.
         reverse = prop.reverse
-        if reverse is not None and item.__dict__.get(reverse.key) is not None:
+        if reverse is not None and reverse.key in item.__dict__:
+            if item.__dict__[reverse.key] is not None:
+                continue
+        elif item.__dict__.get(prop.fk_column) is not None:
             continue
         if st.identity is None:
             session.expunge(item)
@@ -121,6 +125,7 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                 current = _read_members(
                     session, [(st, k) for st in states for k in link_keys(st, prop)]
                 )
+                pointing = _pointing(session, prop)
                 for st in states:
                     members = list(st.obj.__dict__.get(prop.key) or [])
                     keys_ = link_keys(st, prop)
@@ -128,6 +133,8 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                         # What Redis holds now must still be there at EXEC.
                         work.member_checks.append(MemberCheck(k, current[k], st))
                     key = keys_[0]
+                    listed = set().union(*(current[k] for k in keys_))
+                    members = _members_at_flush(session, st, prop, members, listed, pointing)
                     if prop.direction is Direction.ONETOMANY:
                         _detach_children(session, st, prop, members)
                     else:
@@ -147,6 +154,100 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                 _unlink_hidden(session, states, src, work)
 
 
+def _members_at_flush(
+    session: Session,
+    st: InstanceState,
+    prop: RelationshipProperty,
+    members: list[Any],
+    listed: set[bytes],
+    pointing: dict[Any, list[InstanceState]],
+) -> list[Any]:
+    """What a deleted object's list holds once this flush applies, not as last loaded.
+
+    Redis's members (`listed`, checked again under WATCH) are loaded when the session
+    lacks them, so a member someone else added since the list was loaded is not left
+    pointing at a deleted object. For a one-to-many, each child counts by where the
+    session points it: the children it added (new ones included) are in, the ones it
+    moved away are out; a child Redis lists here that the session holds unchanged but
+    pointing elsewhere was loaded before it was moved: StaleDataError.
+    """
+    target = mapper_of(prop.target)
+    pks = [target.pk_from_segment(seg) for seg in sorted(listed)]
+    session._ensure_loaded(target, pks)
+    out: dict[int, Any] = {id(o): o for o in members}
+    in_redis: set[int] = set()
+    for pk in pks:
+        tst = session._identity_map.get((prop.target, pk))
+        if tst is not None and not tst.deleted:
+            in_redis.add(id(tst.obj))
+            out.setdefault(id(tst.obj), tst.obj)
+    if prop.direction is not Direction.ONETOMANY:
+        return list(out.values())
+    for cst in [*pointing.get(("obj", id(st.obj)), ()), *pointing.get(("pk", st.pk), ())]:
+        out.setdefault(id(cst.obj), cst.obj)
+    children = []
+    for obj in out.values():
+        cst = state_of(obj)
+        if cst is None or cst.deleted:
+            continue
+        pointer, moved = _pointer(cst, prop)
+        if pointer is _UNKNOWN:
+            if id(obj) in in_redis:
+                children.append(obj)
+        elif pointer is st.obj or (pointer is not None and pointer == st.pk):
+            children.append(obj)
+        elif id(obj) in in_redis and not moved:
+            raise StaleDataError(
+                f"{cst.mapper.name}({cst.pk!r}) is a child of the deleted "
+                f"{st.mapper.name}({st.pk!r}) in Redis but not as this session loaded it; "
+                f"nothing was written",
+                objects=[obj],
+                keys=[cst.key] if cst.key else [],
+            )
+    return children
+
+
+def _pointing(session: Session, prop: RelationshipProperty) -> dict[Any, list[InstanceState]]:
+    """The session's objects on the many side of a one-to-many, by where they point:
+    ("obj", id(parent)) or ("pk", parent primary key)."""
+    out: dict[Any, list[InstanceState]] = {}
+    if prop.direction is not Direction.ONETOMANY:
+        return out
+    for cst in [*session._pending_states(), *session._identity_map.states()]:
+        if cst.mapper.class_ is not prop.target or cst.deleted:
+            continue
+        pointer, _ = _pointer(cst, prop)
+        if pointer is _UNKNOWN or pointer is None:
+            continue
+        if isinstance(pointer, (int, str)) or not hasattr(pointer, "__dict__"):
+            out.setdefault(("pk", pointer), []).append(cst)
+        else:
+            out.setdefault(("obj", id(pointer)), []).append(cst)
+    return out
+
+
+_UNKNOWN = object()
+
+
+def _pointer(cst: InstanceState, prop: RelationshipProperty) -> tuple[Any, bool]:
+    """Where a child points through `prop`'s foreign key as the session holds it (the
+    related object, a primary key, None, or _UNKNOWN when not loaded), and whether the
+    session changed it since loading."""
+    d = cst.obj.__dict__
+    reverse = prop.reverse
+    codec = cst.mapper.columns[prop.fk_column].codec
+    raw = cst.loaded.get(prop.fk_column)
+    loaded = None if raw is None or codec is None or cst.identity is None else codec.decode(raw)
+    if reverse is not None and reverse.key in d:
+        target = d[reverse.key]
+        tst = state_of(target) if target is not None else None
+        pk = None if tst is None else tst.pk
+        return target, cst.identity is None or pk != loaded or (target is not None and pk is None)
+    if prop.fk_column in d:
+        return d[prop.fk_column], cst.identity is None or d[prop.fk_column] != loaded
+    return _UNKNOWN, False
+
+
 def _detach_children(
     session: Session, st: InstanceState, prop: RelationshipProperty, children: list[Any]
 ) -> None:
@@ -155,7 +256,10 @@ def _detach_children(
         if cst is None or cst.deleted:
             continue
         if "delete" in prop.cascade:
-            session.delete(child)
+            if cst.identity is None:
+                session.expunge(child)  # a new child of a deleted parent is never written
+            else:
+                session.delete(child)
         else:
             # As SQLAlchemy does without a delete cascade: the children stay, orphaned.
             if prop.reverse is not None:
@@ -208,8 +312,10 @@ def _sync_foreign_keys(session: Session, work: RelationshipWork) -> None:
                 _set_fk(session, st, prop.fk_column, d[prop.key], work)
             elif prop.direction is Direction.ONETOMANY:
                 for child in d[prop.key] or ():
+                    # A child the flush dropped (a new orphan, expunged) is written by
+                    # nothing, so its key is not either, though the list still holds it.
                     cst = state_of(child)
-                    if cst is not None and not cst.deleted:
+                    if cst is not None and not cst.deleted and cst.session is session:
                         _set_fk(session, cst, prop.fk_column, obj, work)
 
 
@@ -247,7 +353,13 @@ def _links(session: Session, work: RelationshipWork) -> None:
         a, b = state_of(owner), state_of(item)
         if a is None or b is None or a.session is not session or b.session is not session:
             continue
-        net[(id(a), prop.link_name, id(b))] = LinkChange(
+        if a.deleted or b.deleted:
+            continue  # the delete removes every link of the object, this one included
+        # One link, whichever side changed it: the last change wins (an append on one
+        # side then a remove on the other must not leave the link in place).
+        key = min((id(a), prop.link_name, id(b)), (id(b), prop.reverse_link_name, id(a)))
+        net.pop(key, None)
+        net[key] = LinkChange(
             added, a, prop.link_name, b, prop.reverse_link_name
         )
     work.links.extend(net.values())

@@ -17,7 +17,7 @@ from . import keys
 from .dialects.base import Command
 from .exc import FlushError, IntegrityError, StaleDataError, ValidationError
 from .keys import KeySpace
-from .mapper import VERSION_FIELD, ColumnProperty, Mapper
+from .mapper import VERSION_FIELD, ColumnProperty, Mapper, mapper_of
 
 if TYPE_CHECKING:
     from .dependency import RelationshipWork
@@ -153,7 +153,7 @@ class FlushPlan:
                         value=check.value,
                         key=check.key,
                     )
-            elif check.kind == "exists":
+            elif check.kind in ("exists", "target"):
                 if not reply:
                     stale.append(check)
             elif check.kind == "members":
@@ -176,7 +176,11 @@ class FlushPlan:
         if stale:
             objs = [c.state.obj for c in stale if c.state is not None]
             desc = ", ".join(
-                f"{c.state.mapper.name}({c.value!r})" for c in stale if c.state is not None
+                f"the {c.expected}({c.value!r}) that {c.state.mapper.name}.{c.field} points at"
+                if c.kind == "target"
+                else f"{c.state.mapper.name}({c.value!r})"
+                for c in stale
+                if c.state is not None
             )
             return StaleDataError(
                 f"{desc} changed or was deleted since it was loaded; nothing was written",
@@ -333,6 +337,7 @@ def plan_flush(
         segments[id(t.state)] = t.segment
         spaces[id(t.state)] = _ks(t)
     new_pks = {id(t.state): t.pk for t in inserts}
+    new_keys = {t.key for t in inserts}
     deleted_keys = {d.key for d in deletes}
     seqmax: dict[str, Check] = {}
 
@@ -372,7 +377,7 @@ def plan_flush(
                     mapper, ks, col, st.loaded.get(name), u.segment, replaced=True
                 )
                 b.add_index_entries(mapper, ks, col, value, enc, u.segment, st)
-        _update_foreign_keys(b, u)
+        _update_foreign_keys(b, u, new_keys)
         if dels:
             b.additions.append(("HDEL", u.key, *dels))
         # The version is checked under WATCH, so the new one can be set, not incremented.
@@ -421,6 +426,7 @@ def plan_flush(
             )
             enc = ins.encoded.get(col.key)
             if col.foreign_key is not None and enc is not None:
+                _expect_target(b, st, col, ins.values.get(col.key), new_keys)
                 fk_key = ks.foreign(col.key, keys.escape(enc))
                 b.expect_type(fk_key, "zset")
                 score = (
@@ -549,7 +555,30 @@ def _ks(task: InsertTask | UpdateTask | DeleteTask) -> KeySpace:
     return task.state.mapper.keys_for_pk(task.state.pk)
 
 
-def _update_foreign_keys(b: _Builder, u: UpdateTask) -> None:
+def _expect_target(
+    b: _Builder,
+    st: InstanceState,
+    col: ColumnProperty,
+    value: Any,
+    new_keys: set[str] = frozenset(),  # type: ignore[assignment]
+) -> None:
+    """A foreign key written by this flush must name an object that exists at EXEC (as
+    many-to-many link ends must): one deleted meanwhile makes the flush stale instead of
+    leaving the key, and the parent's list of children, pointing at nothing."""
+    if value is None or col.foreign_key is None:
+        return
+    target = mapper_of(col.foreign_key.target)
+    key = target.object_key(value)
+    if key in new_keys or key in b.watch:
+        return  # inserted by this flush, or already checked by it (version check)
+    b.watch[key] = None
+    b.checks.append(
+        Check("target", key, ("EXISTS", key), expected=target.name, state=st, field=col.key,
+              value=value)
+    )
+
+
+def _update_foreign_keys(b: _Builder, u: UpdateTask, new_keys: set[str]) -> None:
     st = u.state
     mapper = st.mapper
     ks = _ks(u)
@@ -565,6 +594,8 @@ def _update_foreign_keys(b: _Builder, u: UpdateTask) -> None:
         if moved and old is not None:
             b.removals.append(("ZREM", ks.foreign(col.key, keys.escape(old)), u.segment))
         if new is not None:
+            if moved:
+                _expect_target(b, st, col, u.changes[col.key][0], new_keys)
             fk_key = ks.foreign(col.key, keys.escape(new))
             b.expect_type(fk_key, "zset")
             order_value = _current_value(st, u, col.order_column) if col.order_column else None

@@ -68,7 +68,7 @@ def collection_added(owner: Any, prop: RelationshipProperty, item: Any) -> None:
     """`item` was added to `owner.<prop>` by user code."""
     session = _session_of(owner, item)
     _cascade_add(session, prop, item)
-    if session is not None:
+    if session is not None and _rescues_orphan(prop, item):
         session._orphans.pop(id(item), None)
     reverse = prop.reverse
     if prop.direction is Direction.ONETOMANY:
@@ -87,6 +87,20 @@ def collection_added(owner: Any, prop: RelationshipProperty, item: Any) -> None:
                 other._append_quiet(owner)
         if session is not None:
             session._record_link(owner, prop, item, added=True)
+
+
+def _rescues_orphan(prop: RelationshipProperty, item: Any) -> bool:
+    """Whether adding `item` to a collection undoes its removal from a delete-orphan one.
+
+    As in SQLAlchemy: a new orphan leaves the session when removed and comes back with
+    the save-update cascade of any collection it joins, so it is inserted after all; a
+    persistent orphan is deleted unless it gets a parent again (checked at flush), and
+    joining a team or a tag is not getting one.
+    """
+    if "delete-orphan" in prop.cascade:
+        return True
+    st = state_of(item)
+    return "save-update" in prop.cascade and (st is None or st.identity is None)
 
 
 def collection_removed(owner: Any, prop: RelationshipProperty, item: Any) -> None:

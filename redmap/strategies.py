@@ -56,8 +56,31 @@ def load_relationship(session: Session, state: InstanceState, prop: Relationship
             f"{state.mapper.name}.{prop.key} is lazy='raise' and not loaded; load it with "
             f"a selectin relationship or access it after loading"
         )
+    if prop.direction is Direction.MANYTOONE and _target_in_session(session, state, prop):
+        return
     session._autoflush()
     selectin_load(session, [state], prop)
+
+
+def _target_in_session(session: Session, state: InstanceState, prop: RelationshipProperty) -> bool:
+    """Fill a many-to-one from the identity map when its target is loaded there.
+
+    No I/O is needed, so no autoflush either (as SQLAlchemy's lazy loader): an
+    autoflush compares every JSON field of every object in the session, which made
+    walking N objects' many-to-one attributes cost N squared.
+    """
+    d = state.obj.__dict__
+    if prop.fk_column not in d:
+        return False
+    fk = d[prop.fk_column]
+    if fk is None:
+        d[prop.key] = None
+        return True
+    target = session._identity_map.get((prop.target, fk))
+    if target is None or target.unloaded():
+        return False
+    d[prop.key] = None if target.deleted else target.obj
+    return True
 
 
 def selectin_load(

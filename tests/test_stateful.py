@@ -32,6 +32,7 @@ from redmap import (
 )
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, StaleDataError
+from redmap.persistence import TOKEN_TTL_MS
 
 reg = registry(prefix="sm")
 
@@ -96,8 +97,10 @@ class Tracked:
         # The committed row and version each object was loaded at.
         self.snap: dict[int, Row] = {}
         self.version: dict[int, int] = {}
-        # Objects with unloaded attributes (expired, possibly with pending assignments).
+        # Objects with unloaded attributes, and which of their fields were assigned since
+        # they expired (those stay loaded: pending, or written by this session's flush).
         self.expired: set[int] = set()
+        self.partial: dict[int, set[str]] = {}
         # Assignments since the snapshot (equal values included: they count once the
         # snapshot changes under them).
         self.dirty: dict[int, dict[str, Any]] = {}
@@ -124,6 +127,7 @@ class Tracked:
     def expire_all(self) -> None:
         """Like `Session.expire_all`: everything unloaded, assignments dropped."""
         self.expired = set(self.objs)
+        self.partial.clear()
         self.dirty.clear()
 
     def rollback(self) -> None:
@@ -139,6 +143,7 @@ class Tracked:
         self.version.pop(pk, None)
         self.dirty.pop(pk, None)
         self.expired.discard(pk)
+        self.partial.pop(pk, None)
 
 
 class SessionHistories(RuleBasedStateMachine):
@@ -257,8 +262,17 @@ class SessionHistories(RuleBasedStateMachine):
                 else:
                     assert obj is not None
                     t.objs[pk] = obj
-                t.snap[pk] = self.ref[pk]
-                t.version[pk] = self.ver[pk]
+                kept = t.partial.pop(pk, set())
+                if kept and t.version[pk] != self.ver[pk]:
+                    # Fields assigned while expired, and the object changed since: the
+                    # reload fills the other fields but keeps the old version, so the
+                    # object never passes for current and a flush detects the conflict.
+                    old = t.snap[pk]
+                    values = {f: getattr(old, f) for f in kept}
+                    t.snap[pk] = dataclasses.replace(self.ref[pk], **values)
+                else:
+                    t.snap[pk] = self.ref[pk]
+                    t.version[pk] = self.ver[pk]
                 t.expired.discard(pk)
         assert obj is not None
         assert row_of(obj) == t.view(pk)
@@ -313,6 +327,8 @@ class SessionHistories(RuleBasedStateMachine):
         value = data.draw(VALUES[field], label="value")
         setattr(obj, field, value)
         t.dirty.setdefault(pk, {})[field] = value
+        if pk in t.expired:
+            t.partial.setdefault(pk, set()).add(field)
 
     @rule(who=SESSIONS, data=st.data(), via_get=st.booleans())
     def delete(self, who: str, data: st.DataObject, via_get: bool) -> None:
@@ -518,7 +534,7 @@ class SessionHistories(RuleBasedStateMachine):
                 pipe.get(key)
         replies = pipe.execute()
         for token, ttl in zip(tokens, replies, strict=False):
-            assert 0 < ttl <= 120_000, f"flush token {token} is not short-lived (PTTL {ttl})"
+            assert 0 < ttl <= TOKEN_TTL_MS, f"flush token {token} is not short-lived ({ttl} ms)"
         for (key, want), got in zip(expected.items(), replies[len(tokens):], strict=True):
             assert decoded(got) == want, f"{key}: {got!r} != {want!r}"
 
