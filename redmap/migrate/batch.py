@@ -297,7 +297,7 @@ class MigrationRun:
             return
         if self._generation is None:
             self._generation = self.store.generation()
-        yield self.store.checkpoint_key(self._generation), f"{position}:"
+        yield self.store.checkpoint_key(self._generation, self.shard), f"{position}:"
 
     def estimate(self, operation: RedisOperation) -> str:
         """What `operation` would change, measured now (dry runs; see `impl.estimate`)."""

@@ -339,29 +339,44 @@ def drop_index(operations: Operations, op: DropIndex) -> None:
 
 @RedisOperations.implementation_for(RenameModel)
 def rename_model(operations: Operations, op: RenameModel) -> None:
-    """RENAME every key of the old keyspace to the new one; keys already moved are skipped."""
+    """RENAME every key of the old keyspace to the new one; keys already moved are skipped.
+
+    A sharded model's keys live under its registry's tag (the id counter) and under each
+    shard's tag; every key keeps its tag, so each RENAME stays within one slot.
+    """
     run = _run(operations)
-    for name in (op.old_keyspace, op.new_keyspace):
-        if run.sharded_mapper(name) is not None:
-            raise MigrationError(f"{op.summary()}: renaming a sharded model is not supported yet")
-    old = keys.KeySpace(run.prefix, op.old_keyspace)
-    new = keys.KeySpace(run.prefix, op.new_keyspace)
     conflicts: list[str] = []
     moved = 0
     with translate_errors(run.url), run.messaging.progress(None, op.summary()) as progress:
-        for batch in run.scan(old.object_prefix):
-            run.heartbeat()
-            # The same key under the other keyspace: only the keyspace part differs.
-            moves = [(k, new.object_prefix + k[len(old.object_prefix) :]) for k in batch]
-            conflicts += move_keys(run, moves, counters=[old.seq()])
-            moved += len(moves)
-            progress.advance(len(moves))
+        for old, new in _renamed_spaces(run, op):
+            for batch in run.scan(old.object_prefix):
+                run.heartbeat()
+                # The same key under the other keyspace: only the keyspace part differs.
+                moves = [(k, new.object_prefix + k[len(old.object_prefix) :]) for k in batch]
+                conflicts += move_keys(run, moves, counters=[old.seq()])
+                moved += len(moves)
+                progress.advance(len(moves))
     if conflicts:
         raise MigrationError(
             f"{op.summary()}: {len(conflicts)} keys exist under both keyspaces with different "
             f"data and were left in place: {shown(conflicts)}"
         )
     _report(run, op, f"{moved} keys moved")
+
+
+def _renamed_spaces(
+    run: MigrationRun, op: RenameModel
+) -> list[tuple[keys.KeySpace, keys.KeySpace]]:
+    """(old, new) keyspaces to move: the registry's, then each shard's of a sharded model."""
+    mapper = run.sharded_mapper(op.new_keyspace) or run.sharded_mapper(op.old_keyspace)
+    shards: list[int | None] = [None] if mapper is None else [None, *range(mapper.shards)]
+    return [
+        (
+            keys.KeySpace(run.prefix, op.old_keyspace, shard),
+            keys.KeySpace(run.prefix, op.new_keyspace, shard),
+        )
+        for shard in shards
+    ]
 
 
 @RedisOperations.implementation_for(Transform)
@@ -487,8 +502,9 @@ def estimate(run: MigrationRun, op: RedisOperation) -> str:
     """What `op` would change on the database as it is now, with counts; reads only."""
     with translate_errors(run.url):
         if isinstance(op, RenameModel):
-            ks = keys.KeySpace(run.prefix, op.old_keyspace)
-            return f"would move {_count_keys(run.scan(ks.object_prefix))} keys"
+            spaces = _renamed_spaces(run, op)
+            found = sum(_count_keys(run.scan(old.object_prefix)) for old, _ in spaces)
+            return f"would move {found} keys"
         if isinstance(op, Execute):
             return "would call the function (not measured)"
         if not isinstance(op, _MODEL_OPS):

@@ -265,11 +265,6 @@ class RedisOperations(Operations):
         mapper = run.sharded_mapper(model) if model and hasattr(run, "sharded_mapper") else None
         if mapper is None or self.collecting:
             return super().invoke(operation)
-        if isinstance(operation, Transform) and getattr(run, "clustered", False):
-            raise MigrationError(
-                f"{operation.summary()}: transform of a sharded model is not supported on a "
-                f"cluster yet (its exactly-once checkpoints live under the registry's tag)"
-            )
         result = None
         try:
             for shard in range(mapper.shards):

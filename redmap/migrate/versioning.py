@@ -83,6 +83,8 @@ class RedisVersionStore:
         self.heads_key = _meta(prefix, "heads")
         self.lock_key = _meta(prefix, "lock")
         self.log_key = _meta(prefix, "log")
+        # Shards whose checkpoint sets this store handed out during the current step.
+        self._shard_checkpoints: set[int] = set()
         self._held: str | None = None  # the lock value while this store holds the lock
         self._lost = threading.Event()
 
@@ -111,9 +113,21 @@ class RedisVersionStore:
         """How many steps have completed on this database; names the current checkpoint."""
         return self._state()[1]
 
-    def checkpoint_key(self, generation: int) -> str:
-        """The set recording which objects the step run at `generation` has done."""
-        return _meta(self.prefix, f"done:{generation}")
+    def checkpoint_key(self, generation: int, shard: int | None = None) -> str:
+        """The set recording which objects the step run at `generation` has done.
+
+        A sharded model's objects are marked in a set of their own shard (its hash tag):
+        on a cluster the mark is written in the same script as the object, so both must
+        share a slot.
+        """
+        if shard is None:
+            return _meta(self.prefix, f"done:{generation}")
+        self._shard_checkpoints.add(shard)
+        return self._shard_checkpoint_key(generation, shard)
+
+    def _shard_checkpoint_key(self, generation: int, shard: int) -> str:
+        tag = keys.shard_tag(self.prefix, shard)
+        return keys.meta_key(self.prefix, f"migrate:done:{generation}", tag=tag)
 
     def set_heads(self, heads: tuple[str, ...]) -> None:
         """Store `heads` and start a new generation, dropping the finished step's checkpoints.
@@ -135,6 +149,16 @@ class RedisVersionStore:
         if not done:
             self._lost.set()
             self.check_lock()
+        # Per-shard sets live in other slots than the heads, so they go after the step is
+        # recorded; a set left by a crash here names an old generation and is never read.
+        shards = sorted(self._shard_checkpoints)
+        self._shard_checkpoints.clear()
+        if shards:
+            with translate_errors(self.url):
+                pipe = self.client.pipeline(transaction=False)
+                for shard in shards:
+                    pipe.delete(self._shard_checkpoint_key(generation, shard))
+                pipe.execute()
 
     def record_step(self, revision: str, direction: Direction) -> None:
         """Log the completed step (revision, direction, time, lock owner)."""
