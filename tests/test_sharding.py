@@ -210,3 +210,24 @@ def test_shard_keys_spread_over_cluster_nodes(cluster: ClusterProcesses) -> None
         assert len(nodes) > 1
     finally:
         client.close()
+
+
+def test_fan_out_costs_one_round_trip_per_node(sengine: redmap.Engine) -> None:
+    """A query without the shard key visits every shard, but each node's shards share one
+    round trip (a pipeline of MULTI/EXEC blocks), so the cost follows nodes, not shards."""
+    rows = _seed(sengine)
+    client = _raw(sengine)
+    nodes = len(client.get_primaries()) if sengine.dialect.supports_cluster else 1
+    titles = [f"p{t}-1" for t in range(6)]
+    with Session(sengine) as s, count_round_trips(sengine) as rt:
+        found = s.count(select(Project).where(Project.title.in_(titles)))
+    assert found == 6
+    assert rt.round_trips == nodes
+    with Session(sengine) as s, count_round_trips(sengine) as rt:
+        got = s.scalars(
+            select(Project).where(Project.title.in_(titles)).order_by(Project.score)
+        ).all()
+    assert sorted(p.title for p in got) == sorted(titles)
+    assert [p.score for p in got] == sorted(p.score for p in got)
+    assert len(rows) == 42
+    assert rt.round_trips <= 2 * nodes  # ids per node, then the objects per node

@@ -180,6 +180,41 @@ class Dialect:
         """Run several MULTI/EXEC groups; one round trip each unless a dialect can do better."""
         return [self.execute_transaction(g) for g in groups]
 
+    def _pipelined_transactions(
+        self, client: Any, groups: Sequence[Sequence[Command]]
+    ) -> list[list[Any] | None]:
+        """Each group's EXEC replies, the groups sent as MULTI/EXEC blocks in one pipeline
+        on `client` (one server); None for a block the cluster redirected (it ran nothing).
+        """
+        flat: list[Command] = []
+        for g in groups:
+            flat.extend([("MULTI",), *g, ("EXEC",)])
+        self._hook(flat)
+        with translate_errors(self.url):
+            pipe = client.pipeline(transaction=False)
+            for cmd in flat:
+                pipe.execute_command(*cmd)
+            replies = pipe.execute(raise_on_error=False)
+        out: list[list[Any] | None] = []
+        at = 0
+        for g in groups:
+            block = replies[at : at + len(g) + 2]
+            at += len(g) + 2
+            if _redirected(block):
+                out.append(None)
+                continue
+            exec_reply = block[-1]
+            if isinstance(exec_reply, Exception) or exec_reply is None:
+                errors = [r for r in block if isinstance(r, Exception)]
+                raise RedmapError(
+                    f"Redis refused a transaction: {errors[0] if errors else exec_reply}"
+                )
+            for r in exec_reply:
+                if isinstance(r, Exception):
+                    raise RedmapError(f"Redis refused a command: {r}")
+            out.append(list(exec_reply))
+        return out
+
     # -- the flush --------------------------------------------------------------------
 
     def _flush_pool(self, plan: FlushPlan) -> ConnectionPool:

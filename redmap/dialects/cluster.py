@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -20,7 +21,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from ..exc import CrossSlotError, RedmapConnectionError
-from .base import Dialect, RetryFlush, default_client_options, translate_errors
+from .base import Command, Dialect, RetryFlush, default_client_options, translate_errors
 
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
     from ..persistence import FlushPlan
 
 __all__ = ["ClusterDialect", "parse_cluster_url"]
+
+
+def _first_key(commands: Sequence[Command]) -> bytes:
+    """The key that places a group (every key of a query transaction shares its tag)."""
+    key = commands[0][1]
+    return key if isinstance(key, bytes) else str(key).encode()
 
 # How many times a flush is restarted after redirects (a slot migration in progress
 # answers TRYAGAIN until its keys have moved).
@@ -67,6 +74,24 @@ class ClusterDialect(Dialect):
         startup = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
         with translate_errors(url):
             return RedisCluster.from_url(single, startup_nodes=startup, **opts)
+
+    def execute_transactions(self, groups: Sequence[Sequence[Command]]) -> list[list[Any]]:
+        """One round trip per node: the groups (each within one hash tag) that a node owns
+        go to it as MULTI/EXEC blocks in one pipeline. A block redirected because its slot
+        moved ran nothing and is run again alone, through redis-py's routing."""
+        if len(groups) <= 1:
+            return [self.execute_transaction(g) for g in groups]
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, g in enumerate(groups):
+            node = self.client.nodes_manager.get_node_from_slot(key_slot(_first_key(g)))
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        out: list[list[Any] | None] = [None] * len(groups)
+        for node, indices in by_node.values():
+            client = self.client.get_redis_connection(node)
+            replies = self._pipelined_transactions(client, [groups[i] for i in indices])
+            for i, reply in zip(indices, replies, strict=True):
+                out[i] = reply if reply is not None else self.execute_transaction(groups[i])
+        return [r for r in out if r is not None]
 
     def _flush_pool(self, plan: FlushPlan) -> ConnectionPool:
         slot = key_slot(plan.token_key.encode())

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..exc import RedmapError
-from .base import Command, Dialect, build_standalone_client, translate_errors
+from .base import Command, Dialect, build_standalone_client
 
 __all__ = ["StandaloneDialect"]
 
@@ -27,27 +26,5 @@ class StandaloneDialect(Dialect):
         """Every group in one round trip: MULTI/EXEC blocks in one pipeline (one server)."""
         if len(groups) <= 1:
             return [self.execute_transaction(g) for g in groups]
-        flat: list[Command] = []
-        for g in groups:
-            flat.extend([("MULTI",), *g, ("EXEC",)])
-        self._hook(flat)
-        with translate_errors(self.url):
-            pipe = self.client.pipeline(transaction=False)
-            for cmd in flat:
-                pipe.execute_command(*cmd)
-            replies = pipe.execute(raise_on_error=False)
-        out: list[list[Any]] = []
-        at = 0
-        for g in groups:
-            at += len(g) + 2
-            exec_reply = replies[at - 1]
-            if isinstance(exec_reply, Exception) or exec_reply is None:
-                errors = [r for r in replies[at - len(g) - 2 : at] if isinstance(r, Exception)]
-                raise RedmapError(
-                    f"Redis refused a transaction: {errors[0] if errors else exec_reply}"
-                )
-            for r in exec_reply:
-                if isinstance(r, Exception):
-                    raise RedmapError(f"Redis refused a command: {r}")
-            out.append(list(exec_reply))
-        return out
+        replies = self._pipelined_transactions(self.client, groups)
+        return [r for r in replies if r is not None]
