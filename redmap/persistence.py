@@ -481,9 +481,7 @@ def bind_placeholders(writes: list[Command], ids: dict[str, str]) -> list[Comman
     score are the same decimal text, so one substitution serves both.
     """
 
-    def fix(arg: Any) -> Any:
-        if type(arg) is not str or PLACEHOLDER not in arg:
-            return arg
+    def fix(arg: str) -> str:
         # Fast paths: a member or score is the placeholder itself; a key ends with it.
         whole = ids.get(arg)
         if whole is not None:
@@ -494,7 +492,12 @@ def bind_placeholders(writes: list[Command], ids: dict[str, str]) -> list[Comman
             return head + sep + last
         return _PLACEHOLDER_RE.sub(lambda m: ids[m.group(0)], arg)
 
-    return [tuple([fix(a) for a in cmd]) for cmd in writes]
+    # The test is inline: most arguments are encoded values (bytes), and a call per
+    # argument cost more than the rest of the binding.
+    return [
+        tuple([fix(a) if type(a) is str and PLACEHOLDER in a else a for a in cmd])
+        for cmd in writes
+    ]
 
 
 _VARIADIC = {"SADD": 1, "SREM": 1, "ZADD": 2, "ZREM": 1}

@@ -25,6 +25,12 @@ from ..exc import (
     StaleDataError,
 )
 
+_hiredis_pack: Callable[[Any], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # hiredis is an optional speed-up
+    _hiredis_pack = None
+
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
 
@@ -105,6 +111,23 @@ def translate_errors(url: str) -> Iterator[None]:
 
 
 _REDIRECTS = (rex.AskError, rex.TryAgainError, rex.ClusterDownError)
+
+
+def _pack(conn: Any, commands: Sequence[Command]) -> list[bytes]:
+    """The commands in the Redis protocol, by hiredis's packer when it is installed.
+
+    redis-py's own packing runs an encoder call per argument in Python, a third of a
+    10,000-object flush. hiredis encodes str as UTF-8 and numbers by their repr, as
+    redis-py's encoder does; anything else hiredis refuses (TypeError) goes to redis-py.
+    """
+    if _hiredis_pack is None or conn.encoder.encoding != "utf-8":
+        packed: list[bytes] = conn.pack_commands(commands)
+        return packed
+    try:
+        return [b"".join([_hiredis_pack(cmd) for cmd in commands])]
+    except TypeError:
+        packed = conn.pack_commands(commands)
+        return packed
 
 
 class RetryFlush(Exception):
@@ -329,7 +352,7 @@ class Dialect:
 
     def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
         self._hook(commands)
-        conn.send_packed_command(conn.pack_commands(commands))
+        conn.send_packed_command(_pack(conn, commands))
         replies: list[Any] = []
         for _ in commands:
             try:
