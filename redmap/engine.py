@@ -60,6 +60,10 @@ class Engine:
         """One pipelined round trip of read commands."""
         return self.dialect.execute(commands)
 
+    def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
+        """Every key's hash (a dict, empty when absent) in one round trip."""
+        return self.dialect.fetch_hashes(keys)
+
     def execute_transaction(self, commands: Sequence[Command]) -> list[Any]:
         """One MULTI/EXEC round trip of commands (queries)."""
         return self.dialect.execute_transaction(commands)

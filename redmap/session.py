@@ -445,7 +445,7 @@ class Session:
         """Load objects by primary key in one round trip; absent ones give None."""
         pks = list(pks)
         keys = [mapper.object_key(pk) for pk in pks]
-        replies = self.bind.execute([("HGETALL", k) for k in keys])
+        replies = self.bind.fetch_hashes(keys)
         return [
             load_instance(self, mapper, pk, key, data)
             for pk, key, data in zip(pks, keys, replies, strict=True)

@@ -1,5 +1,6 @@
-"""The flush's command packing: hiredis's packer (when installed) sends the same bytes as
-redis-py's, and whatever hiredis refuses falls back to redis-py."""
+"""The wire: the flush's command packing (hiredis's packer when installed sends the same
+bytes as redis-py's; what hiredis refuses falls back to redis-py) and the hash-fetching
+read path of get_many, selectin and query results."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import redis
 from redis.connection import Connection
 
+import redmap
 from redmap.dialects import base
+from redmap.exc import RedmapConnectionError
 
 ARGS = [
     ("HSET", "{redmap}:player:1", "name", b"\x00\xff bytes", "score", b"1", "#v", b"1"),
@@ -40,3 +43,33 @@ def test_round_trip_through_a_server(redis_client: redis.Redis) -> None:
         assert [conn.read_response(), conn.read_response()] == [b"OK", b"\x00v"]
     finally:
         redis_client.connection_pool.release(conn)
+
+
+def test_fetch_hashes_replies_per_key(engine: redmap.Engine, redis_client: redis.Redis) -> None:
+    """A dict per key, {} when absent, and a wrong-typed key's error for that key only."""
+    redis_client.hset("h1", mapping={"a": b"1", "\u00e9": b"\x00"})
+    redis_client.set("s", "x")
+    got = engine.fetch_hashes(["h1", "missing", "s"])
+    assert got[:2] == [{b"a": b"1", "\u00e9".encode(): b"\x00"}, {}]
+    assert isinstance(got[2], redis.ResponseError) and "WRONGTYPE" in str(got[2])
+
+
+def test_fetch_hashes_reconnects_after_a_killed_connection(
+    engine: redmap.Engine, redis_client: redis.Redis
+) -> None:
+    """The pooled connection is killed by the server between two reads: redis-py's retry
+    policy reopens it and the (idempotent) batch is sent again."""
+    redis_client.hset("h", "f", b"v")
+    assert engine.fetch_hashes(["h"]) == [{b"f": b"v"}]
+    killed = redis_client.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    assert engine.fetch_hashes(["h", "h"]) == [{b"f": b"v"}, {b"f": b"v"}]
+
+
+def test_get_many_on_a_dead_server_is_a_redmap_error(redis_url: str) -> None:
+    engine = redmap.create_engine("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(RedmapConnectionError):
+            engine.fetch_hashes(["a", "b"])
+    finally:
+        engine.dispose()

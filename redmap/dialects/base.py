@@ -184,6 +184,12 @@ class Dialect:
             replies: list[Any] = pipe.execute(raise_on_error=False)
             return replies
 
+    def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
+        """HGETALL of each key in one round trip: a dict per key (empty when absent), or
+        the error Redis answered for it. The loading path of get_many, selectin and
+        query results."""
+        return self.execute([("HGETALL", k) for k in keys])
+
     def execute_transaction(self, commands: Sequence[Command]) -> list[Any]:
         """Run `commands` in one MULTI/EXEC (one round trip) and return their results.
 

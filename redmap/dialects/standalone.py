@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Command, Dialect, build_standalone_client
+import redis.exceptions as rex
+
+from .base import Command, Dialect, _pack, build_standalone_client, translate_errors
 
 __all__ = ["StandaloneDialect"]
 
@@ -28,3 +30,45 @@ class StandaloneDialect(Dialect):
             return [self.execute_transaction(g) for g in groups]
         replies = self._pipelined_transactions(self.client, groups)
         return [r for r in replies if r is not None]
+
+    def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
+        """HGETALL of each key on one pooled connection, packed by `_pack` and without
+        redis-py's pipeline machinery (its per-command bookkeeping and reply callbacks
+        cost as much as decoding the objects). redis-py's retry policy still applies:
+        reads are idempotent, so a broken connection is reopened and the batch re-sent.
+        """
+        if not keys:
+            return []
+        commands = [("HGETALL", k) for k in keys]
+        self._hook(commands)
+        pool = self.client.connection_pool
+        with translate_errors(self.url):
+            conn = pool.get_connection()
+            try:
+                replies = conn.retry.call_with_retry(
+                    lambda: _read_all(conn, commands), lambda _error: conn.disconnect()
+                )
+            except BaseException:
+                conn.disconnect()  # replies may be left unread: never reuse it as is
+                raise
+            finally:
+                pool.release(conn)
+        return [_as_dict(r) for r in replies]
+
+
+def _read_all(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    conn.send_packed_command(_pack(conn, commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except rex.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def _as_dict(reply: Any) -> Any:
+    """A RESP2 HGETALL reply (a flat list) as the dict redis-py's callback would make."""
+    if type(reply) is list:
+        return dict(zip(reply[::2], reply[1::2], strict=True))
+    return reply
