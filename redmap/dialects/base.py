@@ -8,6 +8,7 @@ MULTI / writes / EXEC on one connection, never retried blindly.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,11 +26,18 @@ from ..exc import (
     StaleDataError,
 )
 
-_hiredis_pack: Callable[[Any], bytes] | None
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # hiredis is an optional speed-up
-    _hiredis_pack = None
+
+def _find_hiredis_pack() -> Callable[[Any], bytes] | None:
+    """hiredis's command packer; hiredis is an optional speed-up (and may lack stubs)."""
+    try:
+        module = importlib.import_module("hiredis")
+    except ImportError:
+        return None
+    pack: Callable[[Any], bytes] | None = getattr(module, "pack_command", None)
+    return pack
+
+
+_hiredis_pack = _find_hiredis_pack()
 
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
