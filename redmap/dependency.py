@@ -195,6 +195,8 @@ def _members_at_flush(
             if id(obj) in in_redis:
                 children.append(obj)
         elif pointer is st.obj or (pointer is not None and pointer == st.pk):
+            if id(obj) in in_redis and "delete" not in prop.cascade:
+                _check_released(cst, st, prop)
             children.append(obj)
         elif id(obj) in in_redis and not moved:
             raise StaleDataError(
@@ -205,6 +207,32 @@ def _members_at_flush(
                 keys=[cst.key] if cst.key else [],
             )
     return children
+
+
+def _check_released(cst: InstanceState, st: InstanceState, prop: RelationshipProperty) -> None:
+    """A child Redis lists under the deleted `st` is released: its key must be written.
+
+    When the session loaded the child pointing elsewhere (and then pointed it at `st`
+    itself), someone else has written the child since; clearing the key would then
+    compare equal to that stale load and write nothing, leaving the child pointing at
+    a deleted object. The session's copy is stale: StaleDataError, as a write would.
+    """
+    if cst.identity is None or _loaded_fk(cst, prop) == st.pk:
+        return
+    raise StaleDataError(
+        f"{cst.mapper.name}({cst.pk!r}) was made a child of the deleted "
+        f"{st.mapper.name}({st.pk!r}) by someone else since this session loaded it; "
+        f"nothing was written",
+        objects=[cst.obj],
+        keys=[cst.key] if cst.key else [],
+    )
+
+
+def _loaded_fk(cst: InstanceState, prop: RelationshipProperty) -> Any:
+    """`prop`'s foreign key of a persistent child as the session last loaded or wrote it."""
+    codec = cst.mapper.columns[prop.fk_column].codec
+    raw = cst.loaded.get(prop.fk_column)
+    return None if raw is None or codec is None or cst.identity is None else codec.decode(raw)
 
 
 def _pointing(session: Session, prop: RelationshipProperty) -> dict[Any, list[InstanceState]]:
@@ -235,9 +263,7 @@ def _pointer(cst: InstanceState, prop: RelationshipProperty) -> tuple[Any, bool]
     session changed it since loading."""
     d = cst.obj.__dict__
     reverse = prop.reverse
-    codec = cst.mapper.columns[prop.fk_column].codec
-    raw = cst.loaded.get(prop.fk_column)
-    loaded = None if raw is None or codec is None or cst.identity is None else codec.decode(raw)
+    loaded = _loaded_fk(cst, prop)
     if reverse is not None and reverse.key in d:
         target = d[reverse.key]
         tst = state_of(target) if target is not None else None
@@ -312,11 +338,29 @@ def _sync_foreign_keys(session: Session, work: RelationshipWork) -> None:
                 _set_fk(session, st, prop.fk_column, d[prop.key], work)
             elif prop.direction is Direction.ONETOMANY:
                 for child in d[prop.key] or ():
-                    # A child the flush dropped (a new orphan, expunged) is written by
-                    # nothing, so its key is not either, though the list still holds it.
                     cst = state_of(child)
-                    if cst is not None and not cst.deleted and cst.session is session:
+                    if cst is not None and _follows_list(session, cst, prop, obj):
                         _set_fk(session, cst, prop.fk_column, obj, work)
+
+
+def _follows_list(
+    session: Session, cst: InstanceState, prop: RelationshipProperty, owner: Any
+) -> bool:
+    """Whether a child in `owner`'s one-to-many list takes its foreign key from the list.
+
+    Not a child the flush dropped (a new orphan, expunged): nothing writes it. Not a
+    child whose many-to-one points elsewhere: the list was loaded (autoflush off) after
+    the child was moved, and, as SQLAlchemy syncs only the members a collection gained,
+    the move wins. A member added by user code has its many-to-one set to the owner; one
+    only loaded (many-to-one unloaded) holds the owner's key already, unless the key
+    was assigned by hand since, which then wins too.
+    """
+    if cst.deleted or cst.session is not session:
+        return False
+    reverse = prop.reverse
+    if reverse is None:
+        return True  # the list is the only side: every member follows it
+    return cst.obj.__dict__.get(reverse.key) is owner
 
 
 def _set_fk(

@@ -108,9 +108,10 @@ def collection_removed(owner: Any, prop: RelationshipProperty, item: Any) -> Non
     session = _session_of(owner, item)
     reverse = prop.reverse
     if prop.direction is Direction.ONETOMANY:
+        clear = _current_parent_is(item, prop, owner)
         if reverse is not None and item.__dict__.get(reverse.key) is owner:
             item.__dict__[reverse.key] = None
-        if _current_parent_is(item, prop, owner):
+        if clear:
             _mark_fk(item, prop.fk_column, None)
         if session is not None and "delete-orphan" in prop.cascade:
             session._orphans[id(item)] = (item, prop)
@@ -124,6 +125,16 @@ def collection_removed(owner: Any, prop: RelationshipProperty, item: Any) -> Non
 
 
 def _current_parent_is(item: Any, prop: RelationshipProperty, owner: Any) -> bool:
+    """Whether `item` points at `owner`, so that leaving its list clears its key.
+
+    The many-to-one decides when loaded: after `kid.team = new_team` (a new object, its
+    id unknown) the key still holds the old team until the flush, and removing the kid
+    from the new team must clear it all the same. Otherwise the key decides: a child
+    listed by a stale load but already moved elsewhere keeps its new parent.
+    """
+    reverse = prop.reverse
+    if reverse is not None and reverse.key in item.__dict__:
+        return item.__dict__[reverse.key] is owner
     fk = item.__dict__.get(prop.fk_column)
     return fk is None or fk == _known_pk(owner)
 
