@@ -9,54 +9,15 @@ found for one defect, and checks the outcome with a fresh session and `redmap.au
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Annotated
 
 import pytest
 import redis
 
-from redmap import ForeignKey, Indexed, PrimaryKey, Session, registry, relationship, select
+from redmap import Session, select
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import StaleDataError
-
-reg = registry(prefix="rg")
-
-
-@reg.mapped
-@dataclass
-class Parent:
-    name: Annotated[str, Indexed()]
-    kids: list[Kid] = relationship(back_populates="parent", cascade="all, delete-orphan")
-    id: Annotated[int | None, PrimaryKey()] = None
-
-
-@reg.mapped
-@dataclass
-class Team:
-    name: str
-    members: list[Kid] = relationship(back_populates="team")
-    id: Annotated[int | None, PrimaryKey()] = None
-
-
-@reg.mapped
-@dataclass
-class Kid:
-    name: Annotated[str, Indexed()]
-    parent_id: Annotated[int | None, ForeignKey("Parent")] = None
-    parent: Parent | None = relationship(back_populates="kids")
-    team_id: Annotated[int | None, ForeignKey("Team")] = None
-    team: Team | None = relationship(back_populates="members")
-    tags: list[Tag] = relationship(secondary="kid_tags", back_populates="kids")
-    id: Annotated[int | None, PrimaryKey()] = None
-
-
-@reg.mapped
-@dataclass
-class Tag:
-    name: str
-    kids: list[Kid] = relationship(secondary="kid_tags", back_populates="tags")
-    id: Annotated[int | None, PrimaryKey()] = None
+from tests.reliability._family import Kid, Parent, Tag, Team, reg
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ __all__ = [
     "RetryFlush",
     "RoundTripHook",
     "safe_url",
+    "send_and_read",
     "translate_errors",
 ]
 
@@ -136,6 +137,19 @@ def _pack(conn: Any, commands: Sequence[Command]) -> list[bytes]:
     except TypeError:
         packed = conn.pack_commands(commands)
         return packed
+
+
+def send_and_read(conn: Any, commands: Sequence[Command]) -> list[Any]:
+    """Send `commands` on `conn` in one write and read every reply; an error reply comes
+    back as its exception, in its place, so one refused command does not hide the rest."""
+    conn.send_packed_command(_pack(conn, commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(conn.read_response())
+        except rex.ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 class RetryFlush(Exception):
@@ -366,14 +380,7 @@ class Dialect:
 
     def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
         self._hook(commands)
-        conn.send_packed_command(_pack(conn, commands))
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except rex.ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return send_and_read(conn, commands)
 
     def _after_lost_exec(self, plan: FlushPlan, cause: BaseException, sent_at: float) -> None:
         """Settle a flush whose EXEC reply never came: return if applied, raise if not."""

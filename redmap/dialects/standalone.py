@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import redis.exceptions as rex
-
-from .base import Command, Dialect, _pack, build_standalone_client, translate_errors
+from .base import Command, Dialect, build_standalone_client, send_and_read, translate_errors
 
 __all__ = ["StandaloneDialect"]
 
@@ -32,9 +30,9 @@ class StandaloneDialect(Dialect):
         return [r for r in replies if r is not None]
 
     def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
-        """HGETALL of each key on one pooled connection, packed by `_pack` and without
-        redis-py's pipeline machinery (its per-command bookkeeping and reply callbacks
-        cost as much as decoding the objects). redis-py's retry policy still applies:
+        """HGETALL of each key on one pooled connection (`send_and_read`, hiredis packing),
+        without redis-py's pipeline machinery: its per-command bookkeeping and reply
+        callbacks cost as much as decoding the objects. redis-py's retry policy still applies:
         reads are idempotent, so a broken connection is reopened and the batch re-sent.
         """
         if not keys:
@@ -46,7 +44,7 @@ class StandaloneDialect(Dialect):
             conn = pool.get_connection()
             try:
                 replies = conn.retry.call_with_retry(
-                    lambda: _read_all(conn, commands), lambda _error: conn.disconnect()
+                    lambda: send_and_read(conn, commands), lambda _error: conn.disconnect()
                 )
             except BaseException:
                 conn.disconnect()  # replies may be left unread: never reuse it as is
@@ -54,17 +52,6 @@ class StandaloneDialect(Dialect):
             finally:
                 pool.release(conn)
         return [_as_dict(r) for r in replies]
-
-
-def _read_all(conn: Any, commands: Sequence[Command]) -> list[Any]:
-    conn.send_packed_command(_pack(conn, commands))
-    replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(conn.read_response())
-        except rex.ResponseError as exc:
-            replies.append(exc)
-    return replies
 
 
 def _as_dict(reply: Any) -> Any:

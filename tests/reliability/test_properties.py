@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import pytest
 import redis
@@ -52,58 +52,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from redmap import (
-    ForeignKey,
-    Indexed,
-    PrimaryKey,
-    Session,
-    create_engine,
-    registry,
-    relationship,
-    select,
-)
+from redmap import Session, create_engine, select
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import StaleDataError
-
-reg = registry(prefix="pp")
-
-
-@reg.mapped
-@dataclass
-class Parent:
-    name: Annotated[str, Indexed()]
-    kids: list[Kid] = relationship(back_populates="parent", cascade="all, delete-orphan")
-    id: Annotated[int | None, PrimaryKey()] = None
-
-
-@reg.mapped
-@dataclass
-class Team:
-    name: str
-    members: list[Kid] = relationship(back_populates="team")
-    id: Annotated[int | None, PrimaryKey()] = None
-
-
-@reg.mapped
-@dataclass
-class Kid:
-    name: Annotated[str, Indexed()]
-    parent_id: Annotated[int | None, ForeignKey("Parent")] = None
-    parent: Parent | None = relationship(back_populates="kids")
-    team_id: Annotated[int | None, ForeignKey("Team")] = None
-    team: Team | None = relationship(back_populates="members")
-    tags: list[Tag] = relationship(secondary="kid_tags", back_populates="kids")
-    id: Annotated[int | None, PrimaryKey()] = None
-
-
-@reg.mapped
-@dataclass
-class Tag:
-    name: str
-    kids: list[Kid] = relationship(secondary="kid_tags", back_populates="tags")
-    id: Annotated[int | None, PrimaryKey()] = None
-
+from tests.reliability._family import Kid, Parent, Tag, Team, reg
 
 MODELS: dict[str, type[Any]] = {"P": Parent, "T": Team, "K": Kid, "G": Tag}
 KIND_OF_CLASS = {cls: kind for kind, cls in MODELS.items()}
