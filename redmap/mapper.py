@@ -12,7 +12,6 @@ import types
 import typing
 import uuid
 import zlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 
 from . import keys
@@ -93,6 +92,7 @@ class Mapper(Generic[M]):
         self.mutable_columns: tuple[ColumnProperty, ...] = ()
         self.indexed_columns: tuple[ColumnProperty, ...] = ()
         self.decode_plan: tuple[tuple[str, bytes, Codec], ...] = ()
+        self._stored_columns: tuple[ColumnProperty, ...] | None = None
 
     def __repr__(self) -> str:
         return f"<Mapper {self.name} keyspace={self.keyspace!r}>"
@@ -299,6 +299,7 @@ class Mapper(Generic[M]):
         self._check_shard_key()
         self.mutable_columns = tuple(c for c in self.columns.values() if self._codec(c).mutable)
         self.indexed_columns = tuple(c for c in self.columns.values() if c.has_index)
+        self._stored_columns = tuple(c for c in self.columns.values() if not c.primary_key)
         # (name, hash field as bytes, codec) per stored field, for the load hot path.
         self.decode_plan = tuple(
             (c.key, c.key.encode(), self._codec(c)) for c in self.stored_columns()
@@ -350,11 +351,12 @@ class Mapper(Generic[M]):
     def object_key(self, pk: Any) -> str:
         return self.keys_for_pk(pk).object(self.pk_segment(pk))
 
-    def stored_columns(self) -> Iterator[ColumnProperty]:
-        """Columns written as hash fields: every column but the primary key."""
-        for col in self.columns.values():
-            if not col.primary_key:
-                yield col
+    def stored_columns(self) -> tuple[ColumnProperty, ...]:
+        """Columns written as hash fields: every column but the primary key (a tuple
+        kept from configure time: the flush asks for it several times per object)."""
+        if self._stored_columns is not None:
+            return self._stored_columns
+        return tuple(c for c in self.columns.values() if not c.primary_key)
 
 
 def mapper_of_configured(cls: type[M]) -> Mapper[M]:

@@ -76,6 +76,9 @@ def changed_fields(
     return out
 
 
+_NONE_DEFERRED: frozenset[str] = frozenset()
+
+
 class UOWTransaction:
     """The work of one flush of one session."""
 
@@ -85,15 +88,23 @@ class UOWTransaction:
         self.updates: list[UpdateTask] = []
         self.deletes: list[DeleteTask] = []
         self.work = RelationshipWork()
+        self._deferred: dict[int, frozenset[str]] = {}
 
     # -- collect: validation only, no I/O -------------------------------------------
 
     def _deferred_columns(self, st: InstanceState) -> frozenset[str]:
-        return frozenset(d.column for d in self.work.deferred if d.child is st)
+        """Foreign-key columns of `st` that wait for a parent's generated id."""
+        return self._deferred.get(id(st), _NONE_DEFERRED)
 
     def collect(self) -> None:
         s = self.session
         self.work = prepare(s)
+        # Indexed once: scanning the deferred list per object made a flush of N new
+        # children of new parents quadratic.
+        grouped: dict[int, set[str]] = {}
+        for d in self.work.deferred:
+            grouped.setdefault(id(d.child), set()).add(d.column)
+        self._deferred = {k: frozenset(v) for k, v in grouped.items()}
         deferred_states = {id(d.child): d.child for d in self.work.deferred}
         for st in s._deleted_states():
             assert st.key is not None
@@ -281,8 +292,11 @@ class UOWTransaction:
             first = int(reply) - len(tasks) + 1
             for i, task in enumerate(tasks):
                 ks = task.ks or mapper.keys
-                task.pk = first + i if ks.shard is None else mapper.shard_id(first + i, ks.shard)
-                task.segment = mapper.pk_segment(task.pk)
+                pk = first + i if ks.shard is None else mapper.shard_id(first + i, ks.shard)
+                task.pk = pk
+                # Generated keys are ints, whose segment is their decimal text (what
+                # `pk_segment` makes of them, without its encode and escape steps).
+                task.segment = str(pk)
                 task.key = ks.object(task.segment)
 
     def _bind_deferred(self) -> None:
