@@ -95,11 +95,8 @@ def _orphans(session: Session) -> None:
         # Re-parented since it was removed? The many-to-one says so when loaded (the key
         # column may still hold a parent it was moved away from before the removal);
         # otherwise the key column does.
-        reverse = prop.reverse
-        if reverse is not None and reverse.key in item.__dict__:
-            if item.__dict__[reverse.key] is not None:
-                continue
-        elif item.__dict__.get(prop.fk_column) is not None:
+        pointer, _ = _pointer(st, prop)
+        if pointer is not None and pointer is not _UNKNOWN:
             continue
         if st.identity is None:
             session.expunge(item)

@@ -563,7 +563,7 @@ def _expect_target(
     st: InstanceState,
     col: ColumnProperty,
     value: Any,
-    new_keys: set[str] = frozenset(),  # type: ignore[assignment]
+    new_keys: set[str],
 ) -> None:
     """A foreign key written by this flush must name an object that exists at EXEC (as
     many-to-many link ends must): one deleted meanwhile makes the flush stale instead of

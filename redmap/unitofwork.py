@@ -102,10 +102,11 @@ class UOWTransaction:
         # Indexed once: scanning the deferred list per object made a flush of N new
         # children of new parents quadratic.
         grouped: dict[int, set[str]] = {}
+        deferred_states: dict[int, InstanceState] = {}
         for d in self.work.deferred:
             grouped.setdefault(id(d.child), set()).add(d.column)
+            deferred_states[id(d.child)] = d.child
         self._deferred = {k: frozenset(v) for k, v in grouped.items()}
-        deferred_states = {id(d.child): d.child for d in self.work.deferred}
         for st in s._deleted_states():
             assert st.key is not None
             self.deletes.append(DeleteTask(st, st.mapper.pk_segment(st.pk), st.key))

@@ -8,8 +8,6 @@ found for one defect, and checks the outcome with a fresh session and `redmap.au
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 
@@ -18,16 +16,6 @@ from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import StaleDataError
 from tests.reliability._family import Kid, Parent, Tag, Team, reg
-
-
-@pytest.fixture
-def client(engine: Engine, redis_url: str) -> Iterator[redis.Redis]:
-    """A raw client on the (empty) server of `engine`, for the audit."""
-    c = redis.Redis.from_url(redis_url)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _kids(engine: Engine) -> dict[int, tuple[str, int | None, int | None]]:
@@ -46,7 +34,7 @@ def _clean(client: redis.Redis) -> None:
     assert report.ok, report.mismatches[:5] + report.unexplained[:5]
 
 
-def test_new_orphan_moved_to_new_team_is_dropped(engine: Engine, client: redis.Redis) -> None:
+def test_new_orphan_moved_to_new_team_is_dropped(engine: Engine, redis_client: redis.Redis) -> None:
     """A new kid that left its parent (delete-orphan) is expunged at flush, even when it
     also joined a new team: the team's list no longer makes the flush write a foreign
     key for a kid that has no insert (it raised KeyError)."""
@@ -65,10 +53,12 @@ def test_new_orphan_moved_to_new_team_is_dropped(engine: Engine, client: redis.R
         assert kid.id is None
     assert _kids(engine) == {}
     assert _ids(engine, Team) == [1]
-    _clean(client)
+    _clean(redis_client)
 
 
-def test_new_orphan_tagged_from_the_tag_is_inserted(engine: Engine, client: redis.Redis) -> None:
+def test_new_orphan_tagged_from_the_tag_is_inserted(
+    engine: Engine, redis_client: redis.Redis
+) -> None:
     """As in SQLAlchemy: a new kid removed from its parent leaves the session, and
     appending it to a tag's list brings it back (save-update cascade): it is inserted,
     with no parent, and linked."""
@@ -89,10 +79,12 @@ def test_new_orphan_tagged_from_the_tag_is_inserted(engine: Engine, client: redi
     with Session(engine) as s:
         got = s.get(Tag, 1)
         assert got is not None and [k.id for k in got.kids] == [1]
-    _clean(client)
+    _clean(redis_client)
 
 
-def test_persistent_orphan_tagged_is_still_deleted(engine: Engine, client: redis.Redis) -> None:
+def test_persistent_orphan_tagged_is_still_deleted(
+    engine: Engine, redis_client: redis.Redis
+) -> None:
     """A persistent kid removed from its parent is deleted at flush unless it gets a
     parent again; joining a tag or a team is not getting one (as in SQLAlchemy)."""
     with Session(engine) as s:
@@ -114,11 +106,11 @@ def test_persistent_orphan_tagged_is_still_deleted(engine: Engine, client: redis
     with Session(engine) as s:
         got = s.get(Tag, 1)
         assert got is not None and got.kids == []
-    _clean(client)
+    _clean(redis_client)
 
 
 def test_reparent_survives_a_stale_load_of_the_old_list(
-    engine: Engine, client: redis.Redis
+    engine: Engine, redis_client: redis.Redis
 ) -> None:
     """A kid moved to another parent, then listed again by loading its old parent's
     list (from Redis, autoflush off): the flush sets the foreign keys of the kids the
@@ -137,10 +129,12 @@ def test_reparent_survives_a_stale_load_of_the_old_list(
         s.add(Kid(name="new", parent=p1))
         s.commit()
     assert _kids(engine) == {1: ("k", 2, None), 2: ("new", 1, None)}
-    _clean(client)
+    _clean(redis_client)
 
 
-def test_deleting_a_team_someone_joined_since_is_stale(engine: Engine, client: redis.Redis) -> None:
+def test_deleting_a_team_someone_joined_since_is_stale(
+    engine: Engine, redis_client: redis.Redis
+) -> None:
     """B puts a kid in a team and deletes the team; meanwhile A puts the same kid in the
     team and commits. B's commit must release the kid (Redis lists it under the team),
     but B loaded it without a team, so the release compared equal and wrote nothing,
@@ -164,10 +158,10 @@ def test_deleting_a_team_someone_joined_since_is_stale(engine: Engine, client: r
             b.commit()
     assert _kids(engine) == {1: ("a", None, 1), 2: ("b", None, 1)}
     assert _ids(engine, Team) == [1]
-    _clean(client)
+    _clean(redis_client)
 
 
-def test_leaving_a_new_team_clears_the_old_key(engine: Engine, client: redis.Redis) -> None:
+def test_leaving_a_new_team_clears_the_old_key(engine: Engine, redis_client: redis.Redis) -> None:
     """`kid.team = new_team` cannot set the key yet (the team has no id), so it still
     holds the old team; removing the kid from the new team must clear it anyway (the
     many-to-one said new_team), not leave the kid in its old team."""
@@ -187,11 +181,11 @@ def test_leaving_a_new_team_clears_the_old_key(engine: Engine, client: redis.Red
         s.commit()
     assert _kids(engine) == {1: ("k", None, None)}
     assert _ids(engine, Team) == [1, 2]
-    _clean(client)
+    _clean(redis_client)
 
 
 def test_a_list_loaded_after_someone_moved_a_kid_writes_no_kid(
-    engine: Engine, client: redis.Redis
+    engine: Engine, redis_client: redis.Redis
 ) -> None:
     """B holds a kid under p2; A moves it to p1; B loads p1's list (which now holds it)
     and adds a new kid there. B changed nothing on the old kid, so its commit must not
@@ -215,4 +209,4 @@ def test_a_list_loaded_after_someone_moved_a_kid_writes_no_kid(
         b.add(Kid(name="new", parent=p1_b))
         b.commit()
     assert _kids(engine) == {1: ("k", 1, None), 2: ("new", 1, None)}
-    _clean(client)
+    _clean(redis_client)

@@ -36,6 +36,7 @@ def _first_key(commands: Sequence[Command]) -> bytes:
     key = commands[0][1]
     return key if isinstance(key, bytes) else str(key).encode()
 
+
 # How many times a flush is restarted after redirects (a slot migration in progress
 # answers TRYAGAIN until its keys have moved).
 REDIRECT_RETRIES = 50

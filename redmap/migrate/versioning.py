@@ -62,8 +62,10 @@ return 1
 """
 
 
-def _meta(prefix: str, name: str) -> str:
-    return keys.meta_key(prefix, "migrate:" + name)
+def _meta(prefix: str, name: str, shard: int | None = None) -> str:
+    """A migration bookkeeping key: under the registry's tag, or under a shard's."""
+    tag = None if shard is None else keys.shard_tag(prefix, shard)
+    return keys.meta_key(prefix, "migrate:" + name, tag=tag)
 
 
 class RedisVersionStore:
@@ -120,14 +122,9 @@ class RedisVersionStore:
         on a cluster the mark is written in the same script as the object, so both must
         share a slot.
         """
-        if shard is None:
-            return _meta(self.prefix, f"done:{generation}")
-        self._shard_checkpoints.add(shard)
-        return self._shard_checkpoint_key(generation, shard)
-
-    def _shard_checkpoint_key(self, generation: int, shard: int) -> str:
-        tag = keys.shard_tag(self.prefix, shard)
-        return keys.meta_key(self.prefix, f"migrate:done:{generation}", tag=tag)
+        if shard is not None:
+            self._shard_checkpoints.add(shard)
+        return _meta(self.prefix, f"done:{generation}", shard)
 
     def set_heads(self, heads: tuple[str, ...]) -> None:
         """Store `heads` and start a new generation, dropping the finished step's checkpoints.
@@ -157,7 +154,7 @@ class RedisVersionStore:
             with translate_errors(self.url):
                 pipe = self.client.pipeline(transaction=False)
                 for shard in shards:
-                    pipe.delete(self._shard_checkpoint_key(generation, shard))
+                    pipe.delete(_meta(self.prefix, f"done:{generation}", shard))
                 pipe.execute()
 
     def record_step(self, revision: str, direction: Direction) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.cluster import RedisCluster
@@ -88,6 +89,24 @@ class Card:
 """
 
 
+def _seed_boards(
+    proj: Project, module: Any, *, boards: int, per: int, text: Callable[[int, int], str]
+) -> list[Any]:
+    """`boards` boards of `module`'s models with `per` cards each (rank = position), one
+    commit per board so that each board and its cards share a shard; the cards."""
+    cards: list[Any] = []
+    for b in range(boards):
+        with redmap.Session(proj.engine, expire_on_commit=False) as s:
+            board = module.Board(name=f"b{b}")
+            s.add(board)
+            s.flush()
+            mine = [module.Card(text=text(b, i), rank=i, board_id=board.id) for i in range(per)]
+            s.add_all(mine)
+            s.commit()
+            cards.extend(mine)
+    return cards
+
+
 @pytest.fixture(params=["standalone", "cluster"])
 def any_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
     """A migration project on a standalone server, then on a 3-node cluster."""
@@ -114,16 +133,8 @@ def test_sharded_model_migrates_in_every_shard(any_project: Project) -> None:
     proj = any_project
     proj.write_models(SHARDED.format(text="text", rank="int", extra=""))
     module = proj.models()
-    ids = []
-    for b in range(8):
-        with redmap.Session(proj.engine, expire_on_commit=False) as s:
-            board = module.Board(name=f"b{b}")
-            s.add(board)
-            s.flush()
-            cards = [module.Card(text=f"c{b}-{i}", rank=i, board_id=board.id) for i in range(5)]
-            s.add_all(cards)
-            s.commit()
-            ids.extend((c.id, c.text, c.rank) for c in cards)
+    cards = _seed_boards(proj, module, boards=8, per=5, text=lambda b, i: f"c{b}-{i}")
+    ids = [(c.id, c.text, c.rank) for c in cards]
     proj.write_models(
         SHARDED.format(
             text="title", rank="Annotated[int, Sorted()]", extra="note: Optional[str] = None"
@@ -177,16 +188,8 @@ def test_sharded_model_renamed(any_project: Project) -> None:
     proj = any_project
     proj.write_models(SHARDED.format(text="text", rank="int", extra=""))
     module = proj.models()
-    ids = []
-    for b in range(6):
-        with redmap.Session(proj.engine, expire_on_commit=False) as s:
-            board = module.Board(name=f"b{b}")
-            s.add(board)
-            s.flush()
-            cards = [module.Card(text=f"t{i % 2}", rank=i, board_id=board.id) for i in range(4)]
-            s.add_all(cards)
-            s.commit()
-            ids.extend((c.id, c.text, c.board_id) for c in cards)
+    cards = _seed_boards(proj, module, boards=6, per=4, text=lambda b, i: f"t{i % 2}")
+    ids = [(c.id, c.text, c.board_id) for c in cards]
     before = sorted(k for k in proj.client.scan_iter(match="*:card:*"))
     proj.write_models(SHARDED.format(text="text", rank="int", extra='__keyspace__ = "tile"'))
     proj.write_revision("r1", None, 'op.rename_model("card", "tile")')
