@@ -453,13 +453,40 @@ class Session:
 
     def merge(self, obj: M) -> M:
         """Copy `obj`'s state onto the session's object with the same primary key
-        (loading it, or adding a new one), and return that object."""
+        (loading it, or adding a new one), and return that object.
+
+        A copy that was loaded from Redis (a detached object, or one of another
+        session) carries the version it was loaded at, as `add()` does: when Redis
+        now holds another version, or no longer holds the object, the copy is stale
+        and writing its values back would undo someone else's change, so merge raises
+        StaleDataError (as SQLAlchemy does on a version mismatch) and changes nothing.
+        An object built by hand (never loaded) carries no version and simply
+        overwrites.
+        """
         mapper = mapper_of(type(obj))
         pk = obj.__dict__.get(mapper.pk.key)
+        source = state_of(obj)
+        if source is not None and source.session is self:
+            if source.deleted:
+                raise InvalidRequestError(
+                    f"cannot merge {mapper.name}({pk!r}): it is marked for deletion in "
+                    f"this session"
+                )
+            return obj  # already the session's own object
+        # The version travels only with a copy of the same identity it was loaded as.
+        versioned = source is not None and source.identity is not None and source.pk == pk
         target: M | None = None
         if pk is not None:
             target = self.get(type(obj), pk)
         if target is None:
+            if versioned:
+                assert source is not None
+                raise StaleDataError(
+                    f"cannot merge {mapper.name}({pk!r}): it was loaded at version "
+                    f"{source.version} and has been deleted since; nothing was merged",
+                    objects=[obj],
+                    keys=[source.key] if source.key else [],
+                )
             target = mapper.class_.__new__(mapper.class_)
             if pk is not None:
                 target.__dict__[mapper.pk.key] = pk
@@ -468,6 +495,18 @@ class Session:
                     target.__dict__[col.key] = obj.__dict__[col.key]
             self.add(target)
             return target
+        if versioned:
+            assert source is not None
+            current = self._state(target)
+            if current.version != source.version:
+                raise StaleDataError(
+                    f"cannot merge {mapper.name}({pk!r}): the copy was loaded at version "
+                    f"{source.version} and Redis holds version {current.version} (a change "
+                    f"made in between would be overwritten); nothing was merged. Load the "
+                    f"object again and reapply the change",
+                    objects=[obj],
+                    keys=[current.key] if current.key else [],
+                )
         for col in mapper.stored_columns():
             if col.key in obj.__dict__:
                 setattr(target, col.key, obj.__dict__[col.key])
