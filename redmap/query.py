@@ -336,27 +336,74 @@ def _single_condition(stmt: Select[Any]) -> BinaryExpression | None:
 
 
 def _target_shards(stmt: Select[Any], mapper: Mapper[Any]) -> list[KeySpace]:
-    """The keyspaces a statement must read: one, unless a sharded model is queried
-    without its shard key (== or in_ at the top level), which fans out to every shard."""
+    """The keyspaces a statement must read: those its shard-key (or id) conditions allow,
+    every shard when they allow any, and none when no object can match (an empty `in_`,
+    two shard-key values of different shards): such a query is answered without Redis."""
+    where = BooleanClauseList("and", stmt._where)
     if mapper.shard_key is None:
-        return [mapper.keys]
-    wanted: set[int] | None = None
-    for cond in stmt._where:
-        if not isinstance(cond, BinaryExpression):
-            continue
-        attr = cond.attribute
-        if not isinstance(attr, FieldAttribute) or attr.key != mapper.shard_key:
-            continue
-        if cond.op == "==" and cond.value is not None:
-            shards = {mapper.shard_of_value(cond.value)}
-        elif cond.op == "in":
-            shards = {mapper.shard_of_value(v) for v in cond.value if v is not None}
-        else:
-            continue
-        wanted = shards if wanted is None else wanted & shards
+        return [] if _matches_nothing(where) else [mapper.keys]
+    wanted = _shards_of(where, mapper)
     if wanted is None:
-        return list(mapper.all_keyspaces())
+        wanted = set(range(mapper.shards))
+    if not wanted or _matches_nothing(where):
+        return []
     return [mapper.keys_for_shard(b) for b in sorted(wanted)]
+
+
+def _matches_nothing(cond: Any) -> bool:
+    """True when `cond` is empty whatever Redis holds: an `in_` of no values, and-ed with
+    anything, or an `or_` all of whose branches are such (an `or_()` of none included)."""
+    if isinstance(cond, BinaryExpression):
+        return cond.op == "in" and not cond.value
+    if isinstance(cond, BooleanClauseList):
+        parts = [_matches_nothing(c) for c in cond.clauses]
+        return all(parts) if cond.operator == "or" else any(parts)
+    return False
+
+
+def _shards_of(cond: Any, mapper: Mapper[Any]) -> set[int] | None:
+    """The shards that can hold a match of `cond`, or None when it does not narrow them.
+
+    Only `==` and `in_` on the shard key (or on the id, which carries the shard) narrow;
+    `and` intersects what its parts narrow, `or` unites them if every branch narrows.
+    None values never narrow (no stored object has one, but fanning out stays correct).
+    """
+    if isinstance(cond, BooleanClauseList):
+        parts = [_shards_of(c, mapper) for c in cond.clauses]
+        if cond.operator == "or":
+            if any(p is None for p in parts):
+                return None
+            return set().union(*(p for p in parts if p is not None))
+        known = [p for p in parts if p is not None]
+        return set.intersection(*known) if known else None
+    if not isinstance(cond, BinaryExpression) or cond.op not in ("==", "in"):
+        return None
+    attr = cond.attribute
+    if not isinstance(attr, FieldAttribute) or attr.mapper is not mapper:
+        return None  # compiling the statement reports a field of another model
+    values = tuple(cond.value) if cond.op == "in" else (cond.value,)
+    if any(v is None for v in values):
+        return None
+    if attr.key == mapper.pk.key:
+        shards = set()
+        for v in values:
+            mapper.validate_pk(v)
+            shard = mapper.shard_of_pk(v)
+            assert shard is not None  # the model is sharded
+            shards.add(shard)
+        return shards
+    if attr.key != mapper.shard_key:
+        return None
+    codec = attr.column.codec
+    assert codec is not None
+    for v in values:
+        codec.validate(v, model=mapper.name, field=attr.key)  # before computing its shard
+    return {mapper.shard_of_value(v) for v in values}
+
+
+def _validate(stmt: Select[Any], mapper: Mapper[Any]) -> None:
+    """Compile without sending: a query that reads nothing still refuses what any would."""
+    _compile(stmt, mapper.all_keyspaces()[0])
 
 
 def _direct_range(stmt: Select[Any], ks: KeySpace) -> tuple[str, str, str, bool] | None:
@@ -462,7 +509,11 @@ def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
     if stmt._limit == 0:
         return ScalarResult([])
     mapper = mapper_of(stmt.model)
-    ids = _ids_in(session, stmt, _target_shards(stmt, mapper))
+    spaces = _target_shards(stmt, mapper)
+    if not spaces:
+        _validate(stmt, mapper)
+        return ScalarResult([])
+    ids = _ids_in(session, stmt, spaces)
     pks = [mapper.pk_from_segment(i) for i in ids]
     return ScalarResult(_objects_for(session, mapper, pks))
 
@@ -498,7 +549,11 @@ def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | 
 
 def execute_count(session: Session, stmt: Select[Any]) -> int:
     """The number of matches after offset/limit: one round trip (per shard read)."""
-    spaces = _target_shards(stmt, mapper_of(stmt.model))
+    mapper = mapper_of(stmt.model)
+    spaces = _target_shards(stmt, mapper)
+    if not spaces:
+        _validate(stmt, mapper)
+        return 0
     direct = [_direct_count_command(stmt, ks) for ks in spaces]
     if all(d is not None for d in direct):
         replies = session.bind.execute([d for d in direct if d is not None])
