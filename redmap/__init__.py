@@ -10,6 +10,7 @@ from .engine import configure as configure
 from .engine import create_engine as create_engine
 from .expression import and_ as and_
 from .expression import asc as asc
+from .expression import col as col
 from .expression import desc as desc
 from .expression import or_ as or_
 from .query import Select as Select
@@ -38,6 +39,7 @@ __all__ = [
     "Unique",
     "and_",
     "asc",
+    "col",
     "configure",
     "create_engine",
     "desc",

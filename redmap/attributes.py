@@ -36,7 +36,7 @@ def state_of(obj: object) -> InstanceState | None:
     return None
 
 
-class FieldAttribute(ColumnOperators):
+class FieldAttribute(ColumnOperators[Any]):
     """A stored field: plain reads and writes, with change tracking when persistent."""
 
     __slots__ = ("column", "key", "mapper")

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import keys
 from .attributes import FieldAttribute
 from .exc import MultipleResultsFound, NoResultFound, QueryError, RedmapError
-from .expression import BinaryExpression, BooleanClauseList, Ordering
+from .expression import (
+    BinaryExpression,
+    BooleanClauseList,
+    ColumnElement,
+    ColumnOperators,
+    Ordering,
+    asc,
+)
 from .keys import KeySpace
 from .mapper import ColumnProperty, Mapper, mapper_of
 
@@ -50,20 +57,18 @@ class Select(Generic[M]):
         new._offset = self._offset
         return new
 
-    def where(self, *conditions: Any) -> Select[M]:
-        """Add conditions, all of which must hold."""
+    def where(self, *conditions: ColumnElement) -> Select[M]:
+        """Add conditions, all of which must hold (`col(Model.field) == value`, `and_`, `or_`)."""
         new = self._copy()
         new._where = self._where + conditions
         return new
 
     filter = where
 
-    def order_by(self, *terms: Any) -> Select[M]:
-        """Order by a Sorted field (or the primary key); `Model.field.desc()` for descending."""
+    def order_by(self, *terms: Ordering | ColumnOperators[Any]) -> Select[M]:
+        """Order by a Sorted field (or the primary key); `col(Model.f).desc()` for descending."""
         new = self._copy()
-        new._order_by = tuple(
-            t if isinstance(t, Ordering) else Ordering(t, descending=False) for t in terms
-        )
+        new._order_by = tuple(t if isinstance(t, Ordering) else asc(t) for t in terms)
         return new
 
     def limit(self, n: int | None) -> Select[M]:
@@ -167,6 +172,14 @@ class _Compiler:
         return repr(codec.to_score(value))
 
     def _need(self, col: ColumnProperty, marker: str, op: str) -> QueryError:
+        if marker == "Sorted()" and col.codec is not None and not col.codec.sortable:
+            return QueryError(
+                f"{self.mapper.name}.{col.key} {op} ... needs a Sorted() field, and a "
+                f"{col.codec.expected} field cannot be Sorted(); use == or in_() on it "
+                "(mark it Indexed()), or order and range over a numeric, date or datetime field",
+                model=self.mapper.name,
+                field=col.key,
+            )
         return QueryError(
             f"{self.mapper.name}.{col.key} {op} ... needs an index: mark the field "
             f"{marker} (redmap never scans the keyspace)",
@@ -283,7 +296,11 @@ class _Compiler:
                 return self._union([self.node(c) for c in cond.clauses])
             return self.conjunction(cond.clauses)
         if isinstance(cond, bool):
-            raise QueryError("a condition evaluated to a plain bool; compare mapped fields")
+            raise QueryError(
+                f"where() got {cond}, not a condition: Python evaluated it before redmap saw "
+                "it. `Model.field is None` is always False; write `col(Model.field) == None`. "
+                "Compare fields of the model with ==, !=, <, <=, >, >=, in_() or between()"
+            )
         raise QueryError(f"unsupported condition {cond!r}")
 
     def _negate(self, key: str) -> str:
