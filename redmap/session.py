@@ -11,7 +11,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from .attributes import STATE_ATTR, state_of
 from .engine import Engine, default_engine
@@ -537,6 +537,27 @@ class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name
     ...     s.add(obj)
     """
 
+    # Two signatures so that `sessionmaker(engine)` is a `sessionmaker[Session]` to type
+    # checkers without an annotation, and `class_=MySession` a `sessionmaker[MySession]`.
+    @overload
+    def __init__(
+        self: sessionmaker[Session],
+        bind: Engine | None = None,
+        *,
+        autoflush: bool = True,
+        expire_on_commit: bool = True,
+        allow_cross_slot: bool = False,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        bind: Engine | None = None,
+        *,
+        class_: type[S],
+        autoflush: bool = True,
+        expire_on_commit: bool = True,
+        allow_cross_slot: bool = False,
+    ) -> None: ...
     def __init__(
         self,
         bind: Engine | None = None,
@@ -545,7 +566,7 @@ class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name
         autoflush: bool = True,
         expire_on_commit: bool = True,
         allow_cross_slot: bool = False,
-    ):
+    ) -> None:
         self.bind = bind
         self.class_ = class_
         self.kw: dict[str, Any] = {
