@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from . import dialects
 from .dialects.base import Command, Dialect, safe_url
+from .exc import InvalidRequestError
 
 if TYPE_CHECKING:
     from .persistence import FlushPlan
@@ -23,14 +25,63 @@ __all__ = ["Engine", "configure", "create_engine", "default_engine"]
 log = logging.getLogger("redmap.engine")
 
 Listener = Callable[[Sequence[Command]], None]
+#: `echo=True` prints commands, `echo="debug"` their replies too, `False` nothing.
+Echo: TypeAlias = bool | Literal["debug"]
+
+
+class _EchoHandler(logging.Handler):
+    """Prints `redmap.engine` records on the current `sys.stdout`, as SQLAlchemy's `echo=True`
+    does, but only while logging has no other handler for them: once the application sets
+    up logging, its handlers show each line and this one stays silent (never twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _other_handlers(logging.getLogger(record.name)):
+            return
+        try:
+            print(self.format(record), file=sys.stdout, flush=True)
+        except Exception:  # a closed stdout must not break a flush
+            self.handleError(record)
+
+
+_echo_handler = _EchoHandler()
+
+
+def _other_handlers(logger: logging.Logger) -> bool:
+    """Whether a record of `logger` reaches a handler other than the echo one."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(h is not _echo_handler for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
+def _enable_echo(echo: Echo) -> None:
+    """Make the engine logger show what `echo` asks for (INFO commands, DEBUG replies)."""
+    if not echo:
+        return
+    if _echo_handler not in log.handlers:
+        log.addHandler(_echo_handler)
+    level = logging.DEBUG if echo == "debug" else logging.INFO
+    if log.level == logging.NOTSET or log.level > level:
+        log.setLevel(level)
 
 
 class Engine:
     """A configured way to reach Redis, shared by many sessions (thread-safe)."""
 
-    def __init__(self, url: str, *, echo: bool = False, **client_options: Any):
+    def __init__(self, url: str, *, echo: Echo = False, **client_options: Any):
+        if echo not in (True, False, "debug"):
+            raise InvalidRequestError(f"echo must be True, False or 'debug', not {echo!r}")
         self.url = safe_url(url)
         self.echo = echo
+        _enable_echo(echo)
         self._listeners: list[Listener] = []
         dialect_cls = dialects.load(url)
         self.dialect: Dialect = dialect_cls(url, hook=self._on_round_trip, **client_options)
@@ -56,21 +107,35 @@ class Engine:
 
     # -- I/O --------------------------------------------------------------------------
 
+    def _echo_replies(self, replies: Sequence[Any]) -> None:
+        if self.echo == "debug":
+            for reply in replies:
+                log.debug("-> %s", _render_reply(reply))
+
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """One pipelined round trip of read commands."""
-        return self.dialect.execute(commands)
+        replies = self.dialect.execute(commands)
+        self._echo_replies(replies)
+        return replies
 
     def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
         """Every key's hash (a dict, empty when absent) in one round trip."""
-        return self.dialect.fetch_hashes(keys)
+        replies = self.dialect.fetch_hashes(keys)
+        self._echo_replies(replies)
+        return replies
 
     def execute_transaction(self, commands: Sequence[Command]) -> list[Any]:
         """One MULTI/EXEC round trip of commands (queries)."""
-        return self.dialect.execute_transaction(commands)
+        replies = self.dialect.execute_transaction(commands)
+        self._echo_replies(replies)
+        return replies
 
     def execute_transactions(self, groups: Sequence[Sequence[Command]]) -> list[list[Any]]:
         """Several MULTI/EXEC groups (a query fanned out over shards)."""
-        return self.dialect.execute_transactions(groups)
+        replies = self.dialect.execute_transactions(groups)
+        for group in replies:
+            self._echo_replies(group)
+        return replies
 
     def flush(self, plan: FlushPlan) -> None:
         """Apply a flush plan atomically (see `Dialect.execute_flush`)."""
@@ -79,6 +144,12 @@ class Engine:
     def dispose(self) -> None:
         """Close pooled connections; the engine reconnects if used again."""
         self.dialect.dispose()
+
+
+def _render_reply(reply: Any) -> str:
+    """A reply as one short line (long values cut, like commands)."""
+    text = repr(reply)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _render(cmd: Command) -> str:
@@ -92,9 +163,12 @@ def _render(cmd: Command) -> str:
     return " ".join(parts)
 
 
-def create_engine(url: str, *, echo: bool = False, **client_options: Any) -> Engine:
+def create_engine(url: str, *, echo: Echo = False, **client_options: Any) -> Engine:
     """An engine for `url` (`redis://`, `rediss://`, `unix://`, `redis+cluster://`,
     `redis+embedded://`); extra keyword arguments go to the redis-py client.
+
+    `echo=True` prints every command sent on stdout (through the `redmap.engine`
+    logger, at INFO), `echo="debug"` each reply too (DEBUG); no logging setup needed.
 
     Nothing connects until the first command, except `redis+embedded://`, which starts
     (or joins) its server at once.
