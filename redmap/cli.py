@@ -1,45 +1,104 @@
-"""The `redmap` console command: `demo`, `audit`, `migrate ...`; the only printer.
+"""The `redmap` console command: `demo`, `audit`, `migrate ...`, `--version`; the only printer.
 
-`redmap demo` is a short guided tour on the default engine (the embedded server
-unless `REDMAP_URL` or `--url` names another).
+Every subcommand finds its database and models the same way (`resolve_url`,
+`resolve_models`): the `--url`/`--models` flags first, then `REDMAP_URL`, then the
+`[tool.redmap]` table of the project's pyproject.toml (`-c`), and last the embedded
+server of the project folder (`redis+embedded://<project>/.redmap`). Errors print as
+one `redmap: error: ...` line, never a traceback. `redmap migrate` hands its words to
+`redmap.migrate.cli`, which resolves the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from . import __version__
 from .exc import RedmapError
 
-__all__ = ["main"]
+__all__ = ["main", "resolve_models", "resolve_url"]
+
+URL_ENV = "REDMAP_URL"
+_DESCRIPTION = """\
+redmap: an object mapper for Redis in the style of SQLAlchemy's ORM.
+
+The database is the one named by --url, else by the REDMAP_URL environment variable,
+else by `url` in the [tool.redmap] table of pyproject.toml, else the embedded Redis
+server of the project folder (./.redmap/, started on demand). `redmap migrate --help`
+lists the migration commands."""
+
+_AUDIT_DESCRIPTION = """\
+Recompute every index, unique key and relationship link from the stored objects and
+report each difference, and each key under the models' prefix that nothing explains.
+Read-only; it SCANs the prefix, so run it offline or at a quiet time.
+
+Exit code: 0 when everything matches, 1 when something was reported, 2 on an error."""
 
 
-def _demo(url: str | None) -> int:
-    import multiprocessing  # noqa: F401 - keeps the import cost out of other commands
+def _project_table(config: str) -> tuple[Path, dict[str, object]]:
+    """The pyproject.toml's folder and its `[tool.redmap]` table (empty when absent)."""
+    from alembic_like.config import read_table
+    from alembic_like.exc import AlembicLikeError
 
+    path = Path(config)
+    try:
+        table = read_table(path, "redmap") or {}
+    except AlembicLikeError as exc:
+        raise RedmapError(str(exc)) from exc
+    return path.parent, table
+
+
+def resolve_url(flag: str | None, config: str = "pyproject.toml") -> str:
+    """The database URL: `--url`, `REDMAP_URL`, `[tool.redmap] url`, the project's server."""
+    if flag:
+        return flag
+    if os.environ.get(URL_ENV):
+        return os.environ[URL_ENV]
+    root, table = _project_table(config)
+    url = table.get("url")
+    if url is not None:
+        if not isinstance(url, str) or not url:
+            raise RedmapError(f"{config}: [tool.redmap] url must be a non-empty string")
+        return url
+    return "redis+embedded://" + str((root / ".redmap").resolve())
+
+
+def resolve_models(flag: str | None, config: str = "pyproject.toml") -> tuple[str, Path]:
+    """The models spec (`--models`, else `[tool.redmap] models`) and the folder to import from."""
+    root, table = _project_table(config)
+    spec = flag or table.get("models")
+    if not spec:
+        raise RedmapError(
+            "which models? give --models package.module:registry, or set "
+            f'models = "package.module:registry" in [tool.redmap] of {config}'
+        )
+    if not isinstance(spec, str):
+        raise RedmapError(f"{config}: [tool.redmap] models must be a string")
+    return spec, root.resolve()
+
+
+def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(url, out=print)
+    run_demo(resolve_url(args.url, args.config), out=print)
     return 0
 
 
-def _audit(url: str | None, models: str) -> int:
-    import importlib
-    import os
-
-    import redis
-
+def _audit(args: argparse.Namespace) -> int:
     from .audit import audit
+    from .engine import create_engine
+    from .migrate.env import load_registry
 
-    module_name, _, attr = models.partition(":")
-    reg = getattr(importlib.import_module(module_name), attr or "reg")
-    target = url or os.environ.get("REDMAP_URL")
-    if not target:
-        print("redmap: error: give --url or set REDMAP_URL", file=sys.stderr)
-        return 2
-    with redis.Redis.from_url(target) as client:
-        report = audit(client, reg)
+    spec, root = resolve_models(args.models, args.config)
+    reg = load_registry(spec, root)
+    engine = create_engine(resolve_url(args.url, args.config))
+    try:
+        report = audit(engine.dialect.client, reg)
+    finally:
+        engine.dispose()
     for line in report.mismatches:
         print(f"mismatch: {line}")
     for key in report.unexplained:
@@ -48,8 +107,59 @@ def _audit(url: str | None, models: str) -> int:
     return 0 if report.ok else 1
 
 
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        help="Redis URL (default: $REDMAP_URL, else [tool.redmap] url, else the embedded "
+        "server in ./.redmap/)",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="pyproject.toml",
+        help="the project's pyproject.toml, read for its [tool.redmap] table "
+        "(default: ./pyproject.toml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (`migrate` is parsed by `redmap.migrate.cli`)."""
+    parser = argparse.ArgumentParser(
+        prog="redmap",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"redmap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="a short tour: a model, commit, reload, query, conflict and retry",
+        description="A short tour of redmap on your database: it prints the code of each "
+        "step and what it did, under its own key prefix, and deletes its keys at the end.",
+    )
+    _add_common(demo)
+    aud = sub.add_parser(
+        "audit",
+        help="check every index and link against the stored objects (read-only)",
+        description=_AUDIT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(aud)
+    aud.add_argument(
+        "--models",
+        help="the models' registry as package.module:attribute, imported from the project "
+        "folder (default: [tool.redmap] models)",
+    )
+    sub.add_parser(
+        "migrate",
+        help="versioned migrations of the stored data (redmap migrate --help)",
+        add_help=False,
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `redmap` console script."""
+    """Entry point of the `redmap` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["migrate"]:
         # alembic_like's CLI parses everything after "migrate", options included.
@@ -57,31 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         code: int = migrate_main(args_list[1:])
         return code
-    parser = argparse.ArgumentParser(
-        prog="redmap", description="redmap: an object mapper for Redis"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a short tour: models, commit, reload, conflict and retry")
-    demo.add_argument("--url", help="Redis URL (default: REDMAP_URL, else an embedded server)")
-    aud = sub.add_parser(
-        "audit", help="recompute every index and link from the objects and report differences"
-    )
-    aud.add_argument("--url", help="Redis URL (default: REDMAP_URL)")
-    aud.add_argument("--models", required=True, help="the registry, as package.module:reg")
-    migrate = sub.add_parser(
-        "migrate", help="versioned migrations of the key layout", add_help=False
-    )
-    migrate.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(args_list)
+    parser = build_parser()
     try:
-        if args.command == "demo":
-            return _demo(args.url)
-        if args.command == "audit":
-            return _audit(args.url, args.models)
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # usage, --help or --version, printed by argparse
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        return _demo(args) if args.command == "demo" else _audit(args)
     except RedmapError as exc:
         print(f"redmap: error: {exc}", file=sys.stderr)
-        return 1
-    return 2
+        return 2
+    except KeyboardInterrupt:
+        print("redmap: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import keys
 from .attributes import FieldAttribute
-from .exc import MultipleResultsFound, NoResultFound, QueryError, RedmapError
+from .exc import (
+    MultipleResultsFound,
+    NoResultFound,
+    QueryError,
+    RedmapConnectionError,
+    RedmapError,
+)
 from .expression import (
     BinaryExpression,
     BooleanClauseList,
@@ -464,6 +470,8 @@ def _run_all(
     """Run each compiled statement's transaction; the replies of each one's `tail`."""
     try:
         results = session.bind.execute_transactions([_transaction(c, t) for c, t in groups])
+    except RedmapConnectionError:
+        raise  # the server, not the query: keep the type callers retry on
     except RedmapError as exc:
         raise QueryError(f"Redis refused the query: {exc}") from None
     out = []

@@ -112,10 +112,22 @@ def translate_errors(url: str) -> Iterator[None]:
     except RedmapError:
         raise
     except rex.AuthenticationError as exc:
+        if secret is None:  # Redis answers HELLO or AUTH text that does not say this
+            raise RedmapConnectionError(
+                "the server requires a password: put it in the URL "
+                "(redis://:PASSWORD@host:port/0, or redis://USER:PASSWORD@... for an ACL user)",
+                url=shown,
+            ) from None
         raise RedmapConnectionError(f"authentication failed ({clean(exc)})", url=shown) from None
     except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
         raise RedmapConnectionError(f"cannot talk to Redis ({clean(exc)})", url=shown) from None
     except rex.RedisError as exc:
+        if "DB index is out of range" in str(exc):
+            raise RedmapConnectionError(
+                "the database number at the end of the URL does not exist on this server "
+                "(it has `databases` of them, 16 unless configured: /0 to /15)",
+                url=shown,
+            ) from None
         raise RedmapError(f"Redis refused a command ({clean(exc)}) (url: {shown})") from None
 
 
