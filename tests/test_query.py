@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any
+from dataclasses import dataclass
+from math import inf
+from typing import Annotated, Any, Optional
 
 import pytest
 
-from redmap import Session, create_engine, or_, select
+from redmap import PrimaryKey, Session, Sorted, create_engine, or_, registry, select
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, MultipleResultsFound, NoResultFound, QueryError
 from redmap.testing.assertions import assert_round_trips, count_round_trips, dump_keys
 from tests._fixtures import Author, Counter, Doc
+
+none_reg = registry(prefix="qn")
+
+
+@none_reg.mapped
+@dataclass
+class Runner:
+    """A sorted field that may be None (Author.age cannot be)."""
+
+    name: str
+    best: Annotated[Optional[int], Sorted()] = None
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
 
 PEOPLE = [
     ("ann", 41, "a@x"),
@@ -244,14 +259,24 @@ class TestIndexMaintenance:
         assert redis_client.zscore("{t}:author:#zs:age", "1") == 99
 
     def test_none_values_are_indexed(self, engine: Engine, redis_client: Any) -> None:
-        """None sorts first ascending and is excluded from ranges."""
+        """None sorts first ascending (last descending) and is excluded from ranges."""
+        bests = [5, None, -3, None, 10]
         with Session(engine) as s:
-            s.add(Author(name="a", email="1@x", age=5))
+            s.add_all(Runner(name=f"r{i}", best=b) for i, b in enumerate(bests, start=1))
             s.commit()
+        # The layout: None is held in the sorted index at -inf, values at their own score.
+        zs = redis_client.zrange("{qn}:runner:#zs:best", 0, -1, withscores=True)
+        assert zs == [(b"2", -inf), (b"4", -inf), (b"3", -3.0), (b"1", 5.0), (b"5", 10.0)]
         with Session(engine) as s:
-            q = select(Author).order_by(Author.age)
-            assert [a.age for a in s.scalars(q)] == [5]
-            assert s.count(select(Author).where(Author.age < 100)) == 1
+            up = s.scalars(select(Runner).order_by(Runner.best)).all()
+            assert [(r.id, r.best) for r in up] == [(2, None), (4, None), (3, -3), (1, 5), (5, 10)]
+            down = s.scalars(select(Runner).order_by(Runner.best.desc())).all()
+            assert [r.best for r in down] == [10, 5, -3, None, None]
+            assert ids(s.scalars(select(Runner).where(Runner.best < 100))) == [1, 3, 5]
+            assert ids(s.scalars(select(Runner).where(Runner.best <= 0))) == [3]
+            assert s.count(select(Runner).where(Runner.best < 100)) == 3
+            assert s.count(select(Runner).where(Runner.best.between(-10**9, 10**9))) == 3
+            assert ids(s.scalars(select(Runner).where(Runner.best == None))) == [2, 4]  # noqa: E711
 
     def test_unique_value_can_move_between_objects_in_one_flush(self, people: Engine) -> None:
         """One object releases a unique value and another takes it in the same flush."""

@@ -415,15 +415,29 @@ class TestKeysAndTypes:
         assert len(objects) == 2 and all(k.count(b"{") == 1 for k in objects)
         assert all(k.count(b":") == 2 for k in objects)
 
-    def test_uuid_primary_key_generated(self, engine: Engine) -> None:
-        """A None UUID primary key is generated at flush."""
+    def test_uuid_primary_key_generated(self, engine: Engine, redis_client: Any) -> None:
+        """A None UUID primary key gets a random (version 4) UUID at flush, stored under its
+        canonical text, and loads back as the same UUID with its fields."""
         with Session(engine) as s:
-            t = Token(label="x")
-            s.add(t)
+            t, u = Token(label="x"), Token(label="y")
+            s.add_all([t, u])
             s.commit()
-            assert isinstance(t.id, uuid.UUID)
+            assert isinstance(t.id, uuid.UUID) and t.id.version == 4
+            assert t.id != u.id
+            tid = t.id
+        # The key layout: {t}:token:<canonical text>, listed in the id zset; no counter.
+        key = f"{{t}}:token:{tid}"
+        assert redis_client.hget(key, "label") == b"x"
+        assert str(tid).encode() in redis_client.zrange("{t}:token:#all", 0, -1)
+        assert sorted(redis_client.keys("{t}:token:*")) == sorted(
+            [b"{t}:token:#all", key.encode(), f"{{t}}:token:{u.id}".encode()]
+        )
         with Session(engine) as s:
-            assert s.get(Token, t.id) is not None
+            got = s.get(Token, tid)
+            assert got is not None and got.id == tid and got.label == "x"
+            assert isinstance(got.id, uuid.UUID)
+            # Looked up by an equal UUID built from its text: the same object.
+            assert s.get(Token, uuid.UUID(str(tid).upper())) is got
 
     def test_wrong_type_is_validation_error_and_nothing_sent(self, engine: Engine) -> None:
         """A value of the wrong type fails the flush before any command is sent."""

@@ -720,6 +720,29 @@ _fixed_zones = st.builds(
 )
 
 
+def _first_lone_surrogate(value: Any, path: str = "") -> tuple[str, int] | None:
+    """Where the first lone surrogate of a value is: (path like `[1]['k']`, index in its
+    string), looking at dict keys before their values; None when there is none."""
+    if isinstance(value, str):
+        for i, ch in enumerate(value):
+            if 0xD800 <= ord(ch) <= 0xDFFF:
+                return path, i
+        return None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _first_lone_surrogate(k, f"{path}[{k!r}]")
+            if found is None:
+                found = _first_lone_surrogate(v, f"{path}[{k!r}]")
+            if found is not None:
+                return found
+    return None
+
+
 @settings(max_examples=300, deadline=None, database=None)
 @given(
     st.one_of(
@@ -737,11 +760,18 @@ _fixed_zones = st.builds(
 def test_generated_values_round_trip(case: tuple[object, Any]) -> None:
     """Generated values of every scalar kind read back exactly, alone and inside JSON."""
     tp, value = case
+    bad = _first_lone_surrogate(value)
     try:
         codec(tp).validate(value, model="M", field="f")
-    except ValidationError:
-        assert tp is str or tp is list  # lone surrogates cannot be stored
+    except ValidationError as err:
+        # Only lone surrogates cannot be stored, and the error says where the first one is.
+        assert bad is not None, f"{value!r} refused: {err}"
+        path, index = bad
+        where = f"lone surrogate at index {index}"
+        assert (err.model, err.field, err.expected, err.actual) == ("M", "f", "str", "str")
+        assert err.detail == (f"at {path}: {where}" if path else where), err.detail
         return
+    assert bad is None, f"{value!r} holds a lone surrogate, yet was accepted"
     assert same(round_trip(tp, value), value)
     if tp is not list:
         assert same(round_trip(list[tp], [value]), [value])  # type: ignore[valid-type]

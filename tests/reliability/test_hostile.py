@@ -21,6 +21,7 @@ import datetime as dt
 import decimal
 import enum
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -606,6 +607,14 @@ def test_decoders_raise_only_decode_error_soak() -> None:
     _fuzz_decoders(50_000)
 
 
+def _as_int(member: bytes) -> int | None:
+    """What the int primary key codec reads: decimal digits of any length, optionally
+    negative (ids past 40 digits stand for one huge id: no object has it)."""
+    if not re.fullmatch(rb"-?[0-9]+", member):
+        return None
+    return int(member) if len(member) <= 40 else 10**40
+
+
 def _corrupt_through_redis(engine: Engine, client: redis.Redis, n: int) -> None:
     """Random bytes written into stored hashes and index members, then loaded by sessions."""
     t0 = time.perf_counter()
@@ -633,19 +642,49 @@ def _corrupt_through_redis(engine: Engine, client: redis.Redis, n: int) -> None:
                     refused_keys.add(ks.object(str(pk)))
                 except Exception as exc:
                     foreign.append(f"{pk}: {type(exc).__name__}: {exc}")
-    # Index members are decoded as primary keys by queries.
+    # Index members are decoded as primary keys by queries. What each query must do is
+    # worked out here from the zset itself: the first 3 members by (score, member); a
+    # member that is not decimal digits is a DecodeError naming it; else a refused hash
+    # among them is a DecodeError naming its key; else the objects, in zset order.
+    # Half the members go first (score 0), half next to 3 objects that load (score p,
+    # read by `id >= p`), so that every outcome occurs.
     members = 0
-    for raw in corpus[:200]:
-        client.zadd(ks.all(), {raw: 0})
+    outcomes = {"member refused": 0, "hash refused": 0, "loaded": 0}
+    good = next(
+        p for p in range(1, n) if not {ks.object(str(p + i)) for i in range(3)} & refused_keys
+    )
+    for t, raw in enumerate(corpus[:200]):
+        if client.zscore(ks.all(), raw) is not None:
+            continue  # an id already listed: adding it changes nothing, removing it would
+        low = 0 if t % 2 else good
+        client.zadd(ks.all(), {raw: low})
         members += 1
+        scored = client.zrange(ks.all(), low, "+inf", byscore=True, withscores=True)
+        window = [m for m, _ in sorted(scored, key=lambda p: (p[1], p[0]))[:3]]
+        bad_members = [m for m in window if _as_int(m) is None]
+        pks = [pk for pk in map(_as_int, window) if pk is not None]
+        refused_here = {ks.object(str(pk)) for pk in pks} & refused_keys
         with Session(engine) as s:
             try:
-                s.scalars(select(Wide).limit(3)).all()
-            except DecodeError:
-                pass
+                q = select(Wide).where(Wide.id >= low).limit(3)  # type: ignore[operator]
+                got = [w.id for w in s.scalars(q).all()]
+            except DecodeError as exc:
+                if bad_members:
+                    # (Not asserted: exc.model and exc.field, None when the int codec
+                    # rather than unescape refuses the member, e.g. b"".)
+                    assert exc.raw == bad_members[0], f"#all member {raw!r}: {exc!r}"
+                    outcomes["member refused"] += 1
+                else:
+                    assert refused_here and exc.key in refused_here, f"{raw!r}: {exc!r}"
+                    outcomes["hash refused"] += 1
             except Exception as exc:
                 foreign.append(f"#all member {raw[:40]!r}: {type(exc).__name__}: {exc}")
+            else:
+                assert not bad_members and not refused_here, f"{raw!r} in {window}: {got}"
+                assert got == [pk for pk in pks if 1 <= pk <= n], f"{raw!r}: {window} -> {got}"
+                outcomes["loaded"] += 1
         client.zrem(ks.all(), raw)
+    assert all(outcomes.values()), outcomes  # every branch above was taken
     refused = len(refused_keys)
     # The audit reads the same hashes: it reports each undecodable one by key (and the
     # id zset, which lists objects it could not decode).
@@ -654,7 +693,8 @@ def _corrupt_through_redis(engine: Engine, client: redis.Redis, n: int) -> None:
     print(
         f"\ncorrupt hashes: {n} objects with one field overwritten by random bytes: {loaded} "
         f"loaded, {refused} DecodeError, {len(foreign)} other exceptions; {members} corrupt "
-        f"index members queried; audit: {report.summary()}; {time.perf_counter() - t0:.1f}s"
+        f"index members queried ({outcomes}); audit: {report.summary()}; "
+        f"{time.perf_counter() - t0:.1f}s"
     )
     assert not foreign, foreign[:10]
     assert loaded + refused == n
