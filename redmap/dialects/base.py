@@ -25,6 +25,7 @@ from ..exc import (
     RedmapError,
     StaleDataError,
 )
+from ._retry import ReadRetry
 
 
 def _find_hiredis_pack() -> Callable[[Any], bytes] | None:
@@ -119,6 +120,12 @@ def translate_errors(url: str) -> Iterator[None]:
                 url=shown,
             ) from None
         raise RedmapConnectionError(f"authentication failed ({clean(exc)})", url=shown) from None
+    except rex.BusyLoadingError:
+        raise RedmapConnectionError(
+            "Redis is loading its data set into memory (after a restart, until its AOF or "
+            "RDB file is read); try again once INFO persistence shows loading:0",
+            url=shown,
+        ) from None
     except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
         raise RedmapConnectionError(f"cannot talk to Redis ({clean(exc)})", url=shown) from None
     except rex.RedisError as exc:
@@ -186,6 +193,8 @@ class Dialect:
     supports_cluster = False
     # The server is started and stopped by redmap itself.
     supports_embedded_server = False
+    # When reads are sent again (cut connection, server loading); never the flush.
+    read_retry = ReadRetry()
 
     def __init__(self, url: str, *, hook: RoundTripHook, **client_options: Any):
         self.url = url
@@ -206,17 +215,23 @@ class Dialect:
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Send `commands` in one pipelined round trip; error replies come back as exceptions.
 
-        Reads may be retried by redis-py on connection errors: they are idempotent.
+        The round trip is sent again when its connection is cut or the server is loading
+        its data set (`read_retry`): for reads, and for commands whose repetition is
+        harmless (the flush's counter INCRBYs: a repeated one only skips ids).
         """
         if not commands:
             return []
-        self._hook(commands)
-        with translate_errors(self.url):
+
+        def attempt() -> list[Any]:
+            self._hook(commands)
             pipe = self.client.pipeline(transaction=False)
             for cmd in commands:
                 pipe.execute_command(*cmd)
             replies: list[Any] = pipe.execute(raise_on_error=False)
             return replies
+
+        with translate_errors(self.url):
+            return self.read_retry.call(attempt, url=self.safe_url)
 
     def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
         """HGETALL of each key in one round trip: a dict per key (empty when absent), or
@@ -228,16 +243,20 @@ class Dialect:
         """Run `commands` in one MULTI/EXEC (one round trip) and return their results.
 
         For reads that need a consistent snapshot or temporary keys (queries); a
-        command error raises. redis-py may retry it on a connection error, which is
-        harmless for these commands.
+        command error raises. Sent again like `execute`'s reads: a second run of a
+        query's transaction rebuilds and deletes the same temporary keys.
         """
-        self._hook([("MULTI",), *commands, ("EXEC",)])
-        with translate_errors(self.url):
+
+        def attempt() -> list[Any]:
+            self._hook([("MULTI",), *commands, ("EXEC",)])
             pipe = self.client.pipeline(transaction=True)
             for cmd in commands:
                 pipe.execute_command(*cmd)
             results: list[Any] = pipe.execute()
             return results
+
+        with translate_errors(self.url):
+            return self.read_retry.call(attempt, url=self.safe_url)
 
     def execute_transactions(self, groups: Sequence[Sequence[Command]]) -> list[list[Any]]:
         """Run several MULTI/EXEC groups; one round trip each unless a dialect can do better."""
@@ -252,12 +271,17 @@ class Dialect:
         flat: list[Command] = []
         for g in groups:
             flat.extend([("MULTI",), *g, ("EXEC",)])
-        self._hook(flat)
-        with translate_errors(self.url):
+
+        def attempt() -> list[Any]:
+            self._hook(flat)
             pipe = client.pipeline(transaction=False)
             for cmd in flat:
                 pipe.execute_command(*cmd)
-            replies = pipe.execute(raise_on_error=False)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            return replies
+
+        with translate_errors(self.url):
+            replies = self.read_retry.call(attempt, url=self.safe_url)
         out: list[list[Any] | None] = []
         at = 0
         for g in groups:

@@ -32,25 +32,27 @@ class StandaloneDialect(Dialect):
     def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
         """HGETALL of each key on one pooled connection (`send_and_read`, hiredis packing),
         without redis-py's pipeline machinery: its per-command bookkeeping and reply
-        callbacks cost as much as decoding the objects. redis-py's retry policy still applies:
-        reads are idempotent, so a broken connection is reopened and the batch re-sent.
+        callbacks cost as much as decoding the objects. Sent again like every read
+        (`Dialect.read_retry`) when the connection is cut or the server is loading.
         """
         if not keys:
             return []
         commands = [("HGETALL", k) for k in keys]
-        self._hook(commands)
         pool = self.client.connection_pool
-        with translate_errors(self.url):
+
+        def attempt() -> list[Any]:
+            self._hook(commands)
             conn = pool.get_connection()
             try:
-                replies = conn.retry.call_with_retry(
-                    lambda: send_and_read(conn, commands), lambda _error: conn.disconnect()
-                )
+                return send_and_read(conn, commands)
             except BaseException:
                 conn.disconnect()  # replies may be left unread: never reuse it as is
                 raise
             finally:
                 pool.release(conn)
+
+        with translate_errors(self.url):
+            replies = self.read_retry.call(attempt, url=self.safe_url)
         return [_as_dict(r) for r in replies]
 
 

@@ -1,0 +1,87 @@
+"""Owns when a read is sent again; called by the dialects' read paths, never by the flush.
+
+A read (HGETALL, ZRANGE, a query's MULTI/EXEC of reads and temporary keys) changes
+nothing that a second copy would change again, so it can be re-sent after its
+connection was cut mid-flight, and while the server answers LOADING (it is replaying
+its AOF or RDB after a restart). redmap does this itself rather than through redis-py's
+retry policy: `Redis.from_url`, which redmap uses, leaves it at no retry (measured
+with redis-py 5.0 and 8.2), and `Redis(...)`'s default differs between versions. A
+flush is never re-sent: see `Dialect.execute_flush`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis.exceptions as rex
+
+from ..exc import RedmapConnectionError
+
+__all__ = ["ReadRetry"]
+
+log = logging.getLogger("redmap.engine")
+
+T = TypeVar("T")
+
+# Pauses before the 1st, 2nd, ... re-send after a cut connection: the first at once (a
+# connection killed while idle or mid-read usually reconnects fine), then longer ones
+# for a server that is restarting.
+_BACKOFF = (0.0, 0.05, 0.2, 0.5)
+# How often a read asks again while the server is loading its data set.
+_LOADING_POLL = 0.05
+
+
+@dataclass(frozen=True)
+class ReadRetry:
+    """The retry policy of one dialect's reads.
+
+    `retries`: re-sends after a cut connection (ConnectionError, broken pipe, reset)
+    before the error is raised; a timeout is not retried (the server was reached and
+    is slow: asking again multiplies the wait). `loading_timeout`: seconds to keep
+    asking while the server answers LOADING before raising RedmapConnectionError.
+    """
+
+    retries: int = len(_BACKOFF)
+    loading_timeout: float = 60.0
+
+    def call(self, read: Callable[[], T], *, url: str) -> T:
+        """`read()`, sent again as the policy allows; `read` must leave a failed
+        connection disconnected (it may hold unread replies). `url` is shown in errors
+        and must carry no password."""
+        cuts = 0
+        loading_since: float | None = None
+        while True:
+            try:
+                return read()
+            except rex.BusyLoadingError:  # a ConnectionError subclass: test it first
+                now = time.monotonic()
+                if loading_since is None:
+                    loading_since = now
+                    log.info("Redis is loading its data set; waiting to read (%s)", url)
+                if now - loading_since >= self.loading_timeout:
+                    raise RedmapConnectionError(
+                        f"Redis was still loading its data set into memory after "
+                        f"{self.loading_timeout:g}s (it answers LOADING after a restart "
+                        f"until its AOF or RDB file is read); try again once INFO "
+                        f"persistence shows loading:0",
+                        url=url,
+                    ) from None
+                time.sleep(_LOADING_POLL)
+            except (rex.TimeoutError, TimeoutError):
+                raise
+            except (rex.ConnectionError, OSError) as exc:
+                if cuts >= self.retries:
+                    raise
+                pause = _BACKOFF[min(cuts, len(_BACKOFF) - 1)]
+                cuts += 1
+                log.info(
+                    "read cut (%s); sending it again (%d/%d)",
+                    type(exc).__name__,
+                    cuts,
+                    self.retries,
+                )
+                time.sleep(pause)
