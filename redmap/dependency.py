@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .attributes import state_of
 from .exc import InvalidRequestError, StaleDataError
+from .journal import FlushJournal
 from .mapper import mapper_of
 from .relationships import Direction
 from .strategies import link_keys, selectin_load
@@ -61,6 +62,14 @@ class RelationshipWork:
     member_checks: list[MemberCheck] = dataclasses.field(default_factory=list)
     drop_keys: list[str] = dataclasses.field(default_factory=list)
     deferred: list[DeferredKey] = dataclasses.field(default_factory=list)
+    # What preparing this work changed in the session (None for the parts of a
+    # cross-slot flush, which share their whole flush's journal).
+    journal: FlushJournal | None = None
+
+    def restore(self, written: set[int] | None = None) -> None:
+        """Put the session back as it was before `prepare` (see FlushJournal.restore)."""
+        if self.journal is not None:
+            self.journal.restore(written or ())
 
 
 def _read_members(
@@ -78,16 +87,26 @@ def _read_members(
 
 
 def prepare(session: Session) -> RelationshipWork:
-    """Apply orphan and delete cascades, sync foreign keys, and collect link changes."""
-    work = RelationshipWork()
-    _orphans(session)
-    _cascade_deletes(session, work)
-    _sync_foreign_keys(session, work)
-    _links(session, work)
+    """Apply orphan and delete cascades, sync foreign keys, and collect link changes.
+
+    Every change this makes to the session goes through `work.journal`, so a flush
+    that fails afterwards (or here) puts the session back as it was: a failed flush
+    must not leave an orphan deleted that the user then re-attaches.
+    """
+    work = RelationshipWork(journal=FlushJournal(session))
+    try:
+        _orphans(session, work)
+        _cascade_deletes(session, work)
+        _sync_foreign_keys(session, work)
+        _links(session, work)
+    except BaseException:
+        work.restore()
+        raise
     return work
 
 
-def _orphans(session: Session) -> None:
+def _orphans(session: Session, work: RelationshipWork) -> None:
+    journal = _journal(work)
     for item, prop in list(session._orphans.values()):
         st = state_of(item)
         if st is None or st.session is not session or st.deleted:
@@ -99,9 +118,14 @@ def _orphans(session: Session) -> None:
         if pointer is not None and pointer is not _UNKNOWN:
             continue
         if st.identity is None:
-            session.expunge(item)
+            journal.expunge(item)
         else:
-            session.delete(item)
+            journal.delete(item)
+
+
+def _journal(work: RelationshipWork) -> FlushJournal:
+    assert work.journal is not None, "prepare() gives its work a journal"
+    return work.journal
 
 
 def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
@@ -133,7 +157,7 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                     listed = set().union(*(current[k] for k in keys_))
                     members = _members_at_flush(session, st, prop, members, listed, pointing)
                     if prop.direction is Direction.ONETOMANY:
-                        _detach_children(session, st, prop, members)
+                        _detach_children(work, st, prop, members)
                     else:
                         for other in members:
                             ost = state_of(other)
@@ -146,7 +170,7 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                         work.drop_keys.append(key)
                         if "delete" in prop.cascade:
                             for other in members:
-                                session.delete(other)
+                                _journal(work).delete(other)
             for src in mapper.hidden_links:
                 _unlink_hidden(session, states, src, work)
 
@@ -272,22 +296,23 @@ def _pointer(cst: InstanceState, prop: RelationshipProperty) -> tuple[Any, bool]
 
 
 def _detach_children(
-    session: Session, st: InstanceState, prop: RelationshipProperty, children: list[Any]
+    work: RelationshipWork, st: InstanceState, prop: RelationshipProperty, children: list[Any]
 ) -> None:
+    journal = _journal(work)
     for child in children:
         cst = state_of(child)
         if cst is None or cst.deleted:
             continue
         if "delete" in prop.cascade:
             if cst.identity is None:
-                session.expunge(child)  # a new child of a deleted parent is never written
+                journal.expunge(child)  # a new child of a deleted parent is never written
             else:
-                session.delete(child)
+                journal.delete(child)
         else:
             # As SQLAlchemy does without a delete cascade: the children stay, orphaned.
             if prop.reverse is not None:
-                child.__dict__[prop.reverse.key] = None
-            setattr(child, prop.fk_column, None)
+                journal.set_plain(child, prop.reverse.key, None)
+            journal.set_attribute(child, prop.fk_column, None)
 
 
 def _unlink_hidden(
@@ -378,7 +403,7 @@ def _set_fk(
         work.deferred.append(DeferredKey(child, column, tst))
         return
     if child.obj.__dict__.get(column) != pk:
-        setattr(child.obj, column, pk)
+        _journal(work).set_attribute(child.obj, column, pk)
 
 
 def _links(session: Session, work: RelationshipWork) -> None:

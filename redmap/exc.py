@@ -16,6 +16,7 @@ RedmapError
 ├── QueryError                a query redmap cannot answer without scanning
 ├── MigrationError            a migration that cannot run or failed
 ├── FlushError                a flush that Redis refused part-way (a runtime error inside EXEC)
+│   └── PartialCommitError    a cross-slot flush of which some parts were applied, not all
 └── RedmapConnectionError     the server could not be reached or the connection broke
     └── OutcomeUnknownError   a flush whose EXEC may or may not have been applied
 ```
@@ -42,6 +43,7 @@ __all__ = [
     "NoResultFound",
     "ObjectDeletedError",
     "OutcomeUnknownError",
+    "PartialCommitError",
     "QueryError",
     "RedmapConnectionError",
     "RedmapError",
@@ -256,6 +258,36 @@ class FlushError(RedmapError):
     def __init__(self, message: str, *, key: str | None = None, errors: Sequence[str] = ()):
         self.key = key
         self.errors = list(errors)
+        super().__init__(message)
+
+
+class PartialCommitError(FlushError):
+    """Raised when a flush committed part by part (`allow_cross_slot=True` on Redis
+    Cluster, one transaction per hash tag) was applied in part.
+
+    The parts before the failing one were applied; the failing part and the ones after
+    it were not (or, for `unknown`, may or may not have been). `written` lists the
+    objects whose changes were applied: they are persistent and clean in the session.
+    `not_written` lists those whose changes were not: they keep their pending changes,
+    so a later flush writes just them. `unknown` lists the objects of a part whose
+    outcome is unknown (its EXEC reply was lost); roll back before going on. `cause`
+    (also `__cause__`) is the error that stopped the flush. `run_in_transaction` never
+    retries this error: running the same work again would apply the written part twice.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        written: Sequence[Any] = (),
+        not_written: Sequence[Any] = (),
+        unknown: Sequence[Any] = (),
+        cause: BaseException | None = None,
+    ):
+        self.written = list(written)
+        self.not_written = list(not_written)
+        self.unknown = list(unknown)
+        self.cause = cause
         super().__init__(message)
 
 

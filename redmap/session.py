@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
@@ -62,6 +63,10 @@ class Session:
         self._deleted: dict[int, InstanceState] = {}
         self._no_autoflush = 0
         self._flushing = False
+        # Held for the whole flush; with the flushing thread's id it lets a second
+        # thread's use of the session fail loudly instead of racing the flush.
+        self._flush_lock = threading.Lock()
+        self._flush_thread: int | None = None
         # Relationship bookkeeping between flushes (see redmap.dependency):
         # objects whose relationships changed, by id(obj) ...
         self._rel_dirty: dict[int, Any] = {}
@@ -104,8 +109,22 @@ class Session:
             raise InvalidRequestError(f"cannot {action} {obj!r}: it is not in this session")
         return st
 
+    def _check_thread(self, action: str) -> None:
+        """Refuse `action` from another thread while this session flushes.
+
+        A Session is not thread-safe; used from two threads at once it would lose or
+        tear changes, so the misuse is reported instead.
+        """
+        flushing = self._flush_thread
+        if flushing is not None and flushing != threading.get_ident():
+            raise InvalidRequestError(
+                f"cannot {action}: this Session is flushing in another thread. A Session "
+                f"is not thread-safe; use one Session per thread"
+            )
+
     def add(self, obj: object) -> None:
         """Put a new or detached object in the session; it is written at the next flush."""
+        self._check_thread("add an object")
         st = self._state(obj)
         if st.session is self:
             return
@@ -180,6 +199,7 @@ class Session:
 
     def delete(self, obj: object) -> None:
         """Mark a persistent object for deletion at the next flush."""
+        self._check_thread("delete an object")
         st = self._state(obj)
         if st.identity is None:
             raise InvalidRequestError(f"{st.mapper.name} object is not persisted; cannot delete")
@@ -283,25 +303,38 @@ class Session:
         """Write every pending change in one WATCH/MULTI/EXEC transaction.
 
         Round trips: none when nothing changed; 2 otherwise, plus 1 when new objects
-        need generated primary keys. On error nothing is written and every pending
-        change stays pending.
+        need generated primary keys. On error nothing is written and the session is
+        as it was before the flush: every pending change stays pending.
+
+        Raises InvalidRequestError when another thread is flushing this session (a
+        Session is not thread-safe). An attribute assigned by another thread while
+        the flush runs is not lost: it stays a pending change for the next flush.
         """
-        if self._flushing:
-            raise InvalidRequestError("Session is already flushing")
-        doubt = [st for st in self._identity_map.states() if st.in_doubt]
-        doubt += [st for st in self._new.values() if st.in_doubt]
-        if doubt:
-            raise InvalidRequestError(
-                f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
-                f"call rollback() so they reload from what Redis holds"
-            )
-        self._flushing = True
+        if not self._flush_lock.acquire(blocking=False):
+            if self._flush_thread == threading.get_ident():
+                raise InvalidRequestError("Session is already flushing")
+            self._check_thread("flush")
+            raise InvalidRequestError("Session is flushing in another thread")
         try:
-            UOWTransaction(self).execute()
+            self._flush_thread = threading.get_ident()
+            doubt = [st for st in self._identity_map.states() if st.in_doubt]
+            doubt += [st for st in self._new.values() if st.in_doubt]
+            if doubt:
+                raise InvalidRequestError(
+                    f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
+                    f"call rollback() so they reload from what Redis holds"
+                )
+            self._flushing = True
+            try:
+                UOWTransaction(self).execute()
+            finally:
+                self._flushing = False
         finally:
-            self._flushing = False
+            self._flush_thread = None
+            self._flush_lock.release()
 
     def _autoflush(self) -> None:
+        self._check_thread("read through the session")
         if self.autoflush and not self._no_autoflush and not self._flushing:
             if (
                 self._new
@@ -329,6 +362,7 @@ class Session:
 
     def rollback(self) -> None:
         """Discard pending changes: new objects are expunged, the others expired."""
+        self._check_thread("roll back")
         self._relationships_flushed()
         for st in list(self._new.values()):
             st.in_doubt = False

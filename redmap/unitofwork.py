@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import keys
+from .attributes import state_of
 from .dependency import RelationshipWork, prepare
-from .exc import CrossSlotError, FlushError, IntegrityError, InvalidRequestError, ValidationError
+from .exc import (
+    CrossSlotError,
+    FlushError,
+    IntegrityError,
+    InvalidRequestError,
+    PartialCommitError,
+    ValidationError,
+)
 from .mapper import ColumnProperty, Mapper
 from .persistence import (
     PLACEHOLDER,
@@ -39,6 +48,29 @@ def _encode(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> bytes | Non
     assert codec is not None
     codec.validate(value, model=mapper.name, field=col.key)
     return None if value is None else codec.encode(value)
+
+
+def _same_as_loaded(st: InstanceState, name: str) -> bool:
+    """Whether attribute `name` holds what the snapshot says Redis holds (unloaded: yes)."""
+    d = st.obj.__dict__
+    if name not in d:
+        return True
+    col = st.mapper.columns[name]
+    if col.primary_key:
+        return True
+    try:
+        return _encode(st.mapper, col, d[name]) == st.loaded.get(name)
+    except ValidationError:
+        return False  # the next flush reports it
+
+
+def _written_by(ids: set[int]) -> Callable[[Any], bool]:
+    """Whether an object's state is among `ids` (the states of applied parts)."""
+
+    def written(obj: Any) -> bool:
+        return id(state_of(obj)) in ids
+
+    return written
 
 
 def changed_fields(
@@ -320,19 +352,80 @@ class UOWTransaction:
     # -- run ----------------------------------------------------------------------------
 
     def execute(self) -> None:
-        self.collect()
-        if self.empty:
-            self.session._relationships_flushed()
-            return
-        dialect = self.session.bind.dialect
-        if self.session.allow_cross_slot and dialect.supports_cluster:
-            groups = self._split_by_registry()
-            if len(groups) > 1:
-                for part in groups:
-                    part._run()
-                self.session._relationships_flushed()
+        """Collect, plan and run the flush; on any error put the session back as it was.
+
+        `prepare` (in collect) records what it changes in the session (orphans and
+        cascades deleted, foreign keys set) in `self.work.journal`: a flush that fails
+        restores it, so fixing the cause and flushing again writes what was intended.
+        """
+        try:
+            self.collect()
+            if self.empty:
+                self._flushed()
                 return
-        self._run()
+            dialect = self.session.bind.dialect
+            if self.session.allow_cross_slot and dialect.supports_cluster:
+                groups = self._split_by_registry()
+                if len(groups) > 1:
+                    self._run_parts(groups)
+                    return
+            self._run()
+        except BaseException:
+            self.work.restore()
+            raise
+
+    def _flushed(self, written: Callable[[Any], bool] | None = None) -> None:
+        """Forget the relationship bookkeeping this flush consumed (see FlushJournal)."""
+        if self.work.journal is not None:
+            self.work.journal.flushed(written)
+
+    def _run_parts(self, parts: list[UOWTransaction]) -> None:
+        """Run a cross-slot flush one part (hash tag) at a time.
+
+        Each part is atomic, the whole is not. When a part fails after others were
+        applied, the outcome is reported as it is, PartialCommitError naming what was
+        and was not written, never as the part's own error: a StaleDataError there
+        would make run_in_transaction apply the written parts a second time. The
+        session keeps the pending changes (and relationship bookkeeping) of the
+        parts not applied.
+        """
+        done: list[UOWTransaction] = []
+        for i, part in enumerate(parts):
+            try:
+                part._run()
+            except BaseException as exc:
+                if not done or not isinstance(exc, Exception):
+                    raise  # nothing applied yet: the part's own error says it all
+                written = {id(st): st for p in done for st in p._states()}
+                in_doubt = any(st.in_doubt for st in part._states())
+                unknown = part._states() if in_doubt else []
+                rest = [st for p in parts[i + (1 if in_doubt else 0) :] for st in p._states()]
+                self.work.restore(set(written))
+                self._flushed(_written_by(set(written)))
+                raise PartialCommitError(
+                    f"a cross-slot flush was applied in part: {len(done)} of {len(parts)} "
+                    f"transactions (hash tags) were applied, {len(written)} object(s) "
+                    f"written, {len(rest)} not written"
+                    + (f", {len(unknown)} unknown" if unknown else "")
+                    + f"; stopped by {type(exc).__name__}: {exc}. Do not retry the whole "
+                    f"work: the written part would be applied twice",
+                    written=[st.obj for st in written.values()],
+                    not_written=[st.obj for st in rest],
+                    unknown=[st.obj for st in unknown],
+                    cause=exc,
+                ) from exc
+            done.append(part)
+        self._flushed()
+
+    def _states(self) -> list[InstanceState]:
+        """The objects this unit of work writes (fields, deletion or links), once each."""
+        out: dict[int, InstanceState] = {}
+        for t in self._tasks():
+            out.setdefault(id(t.state), t.state)
+        for link in self.work.links:
+            out.setdefault(id(link.a), link.a)
+            out.setdefault(id(link.b), link.b)
+        return list(out.values())
 
     def _split_by_registry(self) -> list[UOWTransaction]:
         """One unit of work per hash tag (registry or shard), for allow_cross_slot."""
@@ -413,8 +506,15 @@ class UOWTransaction:
         self.finalize()
 
     def finalize(self) -> None:
-        """Record what Redis now holds on each flushed object."""
+        """Record what Redis now holds on each flushed object.
+
+        Only what this flush wrote is recorded: an attribute assigned after `collect`
+        (a session misused by two threads) differs from the value flushed and stays a
+        pending change, so the next flush writes it instead of it being lost.
+        """
         s = self.session
+        # Foreign keys bound to new parents' ids: written by this flush, set below.
+        deferred = {(id(dk.child), dk.column) for dk in self.work.deferred}
         for d in self.deletes:
             s._forget_deleted(d.state)
         for u in self.updates:
@@ -422,16 +522,35 @@ class UOWTransaction:
             for name, (_, enc) in u.changes.items():
                 st.loaded[name] = enc
             st.version = (st.version or 0) + 1
-            st.modified.clear()
-            s._identity_map.modified.discard(st)
+            now = st.obj.__dict__
+            for name in list(st.modified):
+                flushed = u.changes.get(name)
+                if flushed is not None:
+                    if (id(st), name) in deferred or (name in now and now[name] is flushed[0]):
+                        st.modified.discard(name)
+                elif _same_as_loaded(st, name):
+                    st.modified.discard(name)
+            if not st.modified:
+                s._identity_map.modified.discard(st)
         for ins in self.inserts:
             st = ins.state
             mapper = st.mapper
             st.loaded = dict(ins.encoded)
             st.version = 1
+            now = st.obj.__dict__
+            late = {
+                name
+                for name, value in ins.values.items()
+                if name != mapper.pk.key
+                and name in now
+                and now[name] is not value
+                and (id(st), name) not in deferred
+            }
             st.modified.clear()
-            st.obj.__dict__[mapper.pk.key] = ins.pk
+            now[mapper.pk.key] = ins.pk
             s._make_persistent(st, ins.pk, ins.key)
+            for name in late:
+                st.modified_attribute(name)
         for dk in self.work.deferred:
             dk.child.obj.__dict__[dk.column] = dk.target.pk
-        s._relationships_flushed()
+        self._flushed()

@@ -4,14 +4,68 @@ threads, and run_in_transaction under contention. Every test runs on real Redis.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated, Any
+
 import pytest
 import redis
 
-from redmap import Session
+from redmap import ForeignKey, PrimaryKey, Session, Unique, registry, relationship, select
 from redmap.attributes import state_of
+from redmap.audit import audit
 from redmap.engine import Engine
-from redmap.exc import StaleDataError
+from redmap.exc import IntegrityError, RedmapError, StaleDataError, ValidationError
 from tests._fixtures import Counter, Doc
+
+reg = registry(prefix="sr")
+
+
+@reg.mapped
+@dataclass
+class Home:
+    """A delete-orphan one-to-many (`kids`) and a many-to-many deleting its members (`toys`)."""
+
+    name: Annotated[str, Unique()]
+    kids: list[Child] = relationship(back_populates="home", cascade="all, delete-orphan")
+    toys: list[Toy] = relationship(secondary="home_toys", cascade="all")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Club:
+    """A plain one-to-many: deleting a club releases its members (foreign key cleared)."""
+
+    name: str
+    members: list[Child] = relationship(back_populates="club")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Child:
+    name: str
+    home_id: Annotated[int | None, ForeignKey("Home")] = None
+    home: Home | None = relationship(back_populates="kids")
+    club_id: Annotated[int | None, ForeignKey("Club")] = None
+    club: Club | None = relationship(back_populates="members")
+    badges: list[Badge] = relationship(secondary="child_badges", back_populates="children")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Badge:
+    label: str
+    children: list[Child] = relationship(secondary="child_badges", back_populates="badges")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Toy:
+    label: str
+    id: Annotated[int | None, PrimaryKey()] = None
 
 
 def _seed_counter(engine: Engine, value: int = 100) -> None:
@@ -144,3 +198,261 @@ class TestMergeVersion:
         with Session(engine) as s:
             c = s.get(Counter, 1)
             assert s.merge(c) is c and not s.dirty
+
+
+# -- item 4: a failed flush leaves the session as it was ------------------------------
+
+
+def _load(s: Session, objs: list[Any]) -> None:
+    """Load every attribute and relationship of `objs`, so that a flush loading one
+    later is not mistaken for a change (done before the test changes anything)."""
+    with s.no_autoflush:
+        for obj in objs:
+            st = state_of(obj)
+            assert st is not None
+            for key in [*(c.key for c in st.mapper.stored_columns()), *st.mapper.relationships]:
+                getattr(obj, key)
+
+
+def _snapshot(s: Session, objs: list[Any]) -> dict[str, Any]:
+    """Everything a flush could change in the session, by object identity: the new,
+    dirty and deleted sets, the pending relationship bookkeeping, and per object its
+    lifecycle, stored values, recorded changes and loaded relationships."""
+    per_object = []
+    for obj in objs:
+        st = state_of(obj)
+        assert st is not None
+        d = obj.__dict__
+        fields = {c.key: d.get(c.key, "<unloaded>") for c in st.mapper.stored_columns()}
+        rels = {
+            key: [id(o) for o in d[key]] if isinstance(d[key], list) else id(d[key])
+            for key in st.mapper.relationships
+            if key in d
+        }
+        per_object.append(
+            (id(obj), st.status, st.session is s, st.deleted, fields, sorted(st.modified), rels)
+        )
+    return {
+        "new": sorted(id(o) for o in s.new),
+        "dirty": sorted(id(o) for o in s.dirty),
+        "deleted": sorted(id(o) for o in s.deleted),
+        "objects": per_object,
+        "orphans": sorted(s._orphans),
+        "links": [(id(o), p.key, id(i), a) for o, p, i, a in s._links],
+    }
+
+
+def _fail_flush(s: Session, how: str) -> None:
+    """Make the next flush fail after its relationship work was prepared: a duplicate
+    unique value (refused by Redis's check reply) or a value of the wrong type
+    (refused before any I/O)."""
+    if how == "integrity":
+        s.add(Home(name="taken"))
+        with pytest.raises(IntegrityError):
+            s.commit()
+    else:
+        s.add(Home(name=123))  # type: ignore[arg-type]
+        with pytest.raises(ValidationError):
+            s.commit()
+
+
+def _drop_failing_home(s: Session) -> None:
+    """Undo the cause of `_fail_flush` (the user fixes the duplicate)."""
+    (bad,) = [o for o in s.new if isinstance(o, Home)]
+    s.expunge(bad)
+
+
+def _seed_family(engine: Engine) -> None:
+    with Session(engine) as s:
+        s.add(Home(name="taken"))
+        home = Home(name="h", kids=[Child(name="a"), Child(name="b")], toys=[Toy(label="t")])
+        club = Club(name="c")
+        s.add_all([home, club])
+        s.flush()
+        for kid in home.kids:
+            kid.club = club
+        kid_a = home.kids[0]
+        kid_a.badges.append(Badge(label="gold"))
+        s.commit()
+
+
+def _stored(engine: Engine) -> dict[str, Any]:
+    with Session(engine) as s:
+        kids = {c.name: (c.home_id, c.club_id) for c in s.scalars(select(Child)).all()}
+        homes = sorted(h.name for h in s.scalars(select(Home)).all())
+        toys = sorted(t.label for t in s.scalars(select(Toy)).all())
+        clubs = sorted(c.name for c in s.scalars(select(Club)).all())
+        badges = {b.label: sorted(c.name for c in b.children) for b in s.scalars(select(Badge))}
+        return {"kids": kids, "homes": homes, "toys": toys, "clubs": clubs, "badges": badges}
+
+
+def _clean(client: redis.Redis) -> None:
+    report = audit(client, reg)
+    assert report.ok, report.mismatches[:5] + report.unexplained[:5]
+
+
+@pytest.mark.parametrize("how", ["integrity", "validation"])
+class TestFailedFlushLeavesSession:
+    def test_orphan_survives_failed_flush_and_reattach(
+        self, engine: Engine, redis_client: redis.Redis, how: str
+    ) -> None:
+        """The issue's case: a child removed from a delete-orphan list, a failed commit,
+        the child re-appended: the retry keeps the child (it was deleted before)."""
+        _seed_family(engine)
+        with Session(engine, expire_on_commit=False) as s:
+            home = s.get(Home, 2)
+            assert home is not None
+            kid = home.kids[0]
+            objs = [home, *home.kids]
+            _load(s, objs)
+            home.kids.remove(kid)
+            before = _snapshot(s, objs)
+            _fail_flush(s, how)
+            _drop_failing_home(s)
+            assert _snapshot(s, objs) == before
+            assert kid not in s.deleted
+            home.kids.append(kid)
+            s.commit()
+        assert _stored(engine)["kids"] == {"a": (2, 1), "b": (2, 1)}
+        _clean(redis_client)
+
+    def test_orphan_is_still_deleted_by_the_retry(
+        self, engine: Engine, redis_client: redis.Redis, how: str
+    ) -> None:
+        """Not re-attached, the orphan is deleted by the successful retry, exactly once."""
+        _seed_family(engine)
+        with Session(engine, expire_on_commit=False) as s:
+            home = s.get(Home, 2)
+            assert home is not None
+            kid = home.kids[0]
+            home.kids.remove(kid)
+            _fail_flush(s, how)
+            _drop_failing_home(s)
+            s.commit()
+        assert _stored(engine)["kids"] == {"b": (2, 1)}
+        _clean(redis_client)
+
+    def test_new_orphan_stays_pending(
+        self, engine: Engine, redis_client: redis.Redis, how: str
+    ) -> None:
+        """A new child appended then removed stays pending after a failed flush (it was
+        expunged), so appending it again inserts it."""
+        _seed_family(engine)
+        with Session(engine, expire_on_commit=False) as s:
+            home = s.get(Home, 2)
+            assert home is not None
+            kid = Child(name="new")
+            objs = [home, *home.kids]
+            _load(s, objs)
+            home.kids.append(kid)
+            home.kids.remove(kid)
+            objs.append(kid)
+            before = _snapshot(s, objs)
+            _fail_flush(s, how)
+            _drop_failing_home(s)
+            assert _snapshot(s, objs) == before and kid in s.new
+            home.kids.append(kid)
+            s.commit()
+            assert kid.id is not None
+        assert _stored(engine)["kids"]["new"] == (2, None)
+        _clean(redis_client)
+
+    def test_cascade_delete_is_undone(
+        self, engine: Engine, redis_client: redis.Redis, how: str
+    ) -> None:
+        """Deleting a home cascades to its kids and toys only if the flush succeeds: after a
+        failed one they are not marked deleted, and the retry deletes exactly them."""
+        _seed_family(engine)
+        with Session(engine, expire_on_commit=False) as s:
+            home = s.get(Home, 2)
+            assert home is not None
+            objs = [home, *home.kids, *home.toys, *home.kids[0].badges]
+            _load(s, objs)
+            s.delete(home)
+            before = _snapshot(s, objs)
+            _fail_flush(s, how)
+            _drop_failing_home(s)
+            assert _snapshot(s, objs) == before
+            assert list(s.deleted) == [home]
+            s.commit()
+        stored = _stored(engine)
+        assert stored["kids"] == {} and stored["toys"] == [] and stored["homes"] == ["taken"]
+        assert stored["badges"] == {"gold": []}
+        _clean(redis_client)
+
+    def test_released_members_keep_their_key(
+        self, engine: Engine, redis_client: redis.Redis, how: str
+    ) -> None:
+        """Deleting a club clears its members' foreign key only if the flush succeeds."""
+        _seed_family(engine)
+        with Session(engine, expire_on_commit=False) as s:
+            club = s.get(Club, 1)
+            assert club is not None
+            objs = [club, *club.members]
+            _load(s, objs)
+            s.delete(club)
+            before = _snapshot(s, objs)
+            _fail_flush(s, how)
+            _drop_failing_home(s)
+            assert _snapshot(s, objs) == before
+            assert all(k.club_id == 1 and k.club is club for k in club.members)
+            s.commit()
+        assert _stored(engine)["kids"] == {"a": (2, None), "b": (2, None)}
+        _clean(redis_client)
+
+    def test_many_to_many_changes_survive(
+        self, engine: Engine, redis_client: redis.Redis, how: str
+    ) -> None:
+        """Link changes and a deleted badge's links stay pending after a failed flush."""
+        _seed_family(engine)
+        with Session(engine, expire_on_commit=False) as s:
+            a, b = s.get_many(Child, [1, 2])
+            assert a is not None and b is not None
+            gold = a.badges[0]
+            silver = Badge(label="silver")
+            objs = [a, b, gold]
+            _load(s, objs)
+            b.badges.append(gold)
+            a.badges.append(silver)
+            objs.append(silver)
+            before = _snapshot(s, objs)
+            _fail_flush(s, how)
+            _drop_failing_home(s)
+            assert _snapshot(s, objs) == before
+            s.commit()
+            s.delete(gold)
+            before = _snapshot(s, objs)
+            _fail_flush(s, how)
+            _drop_failing_home(s)
+            assert _snapshot(s, objs) == before
+            s.commit()
+        assert _stored(engine)["badges"] == {"silver": ["a"]}
+        _clean(redis_client)
+
+
+def test_failure_inside_prepare_restores_what_it_did(
+    engine: Engine, redis_client: redis.Redis
+) -> None:
+    """A flush failing in its relationship work itself (a deleted home's list read
+    from Redis disagrees with the session: StaleDataError) undoes the orphan deletion
+    it had already decided."""
+    _seed_family(engine)
+    with Session(engine, expire_on_commit=False) as s:
+        home = s.get(Home, 2)
+        other = s.get(Home, 1)
+        assert home is not None and other is not None
+        kid, b = home.kids
+        objs = [home, other, kid, b]
+        _load(s, objs)
+        home.kids.remove(kid)  # an orphan, decided first
+        with Session(engine) as theirs:  # b moves to the other home behind our back
+            their_b = theirs.get(Child, b.id)
+            their_home = theirs.get(Home, 1)
+            assert their_b is not None and their_home is not None
+            their_b.home = their_home
+            theirs.commit()
+        s.delete(other)
+        before = _snapshot(s, objs)
+        with pytest.raises(RedmapError):
+            s.commit()
+        assert _snapshot(s, objs) == before and kid not in s.deleted
