@@ -16,7 +16,7 @@ from alembic_like.command import COMMANDS
 from alembic_like.config import Config
 from alembic_like.environment import HostFactory
 from alembic_like.exc import AlembicLikeError, CommandError
-from alembic_like.messaging import Messaging
+from alembic_like.messaging import DEFAULT_LINE_INTERVAL, Messaging
 
 __all__ = ["build_parser", "main"]
 
@@ -39,21 +39,53 @@ _HELP = {
 }
 
 
-def build_parser(prog: str = "alembic_like") -> argparse.ArgumentParser:
-    """The parser: global options, then one subparser per command."""
-    parser = argparse.ArgumentParser(prog=prog, description="Manage migrations.")
+# What `--help` says about a command when its docstring's later paragraphs are written
+# for programmers; `{table}` is the `[tool.<name>]` table.
+_DESCRIPTIONS = {
+    "init": (
+        "Create the migrations folder (versions/ and the revision template) and add a "
+        "{table} table to pyproject.toml, with the --url given and a models line to fill in."
+    ),
+    "revision": (
+        "Create a new revision file in versions/.\n\nWith --autogenerate, the operations "
+        "that take the layout recorded at head to the models' layout are written into it "
+        "(the database must be at head), and its downgrade is their reverse."
+    ),
+}
+_DESCRIPTION = (
+    "Versioned migrations of the stored data: each revision file in versions/ changes the "
+    "data one step (upgrade) and back (downgrade); the database records the revisions it "
+    "is at."
+)
+
+
+def build_parser(
+    prog: str = "alembic_like", name: str | None = None, *, url_help: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser: global options, then one subparser per command.
+
+    `name` is the `[tool.<name>]` table (default: `prog`), named in the help texts.
+    """
+    table = f"[tool.{name or prog}]"
+    parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION)
     parser.add_argument(
-        "-c", "--config", default="pyproject.toml", help="pyproject.toml holding [tool.<name>]"
+        "-c",
+        "--config",
+        default="pyproject.toml",
+        help=f"the pyproject.toml holding the {table} table (default: ./pyproject.toml)",
     )
-    parser.add_argument("--url", default=None, help="database URL; overrides the config's")
+    parser.add_argument(
+        "--url", default=None, help=url_help or f"the database URL (default: {table} url)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, fn in COMMANDS.items():
-        doc = inspect.getdoc(fn) or name
+    for command, fn in COMMANDS.items():
+        doc = (inspect.getdoc(fn) or command).replace("[tool.<name>]", table)
+        summary = doc.splitlines()[0]
         sub = subparsers.add_parser(
-            name,
-            help=doc.splitlines()[0],
-            description=doc,
+            command,
+            help=summary,
+            description=_DESCRIPTIONS.get(command, summary).format(table=table),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         for param in inspect.signature(fn).parameters.values():
@@ -94,18 +126,24 @@ def main(
     *,
     prog: str = "alembic_like",
     name: str | None = None,
+    url_help: str | None = None,
+    line_interval: float = DEFAULT_LINE_INTERVAL,
+    error_prefix: str = "ERROR: ",
 ) -> int:
     """Run one command line; returns the exit code.
 
     `name` is the `[tool.<name>]` table to read (default: `prog`). Errors of
-    alembic_like print as `ERROR: ...` on stderr and give exit code 1; `check`
+    alembic_like print as one `ERROR: ...` line (`error_prefix`) on stderr and give exit
+    code 1; `check`
     gives its own code. Commands that touch the database get `host_factory(config)`.
+    `line_interval` is the seconds between progress lines off a terminal.
     """
+    parser = build_parser(prog, name, url_help=url_help)
     try:
-        args = build_parser(prog).parse_args(None if argv is None else list(argv))
+        args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as exc:  # argparse has printed usage or help already
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    messaging = Messaging(quiet=args.quiet)
+    messaging = Messaging(quiet=args.quiet, line_interval=line_interval)
     fn: Callable[..., Any] = COMMANDS[args.command]
     params = inspect.signature(fn).parameters
     kwargs = {key: getattr(args, key) for key in params if key not in _INJECTED}
@@ -118,7 +156,7 @@ def main(
                 raise CommandError(f"{args.command} needs a database, and none is configured")
         result = fn(config, **kwargs)
     except AlembicLikeError as exc:
-        messaging.err(f"ERROR: {exc}")
+        messaging.err(f"{error_prefix}{exc}")
         return 1
     except KeyboardInterrupt:
         messaging.err("Interrupted; run the same command again to continue")

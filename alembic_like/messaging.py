@@ -13,13 +13,14 @@ from types import TracebackType
 from typing import TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-__all__ = ["Messaging", "Progress", "obfuscate_url_pw"]
+__all__ = ["DEFAULT_LINE_INTERVAL", "Messaging", "Progress", "obfuscate_url_pw"]
 
 _MASK = "***"
 _BAR_WIDTH = 24
 _TTY_REFRESH = 0.1  # seconds between redraws of a live bar
-_LINE_INTERVAL = 2.0  # seconds between plain progress lines at most
-_LINE_STEP = 10  # percent between plain progress lines at least
+#: Off a terminal (a log file, CI), seconds between the lines a long operation prints
+#: between its start and end lines; a short one prints those two only.
+DEFAULT_LINE_INTERVAL = 30.0
 
 
 def obfuscate_url_pw(url: str) -> str:
@@ -55,7 +56,8 @@ class Messaging:
     """Where every line goes: `msg` (silenced by `quiet`), `err` (never silenced), progress.
 
     `stream` and `err_stream` default to the `sys.stdout`/`sys.stderr` of the moment
-    the object is built; `clock` is injectable for tests.
+    the object is built; `clock` is injectable for tests; `line_interval` is the
+    seconds between progress lines off a terminal.
     """
 
     def __init__(
@@ -65,11 +67,13 @@ class Messaging:
         *,
         err_stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        line_interval: float = DEFAULT_LINE_INTERVAL,
     ) -> None:
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stdout
         self.err_stream = err_stream if err_stream is not None else sys.stderr
         self.clock = clock
+        self.line_interval = line_interval
 
     def msg(self, text: str) -> None:
         """Print a status line unless quiet."""
@@ -89,8 +93,9 @@ class Messaging:
     def progress(self, total: int | None, label: str) -> Progress:
         """A progress report for `total` objects (None when unknown), closed when done.
 
-        A live bar with objects/s and ETA on a terminal, a plain line every 10% or
-        every 2 s otherwise, nothing when quiet. Usable as a context manager.
+        A live bar with objects/s and ETA on a terminal. Elsewhere (a log) a start line
+        and an end line, plus one line every `line_interval` seconds in between for a
+        long operation. Nothing when quiet. Usable as a context manager.
         """
         mode = "quiet" if self.quiet else "bar" if self.is_tty else "lines"
         return Progress(self, total, label, mode)
@@ -108,7 +113,9 @@ class Progress:
         self.closed = False
         self._clock = messaging.clock
         self._started = self._last = self._clock()
-        self._next_percent = _LINE_STEP
+        if mode == "lines":
+            size = "" if total is None else f" ({total} objects)"
+            messaging.msg(f"{label}: started{size}")
 
     def __enter__(self) -> Progress:
         return self
@@ -132,11 +139,7 @@ class Progress:
                 self._last = now
                 self._draw(now)
             return
-        percent = self._percent()
-        due = percent is not None and percent >= self._next_percent
-        if due or now - self._last >= _LINE_INTERVAL:
-            if percent is not None:
-                self._next_percent = (percent // _LINE_STEP + 1) * _LINE_STEP
+        if now - self._last >= self._messaging.line_interval:
             self._last = now
             self._messaging.msg(self._line(now))
 

@@ -228,7 +228,7 @@ class RevisionMap:
 
     def _walk(self, start: str | None, delta: int, spec: str) -> tuple[str, ...]:
         node = start  # None stands for base
-        for _ in range(abs(delta)):
+        for moved in range(abs(delta)):
             nxt: tuple[str | None, ...]
             if delta > 0:
                 nxt = self.bases if node is None else self.children(node)
@@ -237,8 +237,11 @@ class RevisionMap:
             else:
                 nxt = self._revs[node].down_revisions or (None,)
             if not nxt:
+                end = "head" if delta > 0 else "base"
                 raise ResolutionError(
-                    f"Relative revision {spec} didn't produce {abs(delta)} migrations",
+                    f"already at {end}: {spec} has no revision to move to"
+                    if moved == 0
+                    else f"{spec} moves {abs(delta)} revisions, but {end} is {moved} away",
                     argument=spec,
                 )
             if len(nxt) > 1:

@@ -4,7 +4,8 @@ Every subcommand finds its database and models the same way (`resolve_url`,
 `resolve_models`): the `--url`/`--models` flags first, then `REDMAP_URL`, then the
 `[tool.redmap]` table of the project's pyproject.toml (`-c`), and last the embedded
 server of the project folder (`redis+embedded://<project>/.redmap`). Errors print as
-one `redmap: error: ...` line, never a traceback. `redmap migrate` hands its words to
+one `redmap: error: ...` line, never a traceback, and exit 1 (2 for `audit`, whose 1
+means "found something"). `redmap migrate` hands its words to
 `redmap.migrate.cli`, which resolves the same way.
 """
 
@@ -19,9 +20,11 @@ from pathlib import Path
 from . import __version__
 from .exc import RedmapError
 
-__all__ = ["main", "resolve_models", "resolve_url"]
+__all__ = ["ERROR_PREFIX", "URL_ENV", "main", "resolve_models", "resolve_url"]
 
 URL_ENV = "REDMAP_URL"
+#: Every error of every subcommand is one line starting with this.
+ERROR_PREFIX = "redmap: error: "
 _DESCRIPTION = """\
 redmap: an object mapper for Redis in the style of SQLAlchemy's ORM.
 
@@ -89,14 +92,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from .audit import audit
+    from .dialects.base import translate_errors
     from .engine import create_engine
     from .migrate.env import load_registry
 
     spec, root = resolve_models(args.models, args.config)
     reg = load_registry(spec, root)
-    engine = create_engine(resolve_url(args.url, args.config))
+    url = resolve_url(args.url, args.config)
+    engine = create_engine(url)
     try:
-        report = audit(engine.dialect.client, reg)
+        with translate_errors(url):  # the audit talks to redis-py's client directly
+            report = audit(engine.dialect.client, reg)
     finally:
         engine.dispose()
     for line in report.mismatches:
@@ -175,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _demo(args) if args.command == "demo" else _audit(args)
     except RedmapError as exc:
-        print(f"redmap: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
+        return 2 if args.command == "audit" else 1
     except KeyboardInterrupt:
         print("redmap: interrupted", file=sys.stderr)
         return 130

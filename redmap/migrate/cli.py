@@ -2,10 +2,12 @@
 
 Called by `redmap.cli` with the arguments after `migrate`. Besides handing over to
 `alembic_like.cli.main`, it (1) takes the URL from `REDMAP_URL` when `--url` is not
-given, (2) accepts `--url`/`-c` after the subcommand too, (3) runs `init` with redmap's
-revision template, and (4) is the one place where errors become messages: alembic_like
-errors as `MigrationError` (`migration_errors`), every `RedmapError` as `ERROR: ...`
-with exit code 1.
+given (then `[tool.redmap] url`, then the project's embedded server, as every `redmap`
+command), (2) accepts `--url`/`-c` after the subcommand too, (3) runs `init` with
+redmap's revision template, (4) sets the seconds between progress lines off a terminal
+from `REDMAP_PROGRESS_EVERY`, and (5) is the one place where errors become messages:
+alembic_like errors as `MigrationError` (`migration_errors`), every `RedmapError` as
+one `redmap: error: ...` line with exit code 1.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ from alembic_like.cli import build_parser
 from alembic_like.cli import main as alembic_main
 from alembic_like.config import Config
 from alembic_like.exc import AlembicLikeError
-from alembic_like.messaging import Messaging
+from alembic_like.messaging import DEFAULT_LINE_INTERVAL, Messaging
 
+from ..cli import ERROR_PREFIX
 from ..exc import MigrationError, RedmapError
 from .env import RedisEnvironment
 
-__all__ = ["NAME", "PROG", "TEMPLATE_VARS", "URL_ENV", "main", "migration_errors"]
+__all__ = [
+    "NAME",
+    "PROG",
+    "PROGRESS_ENV",
+    "TEMPLATE_VARS",
+    "URL_ENV",
+    "main",
+    "migration_errors",
+]
 
 PROG = "redmap migrate"
 NAME = "redmap"  # the [tool.redmap] table
@@ -35,8 +46,27 @@ TEMPLATE_VARS = {
     "op_import": "from redmap.migrate import RedisOperations",
     "op_type": "RedisOperations",
 }
+PROGRESS_ENV = "REDMAP_PROGRESS_EVERY"
+URL_HELP = (
+    "the Redis URL (default: $REDMAP_URL, else [tool.redmap] url, else the embedded server "
+    "in the project folder's .redmap/)"
+)
 # Global options taking a value, which may also be written after the subcommand.
 _GLOBAL_VALUED = ("--url", "-c", "--config")
+
+
+def _line_interval() -> float:
+    """Seconds between progress lines off a terminal (`REDMAP_PROGRESS_EVERY`, default 30)."""
+    raw = os.environ.get(PROGRESS_ENV)
+    if raw is None:
+        return DEFAULT_LINE_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise MigrationError(f"{PROGRESS_ENV} must be a number of seconds (0 or more), not {raw!r}")
+    return value
 
 
 @contextmanager
@@ -73,9 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `redmap migrate` with `argv` (the words after `migrate`); returns the exit code."""
     args = _hoist_globals(list(sys.argv[1:] if argv is None else argv))
     try:
-        parsed = build_parser(PROG).parse_args(args)
+        parsed = build_parser(PROG, NAME, url_help=URL_HELP).parse_args(args)
     except SystemExit as exc:  # usage or --help, printed by argparse already
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        line_interval = _line_interval()
+    except RedmapError as exc:
+        Messaging().err(f"{ERROR_PREFIX}{exc}")
+        return 1
     if parsed.command == "init":
         return _init(parsed.config, parsed.url, parsed.directory, quiet=parsed.quiet)
     if parsed.url is None and os.environ.get(URL_ENV):
@@ -88,9 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return host
 
     try:
-        return alembic_main(args, host_factory, prog=PROG, name=NAME)
+        return alembic_main(
+            args,
+            host_factory,
+            prog=PROG,
+            name=NAME,
+            url_help=URL_HELP,
+            line_interval=line_interval,
+            error_prefix=ERROR_PREFIX,
+        )
     except RedmapError as exc:
-        Messaging().err(f"ERROR: {exc}")
+        Messaging().err(f"{ERROR_PREFIX}{exc}")
         return 1
     finally:
         for host in hosts:
@@ -105,7 +148,7 @@ def _init(config_path: str, url: str | None, directory: str | None, *, quiet: bo
             config = Config.load(config_path, NAME, url=url, messaging=messaging)
             command.init(config, directory, template_vars=TEMPLATE_VARS)
     except RedmapError as exc:
-        messaging.err(f"ERROR: {exc}")
+        messaging.err(f"{ERROR_PREFIX}{exc}")
         return 1
     if not config.models:
         messaging.msg(

@@ -182,15 +182,15 @@ class TestMigrate:
     def test_progress_lines_when_not_a_tty(
         self, ready: Run, host: Any, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A long operation prints plain progress lines when output is not a terminal."""
+        """Off a terminal an operation prints a start and an end line, not a line per step."""
         host.pending = ["op.backfill(50)"]
         ready("revision", "-m", "fill", "--autogenerate", "--rev-id", "aaa1")
         capsys.readouterr()
         assert ready("upgrade") == 0
         lines = capsys.readouterr().out.splitlines()
-        assert "backfill: 5/50 (10%)" in lines[1]
+        assert lines[1] == "backfill: started (50 objects)"
         assert lines[-1].startswith("backfill: done, 50 objects in ")
-        assert len(lines) == 12
+        assert len(lines) == 3
 
     def test_failed_step_exits_one(
         self, ready: Run, host: Any, capsys: pytest.CaptureFixture[str]
@@ -210,7 +210,7 @@ class TestCli:
         assert main(["--help"], None) == 0
         out = " ".join(capsys.readouterr().out.split())
         for fn in COMMANDS.values():
-            assert (fn.__doc__ or "").splitlines()[0] in out
+            assert (fn.__doc__ or "").splitlines()[0].replace("<name>", "alembic_like") in out
 
     def test_bad_usage_exits_two(self, capsys: pytest.CaptureFixture[str]) -> None:
         """An unknown subcommand or a missing argument is argparse's exit 2."""

@@ -46,25 +46,42 @@ def test_quiet_silences_msg_not_err() -> None:
     assert out.getvalue() == "" and err.getvalue() == "bad\n"
 
 
-def test_plain_lines_every_ten_percent() -> None:
-    """Off a terminal, progress prints one line per 10% and a final summary."""
+def test_off_a_terminal_a_short_operation_prints_a_start_and_an_end_line() -> None:
+    """Off a terminal, an operation shorter than the line interval prints two lines only."""
     out, clock = io.StringIO(), Clock()
     messaging = Messaging(stream=out, clock=clock)
     with messaging.progress(100, "backfill") as progress:
         for _ in range(100):
             clock.now += 0.01
             progress.advance()
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 11
-    assert lines[0].startswith("backfill: 10/100 (10%), 100 obj/s, ETA ")
-    assert lines[-2].startswith("backfill: 100/100 (100%)")
-    assert lines[-1] == "backfill: done, 100 objects in 1.0s (100 obj/s)"
+    assert out.getvalue().splitlines() == [
+        "backfill: started (100 objects)",
+        "backfill: done, 100 objects in 1.0s (100 obj/s)",
+    ]
 
 
-def test_plain_lines_every_two_seconds_without_total() -> None:
-    """With no total, a line is printed when two seconds have passed."""
+def test_off_a_terminal_a_long_operation_prints_a_line_per_interval() -> None:
+    """A long operation adds a line each `line_interval` seconds, with count, rate and ETA."""
     out, clock = io.StringIO(), Clock()
-    progress = Messaging(stream=out, clock=clock).progress(None, "scan")
+    messaging = Messaging(stream=out, clock=clock, line_interval=30)
+    with messaging.progress(100, "copy") as progress:
+        for _ in range(100):
+            clock.now += 1
+            progress.advance()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "copy: started (100 objects)"
+    assert lines[1:4] == [
+        "copy: 30/100 (30%), 1 obj/s, ETA 1m10s",
+        "copy: 60/100 (60%), 1 obj/s, ETA 40s",
+        "copy: 90/100 (90%), 1 obj/s, ETA 10s",
+    ]
+    assert lines[4:] == ["copy: done, 100 objects in 1m40s (1 obj/s)"]
+
+
+def test_off_a_terminal_without_total() -> None:
+    """With no total, the lines count objects and the rate."""
+    out, clock = io.StringIO(), Clock()
+    progress = Messaging(stream=out, clock=clock, line_interval=2).progress(None, "scan")
     for _ in range(10):
         clock.now += 0.5
         progress.advance(5)
@@ -72,6 +89,7 @@ def test_plain_lines_every_two_seconds_without_total() -> None:
     progress.close()
     lines = out.getvalue().splitlines()
     assert lines == [
+        "scan: started",
         "scan: 20 objects, 10 obj/s",
         "scan: 40 objects, 10 obj/s",
         "scan: done, 50 objects in 5.0s (10 obj/s)",

@@ -189,8 +189,10 @@ class TestResolve:
     def test_overwalk_raises(self) -> None:
         """Walking past head or below base raises ResolutionError."""
         rmap = linear()
-        with pytest.raises(ResolutionError, match="didn't produce 5 migrations"):
+        with pytest.raises(ResolutionError, match=r"\+5 moves 5 revisions, but head is 4 away"):
             rmap.resolve("+5")
+        with pytest.raises(ResolutionError, match=r"already at head: d\+1 has no revision"):
+            rmap.resolve("d+1")
         with pytest.raises(ResolutionError):
             rmap.resolve("b-3")
 

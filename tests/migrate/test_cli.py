@@ -207,7 +207,7 @@ class TestOptions:
         chain(project)
         result = project.run("current", "--url", "redis://me:s3cret@127.0.0.1:1/0")
         assert result.code == 1
-        assert result.err.startswith("ERROR: ") and "Traceback" not in result.err
+        assert result.err.startswith("redmap: error: ") and "Traceback" not in result.err
         assert "s3cret" not in result.err and "127.0.0.1:1" in result.err
 
     def test_redmap_url_wins_over_the_table(self, project: Project) -> None:

@@ -109,7 +109,11 @@ class TestInterruption:
 
             """,
         )
-        slow = {"REDMAP_MIGRATE_BATCH_SIZE": "50", "REDMAP_MIGRATE_LOCK_TTL": "1"}
+        slow = {
+            "REDMAP_MIGRATE_BATCH_SIZE": "50",
+            "REDMAP_MIGRATE_LOCK_TTL": "1",
+            "REDMAP_PROGRESS_EVERY": "0",  # a progress line per batch, read to time the kill
+        }
         lines: list[str] = []
 
         kill_when(

@@ -89,7 +89,11 @@ def _under_fire(project: Project, n: int, writers: int, kills: int) -> None:
     threads = [threading.Thread(target=writer, args=(w,), daemon=True) for w in range(writers)]
     for t in threads:
         t.start()
-    slow = {"REDMAP_MIGRATE_BATCH_SIZE": "100", "REDMAP_MIGRATE_LOCK_TTL": "1"}
+    slow = {
+        "REDMAP_MIGRATE_BATCH_SIZE": "100",
+        "REDMAP_MIGRATE_LOCK_TTL": "1",
+        "REDMAP_PROGRESS_EVERY": "0",  # a progress line per batch, read to time the kill
+    }
     started = time.monotonic()
     lines: list[str] = []
     labels = ["add_field Item.flag (default=True)", "transform Item with bump"]
