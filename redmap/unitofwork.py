@@ -428,7 +428,11 @@ class UOWTransaction:
         return list(out.values())
 
     def _split_by_registry(self) -> list[UOWTransaction]:
-        """One unit of work per hash tag (registry or shard), for allow_cross_slot."""
+        """One unit of work per hash tag (registry or shard), for allow_cross_slot.
+
+        In tag order, so that a flush commits its parts in the same order every time
+        (which part a failure leaves unwritten does not depend on set iteration).
+        """
         parts: dict[str, UOWTransaction] = {}
 
         def part(st: InstanceState) -> UOWTransaction:
@@ -464,7 +468,7 @@ class UOWTransaction:
             owner = next((p for tag, p in parts.items() if key.startswith(tag + ":")), None)
             if owner is not None:
                 owner.work.drop_keys.append(key)
-        return list(parts.values())
+        return [parts[tag] for tag in sorted(parts)]
 
     def _run(self) -> None:
         token = uuid.uuid4().hex

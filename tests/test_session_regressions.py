@@ -4,18 +4,38 @@ threads, and run_in_transaction under contention. Every test runs on real Redis.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import pytest
 import redis
 
-from redmap import ForeignKey, PrimaryKey, Session, Unique, registry, relationship, select
+from redmap import (
+    ForeignKey,
+    PrimaryKey,
+    Session,
+    Unique,
+    create_engine,
+    registry,
+    relationship,
+    run_in_transaction,
+    select,
+    sessionmaker,
+)
 from redmap.attributes import state_of
 from redmap.audit import audit
 from redmap.engine import Engine
-from redmap.exc import IntegrityError, RedmapError, StaleDataError, ValidationError
+from redmap.exc import (
+    FlushError,
+    IntegrityError,
+    PartialCommitError,
+    RedmapError,
+    StaleDataError,
+    ValidationError,
+)
 from tests._fixtures import Counter, Doc
+from tests.test_cluster import Note
 
 reg = registry(prefix="sr")
 
@@ -456,3 +476,126 @@ def test_failure_inside_prepare_restores_what_it_did(
         with pytest.raises(RedmapError):
             s.commit()
         assert _snapshot(s, objs) == before and kid not in s.deleted
+
+
+# -- item 5: a cross-slot flush applied in part says so ----------------------------------
+
+
+@pytest.fixture
+def cengine(cluster_client: Any, cluster: Any) -> Iterator[Engine]:
+    """A redmap engine on the emptied 3-node cluster."""
+    eng = create_engine(cluster.url)
+    assert eng.dialect.supports_cluster
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+def _seed_note_and_counter(cengine: Engine) -> None:
+    with Session(cengine, allow_cross_slot=True) as s:
+        s.add_all([Note(text=""), Counter(value=0)])
+        s.commit()
+
+
+def _bump_counter_elsewhere(cengine: Engine) -> None:
+    with Session(cengine) as s:
+        c = s.get(Counter, 1)
+        assert c is not None
+        c.value += 100
+        s.commit()
+
+
+@pytest.mark.cluster
+class TestPartialCommit:
+    def test_partial_commit_is_reported_with_what_was_written(self, cengine: Engine) -> None:
+        """{other} commits, then {t} is stale: PartialCommitError names the note as
+        written and the counter as not; the note is clean, the counter still changed."""
+        _seed_note_and_counter(cengine)
+        with Session(cengine, allow_cross_slot=True, expire_on_commit=False) as s:
+            note, counter = s.get(Note, 1), s.get(Counter, 1)
+            assert note is not None and counter is not None
+            note.text += "x"
+            counter.value += 1
+            _bump_counter_elsewhere(cengine)
+            with pytest.raises(PartialCommitError) as err:
+                s.commit()
+            assert err.value.written == [note] and err.value.not_written == [counter]
+            assert isinstance(err.value.cause, StaleDataError)
+            assert isinstance(err.value, FlushError) and not isinstance(err.value, StaleDataError)
+            assert note not in s.dirty and counter in s.dirty
+        with Session(cengine) as s:
+            assert s.get(Note, 1).text == "x"  # type: ignore[union-attr]
+            assert s.get(Counter, 1).value == 100  # type: ignore[union-attr]
+
+    def test_run_in_transaction_never_applies_a_part_twice(self, cengine: Engine) -> None:
+        """run_in_transaction does not retry a partial commit: the note's part is applied
+        once (it was applied twice when the counter's StaleDataError was retried)."""
+        _seed_note_and_counter(cengine)
+        calls = []
+
+        def work(s: Session) -> None:
+            note, counter = s.get(Note, 1), s.get(Counter, 1)
+            assert note is not None and counter is not None
+            note.text += "x"
+            counter.value += 1
+            if not calls:
+                _bump_counter_elsewhere(cengine)
+            calls.append(1)
+
+        factory = sessionmaker(cengine, allow_cross_slot=True)
+        with pytest.raises(PartialCommitError):
+            run_in_transaction(work, factory)
+        assert len(calls) == 1
+        with Session(cengine) as s:
+            assert s.get(Note, 1).text == "x"  # type: ignore[union-attr]
+
+    def test_stale_first_part_is_plain_stale_and_retried(self, cengine: Engine) -> None:
+        """When the first part fails nothing was written: StaleDataError, retried."""
+        _seed_note_and_counter(cengine)
+        calls = []
+
+        def work(s: Session) -> None:
+            note, counter = s.get(Note, 1), s.get(Counter, 1)
+            assert note is not None and counter is not None
+            note.text += "x"
+            counter.value += 1
+            if not calls:
+                with Session(cengine) as other:
+                    n = other.get(Note, 1)
+                    assert n is not None
+                    n.text += "!"
+                    other.commit()
+            calls.append(1)
+
+        run_in_transaction(work, sessionmaker(cengine, allow_cross_slot=True))
+        assert len(calls) == 2
+        with Session(cengine) as s:
+            assert s.get(Note, 1).text == "!x"  # type: ignore[union-attr]
+            assert s.get(Counter, 1).value == 1  # type: ignore[union-attr]
+
+    def test_link_changes_of_unwritten_part_stay_pending(self, cengine: Engine) -> None:
+        """A many-to-many link change in the part that failed is still pending after the
+        first part was applied (finalize of that part dropped it), and is written when
+        the cause is fixed and the session flushed again."""
+        with Session(cengine, allow_cross_slot=True) as s:
+            s.add_all([Home(name="taken"), Child(name="a"), Badge(label="gold")])
+            s.commit()
+        with Session(
+            cengine, allow_cross_slot=True, expire_on_commit=False, autoflush=False
+        ) as s:
+            kid, gold = s.get(Child, 1), s.get(Badge, 1)
+            assert kid is not None and gold is not None
+            note = Note(text="n")
+            s.add(note)  # {other}: the first part
+            kid.badges.append(gold)  # {sr}: the second part, with ...
+            s.add(Home(name="taken"))  # ... a duplicate unique value
+            with pytest.raises(PartialCommitError) as err:
+                s.commit()
+            assert isinstance(err.value.cause, IntegrityError)
+            assert err.value.written == [note] and note.id == 1
+            _drop_failing_home(s)
+            s.commit()
+        with Session(cengine) as s:
+            assert [b.label for b in s.get(Child, 1).badges] == ["gold"]  # type: ignore[union-attr]
+            assert s.get(Note, 1) is not None
