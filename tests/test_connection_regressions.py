@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import pytest
+import redis
 from redis.connection import Connection
 
 import redmap
 from redmap.dialects._retry import ReadRetry
-from redmap.dialects._server import ServerProcess
+from redmap.dialects._server import ServerProcess, find_redis_server, free_port
 from redmap.exc import RedmapConnectionError
 from redmap.testing import servers
 
@@ -191,3 +195,191 @@ def test_dead_server_still_fails_fast(reader: redmap.Engine, own_server: ServerP
     with pytest.raises(RedmapConnectionError, match="cannot talk to Redis"):
         reader.fetch_hashes(["a"])
     assert time.monotonic() - started < 5
+
+
+# --- item 13: a server loading its data set ---
+
+REPO = Path(redmap.__file__).absolute().parents[1]
+# Microseconds redis-server sleeps per command it replays (a test-only setting, honoured
+# by redis-server 6.0+): with the kernel's timer slack each sleep lasts ~60 us or more, so
+# loading is measurably slow without a big data set. A loading server answers only every
+# 1,024 commands it replays: data sets here are many small commands (10,000 keys take
+# ~0.6 s or more to load and are answered every ~60 ms).
+SLOW_LOAD = {"key-load-delay": 10}
+
+
+def _persistent_data(datadir: Path, n: int = 10_000) -> None:
+    """An AOF of `n` small hashes in `datadir`, written by a server that then stops."""
+    server = ServerProcess(datadir, persistent=True, config={"appendfsync": "always"})
+    with server, server.client() as client:
+        pipe = client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.hset(f"h{i}", mapping={"i": i})
+        pipe.execute()
+
+
+@pytest.fixture
+def loading_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server restarted on 10,000 keys that is still loading them when yielded."""
+    _persistent_data(tmp_path)
+    server = ServerProcess(
+        tmp_path, port=free_port(), persistent=True, config=SLOW_LOAD
+    )
+    starting = threading.Thread(target=server.start)  # returns once loaded
+    starting.start()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert time.monotonic() < deadline, "the server never answered while loading"
+            try:
+                with server.client(socket_timeout=1) as probe:
+                    if probe.info("persistence")["loading"] == 1:
+                        break
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
+            time.sleep(0.01)
+        yield server
+    finally:
+        starting.join(30)
+        server.stop()
+
+
+def test_read_waits_while_any_server_loads(loading_server: ServerProcess) -> None:
+    """A plain redis:// server answering LOADING: reads wait and then return the data."""
+    engine = redmap.create_engine(loading_server.url)
+    try:
+        started = time.monotonic()
+        got = engine.fetch_hashes(["h0", "h9999"])
+        assert got == [{b"i": b"0"}, {b"i": b"9999"}]
+        assert engine.execute([("HGET", "h7", "i")]) == [b"7"]
+        assert time.monotonic() - started > 0.1  # it did wait for the load
+    finally:
+        engine.dispose()
+
+
+def test_read_gives_up_on_a_server_that_keeps_loading(loading_server: ServerProcess) -> None:
+    """Past `loading_timeout`, a read raises RedmapConnectionError saying Redis is loading."""
+    engine = redmap.create_engine(loading_server.url)
+    engine.dialect.read_retry = ReadRetry(loading_timeout=0.2)
+    try:
+        with pytest.raises(RedmapConnectionError, match="still loading its data set") as err:
+            engine.fetch_hashes(["h0"])
+        assert "loading:0" in str(err.value)
+    finally:
+        engine.dispose()
+
+
+def test_started_server_is_ready_only_once_loaded(tmp_path: Path) -> None:
+    """ServerProcess.start() returns when the data set is loaded, not when INFO answers."""
+    _persistent_data(tmp_path)
+    with ServerProcess(tmp_path, persistent=True, config=SLOW_LOAD) as server:
+        with server.client() as client:
+            assert client.info("persistence")["loading"] == 0
+            assert client.hget("h9999", "i") == b"9999"  # raw client: no LOADING retry
+
+
+EMBEDDED_MODELS = """\
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+from redmap import Indexed, PrimaryKey, registry
+
+reg = registry(prefix="app")
+
+
+@reg.mapped
+@dataclass
+class Item:
+    name: Annotated[str, Indexed()]
+    note: str = ""
+    id: Annotated[Optional[int], PrimaryKey()] = None
+"""
+
+FIRST_COMMAND = """\
+import sys
+import redmap
+from models import Item
+
+with redmap.Session(redmap.create_engine(sys.argv[1])) as s:
+    print(s.get(Item, 5000).name)
+"""
+
+
+@pytest.fixture
+def slow_loading_binary(tmp_path: Path) -> Path:
+    """A redis-server wrapper (REDMAP_REDIS_SERVER) that loads its AOF slowly."""
+    wrapper = tmp_path / "slow-redis-server"
+    binary = find_redis_server()
+    wrapper.write_text(
+        f'#!/bin/sh\nexec "{binary}" "$@" --key-load-delay {SLOW_LOAD["key-load-delay"]}\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_embedded_first_command_and_migrate_after_restart(
+    tmp_path: Path, slow_loading_binary: Path
+) -> None:
+    """5,000 objects in ./.redmap: the next process's first command, and `redmap migrate
+    current` (a raw redis-py client, no retry of its own), run once the AOF is loaded."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "models.py").write_text(EMBEDDED_MODELS)
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "demo"\n\n[tool.redmap]\nmodels = "models:reg"\n'
+    )
+    datadir = project / ".redmap"
+    url = "redis+embedded:///" + str(datadir).lstrip("/")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), str(REPO)]))
+    env["REDMAP_URL"] = url
+    env["REDMAP_REDIS_SERVER"] = str(slow_loading_binary)
+    seed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, redmap\nfrom models import Item\n"
+            "with redmap.Session(redmap.create_engine(sys.argv[1])) as s:\n"
+            "    s.add_all(Item(name=f'n{i}', note='x' * 40) for i in range(5000))\n"
+            "    s.commit()\n",
+            url,
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert seed.returncode == 0, seed.stderr
+    assert not (datadir / "redis.url").exists(), "the seeding process left its server running"
+
+    started = time.monotonic()
+    first = subprocess.run(
+        [sys.executable, "-c", FIRST_COMMAND, url],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - started
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["n4999"]
+    log = (datadir / "redis.log").read_text()
+    assert "DB loaded from append only file" in log
+    assert took > 0.5  # loading was slow enough to be answered LOADING before the fix
+
+    for args in (["init"], ["current"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "redmap.cli", "migrate", *args],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"migrate {args}: {done.stdout}\n{done.stderr}"
+        assert "LOADING" not in done.stderr and "loading" not in done.stdout

@@ -237,6 +237,19 @@ def _server_pid(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
+def _loading(url: str, timeout: float = 1.0) -> bool:
+    """Whether the server at `url` is still loading its data set (or cannot say).
+
+    While it replays its AOF or RDB a server already answers INFO, but most commands
+    get LOADING, so answering is not being ready.
+    """
+    try:
+        with _control_client(url, timeout) as client:
+            return str(client.info("persistence").get("loading", "1")) != "0"
+    except (redis.RedisError, OSError):
+        return True
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether `pid` runs: zombies count as dead (they no longer serve anything)."""
     try:
@@ -461,6 +474,7 @@ class ServerProcess:
             with _live_lock:
                 _live_servers.add(self)
         deadline = time.monotonic() + self.startup_timeout
+        answered = False  # our process answered INFO; next it must finish loading
         while True:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
@@ -471,13 +485,20 @@ class ServerProcess:
                     url=self.url,
                 )
             # Compare pids: on a racy auto-chosen port, another server may be answering.
-            if _server_pid(self.url, timeout=0.5) == self._proc.pid:
-                return
+            if answered or _server_pid(self.url, timeout=0.5) == self._proc.pid:
+                answered = True
+                if not _loading(self.url, timeout=0.5):
+                    return
             if time.monotonic() > deadline:
                 self._terminate(grace=2.0, already_asked=False)
                 self._forget()
+                what = (
+                    "was still loading its data set (AOF) after"
+                    if answered
+                    else "did not answer PING within"
+                )
                 raise RedmapConnectionError(
-                    f"redis-server did not answer PING within {self.startup_timeout:g}s; "
+                    f"redis-server {what} {self.startup_timeout:g}s; "
                     f"log {self.log_path}:\n{self._log_tail(offset)}",
                     url=self.url,
                 )
@@ -650,7 +671,8 @@ def _recorded_url(datadir: Path) -> str | None:
 
 
 def _serves_folder(url: str, datadir: Path, timeout: float) -> bool:
-    """Whether `url` is a live server whose `dir` is `datadir` (waits while it loads).
+    """Whether `url` is a live server whose `dir` is `datadir`; waits while it loads its
+    data set, so that the caller's first command does not get LOADING.
 
     Checking `dir` matters for the TCP fallback: a recorded port may since have been
     taken by another folder's server.
@@ -660,13 +682,22 @@ def _serves_folder(url: str, datadir: Path, timeout: float) -> bool:
         try:
             with _control_client(url, timeout=1.0) as client:
                 served = str(client.config_get("dir").get("dir", ""))
-            return os.path.realpath(served) == os.path.realpath(datadir)
-        except redis.BusyLoadingError:
-            if time.monotonic() > deadline:
+                loading = str(client.info("persistence").get("loading", "1")) != "0"
+            if os.path.realpath(served) != os.path.realpath(datadir):
                 return False
-            time.sleep(0.05)
+            if not loading:
+                return True
+        except redis.BusyLoadingError:
+            pass
         except (redis.RedisError, OSError):
             return False
+        if time.monotonic() > deadline:
+            raise RedmapConnectionError(
+                f"the embedded server of {datadir} was still loading its data set after "
+                f"{timeout:g}s; try again once it has finished",
+                url=url,
+            )
+        time.sleep(0.05)
 
 
 def _check_no_stray_server(datadir: Path) -> None:
