@@ -4,7 +4,8 @@ threads, and run_in_transaction under contention. Every test runs on real Redis.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ from redmap.engine import Engine
 from redmap.exc import (
     FlushError,
     IntegrityError,
+    InvalidRequestError,
     PartialCommitError,
     RedmapError,
     StaleDataError,
@@ -599,3 +601,112 @@ class TestPartialCommit:
         with Session(cengine) as s:
             assert [b.label for b in s.get(Child, 1).badges] == ["gold"]  # type: ignore[union-attr]
             assert s.get(Note, 1) is not None
+
+
+# -- item 7: a session misused by two threads fails loudly, never drops writes ----------
+
+
+def _during_exec(engine: Engine, action: Callable[[], None]) -> list[BaseException]:
+    """Run `action` once in another thread while the flush's MULTI/EXEC is about to be
+    sent (after the flush collected its changes), waiting for it: deterministic. Returns
+    the errors the thread raised."""
+    errors: list[BaseException] = []
+    fired: list[bool] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # handed back to the test
+            errors.append(exc)
+
+    def listener(commands: Sequence[Any]) -> None:
+        if not fired and commands and commands[0][0] == "MULTI":
+            fired.append(True)
+            t = threading.Thread(target=run)
+            t.start()
+            t.join(timeout=30)
+            assert not t.is_alive()
+
+    engine.add_listener(listener)
+    return errors
+
+
+class TestSharedAcrossThreads:
+    def test_attribute_set_during_flush_stays_pending(self, engine: Engine) -> None:
+        """A value another thread assigns while the flush runs is not marked as flushed:
+        it is still a pending change afterwards, and the next commit writes it."""
+        _seed_counter(engine, 100)
+        with Session(engine, expire_on_commit=False) as s:
+            c = s.get(Counter, 1)
+            assert c is not None
+            c.value = 1
+
+            def assign() -> None:
+                c.value = 2
+
+            assert _during_exec(engine, assign) == []
+            s.commit()
+            assert _stored_value(engine) == 1  # what the flush collected
+            assert c in s.dirty and c.value == 2
+            s.commit()
+        assert _stored_value(engine) == 2
+
+    def test_new_object_changed_during_its_insert_stays_pending(self, engine: Engine) -> None:
+        """A new object's attribute assigned while its insert runs stays a pending change."""
+        with Session(engine, expire_on_commit=False) as s:
+            c = Counter(value=1)
+            s.add(c)
+
+            def assign() -> None:
+                c.value = 2
+
+            assert _during_exec(engine, assign) == []
+            s.commit()
+            assert c.id == 1 and c in s.dirty
+            s.commit()
+        assert _stored_value(engine) == 2
+
+    def test_link_added_during_flush_stays_pending(self, engine: Engine) -> None:
+        """A many-to-many change another thread makes while the flush runs is not dropped
+        with the flush's own relationship bookkeeping; the next commit writes it."""
+        with Session(engine) as s:
+            s.add_all([Child(name="a"), Badge(label="gold"), Badge(label="silver")])
+            s.commit()
+        with Session(engine, expire_on_commit=False) as s:
+            kid, gold, silver = s.get(Child, 1), s.get(Badge, 1), s.get(Badge, 2)
+            assert kid is not None and gold is not None and silver is not None
+            kid.badges.append(gold)
+
+            def link() -> None:
+                kid.badges.append(silver)
+
+            assert _during_exec(engine, link) == []
+            s.commit()
+            s.commit()
+        with Session(engine) as s:
+            assert sorted(b.label for b in s.get(Child, 1).badges) == ["gold", "silver"]  # type: ignore[union-attr]
+
+    @pytest.mark.parametrize("use", ["flush", "add", "delete", "query", "rollback"])
+    def test_other_thread_using_session_during_flush_raises(
+        self, engine: Engine, use: str
+    ) -> None:
+        """Flushing, adding, deleting, querying or rolling back from a second thread while
+        the session flushes raises InvalidRequestError (and the flush itself completes)."""
+        _seed_counter(engine, 100)
+        with Session(engine, expire_on_commit=False) as s:
+            c = s.get(Counter, 1)
+            assert c is not None
+            c.value = 1
+            actions: dict[str, Callable[[], Any]] = {
+                "flush": s.flush,
+                "add": lambda: s.add(Counter(value=9)),
+                "delete": lambda: s.delete(c),
+                "query": lambda: s.scalars(select(Counter)).all(),
+                "rollback": s.rollback,
+            }
+            errors = _during_exec(engine, actions[use])
+            s.commit()
+            assert len(errors) == 1 and isinstance(errors[0], InvalidRequestError)
+            assert "another thread" in str(errors[0])
+            assert not s.new and not s.deleted and not s.dirty
+        assert _stored_value(engine) == 1
