@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-__all__ = ["DEFAULT_LINE_INTERVAL", "Messaging", "Progress", "obfuscate_url_pw"]
+__all__ = ["DEFAULT_LINE_INTERVAL", "Messaging", "Progress", "obfuscate_url_pw", "plural"]
 
 _MASK = "***"
 _BAR_WIDTH = 24
@@ -41,6 +41,11 @@ def obfuscate_url_pw(url: str) -> str:
         start = url.index("?" + parts.query) + 1
         url = url[:start] + query + url[start + len(parts.query) :]
     return url
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 key`, `2 keys`: a count with its noun in the right number (nouns taking -s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _duration(seconds: float) -> str:
@@ -114,7 +119,7 @@ class Progress:
         self._clock = messaging.clock
         self._started = self._last = self._clock()
         if mode == "lines":
-            size = "" if total is None else f" ({total} objects)"
+            size = "" if total is None else f" ({plural(total, 'object')})"
             messaging.msg(f"{label}: started{size}")
 
     def __enter__(self) -> Progress:
@@ -158,7 +163,7 @@ class Progress:
         else:
             elapsed = now - self._started
             self._messaging.msg(
-                f"{self.label}: done, {self.done} objects in {_duration(elapsed)}"
+                f"{self.label}: done, {plural(self.done, 'object')} in {_duration(elapsed)}"
                 f" ({self._rate(now):.0f} obj/s)"
             )
 
@@ -181,13 +186,13 @@ class Progress:
         rate = f"{self._rate(now):.0f} obj/s"
         percent = self._percent()
         if percent is None:
-            return f"{self.label}: {self.done} objects, {rate}"
+            return f"{self.label}: {plural(self.done, 'object')}, {rate}"
         return f"{self.label}: {self.done}/{self.total} ({percent}%), {rate}, ETA {self._eta(now)}"
 
     def _draw(self, now: float) -> None:
         percent = self._percent()
         if percent is None:
-            text = f"{self.label} {self.done} objects, {self._rate(now):.0f} obj/s"
+            text = f"{self.label} {plural(self.done, 'object')}, {self._rate(now):.0f} obj/s"
         else:
             filled = _BAR_WIDTH * percent // 100
             bar = "#" * filled + "." * (_BAR_WIDTH - filled)

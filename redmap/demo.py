@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 from .engine import Engine, create_engine, default_engine
 from .exc import StaleDataError
 from .expression import col
-from .mapper import mapper_of
 from .query import select
 from .registry import registry
 from .schema import Indexed, PrimaryKey, Sorted
@@ -60,12 +59,17 @@ def _where(engine: Engine) -> str:
 
 
 def _clear(engine: Engine) -> None:
-    """Delete the demo's players and its id counter, leaving no key of the demo behind."""
-    with Session(engine) as s:
-        for p in s.scalars(select(Player)):
-            s.delete(p)
-        s.commit()
-    engine.execute([("DEL", mapper_of(Player).keys.seq())])
+    """Delete every key under the demo's prefix (objects, indexes, counter, flush markers).
+
+    A SCAN, as an offline tool may do: the prefix holds the demo's keys only.
+    """
+    from .dialects.base import translate_errors
+
+    with translate_errors(engine.dialect.url):
+        client = engine.dialect.client
+        found = list(client.scan_iter(match=f"{{{PREFIX}}}:*", count=1000))
+        for key in found:
+            client.delete(key)  # one at a time: on a cluster, keys may sit on several nodes
 
 
 def run_demo(url: str | None = None, *, out: Callable[[str], None] = print) -> None:

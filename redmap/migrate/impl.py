@@ -14,6 +14,7 @@ import os.path
 from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
+from alembic_like.messaging import plural
 from alembic_like.operations import Operations
 
 from .. import keys
@@ -306,7 +307,7 @@ def create_index(operations: Operations, op: CreateIndex) -> None:
             f"{op.summary()}: values taken by other objects since the check: "
             f"{shown([f'{k} (wanted by {v})' for k, v in result.taken.items()])}"
         )
-    _report(run, op, f"{result.visited} objects indexed")
+    _report(run, op, f"{plural(result.visited, 'object')} indexed")
 
 
 def _index_prefixes(target: Target, name: str, kind: IndexKind) -> list[str]:
@@ -331,7 +332,7 @@ def drop_index(operations: Operations, op: DropIndex) -> None:
             for batch in run.scan(prefix):
                 run.heartbeat()
                 deleted += delete_keys(run, batch)
-    _report(run, op, f"{deleted} keys deleted")
+    _report(run, op, f"{plural(deleted, 'key')} deleted")
 
 
 # -- models ------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def rename_model(operations: Operations, op: RenameModel) -> None:
             f"{op.summary()}: {len(conflicts)} keys exist under both keyspaces with different "
             f"data and were left in place: {shown(conflicts)}"
         )
-    _report(run, op, f"{moved} keys moved")
+    _report(run, op, f"{plural(moved, 'key')} moved")
 
 
 def _renamed_spaces(
@@ -504,7 +505,7 @@ def estimate(run: MigrationRun, op: RedisOperation) -> str:
         if isinstance(op, RenameModel):
             spaces = _renamed_spaces(run, op)
             found = sum(_count_keys(run.scan(old.object_prefix)) for old, _ in spaces)
-            return f"would move {found} keys"
+            return f"would move {plural(found, 'key')}"
         if isinstance(op, Execute):
             return "would call the function (not measured)"
         if not isinstance(op, _MODEL_OPS):
@@ -536,5 +537,5 @@ def estimate(run: MigrationRun, op: RedisOperation) -> str:
             else:
                 prefixes = _index_prefixes(target, op.field, op.kind)
                 found = sum(_count_keys(run.scan(p)) for p in prefixes)
-            return f"would delete {found} keys"
+            return f"would delete {plural(found, 'key')}"
         return f"would pass {_count(run, target, VERSION_FIELD)[1]} objects through the function"
