@@ -136,6 +136,12 @@ class DecodeError(RedmapError):
             msg += f" — at {where}"
         if key is not None:
             msg += f" in key {key!r}"
+        if key is not None and field is not None:
+            # Read from Redis: most often the model changed and the data did not.
+            msg += (
+                ". If the model changed since this object was written, migrate the data: "
+                "redmap migrate revision --autogenerate -m '...', then redmap migrate upgrade"
+            )
         super().__init__(msg)
 
     def with_location(self, *, model: str, field: str, key: str) -> DecodeError:
