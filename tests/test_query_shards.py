@@ -334,7 +334,7 @@ def test_empty_query_still_validates(qengine: redmap.Engine) -> None:
     with Session(qengine) as s:
         with pytest.raises(QueryError, match="needs an index"):
             s.scalars(select(Booking).where(Booking.room.in_([]), Booking.note == "x"))
-        with pytest.raises(QueryError, match="needs an index"):
+        with pytest.raises(QueryError, match=r"guest order_by .* Sorted\(\)"):
             s.count(select(Booking).where(Booking.room.in_([])).order_by(Booking.guest))
         with pytest.raises(ValidationError, match="nights"):
             s.scalars(select(Booking).where(Booking.room.in_([]), Booking.nights == "many"))
