@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from .attributes import STATE_ATTR, state_of
 from .engine import Engine, default_engine
-from .exc import InvalidRequestError, ObjectDeletedError, StaleDataError
+from .exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDataError
 from .identity import IdentityMap, IdentitySet
 from .loading import load_instance
 from .mapper import Mapper, mapper_of
@@ -440,6 +440,17 @@ class Session:
         (data,) = self.bind.execute([("HGETALL", key)])
         found: M | None = load_instance(self, mapper, pk, key, data)
         return found
+
+    def get_one(self, model: type[M], pk: Any) -> M:
+        """The object with this primary key; `NoResultFound` when there is none.
+
+        `get()` for when the object must exist: typed `M`, not `M | None`, so the
+        result needs no None check (SQLAlchemy's `Session.get_one`).
+        """
+        obj = self.get(model, pk)
+        if obj is None:
+            raise NoResultFound(f"no {mapper_of(model).name} with primary key {pk!r}")
+        return obj
 
     def get_many(self, model: type[M], pks: Iterable[Any]) -> list[M | None]:
         """The objects for `pks`, in order, None where absent; 1 round trip at most."""
