@@ -64,21 +64,36 @@ def column(project: Project, field: str, n: int) -> list[bytes | None]:
 
 
 def kill_when(proc: subprocess.Popen[str], label: str, lines: list[str]) -> None:
-    """Read the migrator's progress lines; SIGKILL it once `label` is between 10% and 90%."""
+    """Read the migrator's progress lines; SIGKILL it once `label` is between 10% and 90%.
+
+    A migrator that reaches no kill point within 60 s is killed too, but as a failure:
+    a hang must not pass for the kill the test asked for.
+    """
     assert proc.stdout is not None
-    watchdog = threading.Timer(60, proc.kill)
+    hung = threading.Event()
+
+    def on_hang() -> None:
+        hung.set()
+        proc.kill()
+
+    watchdog = threading.Timer(60, on_hang)
     watchdog.start()
+    killed = False
     try:
         for line in proc.stdout:
             lines.append(line)
             match = re.match(re.escape(label) + r": \d+/\d+ \((\d+)%\)", line)
             if match and 10 <= int(match.group(1)) <= 90:
                 proc.send_signal(signal.SIGKILL)
+                killed = True
                 break
     finally:
         watchdog.cancel()
         rest, err = proc.communicate()  # also closes the pipes
-    assert proc.returncode == -signal.SIGKILL, "".join(lines) + rest + err
+    output = "".join(lines) + rest + err
+    assert not hung.is_set(), f"the migrator hung: no kill point within 60 s\n{output}"
+    assert killed, f"{label!r} never reached 10-90%\n{output}"
+    assert proc.returncode == -signal.SIGKILL, output
 
 
 def wait_for_lock_expiry(project: Project) -> None:

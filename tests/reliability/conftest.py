@@ -18,9 +18,12 @@ SEED_ENV = "REDMAP_SEED"
 
 @pytest.fixture
 def seed() -> int:
-    """The seed of a randomized test: `REDMAP_SEED` if set, else a fresh one (tests print it)."""
+    """The seed of a randomized test: `REDMAP_SEED` if set, else a fresh one. Printed at
+    set-up, so a failing run shows it (pytest's "Captured stdout setup") to replay."""
     fixed = os.environ.get(SEED_ENV)
-    return int(fixed) if fixed else random.SystemRandom().randrange(2**32)
+    value = int(fixed) if fixed else random.SystemRandom().randrange(2**32)
+    print(f"\nseed {value} (replay: {SEED_ENV}={value})")
+    return value
 
 
 @pytest.fixture

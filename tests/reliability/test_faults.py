@@ -55,7 +55,6 @@ from tests.reliability._crash_worker import (
 )
 from tests.test_flush_faults import (
     APPLIED_LOG,
-    OUTCOMES,
     Counter,
     _create_counter,
     _pause_run,
@@ -109,7 +108,8 @@ def _object_keys(raw: redis.Redis, model: type) -> list[str]:
 # ("random") or since it called commit() ("window"), or by itself at a point of the
 # flush (see _crash_worker._arm): just before the MULTI...EXEC batch is sent, as soon as
 # its send returned (EXEC written, no reply read), or from a timer 0-600 us after that.
-KILL_MODES = ("random", "window", "window", "before_exec", "exec_sent", "exec_timer")
+# Trials take the modes in turn, so each gets a sixth of the trials whatever the seed.
+KILL_MODES = ("random", "window", "before_exec", "window", "exec_sent", "exec_timer")
 POOL = 100  # existing Items the trials update
 BOXES = 4
 
@@ -337,7 +337,7 @@ def _kill_run(redis_url: str, raw: redis.Redis, trials: int, seed: int, tmp: Pat
             if killed == trials:
                 break
             tag = f"k{t}"
-            mode = rng.choice(KILL_MODES)
+            mode = KILL_MODES[t % len(KILL_MODES)]
             upd = rng.sample(pool_ids, UPDATES)
             before, dump_before = _snapshot(raw, upd), _dump(raw)
             zyg.spawn(_spec(tag, upd, box_ids, mode, rng))
@@ -373,6 +373,15 @@ def _kill_run(redis_url: str, raw: redis.Redis, trials: int, seed: int, tmp: Pat
         f"{m}: {c['killed_present']}/{c['killed_absent']}/{c['completed']}"
         for m, c in sorted(split.items())
     )
+    # Every outcome the test is about occurred: kills at every point, kills after EXEC
+    # was sent that Redis applied, kills before it that left nothing.
+    figures = f"seed {seed}, per mode present/absent/completed: {per_mode}"
+    for mode in KILL_MODES:
+        got = split[mode]["killed_present"] + split[mode]["killed_absent"]
+        assert got >= 1, f"no child was killed in mode {mode}; {figures}"
+    assert split["exec_sent"]["killed_present"] >= 1, f"no kill after EXEC applied; {figures}"
+    assert split["before_exec"]["killed_absent"] >= 1, figures
+    assert total["killed_present"] >= 1 and total["killed_absent"] >= 1, figures
     return (
         f"killed clients x{trials} (50-object flushes, seed {seed}): "
         f"killed {killed} (wholly present {total['killed_present']}, "
@@ -452,11 +461,14 @@ class _AppliedLog(logging.Handler):
 def _lost_reply_run(n: int, proxy: LoopbackProxy, raw: redis.Redis, seed: int) -> str:
     """n flushes (an update and an insert each) whose EXEC reply the proxy loses.
 
-    One in five also makes the server unreachable right after the loss (the read-back
-    fails): those must raise OutcomeUnknownError. Every other commit must return only
-    after a read-back found it applied. Redis must hold every flush exactly once.
+    One in five (shuffled) also makes the server unreachable right after the loss (the
+    read-back fails): those must raise OutcomeUnknownError, and Redis holds them (outcome
+    "unknown, applied"). Every other commit must return only after a read-back found it
+    applied ("settled, applied"). Redis must hold every flush exactly once.
     """
     rng = random.Random(seed)
+    schedule = [i < max(1, n // 5) for i in range(n)]
+    rng.shuffle(schedule)
     engine = redmap.create_engine(proxy.url, socket_timeout=0.5)
     applied_log = _AppliedLog()
     logger = logging.getLogger("redmap.engine")
@@ -464,8 +476,7 @@ def _lost_reply_run(n: int, proxy: LoopbackProxy, raw: redis.Redis, seed: int) -
     outcomes: collections.Counter[str] = collections.Counter()
     try:
         _create_counter(engine)
-        for i in range(n):
-            unreachable = rng.random() < 0.2
+        for i, unreachable in enumerate(schedule):
             before = _stored(raw, 1)
             assert before is not None
             read_backs = applied_log.count
@@ -483,7 +494,7 @@ def _lost_reply_run(n: int, proxy: LoopbackProxy, raw: redis.Redis, seed: int) -
                     outcome = "settled_applied"
                     assert applied_log.count == read_backs + 1, "success without a read-back"
                 except OutcomeUnknownError as exc:
-                    outcome = "reported_unknown"
+                    outcome = "unknown_applied"  # applied: checked below
                     assert {id(o) for o in exc.objects} == {id(c), id(extra)}
                     assert _in_doubt(c) and _in_doubt(extra)
                     with pytest.raises(InvalidRequestError):
@@ -493,7 +504,7 @@ def _lost_reply_run(n: int, proxy: LoopbackProxy, raw: redis.Redis, seed: int) -
                 proxy.set_mode("pass")
                 assert rt.command_names.count("EXEC") == 1, "EXEC was re-sent"
             # A reachable server always settles the outcome; an unreachable one never can.
-            assert outcome == ("reported_unknown" if unreachable else "settled_applied")
+            assert outcome == ("unknown_applied" if unreachable else "settled_applied")
             outcomes[outcome] += 1
             after = _stored(raw, 1)
             assert after == (before[0] + 1, before[1] + 1), f"flush {i}: {before} -> {after}"
@@ -501,13 +512,16 @@ def _lost_reply_run(n: int, proxy: LoopbackProxy, raw: redis.Redis, seed: int) -
         assert proxy.exec_replies_dropped == n
         final = _stored(raw, 1)
         assert final is not None and final[0] == n  # 0 double applications
+        # Both outcomes occurred (the schedule makes them; this keeps it honest).
+        assert outcomes["unknown_applied"] == sum(schedule) >= 1, outcomes
+        assert outcomes["settled_applied"] == n - sum(schedule) >= 1, outcomes
     finally:
         logger.removeHandler(applied_log)
         engine.dispose()
     return (
         f"lost EXEC replies x{n} (seed {seed}): replies dropped {proxy.exec_replies_dropped}, "
         f"settled by read-back as applied {outcomes['settled_applied']}, reported unknown "
-        f"{outcomes['reported_unknown']}, blind successes 0, double applications 0, "
+        f"and applied {outcomes['unknown_applied']}, blind successes 0, double applications 0, "
         f"final counter {final[0]}"
     )
 
@@ -524,13 +538,14 @@ def test_lost_exec_replies_soak(proxy: LoopbackProxy, redis_client: redis.Redis,
 
 
 def _pause_line(n: int, figures: dict[str, int], seed: int) -> str:
-    assert sum(figures[k] for k in OUTCOMES) == n
+    # (_pause_run itself asserts that each outcome it steers towards occurred.)
     shown = ", ".join(f"{k} {v}" for k, v in figures.items())
     return f"CLIENT PAUSE timeouts x{n} (seed {seed}): {shown}; double applications 0"
 
 
 def test_client_pause_timeouts(proxy: LoopbackProxy, redis_client: redis.Redis, seed: int) -> None:
-    """8 commits under CLIENT PAUSE timeouts: at most once each, never a false success."""
+    """8 commits under CLIENT PAUSE timeouts: at most once each, never a false success;
+    returned, "nothing was written" and "unknown, not applied" each occur."""
     print("\n" + _pause_line(8, _pause_run(8, proxy, redis_client, seed), seed))
 
 
@@ -538,7 +553,8 @@ def test_client_pause_timeouts(proxy: LoopbackProxy, redis_client: redis.Redis, 
 def test_client_pause_timeouts_soak(
     proxy: LoopbackProxy, redis_client: redis.Redis, seed: int
 ) -> None:
-    """200 commits under CLIENT PAUSE timeouts: at most once each, never a false success."""
+    """200 commits under CLIENT PAUSE timeouts: at most once each, never a false success;
+    returned, "nothing was written" and "unknown, not applied" each occur."""
     print("\n" + _pause_line(200, _pause_run(200, proxy, redis_client, seed), seed))
 
 
@@ -786,6 +802,7 @@ def _restart_run(
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     restarts: list[float] = []
+    kills_at: list[float] = []
     try:
         engine = redmap.create_engine(server.url)
         with Session(engine) as s:
@@ -818,6 +835,7 @@ def _restart_run(
         for k in range(kills):
             at = seconds * (k + 1) / (kills + 1) + rng.uniform(-0.3, 0.3)
             time.sleep(max(0.0, started + at - time.monotonic()))
+            kills_at.append(time.time())
             server.kill()
             down_at = time.monotonic()
             time.sleep(rng.uniform(0.2, 0.6))
@@ -872,6 +890,11 @@ def _restart_run(
         )
         if restarts:
             assert len(after_restart) == writers, f"writers that resumed: {dict(after_restart)}"
+        # Each kill landed under load: commits were acknowledged in the half second
+        # before it (so commits were in flight when the server died).
+        for k_at in kills_at:
+            busy = sum(1 for _, at_s in lines["ack"] if k_at - 0.5 < at_s < k_at)
+            assert busy >= 1, f"no commit in the 0.5 s before the kill at {k_at}; {detail}"
     finally:
         for p in procs:
             if p.poll() is None:

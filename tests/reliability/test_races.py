@@ -257,6 +257,7 @@ def test_lost_updates_one_counter(
     assert t["commits"] == procs * commits
     assert finals == [procs * commits]
     assert t["conflicts"] == t["retries"]
+    assert t["conflicts"] >= 1, "the writers never conflicted: no race was tested"
 
 
 @pytest.mark.parametrize(
@@ -324,17 +325,20 @@ def _apply_b(
     race: int,
     *,
     p_gone: bool,
+    force: str | None = None,
 ) -> tuple[str, list[str]]:
     """B's randomized changes, as (mode, changes).
 
     Each mode includes a change that needs P as B loaded it: P's columns ("columns"),
     P's deletion ("delete") or, when A deleted P, new links to P ("links"; a link
     does not version its ends, but it needs both to exist). Other changes ride
-    along (links, a bystander player, a team) and must not land either.
+    along (links, a bystander player, a team) and must not land either. `force` picks
+    the mode instead of the rng.
     """
     done: list[str] = []
     extras = [e for e in _B_EXTRAS if rng.random() < 0.4]
     mode = rng.choice(["columns", "columns", "delete", *(["links"] if p_gone else [])])
+    mode = force or mode
     if mode == "delete":
         s.delete(p)
         done.append("delete")
@@ -410,7 +414,7 @@ def test_stale_writer_gets_stale_data_error_and_writes_nothing(
             pa = a.get(Player, world["p"])
             assert pa is not None
             pb, qb = _load_v1(b, world)
-            kind = rng.choice(["columns", "team", "delete"])
+            kind = ("columns", "team", "delete")[race % 3]  # each a third of the races
             a_kinds[kind] += 1
             if kind == "delete":
                 a.delete(pa)
@@ -423,8 +427,12 @@ def test_stale_writer_gets_stale_data_error_and_writes_nothing(
             version = redis_client.hget(PLAYERS + str(world["p"]), VERSION_FIELD)
             assert version == (None if kind == "delete" else b"2")
             before = dump_keys(redis_client)
+            # Every other race after A's delete makes B add links to the gone P.
+            force = "links" if race % 6 == 2 else None
             with b.no_autoflush:
-                mode, ops = _apply_b(rng, b, pb, qb, world, race, p_gone=kind == "delete")
+                mode, ops = _apply_b(
+                    rng, b, pb, qb, world, race, p_gone=kind == "delete", force=force
+                )
             b_modes[mode] += 1
             b_ops.update(ops)
             try:
@@ -453,6 +461,10 @@ def test_stale_writer_gets_stale_data_error_and_writes_nothing(
     )
     assert not failures, f"seed={seed}\n" + "\n".join(failures[:20])
     assert stale == races and changed_keys == 0
+    # Every kind of A's change, every mode of B and every extra of B occurred.
+    assert set(a_kinds) == {"columns", "team", "delete"}, a_kinds
+    assert set(b_modes) == {"columns", "delete", "links"}, b_modes
+    assert set(_B_EXTRAS) <= set(b_ops), b_ops
 
 
 # --- 4. unique races -----------------------------------------------------------------
@@ -720,3 +732,6 @@ def test_delete_vs_stale_update_leaves_no_partial_object(
     assert not failures, f"seed={seed}\n" + "\n".join(failures[:20])
     assert outcomes["partial"] == 0
     assert winners["delete"] + winners["update"] == trials
+    # Both outcomes occurred: the delete won (absent) and the update won (complete).
+    assert winners["delete"] >= 1 and winners["update"] >= 1, winners
+    assert outcomes["absent"] >= 1 and outcomes["complete"] >= 1, outcomes
