@@ -77,17 +77,26 @@ class Engine:
     """A configured way to reach Redis, shared by many sessions (thread-safe)."""
 
     def __init__(self, url: str, *, echo: Echo = False, **client_options: Any):
-        if echo not in (True, False, "debug"):
-            raise InvalidRequestError(f"echo must be True, False or 'debug', not {echo!r}")
         self.url = safe_url(url)
         self.echo = echo
-        _enable_echo(echo)
         self._listeners: list[Listener] = []
         dialect_cls = dialects.load(url)
         self.dialect: Dialect = dialect_cls(url, hook=self._on_round_trip, **client_options)
 
     def __repr__(self) -> str:
         return f"Engine({self.url})"
+
+    @property
+    def echo(self) -> Echo:
+        """True: print each command sent; "debug": each reply too; False: nothing."""
+        return self._echo
+
+    @echo.setter
+    def echo(self, value: Echo) -> None:
+        if value not in (True, False, "debug"):
+            raise InvalidRequestError(f"echo must be True, False or 'debug', not {value!r}")
+        _enable_echo(value)
+        self._echo = value
 
     # -- observation ----------------------------------------------------------------
 

@@ -36,8 +36,12 @@ class Note:
     text: Annotated[str, Indexed()]
     id: Annotated[Optional[int], PrimaryKey()] = None
 
-echo = {"true": True, "debug": "debug", "false": False}[sys.argv[2]]
-engine = redmap.create_engine(sys.argv[1], echo=echo)
+if sys.argv[2] == "later":
+    engine = redmap.create_engine(sys.argv[1])
+    engine.echo = True
+else:
+    echo = {"true": True, "debug": "debug", "false": False}[sys.argv[2]]
+    engine = redmap.create_engine(sys.argv[1], echo=echo)
 with Session(engine) as s:
     s.add(Note(text="hello"))
     s.commit()
@@ -91,6 +95,12 @@ def test_echo_goes_through_the_applications_logging_once(
     ]
 
 
+def test_echo_switched_on_an_existing_engine(redis_url: str, clean_redis: None) -> None:
+    """`engine.echo = True` after creation prints from then on, like echo=True."""
+    lines = _run(redis_url, "later")
+    assert sum(" HSET {echo}:note:1 text 'hello'" in line for line in lines) == 1
+
+
 def test_echo_false_prints_nothing(redis_url: str, clean_redis: None) -> None:
     """Without echo only the script's own output appears."""
     assert _run(redis_url, "false") == ["loaded Note(text='hello', id=1)"]
@@ -100,3 +110,7 @@ def test_echo_refuses_other_values(redis_url: str) -> None:
     """A misspelt echo value is refused with the accepted values named."""
     with pytest.raises(InvalidRequestError, match="echo must be True, False or 'debug'"):
         redmap.create_engine(redis_url, echo="verbose")  # type: ignore[arg-type]
+    engine = redmap.create_engine(redis_url)
+    with pytest.raises(InvalidRequestError, match="not 2"):
+        engine.echo = 2  # type: ignore[assignment]
+    assert engine.echo is False
