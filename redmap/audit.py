@@ -157,7 +157,7 @@ def audit(client: Any, reg: Any) -> AuditReport:
         if rest.startswith(("#flush:", "#meta:")):
             explained.add(key)
     for mapper in by_space.values():
-        objs = _load_objects(run, mapper, all_keys, explained)
+        objs = _load_objects(run, mapper, all_keys)
         objects[mapper.keyspace] = objs
         report.objects += len(objs)
         _expect_indexes(mapper, objs, expected, hints)
@@ -210,20 +210,20 @@ def _role(key: str, by_space: dict[str, Mapper[Any]]) -> tuple[str, str] | None:
 
 
 def _load_objects(
-    run: _Audit, mapper: Mapper[Any], all_keys: list[str], explained: set[str]
+    run: _Audit, mapper: Mapper[Any], all_keys: list[str]
 ) -> dict[str, tuple[Any, dict[str, Any]]]:
     """id segment -> (pk, decoded values) for every object hash of the model."""
     spaces = mapper.all_keyspaces()
     found = [(k, ks) for k in all_keys for ks in spaces if ks.is_object_key(k)]
     hashes = []
     for k, ks in found:
-        explained.add(k)  # reported below if it is not a sound object
         hint = (
             f"{k} is named like a {mapper.name} object but is not a hash: if its content "
             f"matters RENAME it out of the registry's keys, else DEL it"
         )
         if run.has_type(k, "hash", "a hash (an object)", hint):
             hashes.append((k, ks))
+        # (A hash that does not decode is reported, and stays unexplained: no object is.)
     out: dict[str, tuple[Any, dict[str, Any]]] = {}
     replies = run.batched([("hgetall", k, ()) for k, _ in hashes])
     for (k, ks), data in zip(hashes, replies, strict=True):

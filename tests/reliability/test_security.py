@@ -294,7 +294,7 @@ def test_key_cases_as_least_privilege_user(acl_server: ServerProcess, admin: red
     denied = admin.execute_command("ACL", "LOG")
     assert denied == [], denied
     # The audit (SCAN and reads) runs on redis-py directly: what it needs is added by hand.
-    audit_cmds = {"scan", "hgetall", "get", "smembers", "zrange"}
+    audit_cmds = {"scan", "type", "hgetall", "get", "smembers", "zrange"}
     exact = sorted(used | audit_cmds)
     admin.flushall()
     admin.execute_command("ACL", "LOG", "RESET")
