@@ -1,15 +1,23 @@
-"""The documentation's examples run as tests, so the docs cannot rot.
+"""The documentation's examples run as tests, and type-check, so the docs cannot rot.
 
-Every ```python block of each page below runs in order, in one namespace per page,
-against the standalone test server. The namespace starts with `engine` (an engine on
-that server), which is also the default engine (`redmap.configure`). Blocks fenced
-```python no-run are shown to the reader and never run (URLs of servers that do not
-exist, for instance).
+Every ```python block of every page in docs/ and of README.md runs in order, in one
+namespace per page, with `REDMAP_URL` naming the standalone test server and a fresh
+empty folder as the working directory: pages define their own `engine` as a reader
+would. A block fenced ```python no-run is shown and never run; its first line must be a
+comment saying why (`# Not run by the tests: ...`), so the reader sees it too.
+
+The same blocks, one file per page, and the typed sample app in tests/typed_app/ are
+then checked by `mypy --strict` from a folder outside the repository: that is what a
+user's type checker sees after the README's `pip install -e ...`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -21,8 +29,11 @@ import pytest
 import redmap
 import redmap.engine
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = ["quickstart.md", "mapping.md", "session.md", "queries.md"]
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
+TYPED_APP = Path(__file__).resolve().parent / "typed_app"
+NO_RUN_REASON = re.compile(r"#\s*Not run by the tests: \S")
 
 
 @dataclass(frozen=True)
@@ -55,14 +66,26 @@ def fenced_blocks(text: str) -> Iterator[Block]:
             i += 1
 
 
+def _is_python(block: Block) -> bool:
+    return block.info.split()[:1] == ["python"]
+
+
 def runnable_blocks(text: str) -> list[Block]:
     """The ```python blocks to run; ```python no-run blocks are left out."""
-    out = []
-    for block in fenced_blocks(text):
-        words = block.info.split()
-        if words[:1] == ["python"] and "no-run" not in words[1:]:
-            out.append(block)
-    return out
+    return [b for b in fenced_blocks(text) if _is_python(b) and "no-run" not in b.info.split()]
+
+
+def page_module_source(text: str) -> str:
+    """A page's runnable blocks as one module whose line numbers are the page's."""
+    out: list[str] = []
+    for block in runnable_blocks(text):
+        out.extend([""] * (block.line - 1 - len(out)))
+        out.extend(block.source.splitlines())
+    return "\n".join(out) + "\n"
+
+
+def _page_id(path: Path) -> str:
+    return path.name
 
 
 @pytest.fixture
@@ -91,27 +114,81 @@ def test_fenced_blocks_are_found_with_their_line_numbers() -> None:
         (10, "", "plain\n"),
     ]
     assert [b.source for b in runnable_blocks(text)] == ["x = 1\n"]
+    assert page_module_source(text) == "\n\nx = 1\n"
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_examples_run(page: str, redis_url: str, clean_redis: None, restore_logging: None) -> None:
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_no_run_blocks_say_why(page: Path) -> None:
+    """Every block left out of the run starts with a visible reason."""
+    for block in fenced_blocks(page.read_text(encoding="utf-8")):
+        if _is_python(block) and "no-run" in block.info.split():
+            first = block.source.splitlines()[0] if block.source.strip() else ""
+            assert NO_RUN_REASON.match(first), (
+                f"{page.name}:{block.line}: a no-run block must start with "
+                "'# Not run by the tests: <why>'"
+            )
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_examples_run(
+    page: Path,
+    redis_url: str,
+    clean_redis: None,
+    restore_logging: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Each page's runnable examples execute top to bottom without error."""
-    path = DOCS / page
-    blocks = runnable_blocks(path.read_text(encoding="utf-8"))
-    assert blocks, f"{page} has no runnable ```python block"
+    text = page.read_text(encoding="utf-8")
+    blocks = runnable_blocks(text)
+    if not blocks:
+        assert "```python" not in text.replace("```python no-run", "")
+        return
+    monkeypatch.setenv("REDMAP_URL", redis_url)
+    monkeypatch.chdir(tmp_path)
+    redmap.engine._reset_default()
     # A real module, so that dataclasses and string annotations can find their globals.
-    module = types.ModuleType(f"_redmap_docs_{path.stem.replace('-', '_')}")
-    module.__file__ = str(path)
-    engine = redmap.create_engine(redis_url)
-    redmap.configure(engine)
-    module.__dict__["engine"] = engine
+    module = types.ModuleType(f"_redmap_docs_{page.stem.replace('-', '_').lower()}")
+    module.__file__ = str(page)
     sys.modules[module.__name__] = module
     try:
         for block in blocks:
             # Pad with newlines so tracebacks point at the line in the Markdown file.
-            code = compile("\n" * (block.line - 1) + block.source, str(path), "exec")
+            code = compile("\n" * (block.line - 1) + block.source, str(page), "exec")
             exec(code, module.__dict__)
     finally:
         del sys.modules[module.__name__]
+        for value in list(module.__dict__.values()):
+            if isinstance(value, redmap.Engine):
+                value.dispose()
         redmap.engine._reset_default()
-        engine.dispose()
+
+
+def test_examples_and_the_typed_app_pass_mypy_strict(tmp_path: Path) -> None:
+    """mypy --strict, run outside the repository, accepts every page's examples and the
+    typed sample app: the installed package is visible to type checkers and the documented
+    idioms (col() in queries, sessionmaker, relationships) type-check."""
+    work = tmp_path / "check"
+    work.mkdir()
+    checked: dict[str, Path] = {}
+    for page in PAGES:
+        source = page_module_source(page.read_text(encoding="utf-8"))
+        if source.strip():
+            name = f"docs_{page.stem.replace('-', '_').lower()}.py"
+            (work / name).write_text(source, encoding="utf-8")
+            checked[name] = page
+    shutil.copytree(TYPED_APP, work / "typed_app", ignore=shutil.ignore_patterns("__pycache__"))
+    cache = ROOT / ".mypy_cache" / "docs-check"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(cache), "--no-color-output",
+         *sorted(checked), "typed_app"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")},
+    )
+    report = proc.stdout
+    for name, page in checked.items():  # point at the Markdown pages, whose lines they keep
+        report = report.replace(name, str(page.relative_to(ROOT)))
+    assert proc.returncode == 0, report + proc.stderr
