@@ -84,6 +84,7 @@ class _Audit:
         self.report = report
         self.types: dict[str, str] = {}
         self.wrong: set[str] = set()
+        self.unscored: dict[str, set[str]] = {}  # zset -> members with no computable score
 
     def wrong_type(self, key: str, expected: str, found: str, hint: str) -> None:
         if key in self.wrong:
@@ -160,7 +161,7 @@ def audit(client: Any, reg: Any) -> AuditReport:
         objs = _load_objects(run, mapper, all_keys)
         objects[mapper.keyspace] = objs
         report.objects += len(objs)
-        _expect_indexes(mapper, objs, expected, hints)
+        _expect_indexes(run, mapper, objs, expected, hints)
     _expect_links(run, by_space, objects, all_keys, expected, hints)
     _compare(run, expected, hints)
     explained.update(expected)
@@ -334,6 +335,7 @@ def _index_hint(mapper: Mapper[Any], col: ColumnProperty, kind: str, key: str) -
 
 
 def _expect_indexes(
+    run: _Audit,
     mapper: Mapper[Any],
     objs: dict[str, tuple[Any, dict[str, Any]]],
     expected: dict[str, Any],
@@ -357,18 +359,50 @@ def _expect_indexes(
                 hints[key] = _index_hint(mapper, col, kind, key)
             if col.unique and value is not None:
                 key = ks.unique(col.key, vseg)
-                expected[key] = seg
+                if key in expected and expected[key] != seg:
+                    run.report.mismatches.append(
+                        f"{key}: the unique value is held by two objects, {expected[key]} and "
+                        f"{seg}; repair: change the value of one of them"
+                    )
+                expected.setdefault(key, seg)
                 hints[key] = _index_hint(mapper, col, kind, key)
             if col.sorted:
                 key = ks.sorted(col.key)
-                expected.setdefault(key, {})[seg] = _score(mapper, col.key, value)
+                _expect_score(run, mapper, ks.object(seg), col.key, value, key, seg, expected)
                 hints[key] = _index_hint(mapper, col, "sorted", key)
             if col.foreign_key is not None and value is not None:
                 order = col.order_column
-                score = _score(mapper, order, values.get(order)) if order else _pk_score(pk)
                 key = ks.foreign(col.key, vseg)
-                expected.setdefault(key, {})[seg] = score
+                if order:
+                    value = values.get(order)
+                    _expect_score(run, mapper, ks.object(seg), order, value, key, seg, expected)
+                else:
+                    expected.setdefault(key, {})[seg] = _pk_score(pk)
                 hints[key] = _rerun(key, "children (ZADD them with the scores listed)")
+
+
+def _expect_score(
+    run: _Audit,
+    mapper: Mapper[Any],
+    obj_key: str,
+    field: str,
+    value: Any,
+    key: str,
+    seg: str,
+    expected: dict[str, Any],
+) -> None:
+    """`seg`'s expected score in zset `key`; a stored value no score can stand for (an
+    int beyond 2**53, NaN: the flush refuses both) is a finding, and the member is then
+    left out of the comparison rather than reported twice."""
+    zset = expected.setdefault(key, {})
+    try:
+        zset[seg] = _score(mapper, field, value)
+    except RedmapError as exc:
+        run.report.mismatches.append(
+            f"{obj_key}: {mapper.name}.{field} holds {value!r}, which a sorted index cannot "
+            f"score ({exc}); repair: store a value the model accepts"
+        )
+        run.unscored.setdefault(key, set()).add(seg)
 
 
 def _expect_links(
@@ -464,6 +498,8 @@ def _compare(run: _Audit, expected: dict[str, Any], hints: dict[str, str]) -> No
             run.report.mismatches.append(f"{key}: cannot read it: {raw}")
             continue
         have = _decode(raw, want)
+        for member in run.unscored.get(key, ()):
+            have.pop(member, None)
         if have != want:
             run.report.mismatches.append(f"{key}: expected {_show(want)}, found {_show(have)}")
 

@@ -204,6 +204,31 @@ def test_stray_keys_of_the_wrong_type(engine: redmap.Engine, redis_client: Any) 
     assert report.unexplained == ["{ac}:person:#allx", "{ac}:person:#ix:name:amy"]
 
 
+def test_unscorable_value_is_a_finding(engine: redmap.Engine, redis_client: Any) -> None:
+    """A Sorted int beyond 2**53 in a hash (which the flush refuses) is reported as
+    such, not raised, and its zset member is not reported a second time."""
+    _seed(engine)
+    redis_client.hset("{ac}:person:1", "age", str(2**60))
+    report = audit(redis_client, areg)
+    assert report.mismatches == [
+        f"{{ac}}:person:1: Person.age holds {2**60}, which a sorted index cannot score "
+        "(expected int, got int (integers beyond ±2**53 have no exact score)); "
+        "repair: store a value the model accepts"
+    ]
+
+
+def test_unique_value_held_twice_is_a_finding(engine: redmap.Engine, redis_client: Any) -> None:
+    """Two hashes holding one Unique value (written around redmap) are named together."""
+    _seed(engine)
+    redis_client.hset("{ac}:person:2", "email", "ann@x")
+    report = audit(redis_client, areg)
+    assert (
+        "{ac}:person:#uq:email:ann%40x: the unique value is held by two objects, 1 and 2; "
+        "repair: change the value of one of them"
+    ) in report.mismatches
+    assert "{ac}:person:#uq:email:bob%40x" in report.unexplained
+
+
 def test_counter_below_highest_id_names_the_repair(
     engine: redmap.Engine, redis_client: Any
 ) -> None:
