@@ -127,7 +127,7 @@ class _Audit:
 
 def _scan(client: Any, pattern: str) -> Iterator[str]:
     for key in client.scan_iter(match=pattern, count=1000):
-        yield key.decode() if isinstance(key, bytes) else str(key)
+        yield key.decode(errors="backslashreplace") if isinstance(key, bytes) else str(key)
 
 
 def _glob_escape(text: str) -> str:

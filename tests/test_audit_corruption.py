@@ -229,6 +229,17 @@ def test_unique_value_held_twice_is_a_finding(engine: redmap.Engine, redis_clien
     assert "{ac}:person:#uq:email:bob%40x" in report.unexplained
 
 
+def test_key_names_that_are_not_utf8(engine: redmap.Engine, redis_client: Any) -> None:
+    """Keys under the prefix whose names are not UTF-8 (no escaped id or value is) are
+    listed as unexplained, shown with backslash escapes, instead of a UnicodeDecodeError."""
+    _seed(engine)
+    redis_client.set(b"{ac}:person:\xff", "x")
+    redis_client.set(b"{ac}:\xfe", "y")
+    report = audit(redis_client, areg)
+    assert report.unexplained == ["{ac}:\\xfe", "{ac}:person:\\xff"]
+    assert report.mismatches == []
+
+
 def test_counter_below_highest_id_names_the_repair(
     engine: redmap.Engine, redis_client: Any
 ) -> None:
