@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
 TYPED_APP = Path(__file__).resolve().parent / "typed_app"
-NO_RUN_REASON = re.compile(r"#\s*Not run by the tests: \S")
+NO_RUN_REASON = re.compile(r"#\s*Not run by the tests( here)?: \S")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def test_no_run_blocks_say_why(page: Path) -> None:
     """Every block left out of the run starts with a visible reason."""
     for block in fenced_blocks(page.read_text(encoding="utf-8")):
         if _is_python(block) and "no-run" in block.info.split():
-            first = block.source.splitlines()[0] if block.source.strip() else ""
+            first = block.source.splitlines()[0].strip() if block.source.strip() else ""
             assert NO_RUN_REASON.match(first), (
                 f"{page.name}:{block.line}: a no-run block must start with "
                 "'# Not run by the tests: <why>'"

@@ -16,7 +16,8 @@ FIRST, SECOND = "1f0c9d2a4b7e", "8ab266abb89e"  # the revision ids the tutorial 
 def blocks(lang: str) -> list[str]:
     """The tutorial's fenced code blocks of one language, in order."""
     tutorial = DOC[: DOC.index("### The other commands")]
-    return re.findall(rf"```{lang}\n(.*?)```", tutorial, re.S)
+    # "```python no-run" blocks too: the page shows them unrun, this test runs them.
+    return re.findall(rf"```{lang}(?: no-run)?\n(.*?)```", tutorial, re.S)
 
 
 def console_output(command: str, nth: int = 0) -> list[str]:
@@ -88,7 +89,8 @@ def test_tutorial_from_init_to_rollback(project: Project) -> None:
     out = project.ok("upgrade", "head").splitlines()
     shown = console_output("redmap migrate upgrade head", 1)
     assert out[0] == shown[0]
-    assert shown[2] in out  # the per-operation summary line
+    assert shown[1] in out  # the operation's start line
+    assert shown[3] in out  # the per-operation summary line
     assert project.ok("current").splitlines()[1:] == console_output("redmap migrate current")
     in_sync = project.run("check")
     assert in_sync.code == 0 and in_sync.out.splitlines() == ["No new upgrade operations detected."]
