@@ -394,14 +394,17 @@ class UOWTransaction:
             try:
                 part._run()
             except BaseException as exc:
-                if not done or not isinstance(exc, Exception):
+                if not done:
                     raise  # nothing applied yet: the part's own error says it all
                 written = {id(st): st for p in done for st in p._states()}
+                # The applied parts keep what they wrote; the rest is put back.
+                self.work.restore(set(written))
+                self._flushed(_written_by(set(written)))
+                if not isinstance(exc, Exception):
+                    raise  # KeyboardInterrupt and the like pass through as they are
                 in_doubt = any(st.in_doubt for st in part._states())
                 unknown = part._states() if in_doubt else []
                 rest = [st for p in parts[i + (1 if in_doubt else 0) :] for st in p._states()]
-                self.work.restore(set(written))
-                self._flushed(_written_by(set(written)))
                 raise PartialCommitError(
                     f"a cross-slot flush was applied in part: {len(done)} of {len(parts)} "
                     f"transactions (hash tags) were applied, {len(written)} object(s) "
