@@ -384,3 +384,30 @@ def test_embedded_first_command_and_migrate_after_restart(
         )
         assert done.returncode == 0, f"migrate {args}: {done.stdout}\n{done.stderr}"
         assert "LOADING" not in done.stderr and "loading" not in done.stdout
+
+
+def test_embedded_server_still_loading_is_left_to_finish(
+    tmp_path: Path, slow_loading_binary: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedded server that has not loaded its AOF in time is not killed: acquiring
+    fails with 'still loading', and the next acquire waits for the same server."""
+    from redmap.dialects import _server
+
+    datadir = tmp_path / "data"
+    _persistent_data(datadir)
+    monkeypatch.setenv("REDMAP_REDIS_SERVER", str(slow_loading_binary))
+    monkeypatch.setattr(_server, "EMBEDDED_STARTUP_TIMEOUT", 0.3)  # loading takes longer
+    with pytest.raises(RedmapConnectionError, match="still loading its data set"):
+        _server.acquire_embedded(datadir)
+    pid = int((datadir / "redis.pid").read_text())
+    assert _server._pid_alive(pid) and (datadir / "redis.url").exists()
+
+    monkeypatch.setattr(_server, "EMBEDDED_STARTUP_TIMEOUT", 60.0)
+    url = _server.acquire_embedded(datadir)
+    try:
+        with redis.Redis.from_url(url) as client:
+            assert int(client.info("server")["process_id"]) == pid
+            assert client.hget("h9999", "i") == b"9999"  # raw client: loaded on return
+    finally:
+        assert _server.release_embedded(datadir)
+    assert not _server._pid_alive(pid)

@@ -99,6 +99,9 @@ ConfigValue = str | int | bool | Sequence[str | int]
 """A redis-server setting: a scalar, a bool (yes/no), or several words (`save=[900, 1]`)."""
 
 _LOG_TAIL_LINES = 25
+# Seconds an embedded server may take to start and load its AOF before acquiring it
+# fails (it then goes on loading for the next attempt).
+EMBEDDED_STARTUP_TIMEOUT = 60.0
 _HOST = "127.0.0.1"
 
 
@@ -310,6 +313,10 @@ def _config_words(name: str, value: ConfigValue) -> list[str]:
     return [option, *(str(v) for v in value)]
 
 
+class _StillLoading(RedmapConnectionError):
+    """A detached server answered but had not loaded its data set in time; it runs on."""
+
+
 _live_servers: set[ServerProcess] = set()
 _live_lock = threading.Lock()
 
@@ -490,6 +497,15 @@ class ServerProcess:
                 if not _loading(self.url, timeout=0.5):
                     return
             if time.monotonic() > deadline:
+                if answered and self.detach:
+                    # Stopping it would throw the load away, and the next start would
+                    # begin it again: a shared server goes on loading for whoever comes next.
+                    raise _StillLoading(
+                        f"redis-server was still loading its data set (AOF) after "
+                        f"{self.startup_timeout:g}s; it goes on loading in the background: "
+                        f"try again in a while (log {self.log_path})",
+                        url=self.url,
+                    )
                 self._terminate(grace=2.0, already_asked=False)
                 self._forget()
                 what = (
@@ -718,17 +734,22 @@ def _check_no_stray_server(datadir: Path) -> None:
         )
 
 
-def _start_embedded(datadir: Path) -> ServerProcess:
+def _embedded_server(datadir: Path) -> ServerProcess:
     use_socket = len(os.fsencode(datadir / "redis.sock")) <= MAX_UNIX_SOCKET_PATH
-    server = ServerProcess(
+    return ServerProcess(
         datadir,
         unix_socket=use_socket,
         persistent=True,
         config={"pidfile": str(datadir / "redis.pid")},
-        startup_timeout=60.0,  # replaying a large AOF takes a while
+        startup_timeout=EMBEDDED_STARTUP_TIMEOUT,
         detach=True,
     )
-    return server.start()
+
+
+def _record_url(datadir: Path, server_url: str) -> None:
+    tmp = datadir / f"redis.url.{os.getpid()}"
+    tmp.write_text(server_url + "\n")
+    tmp.replace(datadir / "redis.url")
 
 
 def _reap_started_here() -> None:
@@ -755,14 +776,19 @@ def acquire_embedded(datadir: Path) -> str:
         (datadir / "clients").mkdir(exist_ok=True)
         with _folder_lock(datadir):
             server_url = _recorded_url(datadir)
-            if server_url is None or not _serves_folder(server_url, datadir, timeout=60.0):
+            if server_url is None or not _serves_folder(
+                server_url, datadir, timeout=EMBEDDED_STARTUP_TIMEOUT
+            ):
                 _check_no_stray_server(datadir)
-                server = _start_embedded(datadir)
+                server = _embedded_server(datadir)
                 _started_here.append(server)
+                try:
+                    server.start()
+                except _StillLoading:
+                    _record_url(datadir, server.url)  # the next acquire waits for it
+                    raise
                 server_url = server.url
-                tmp = datadir / f"redis.url.{os.getpid()}"
-                tmp.write_text(server_url + "\n")
-                tmp.replace(datadir / "redis.url")
+                _record_url(datadir, server_url)
             (datadir / "clients" / str(os.getpid())).write_text(_client_name() + "\n")
         url = _with_client_name(server_url, _client_name())
         _embedded[datadir] = _Embedded(datadir, server_url, url, os.getpid())
