@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
 import pytest
+from redis.cluster import RedisCluster
 
 from redmap import (
     ForeignKey,
@@ -18,14 +19,23 @@ from redmap import (
     PrimaryKey,
     Session,
     Sorted,
+    create_engine,
     or_,
     registry,
     relationship,
     select,
 )
 from redmap.engine import Engine
-from redmap.exc import FlushError, InvalidRequestError, StaleDataError, ValidationError
+from redmap.exc import (
+    CrossSlotError,
+    FlushError,
+    InvalidRequestError,
+    StaleDataError,
+    ValidationError,
+)
+from redmap.mapper import mapper_of
 from redmap.testing.assertions import count_round_trips, dump_keys
+from redmap.testing.servers import ClusterProcesses
 
 reg = registry(prefix="mk")
 
@@ -139,6 +149,26 @@ class TestSessionBookkeeping:
             assert shelf in s2
             s2.commit()
             assert book.shelf_id == shelf_id
+
+    def test_setting_an_unloaded_many_to_one_updates_the_old_parents_list(
+        self, engine: Engine
+    ) -> None:
+        """Moving a child whose many-to-one was never loaded: the old parent's loaded list
+        drops it and the new parent's gains it at once, before any flush."""
+        # Kills: Session._peek_many_to_one always answering None.
+        old_id, (book_id,) = _shelf(engine, "a")
+        new_id, _ = _shelf(engine)
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            old, new = s.get(Shelf, old_id), s.get(Shelf, new_id)
+            assert book is not None and old is not None and new is not None
+            assert old.books == [book] and new.books == []
+            book.shelf = new
+            assert old.books == [] and new.books == [book]
+            s.commit()
+        with Session(engine) as s:
+            assert [b.id for b in s.get(Shelf, new_id).books] == [book_id]  # type: ignore[union-attr]
+            assert s.get(Shelf, old_id).books == []  # type: ignore[union-attr]
 
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
@@ -391,3 +421,58 @@ class TestQueries:
             assert sorted(b.id for b in s.scalars(q)) == ids[1:]
             q = select(Book).where(or_(Book.title != "b", Book.title != "c"))
             assert sorted(b.id for b in s.scalars(q)) == ids
+
+
+creg = registry(prefix="mkc", shards=8)
+
+
+@creg.mapped
+@dataclass
+class Peer:
+    """Sharded by id: two peers usually live under two hash tags."""
+
+    __shard_key__ = "id"
+    name: str
+    friends: list[Peer] = relationship(secondary="mkc_friends", back_populates="friend_of")
+    friend_of: list[Peer] = relationship(secondary="mkc_friends", back_populates="friends")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+def _cluster_keys(client: Any) -> dict[bytes, Any]:
+    """Every key of the cluster but flush tokens (they expire), with its value."""
+    names = client.keys(target_nodes=RedisCluster.ALL_NODES)
+    return {k: client.dump(k) for k in names if b"#flush:" not in k}
+
+
+class TestCrossSlot:
+    def test_link_across_hash_tags_is_refused_even_when_cross_slot_is_allowed(
+        self, cluster: ClusterProcesses, cluster_client: Any
+    ) -> None:
+        """allow_cross_slot splits a flush per hash tag, but a many-to-many link between
+        two tags cannot be split: CrossSlotError saying nothing was written, and nothing is."""
+        # Kills: unitofwork._split_by_registry without its raise for cross-tag links.
+        engine = create_engine(cluster.url)
+        try:
+            by_tag: dict[str, int] = {}
+            for i in range(8):  # one flush each: a flush's new objects share a shard
+                with Session(engine) as s:
+                    p = Peer(name=f"p{i}")
+                    s.add(p)
+                    s.commit()
+                    by_tag.setdefault(mapper_of(Peer).keys_for_pk(p.id).tag, p.id)  # type: ignore[arg-type]
+            assert len(by_tag) >= 2
+            a_id, b_id = list(by_tag.values())[:2]
+            before = _cluster_keys(cluster_client)
+            with Session(engine, allow_cross_slot=True) as s:
+                b, a = s.get(Peer, b_id), s.get(Peer, a_id)
+                assert a is not None and b is not None
+                a.friends.append(b)  # (loads the list first: an autoflush before changes)
+                b.name = "changed"  # b's tag gets a transaction of its own, run first
+                with pytest.raises(CrossSlotError, match="nothing was written"):
+                    s.commit()
+            assert _cluster_keys(cluster_client) == before
+            with Session(engine) as s:
+                for peer in s.get_many(Peer, [a_id, b_id]):
+                    assert peer is not None and peer.name != "changed" and peer.friends == []
+        finally:
+            engine.dispose()
