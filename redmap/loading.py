@@ -58,16 +58,19 @@ def decode_hash(
     raw_version = data.get(_VERSION)
     version: int | None = None
     if raw_version is not None:
-        try:
-            version = int(raw_version)
-        except ValueError:
+        # Decimal digits only: int() would also take " 1", "+1" and "1_0", which the
+        # flush's version check (a number compare of digits) would then never match.
+        # Leading zeros ("01") are accepted: the check compares numbers, and the next
+        # write stores the canonical text.
+        if not (isinstance(raw_version, bytes) and raw_version.isdigit()):
             raise DecodeError(
-                expected="an integer version",
+                expected="a version of decimal digits",
                 raw=raw_version,
                 model=mapper.name,
                 field=VERSION_FIELD,
                 key=key,
-            ) from None
+            )
+        version = int(raw_version)
     return values, loaded, version
 
 

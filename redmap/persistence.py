@@ -3,7 +3,8 @@
 Called by `unitofwork`; the plan is executed by `Dialect.execute_flush`. Everything
 that could make a command fail inside EXEC (wrong key types, taken unique values,
 existing primary keys, stale versions) becomes a check answered before MULTI, so a
-flush that reaches EXEC cannot fail half-way.
+flush that reaches EXEC cannot fail half-way. Why this guards against concurrent
+writers: `docs/design/flush-concurrency.md`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,61 @@ if TYPE_CHECKING:
     from .dependency import RelationshipWork
     from .state import InstanceState
 
-__all__ = ["DeleteTask", "FlushPlan", "InsertTask", "UpdateTask", "plan_flush"]
+__all__ = [
+    "PLACEHOLDER",
+    "DeleteTask",
+    "FlushPlan",
+    "IdsTaken",
+    "InsertTask",
+    "UpdateTask",
+    "bind_placeholders",
+    "id_guard_key",
+    "plan_flush",
+    "summarise_errors",
+]
 
 # How long a flush's token outlives it. Settling a lost reply normally takes one
 # socket timeout; a read-back that only succeeds after this long cannot tell "applied
 # and expired" from "never applied" and reports the outcome as unknown instead.
 TOKEN_TTL_MS = 120_000
 
-_TYPE_NAMES = {"set": b"set", "zset": b"zset", "hash": b"hash", "string": b"string"}
+# How many distinct error texts a FlushError quotes (a refused transaction of N commands
+# can answer N copies of one error, e.g. out of memory).
+MAX_DISTINCT_ERRORS = 5
+
+
+def id_guard_key(ks: KeySpace) -> str:
+    """The key a flush inserting an explicit id at or below the model's counter writes,
+    and every flush inserting generated ids of the model watches: such an explicit id
+    may have been handed out to a flush that has not written it yet.
+
+    A short-lived flush marker under the keyspace's tag (one per shard), so the audit
+    and keyspace dumps treat it as bookkeeping. See docs/design/flush-concurrency.md.
+    """
+    return keys.flush_token_key(ks.tag, "ids:" + ks.keyspace)
+
+
+def summarise_errors(errors: Sequence[str]) -> tuple[str, list[str]]:
+    """A bounded description of many error replies: the count and the first distinct
+    texts (each cut to 200 characters), and that list of distinct texts."""
+    distinct: list[str] = []
+    for e in errors:
+        text = e if len(e) <= 200 else e[:200] + "..."
+        if text not in distinct:
+            distinct.append(text)
+            if len(distinct) == MAX_DISTINCT_ERRORS:
+                break
+    more = "" if len(set(errors)) <= len(distinct) else "; and others"
+    return "; ".join(distinct) + more, distinct
+
+
+class IdsTaken(Exception):
+    """Generated ids handed to this flush are held by objects someone inserted with
+    those ids explicitly: the unit of work takes new ids and plans again."""
+
+    def __init__(self, keys_: Sequence[str]):
+        self.keys = list(keys_)
+        super().__init__(f"generated ids already taken: {self.keys[:3]}")
 
 
 @dataclasses.dataclass
@@ -74,13 +122,22 @@ class DeleteTask:
 class Check:
     """One command sent after WATCH whose reply must match before MULTI is sent."""
 
-    kind: str  # "version" | "absent" | "unique" | "type"
+    kind: str  # "version" | "absent" | "fresh" | "unique" | "type" | "seqmax" | ...
     key: str
     command: Command
     expected: Any = None
     state: InstanceState | None = None
     field: str | None = None
     value: Any = None
+    # seqmax: the id guard to write when an explicit id is at or below the counter.
+    guard: str | None = None
+
+
+def _version_matches(reply: Any, expected: int | None) -> bool:
+    """Whether a stored `#v` is the loaded version, compared as numbers ("01" is 1)."""
+    if reply is None or expected is None:
+        return reply is None and expected is None
+    return isinstance(reply, bytes) and reply.isdigit() and int(reply) == expected
 
 
 @dataclasses.dataclass
@@ -93,16 +150,23 @@ class FlushPlan:
     checks: list[Check]
     writes: list[Command]
     states: list[InstanceState]
-    # INCRBY commands handing out generated primary keys, sent only once every check
-    # passed (so a refused flush never moves a counter); `bind_ids` receives the replies
-    # and returns the final writes.
-    allocations: list[Command] = dataclasses.field(default_factory=list)
-    bind_ids: Callable[[list[Any]], list[Command]] | None = None
-    # Writes decided by the check replies (raising a counter past an explicit id).
+    # Writes decided by the check replies (raising a counter past an explicit id,
+    # writing an id guard).
     extra_writes: list[Command] = dataclasses.field(default_factory=list)
+    # Counters moved for this flush ("'<key>' handed out 1..3"): ids are never given
+    # back, so a refusal after they moved names them.
+    moved_counters: list[str] = dataclasses.field(default_factory=list)
+    # Set when the plan still holds placeholders for generated ids: called once every
+    # check passed (so a refused flush never moves a counter), it hands the ids out
+    # (INCRBY) and binds them into `writes`.
+    allocate: Callable[[FlushPlan], None] | None = None
     # Per counter key: how far the counter is below the highest explicit id of this
-    # flush; generated ids of the same flush are handed out above it.
+    # flush, for a flush that hands out generated ids of the same model after its
+    # checks (they are handed out above it).
     seq_gaps: dict[str, int] = dataclasses.field(default_factory=dict)
+    # `allocate` ran: the checks sent did not cover the ids' own keys, so a re-run of
+    # the checks must come from a new plan (`Replan`), not from this one.
+    bound_late: bool = False
 
     @property
     def check_commands(self) -> list[Command]:
@@ -113,27 +177,56 @@ class FlushPlan:
         """The commands between MULTI and EXEC."""
         return [*self.writes[:-1], *self.extra_writes, self.writes[-1]]
 
+    def counters_note(self) -> str:
+        """What a refused flush moved although it wrote nothing ("" when nothing)."""
+        if not self.moved_counters:
+            return ""
+        return (
+            f" (the id counter moved: {', '.join(self.moved_counters)}; ids handed out are "
+            f"never reused)"
+        )
+
+    def refused_at_queue(self, errors: Sequence[str], queued: int) -> FlushError:
+        """The error for a transaction Redis discarded (EXECABORT): short whatever the
+        number of refusals (out of memory answers one per queued command)."""
+        summary, distinct = summarise_errors(errors)
+        return FlushError(
+            f"Redis refused the flush before running it ({len(errors)} of {queued} queued "
+            f"commands refused: {summary}); nothing was written{self.counters_note()}",
+            errors=distinct,
+        )
+
     def evaluate(self, replies: Sequence[Any]) -> Exception | None:
-        """The error that stops this flush given the check replies, or None to go ahead."""
+        """The error that stops this flush given the check replies, or None to go ahead.
+
+        Staleness wins: when any object changed or vanished, the error is
+        StaleDataError (retryable) whatever else failed, since the other failures may
+        be consequences of the same concurrent change.
+        """
         stale: list[Check] = []
+        refused: Exception | None = None  # an error reply: the key cannot be used
+        conflict: Exception | None = None  # a taken primary key or unique value
+        wrong_type: Exception | None = None
+        taken: list[str] = []  # generated ids held by explicit inserts
         self.extra_writes = []
         self.seq_gaps = {}
         for check, reply in zip(self.checks, replies, strict=True):
             if isinstance(reply, Exception):
-                return FlushError(
-                    f"key {check.key!r} cannot be used by this flush ({reply}); nothing was "
-                    f"written",
-                    key=check.key,
-                    errors=[str(reply)],
-                )
-            if check.kind == "version":
-                if reply != check.expected:
+                if refused is None:
+                    refused = FlushError(
+                        f"key {check.key!r} cannot be used by this flush ({reply}); nothing "
+                        f"was written",
+                        key=check.key,
+                        errors=[str(reply)],
+                    )
+            elif check.kind == "version":
+                if not _version_matches(reply, check.expected):
                     stale.append(check)
             elif check.kind == "absent":
-                if reply:
+                if reply and conflict is None:
                     st = check.state
                     name = st.mapper.name if st else "?"
-                    return IntegrityError(
+                    conflict = IntegrityError(
                         f"{name} with primary key {check.value!r} already exists; nothing was "
                         f"written",
                         model=name,
@@ -141,11 +234,14 @@ class FlushPlan:
                         value=check.value,
                         key=check.key,
                     )
+            elif check.kind == "fresh":
+                if reply:
+                    taken.append(check.key)
             elif check.kind == "unique":
-                if reply is not None and reply not in check.expected:
+                if reply is not None and reply not in check.expected and conflict is None:
                     st = check.state
                     name = st.mapper.name if st else "?"
-                    return IntegrityError(
+                    conflict = IntegrityError(
                         f"{name}.{check.field} value {check.value!r} is already taken (unique); "
                         f"nothing was written",
                         model=name,
@@ -160,34 +256,61 @@ class FlushPlan:
                 if set(reply) != check.expected:
                     stale.append(check)
             elif check.kind == "seqmax":
-                # An explicit id above the counter would later collide with a generated one.
+                # An explicit id above the counter would later collide with a generated
+                # one: raise the counter. One at or below it may be handed out already:
+                # write the guard that generated flushes watch.
+                if reply is not None and not (isinstance(reply, bytes) and reply.isdigit()):
+                    if refused is None:
+                        refused = FlushError(
+                            f"key {check.key!r} is not an id counter ({reply!r}); nothing "
+                            f"was written",
+                            key=check.key,
+                        )
+                    continue
                 current = 0 if reply is None else int(reply)
+                if check.guard is None:
+                    # This flush hands out ids of the model after its checks: its INCRBY
+                    # raises the counter past the explicit ids itself (see `plan_flush`).
+                    self.seq_gaps[check.key] = max(0, check.value - current)
+                    continue
                 if current < check.value:
                     self.extra_writes.append(("SET", check.key, check.value))
-                    self.seq_gaps[check.key] = check.value - current
+                if check.expected <= current:
+                    self.extra_writes.append(_guard_write(check.guard))
             elif check.kind == "type":
                 kind = reply.decode() if isinstance(reply, bytes) else str(reply)
-                if kind not in ("none", check.expected):
-                    return FlushError(
+                if kind not in ("none", check.expected) and wrong_type is None:
+                    wrong_type = FlushError(
                         f"key {check.key!r} holds a {kind}, not a {check.expected}; nothing "
                         f"was written",
                         key=check.key,
                     )
         if stale:
-            objs = [c.state.obj for c in stale if c.state is not None]
-            desc = ", ".join(
+            return self._stale(stale)
+        for failure in (refused, conflict, wrong_type):
+            if failure is not None:
+                return failure
+        if taken:
+            return IdsTaken(taken)
+        return None
+
+    @staticmethod
+    def _stale(stale: list[Check]) -> StaleDataError:
+        objs = list({id(c.state): c.state.obj for c in stale if c.state is not None}.values())
+        desc = ", ".join(
+            dict.fromkeys(
                 f"the {c.expected}({c.value!r}) that {c.state.mapper.name}.{c.field} points at"
                 if c.kind == "target"
                 else f"{c.state.mapper.name}({c.value!r})"
                 for c in stale
                 if c.state is not None
             )
-            return StaleDataError(
-                f"{desc} changed or was deleted since it was loaded; nothing was written",
-                objects=objs,
-                keys=[c.key for c in stale],
-            )
-        return None
+        )
+        return StaleDataError(
+            f"{desc} changed or was deleted since it was loaded; nothing was written",
+            objects=objs,
+            keys=list(dict.fromkeys(c.key for c in stale)),
+        )
 
     def check_exec_reply(self, replies: list[Any]) -> None:
         """Raise FlushError if a command failed inside EXEC (then Redis applied the rest)."""
@@ -198,13 +321,20 @@ class FlushPlan:
         key = str(first_cmd[1]) if len(first_cmd) > 1 else None
         for st in self.states:
             st.in_doubt = True
+        summary, distinct = summarise_errors([str(e) for _, e in errors])
         raise FlushError(
             f"Redis rejected {len(errors)} command(s) inside EXEC, first on key {key!r}: "
-            f"{errors[0][1]}; the other commands were applied: roll the session back so the "
+            f"{summary}; the other commands were applied: roll the session back so the "
             f"objects reload from what Redis holds",
             key=key,
-            errors=[str(e) for _, e in errors],
+            errors=distinct,
         )
+
+
+def _guard_write(guard: str) -> Command:
+    # Any write of the guard aborts the generated flushes watching it; the TTL keeps it
+    # from piling up (its expiry also aborts them, harmlessly: they check again).
+    return ("SET", guard, b"1", "PX", TOKEN_TTL_MS)
 
 
 class _Builder:
@@ -340,13 +470,14 @@ def plan_flush(
     new_keys = {t.key for t in inserts}
     deleted_keys = {d.key for d in deletes}
     seqmax: dict[str, Check] = {}
+    guards: set[str] = set()
 
     for d in deletes:
         st = d.state
         mapper = st.mapper
         ks = _ks(d)
         b.watch[d.key] = None
-        b.checks.append(_version_check(d.key, st))
+        b.checks.extend(_version_checks(d.key, st))
         b.removals.append(("DEL", d.key))
         b.removals.append(("ZREM", ks.all(), d.segment))
         b.expect_type(ks.all(), "zset")
@@ -362,7 +493,7 @@ def plan_flush(
         st = u.state
         mapper = st.mapper
         b.watch[u.key] = None
-        b.checks.append(_version_check(u.key, st))
+        b.checks.extend(_version_checks(u.key, st))
         sets: list[Any] = []
         dels: list[str] = []
         for name, (value, enc) in u.changes.items():
@@ -384,24 +515,57 @@ def plan_flush(
         sets.extend((VERSION_FIELD, str((st.version or 0) + 1).encode()))
         b.additions.append(("HSET", u.key, *sets))
 
+    fresh: dict[str, list[str]] = {}  # id guard -> keys of generated ids handed out
+    # Models whose generated ids are handed out after the checks (placeholders here).
+    late = {t.state.mapper for t in inserts if t.generated and t.pk is None}
     for ins in inserts:
         st = ins.state
         mapper = st.mapper
         if ins.generated:
-            # The counter hands out ids no other object has: nothing to watch or check.
-            pass
+            # The counter never hands an id out twice, but an explicit insert may take
+            # one before this flush writes it: the flush watches the keyspace's id guard,
+            # which such an insert writes, and once it knows its ids, checks that none
+            # exists (docs/design/flush-concurrency.md, I4).
+            guard = id_guard_key(_ks(ins))
+            b.watch[guard] = None
+            if ins.pk is not None:
+                fresh.setdefault(guard, []).append(ins.key)
         else:
             b.watch[ins.key] = None
             if ins.key not in deleted_keys:
                 b.checks.append(
                     Check("absent", ins.key, ("EXISTS", ins.key), state=st, value=ins.pk)
                 )
-            if mapper.pk.generated and isinstance(ins.pk, int) and mapper.shard_key is None:
-                seq = mapper.keys.seq()
-                prev = seqmax.get(seq)
-                if prev is None or prev.value < ins.pk:
-                    seqmax[seq] = Check("seqmax", seq, ("GET", seq), value=ins.pk)
-                    b.watch[seq] = None
+            if mapper.pk.generated and isinstance(ins.pk, int):
+                if mapper.shard_key is None:
+                    seq = mapper.keys.seq()
+                    prev = seqmax.get(seq)
+                    if prev is None and mapper in late:
+                        # Its own INCRBY, after the checks, raises the counter past
+                        # these ids (`seq_gaps`): watching the counter would abort this
+                        # very flush. Unwatched, the counter may move meanwhile, so the
+                        # guard is written whatever it held.
+                        seqmax[seq] = Check("seqmax", seq, ("GET", seq), value=ins.pk)
+                        guards.add(id_guard_key(mapper.keys))
+                    elif prev is None:
+                        seqmax[seq] = Check(
+                            "seqmax",
+                            seq,
+                            ("GET", seq),
+                            expected=ins.pk,
+                            value=ins.pk,
+                            guard=id_guard_key(mapper.keys),
+                        )
+                        b.watch[seq] = None
+                    elif prev.guard is None:
+                        prev.value = max(prev.value, ins.pk)
+                    else:
+                        prev.value = max(prev.value, ins.pk)
+                        prev.expected = min(prev.expected, ins.pk)
+                else:
+                    # The counter lives under another tag: whether the id is above it
+                    # cannot be checked here, so the shard's guard is always written.
+                    guards.add(id_guard_key(_ks(ins)))
         fields: list[Any] = []
         for name, enc in ins.encoded.items():
             if enc is not None:
@@ -410,8 +574,8 @@ def plan_flush(
         b.additions.append(("HSET", ins.key, *fields))
         ks = _ks(ins)
         b.expect_type(ks.all(), "zset")
-        # A generated id's placeholder segment also stands in for its score: once the
-        # counter answers, both become the same decimal text (see `bind_placeholders`).
+        # A placeholder segment also stands in for its score: once the counter answers,
+        # both become the same decimal text (see `bind_placeholders`).
         pk_score = ins.segment if ins.pk is None else _all_score(mapper, ins.pk)
         b.additions.append(("ZADD", ks.all(), pk_score, ins.segment))
         for col in mapper.indexed_columns:
@@ -439,6 +603,11 @@ def plan_flush(
     if work is not None:
         _plan_relationships(b, work, segments, new_pks, spaces)
     b.checks.extend(seqmax.values())
+    for guard, fresh_keys in fresh.items():
+        b.watch[guard] = None
+        b.checks.append(Check("fresh", guard, ("EXISTS", *fresh_keys)))
+    for guard in sorted(guards):
+        b.additions.append(_guard_write(guard))
     for uq, (st, field, value, segment) in b.claims.items():
         b.watch[uq] = None
         allowed = {segment.encode()} | {s.encode() for s in b.releases.get(uq, ())}
@@ -463,11 +632,15 @@ def plan_flush(
     )
 
 
-def _version_check(key: str, st: InstanceState) -> Check:
-    expected = None if st.version is None else str(st.version).encode()
-    return Check(
-        "version", key, ("HGET", key, VERSION_FIELD), expected=expected, state=st, value=st.pk
+def _version_checks(key: str, st: InstanceState) -> list[Check]:
+    """The object must still be what the session loaded: same `#v`, and present (a hash
+    loaded without `#v` must still exist, or a stale update would resurrect it)."""
+    version = Check(
+        "version", key, ("HGET", key, VERSION_FIELD), expected=st.version, state=st, value=st.pk
     )
+    if st.version is not None:
+        return [version]  # a missing hash has no `#v`: stale already
+    return [version, Check("exists", key, ("EXISTS", key), state=st, value=st.pk)]
 
 
 PLACEHOLDER = "#new"
@@ -495,8 +668,7 @@ def bind_placeholders(writes: list[Command], ids: dict[str, str]) -> list[Comman
     # The test is inline: most arguments are encoded values (bytes), and a call per
     # argument cost more than the rest of the binding.
     return [
-        tuple([fix(a) if type(a) is str and PLACEHOLDER in a else a for a in cmd])
-        for cmd in writes
+        tuple([fix(a) if type(a) is str and PLACEHOLDER in a else a for a in cmd]) for cmd in writes
     ]
 
 
@@ -576,8 +748,15 @@ def _expect_target(
         return  # inserted by this flush, or already checked by it (version check)
     b.watch[key] = None
     b.checks.append(
-        Check("target", key, ("EXISTS", key), expected=target.name, state=st, field=col.key,
-              value=value)
+        Check(
+            "target",
+            key,
+            ("EXISTS", key),
+            expected=target.name,
+            state=st,
+            field=col.key,
+            value=value,
+        )
     )
 
 

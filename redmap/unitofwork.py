@@ -18,18 +18,24 @@ from typing import TYPE_CHECKING, Any
 from . import keys
 from .attributes import state_of
 from .dependency import RelationshipWork, prepare
+from .dialects.base import Replan
 from .exc import (
     CrossSlotError,
     FlushError,
     IntegrityError,
     InvalidRequestError,
+    OutcomeUnknownError,
     PartialCommitError,
+    RedmapConnectionError,
+    StaleDataError,
     ValidationError,
 )
 from .mapper import ColumnProperty, Mapper
 from .persistence import (
     PLACEHOLDER,
     DeleteTask,
+    FlushPlan,
+    IdsTaken,
     InsertTask,
     UpdateTask,
     bind_placeholders,
@@ -109,6 +115,8 @@ def changed_fields(
 
 
 _NONE_DEFERRED: frozenset[str] = frozenset()
+# Times a flush takes new ids after explicit inserts took the ones it was handed.
+_ID_RETRIES = 5
 
 
 class UOWTransaction:
@@ -300,40 +308,87 @@ class UOWTransaction:
 
     # -- generated keys -----------------------------------------------------------------
 
-    def _allocations(
-        self,
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Mapper[Any], list[InsertTask]]]]:
-        wanting: dict[Mapper[Any], list[InsertTask]] = {}
-        for task in self.inserts:
-            if task.generated:
-                wanting.setdefault(task.state.mapper, []).append(task)
-        groups = list(wanting.items())
-        return [("INCRBY", m.keys.seq(), len(tasks)) for m, tasks in groups], groups
+    def _hand_out_ids(self, gaps: dict[str, int] | None = None) -> list[str]:
+        """Give every generated-id insert its id: one pipelined INCRBY per model.
 
-    @staticmethod
-    def _assign_ids(groups: list[tuple[Mapper[Any], list[InsertTask]]], replies: list[Any]) -> None:
-        for (mapper, tasks), reply in zip(groups, replies, strict=True):
-            if isinstance(reply, Exception):
-                # Not only a wrong type: OOM, NOPERM, READONLY refuse INCRBY as well.
-                raise FlushError(
-                    f"cannot hand out {mapper.name} ids: Redis refused INCRBY on "
-                    f"{mapper.keys.seq()!r} ({type(reply).__name__}: {reply}); nothing was "
-                    f"written",
-                    key=mapper.keys.seq(),
-                    errors=[str(reply)],
-                )
-            first = int(reply) - len(tasks) + 1
-            for i, task in enumerate(tasks):
-                ks = task.ks or mapper.keys
-                pk = first + i if ks.shard is None else mapper.shard_id(first + i, ks.shard)
-                task.pk = pk
-                # Generated keys are ints, whose segment is their decimal text (what
-                # `pk_segment` makes of them, without its encode and escape steps).
-                task.segment = str(pk)
-                task.key = ks.object(task.segment)
+        With `gaps` (counter key -> how far it is below this flush's highest explicit
+        id, read by the checks), the ids are handed out above the explicit ones.
+        Without (ids handed out before the checks), they skip the explicit ids of the
+        same model in this flush. Returns what moved ("'<seq>' handed out a..b").
+        """
+        wanting: dict[Mapper[Any], list[InsertTask]] = {}
+        explicit: dict[Mapper[Any], set[Any]] = {}
+        for task in self.inserts:
+            mapper = task.state.mapper
+            if task.generated:
+                task.pk = None  # a second allocation (ids taken): all new ones
+                wanting.setdefault(mapper, []).append(task)
+            else:
+                explicit.setdefault(mapper, set()).add(task.pk)
+        moved: list[str] = []
+        while wanting:
+            groups = list(wanting.items())
+            # Asking for as many more ids as the model has explicit ones here means one
+            # INCRBY always suffices (the loop is a safety net).
+            extra = {
+                m: (gaps.get(m.keys.seq(), 0) if gaps is not None else len(explicit.get(m, ())))
+                for m, _ in groups
+            }
+            replies = self._increment([(m.keys.seq(), len(ts) + extra[m]) for m, ts in groups])
+            wanting = {}
+            for (mapper, tasks), reply in zip(groups, replies, strict=True):
+                seq = mapper.keys.seq()
+                if isinstance(reply, Exception):
+                    # Not only a wrong type: OOM, NOPERM, READONLY refuse INCRBY as well.
+                    raise FlushError(
+                        f"cannot hand out {mapper.name} ids: Redis refused INCRBY on "
+                        f"{seq!r} ({type(reply).__name__}: {reply}); nothing was written",
+                        key=seq,
+                        errors=[str(reply)],
+                    )
+                last = int(reply)
+                lowest = last - len(tasks) - extra[mapper] + 1
+                moved.append(f"{seq!r} handed out {lowest}..{last}")
+                # Above the explicit ids: the top ones; else all of them, skipping those.
+                first = last - len(tasks) + 1 if gaps is not None else lowest
+                taken = explicit.get(mapper, set())
+                counter_values = iter(range(first, last + 1))
+                for task in tasks:
+                    for n in counter_values:
+                        ks = task.ks or mapper.keys
+                        pk = n if ks.shard is None else mapper.shard_id(n, ks.shard)
+                        if pk in taken:
+                            continue
+                        task.pk = pk
+                        # Generated keys are ints, whose segment is their decimal text
+                        # (what `pk_segment` makes of them).
+                        task.segment = str(pk)
+                        task.key = ks.object(task.segment)
+                        break
+                    else:
+                        wanting.setdefault(mapper, []).append(task)
+        return moved
+
+    def _increment(self, counters: list[tuple[str, int]]) -> list[Any]:
+        """INCRBY of each counter in one round trip (error replies in place)."""
+        try:
+            return self.session.bind.execute([("INCRBY", key, n) for key, n in counters])
+        except RedmapConnectionError as exc:
+            if isinstance(exc, OutcomeUnknownError) or not str(exc).startswith(
+                "cannot talk to Redis"
+            ):
+                raise
+            names = ", ".join(repr(key) for key, _ in counters)
+            raise RedmapConnectionError(
+                f"connection lost before the flush was sent; nothing was written (it was "
+                f"handing out ids: {names} may have moved, and ids are never reused)",
+                url=exc.url,
+            ) from None
 
     def _bind_deferred(self) -> None:
-        """Fill foreign keys that point at objects whose ids were just handed out."""
+        """Fill foreign keys that point at new objects, now that every new object has its
+        id: handed out by a counter, or known without I/O (a generated UUID). Runs for
+        every flush, not only those with counter ids (a UUID parent's key was lost)."""
         tasks: dict[int, InsertTask | UpdateTask] = {id(t.state): t for t in self.inserts}
         tasks.update({id(t.state): t for t in self.updates})
         for d in self.work.deferred:
@@ -474,6 +529,13 @@ class UOWTransaction:
         return [parts[tag] for tag in sorted(parts)]
 
     def _run(self) -> None:
+        """Plan and run the flush, handing out generated ids before or after the checks.
+
+        Round trips with generated ids: 3 (WATCH + checks, INCRBY, MULTI/EXEC). The
+        INCRBY normally follows the checks, so a refused flush never moves a counter;
+        it comes first when checks depend on the ids (`_ids_first`). After an aborted
+        EXEC, or when explicit inserts took some of the ids, the flush is planned again.
+        """
         token = uuid.uuid4().hex
         tasks: list[InsertTask | UpdateTask | DeleteTask] = [
             *self.inserts,
@@ -486,31 +548,77 @@ class UOWTransaction:
             a = self.work.links[0].a
             tag = a.mapper.keys_for_pk(a.pk).tag
         token_key = keys.flush_token_key(tag, token)
-        plan = plan_flush(
-            self.inserts, self.updates, self.deletes, token_key=token_key, work=self.work
-        )
-        allocations, groups = self._allocations()
-        if allocations:
-
-            def bind_ids(replies: list[Any]) -> list[tuple[Any, ...]]:
-                placeholders = {t.segment: t for t in self.inserts if t.generated}
-                self._assign_ids(groups, replies)
-                if not self.work.deferred:
-                    ids = {ph: t.segment for ph, t in placeholders.items()}
-                    return bind_placeholders(plan.writes, ids)
+        moved: list[str] = []
+        if self._ids_first():
+            moved += self._hand_out_ids()
+        for attempt in range(_ID_RETRIES):
+            pending = [t for t in self.inserts if t.generated and t.pk is None]
+            if not pending:
                 self._bind_deferred()
-                return plan_flush(
-                    self.inserts,
-                    self.updates,
-                    self.deletes,
-                    token_key=token_key,
-                    work=self.work,
-                ).writes
-
-            plan.allocations = allocations
-            plan.bind_ids = bind_ids
-        self.session.bind.flush(plan)
+            plan = plan_flush(
+                self.inserts, self.updates, self.deletes, token_key=token_key, work=self.work
+            )
+            plan.moved_counters = moved
+            if pending:
+                plan.allocate = self._allocate_after_checks(pending, moved)
+            try:
+                self.session.bind.flush(plan)
+            except Replan:
+                continue  # the ids are ours now: plan with them, their checks included
+            except IdsTaken as taken:
+                if attempt + 1 < _ID_RETRIES:
+                    # Someone inserted some of our ids explicitly: take others.
+                    moved += self._hand_out_ids()
+                    continue
+                raise StaleDataError(
+                    f"generated ids kept being taken by explicit inserts ({taken.keys[:3]}); "
+                    f"nothing was written{plan.counters_note()}",
+                    objects=[t.state.obj for t in self.inserts if t.generated],
+                    keys=taken.keys,
+                ) from None
+            break
+        else:
+            raise StaleDataError(
+                "watched keys kept changing during the flush; nothing was written"
+                f"{plan.counters_note()}",
+                objects=[st.obj for st in plan.states],
+                keys=list(plan.watch),
+            )
         self.finalize()
+
+    def _ids_first(self) -> bool:
+        """Whether generated ids must be handed out before the checks: when keys that
+        need checking carry them (a new parent's children zset, a new object's link
+        zsets, a `Unique` foreign key's claim), or when the object keys themselves need
+        an existence check (sharded models: explicit ids there do not raise the counter).
+        """
+        generated = {id(t.state) for t in self.inserts if t.generated}
+        if not generated:
+            return False
+        if any(id(d.target) in generated for d in self.work.deferred):
+            return True
+        if any(id(ln.a) in generated or id(ln.b) in generated for ln in self.work.links):
+            return True
+        return any(t.generated and t.state.mapper.shard_key is not None for t in self.inserts)
+
+    def _allocate_after_checks(
+        self, pending: list[InsertTask], moved: list[str]
+    ) -> Callable[[FlushPlan], None]:
+        """The plan's `allocate`: INCRBY once every check passed, ids bound into the
+        planned writes in place of the placeholders."""
+
+        def allocate(plan: FlushPlan) -> None:
+            placeholders = {t.segment: t for t in pending}
+            moved.extend(self._hand_out_ids(plan.seq_gaps))
+            # The counters moved past the explicit ids: no SET of them in MULTI.
+            seqs = {t.state.mapper.keys.seq() for t in pending}
+            plan.extra_writes = [
+                w for w in plan.extra_writes if not (w[0] == "SET" and w[1] in seqs)
+            ]
+            ids = {ph: t.segment for ph, t in placeholders.items()}
+            plan.writes = bind_placeholders(plan.writes, ids)
+
+        return allocate
 
     def finalize(self) -> None:
         """Record what Redis now holds on each flushed object.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Command",
     "Dialect",
+    "Replan",
     "RetryFlush",
     "RoundTripHook",
     "safe_url",
@@ -169,6 +171,29 @@ def send_and_read(conn: Any, commands: Sequence[Command]) -> list[Any]:
         except rex.ResponseError as exc:
             replies.append(exc)
     return replies
+
+
+def _wants_command_name(pool_class: Any) -> bool:
+    """Whether `get_connection` of this pool class needs a command name (redis-py < 5.3;
+    later versions deprecate passing one)."""
+    try:
+        param = inspect.signature(pool_class.get_connection).parameters.get("command_name")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _checkout(pool: Any) -> Any:
+    """A connection of `pool` for a flush, whichever redis-py the user installed."""
+    if _wants_command_name(type(pool)):
+        return pool.get_connection("MULTI")
+    return pool.get_connection()
+
+
+class Replan(Exception):
+    """A flush whose generated ids were handed out after its checks must check again
+    (EXEC aborted, or a redirect): its plan did not check the ids' own keys, so the
+    unit of work plans again with the ids. Nothing was written."""
 
 
 class RetryFlush(Exception):
@@ -314,11 +339,14 @@ class Dialect:
 
         Round trips: 2, plus 2 per retry after a watched key changed. Nothing is
         re-sent after EXEC may have reached the server: a lost reply is settled by
-        reading back the plan's token (see `_settle`).
+        reading back the plan's token (see `_settle`). Generated ids were handed out
+        before (`UOWTransaction._run`): the plan holds real keys only.
         """
+        if plan.bound_late:
+            raise Replan()  # sent before (a cluster redirect): plan again with the ids
         pool = self._flush_pool(plan)
         with translate_errors(self.url):
-            conn = pool.get_connection()
+            conn = _checkout(pool)
         broken = False
         try:
             for _ in range(WATCH_RETRIES):
@@ -343,28 +371,18 @@ class Dialect:
                     except (rex.ConnectionError, rex.TimeoutError, OSError):
                         broken = True
                     raise failure
-                if plan.bind_ids is not None and plan.allocations:
-                    # Every check passed: only now may counters move. The ids stay ours
-                    # if a retry follows (a counter value is never handed out twice).
-                    allocations = [
-                        (cmd, key, n + plan.seq_gaps.get(key, 0))
-                        for cmd, key, n in plan.allocations
-                    ]
-                    # The counters moved past the explicit ids: no SET of them in MULTI.
-                    bumped = {a[1] for a in allocations}
-                    plan.extra_writes = [w for w in plan.extra_writes if w[1] not in bumped]
-                    # Counters live under the registry's tag, which on a cluster may be
-                    # another node than a sharded flush's: they go through the client.
+                if plan.allocate is not None:
+                    # Every check passed: only now may counters move (see `FlushPlan`).
+                    allocate, plan.allocate = plan.allocate, None
                     try:
-                        id_replies = self.execute(allocations)
-                        plan.writes = plan.bind_ids(id_replies)
+                        allocate(plan)
                     except BaseException:
-                        # Refused (OOM, wrong type, ...): the connection goes back to the
-                        # pool, so it must not keep this flush's WATCH (a later MULTI on
-                        # it, such as a query, would fail when a watched key changes).
+                        # Refused (OOM, wrong type, lost connection): the connection goes
+                        # back to the pool, so it must not keep this flush's WATCH (a
+                        # later MULTI on it, such as a query's, would fail).
                         broken = not self._unwatch_quietly(conn)
                         raise
-                    plan.allocations = []
+                    plan.bound_late = True
                 sent_at = time.monotonic()
                 try:
                     replies = self._round_trip(conn, [("MULTI",), *plan.transaction, ("EXEC",)])
@@ -374,18 +392,16 @@ class Dialect:
                     return
                 exec_reply = replies[-1]
                 if exec_reply is None:
+                    if plan.bound_late:
+                        raise Replan()
                     continue  # a watched key changed: re-run the checks to learn why
                 if isinstance(exec_reply, Exception):
                     # EXECABORT: a command was refused while queuing (e.g. OOM, or MOVED
                     # during a slot migration); Redis discarded the whole transaction.
                     if _redirected(replies[1:-1]):
                         raise RetryFlush()
-                    queued_errors = [str(r) for r in replies[1:-1] if isinstance(r, Exception)]
-                    raise FlushError(
-                        f"Redis refused the flush before running it; nothing was written: "
-                        f"{'; '.join(queued_errors) or exec_reply}",
-                        errors=queued_errors or [str(exec_reply)],
-                    )
+                    queued = [str(r) for r in replies[1:-1] if isinstance(r, Exception)]
+                    raise plan.refused_at_queue(queued or [str(exec_reply)], len(replies) - 2)
                 plan.check_exec_reply(list(exec_reply))
                 return
             raise StaleDataError(
@@ -403,7 +419,7 @@ class Dialect:
         finally:
             if broken:
                 with contextlib.suppress(Exception):
-                    conn.disconnect()  # type: ignore[no-untyped-call]
+                    conn.disconnect()
             pool.release(conn)
 
     def _unwatch_quietly(self, conn: Any) -> bool:
