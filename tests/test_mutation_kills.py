@@ -170,6 +170,23 @@ class TestSessionBookkeeping:
             assert [b.id for b in s.get(Shelf, new_id).books] == [book_id]  # type: ignore[union-attr]
             assert s.get(Shelf, old_id).books == []  # type: ignore[union-attr]
 
+    def test_changes_made_while_detached_are_written_after_add(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """A detached object changed outside any session and added to a new one: the
+        change is pending there and the commit writes it."""
+        # Kills: Session.add not marking a re-attached object with changes as modified.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine, expire_on_commit=False) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+        book.title = "while detached"
+        with Session(engine) as s2:
+            s2.add(book)
+            assert book in s2.dirty
+            s2.commit()
+        assert redis_client.hget(f"{{mk}}:book:{book_id}", "title") == b"while detached"
+
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
         # Kills: Session.rollback without `self._deleted.clear()`.
@@ -361,6 +378,24 @@ class TestRelationshipsAtFlush:
 
 
 class TestFlushPlan:
+    def test_many_to_one_to_an_object_of_another_session_is_refused(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """A many-to-one set to an object attached to another session: the flush raises
+        InvalidRequestError naming the field, and writes nothing."""
+        # Kills: dependency._set_fk without its "not in this session" raise.
+        _, (book_id,) = _shelf(engine, "a")
+        other_id, _ = _shelf(engine)
+        before = dump_keys(redis_client)
+        with Session(engine) as s1, Session(engine) as s2:
+            book = s1.get(Book, book_id)
+            foreign = s2.get(Shelf, other_id)
+            assert book is not None and foreign is not None
+            book.shelf = foreign
+            with pytest.raises(InvalidRequestError, match="Book.shelf_id"):
+                s1.flush()
+        assert dump_keys(redis_client) == before
+
     def test_explicit_primary_key_of_the_wrong_type_sends_nothing(self, engine: Engine) -> None:
         """An explicit primary key of the wrong type is a ValidationError naming it, before
         any command is sent."""
