@@ -44,7 +44,8 @@ _HELP = {
 _DESCRIPTIONS = {
     "init": (
         "Create the migrations folder (versions/ and the revision template) and add a "
-        "{table} table to pyproject.toml, with the --url given and a models line to fill in."
+        "{table} table to pyproject.toml (with the --url given, if any); then set its "
+        "models line."
     ),
     "revision": (
         "Create a new revision file in versions/.\n\nWith --autogenerate, the operations "
