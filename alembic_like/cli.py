@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,7 +87,7 @@ def build_parser(
         sub = subparsers.add_parser(
             command,
             help=summary,
-            description=_DESCRIPTIONS.get(command, summary).format(table=table),
+            description=_wrap(_DESCRIPTIONS.get(command, summary).format(table=table)),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         for param in inspect.signature(fn).parameters.values():
@@ -101,6 +102,11 @@ def build_parser(
             help="print nothing but errors",
         )
     return parser
+
+
+def _wrap(text: str, width: int = 80) -> str:
+    """Each paragraph filled to `width`: the raw formatter keeps the blank lines only."""
+    return "\n\n".join(textwrap.fill(part, width) for part in text.split("\n\n"))
 
 
 def _add_argument(parser: argparse.ArgumentParser, param: inspect.Parameter) -> None:
