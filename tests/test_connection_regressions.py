@@ -198,6 +198,24 @@ def test_dead_server_still_fails_fast(reader: redmap.Engine, own_server: ServerP
     assert time.monotonic() - started < 5
 
 
+def test_refused_login_is_not_retried(own_server: ServerProcess) -> None:
+    """A wrong password fails at once (one round trip), without the password in the message."""
+    admin = own_server.client()
+    admin.config_set("requirepass", "right-secret")  # this connection stays logged in
+    engine = redmap.create_engine(f"redis://:wrong-secret@{own_server.host}:{own_server.port}/0")
+    trips: list[Sequence[Any]] = []
+    engine.add_listener(trips.append)
+    try:
+        with pytest.raises(RedmapConnectionError, match="authentication failed") as err:
+            engine.fetch_hashes(["a"])
+        assert len(trips) == 1
+        assert "wrong-secret" not in str(err.value) and "right-secret" not in str(err.value)
+    finally:
+        engine.dispose()
+        admin.config_set("requirepass", "")
+        admin.close()
+
+
 # --- item 13: a server loading its data set ---
 
 REPO = Path(redmap.__file__).absolute().parents[1]

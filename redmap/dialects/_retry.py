@@ -33,6 +33,8 @@ T = TypeVar("T")
 _BACKOFF = (0.0, 0.05, 0.2, 0.5)
 # How often a read asks again while the server is loading its data set.
 _LOADING_POLL = 0.05
+# Connection errors that a second try would meet again.
+_FINAL = (rex.TimeoutError, TimeoutError, rex.AuthenticationError, rex.AuthorizationError)
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ class ReadRetry:
 
     `retries`: re-sends after a cut connection (ConnectionError, broken pipe, reset)
     before the error is raised; a timeout is not retried (the server was reached and
-    is slow: asking again multiplies the wait). `loading_timeout`: seconds to keep
-    asking while the server answers LOADING before raising RedmapConnectionError.
+    is slow: asking again multiplies the wait), nor a refused login. `loading_timeout`:
+    seconds to keep asking while the server answers LOADING before raising
+    RedmapConnectionError.
     """
 
     retries: int = len(_BACKOFF)
@@ -71,8 +74,8 @@ class ReadRetry:
                         url=url,
                     ) from None
                 time.sleep(_LOADING_POLL)
-            except (rex.TimeoutError, TimeoutError):
-                raise
+            except _FINAL:
+                raise  # asking again would meet the same slow server or the same refusal
             except (rex.ConnectionError, OSError) as exc:
                 if cuts >= self.retries:
                     raise
