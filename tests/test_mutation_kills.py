@@ -30,11 +30,12 @@ from redmap.exc import (
     CrossSlotError,
     FlushError,
     InvalidRequestError,
+    QueryError,
     StaleDataError,
     ValidationError,
 )
 from redmap.mapper import mapper_of
-from redmap.testing.assertions import count_round_trips, dump_keys
+from redmap.testing.assertions import assert_round_trips, count_round_trips, dump_keys
 from redmap.testing.servers import ClusterProcesses
 
 reg = registry(prefix="mk")
@@ -81,7 +82,9 @@ class Label:
 @dataclass
 class Playlist:
     name: str
-    tracks: list[Track] = relationship(back_populates="playlist", order_by="Track.pos")
+    tracks: list[Track] = relationship(
+        back_populates="playlist", order_by="Track.pos", lazy="selectin"
+    )
     id: Annotated[Optional[int], PrimaryKey()] = None
 
 
@@ -378,6 +381,27 @@ class TestRelationshipsAtFlush:
 
 
 class TestFlushPlan:
+    def test_existing_child_moved_to_a_new_parent(self, engine: Engine, redis_client: Any) -> None:
+        """A stored child moved to a parent created in the same flush gets the new id in
+        its hash and in the new parent's list, and leaves the old list."""
+        # Kills: unitofwork.changed_fields without the placeholder for a deferred key.
+        old_id, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            new = Shelf(name="new")
+            book.shelf = new
+            s.commit()
+            new_id = new.id
+        assert redis_client.hget(f"{{mk}}:book:{book_id}", "shelf_id") == str(new_id).encode()
+        assert redis_client.zrange(f"{{mk}}:book:#fk:shelf_id:{new_id}", 0, -1) == [
+            str(book_id).encode()
+        ]
+        assert redis_client.exists(f"{{mk}}:book:#fk:shelf_id:{old_id}") == 0
+        with Session(engine) as s:
+            shelf = s.get(Shelf, new_id)
+            assert shelf is not None and [b.id for b in shelf.books] == [book_id]
+
     def test_many_to_one_to_an_object_of_another_session_is_refused(
         self, engine: Engine, redis_client: Any
     ) -> None:
@@ -447,6 +471,27 @@ class TestFlushPlan:
 
 
 class TestQueries:
+    def test_negative_offset_is_refused(self) -> None:
+        """offset(-1) is a QueryError saying what is allowed; offset(None) means 0."""
+        # Kills: `n is not None` -> `n is None` in Select.offset.
+        with pytest.raises(QueryError, match="offset must be >= 0"):
+            select(Book).offset(-1)
+        assert select(Book).offset(None)._offset == 0
+
+    def test_get_many_loads_selectin_relationships_with_the_objects(self, engine: Engine) -> None:
+        """get_many() of a model with a selectin relationship loads it in the same call:
+        reading the lists afterwards costs no round trip."""
+        # Kills: the `mapper.relationships` test negated in Session.get_many.
+        with Session(engine) as s:
+            lists = [Playlist(name=f"p{i}", tracks=[Track(pos=i)]) for i in range(3)]
+            s.add_all(lists)
+            s.commit()
+            ids = [p.id for p in lists]
+        with Session(engine) as s:
+            got = s.get_many(Playlist, ids)
+            with assert_round_trips(engine, 0):
+                assert [[t.pos for t in p.tracks] for p in got if p is not None] == [[0], [1], [2]]
+
     def test_not_equal_inside_or(self, engine: Engine) -> None:
         """`!=` inside an or_ is the id set minus the matches (ZDIFFSTORE of 2 keys)."""
         # Kills: a wrong key count in query._Compiler._negate.
