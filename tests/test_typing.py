@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,11 @@ import redmap
 from redmap import Session, select
 from tests.typed_app import todo
 from tests.typed_app.models import Tag, Todo, TodoList
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - only on Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = Path(__file__).resolve().parent / "typed_app"
@@ -140,3 +146,23 @@ def test_mypy_refuses_the_mistakes_typing_is_for(tmp_path: Path) -> None:
     assert by_name not in errors, errors[by_name]
     assert 'Revealed type is "redmap.session.sessionmaker[redmap.session.Session]"' in text
     assert 'Revealed type is "redmap.expression.ColumnOperators[datetime.date | None]"' in text
+
+
+def test_the_editable_install_is_a_plain_path_entry() -> None:
+    """The build backend installs `pip install -e` as a .pth path entry, which mypy and
+    pyright follow, and ships the typing marker and templates (not an import-hook finder,
+    which type checkers cannot see)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["build-system"]["build-backend"] == "hatchling.build"
+    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["packages"] == ["redmap", "alembic_like"]
+    assert project["project"]["scripts"] == {"redmap": "redmap.cli:main"}
+    for marker in ("redmap/py.typed", "alembic_like/py.typed"):
+        assert (ROOT / marker).is_file()
+    assert (ROOT / "alembic_like" / "templates" / "revision.py.tmpl").is_file()
+    for folder in map(Path, site.getsitepackages()):
+        finders = list(folder.glob("__editable___redmap*finder.py"))
+        assert not finders, f"an import-hook editable install: {finders}; reinstall with pip"
+        for pth in folder.glob("*redmap*.pth"):
+            entries = pth.read_text().split()
+            assert entries and all((Path(e) / "redmap" / "py.typed").is_file() for e in entries)
