@@ -29,6 +29,7 @@ from redmap.dialects._retry import ReadRetry
 from redmap.dialects._server import ServerProcess, find_redis_server, free_port
 from redmap.exc import RedmapConnectionError
 from redmap.testing import servers
+from redmap.testing.servers import ClusterProcesses
 
 READER = "h3-reader"
 
@@ -187,6 +188,26 @@ def test_query_cut_mid_flight_returns_its_rows(
     got, trips = _cut_mid_read(own_server, reader, query)
     assert got == [0, 1, 2, 3, 4]
     assert len(trips) >= 2
+
+
+def test_cluster_read_cut_mid_flight_is_sent_again(
+    cluster_client: redis.RedisCluster, cluster: ClusterProcesses
+) -> None:
+    """On a cluster, a read whose node connection is killed after it was sent succeeds
+    (redis-py's cluster pipeline sends it again itself, else redmap's retry does)."""
+    keys = [f"{{c}}:h{i}" for i in range(20)]
+    for i, key in enumerate(keys):
+        cluster_client.hset(key, "i", i)
+    owner = cluster_client.get_node_from_key(keys[0])
+    node = next(n for n in cluster.nodes if n.port == owner.port)
+    engine = redmap.create_engine(cluster.url, client_name=READER)
+    try:
+        expected = [{b"i": str(i).encode()} for i in range(20)]
+        assert engine.fetch_hashes(keys) == expected
+        got, _ = _cut_mid_read(node, engine, lambda: engine.fetch_hashes(keys))
+        assert got == expected
+    finally:
+        engine.dispose()
 
 
 def test_dead_server_still_fails_fast(reader: redmap.Engine, own_server: ServerProcess) -> None:
