@@ -641,3 +641,137 @@ def test_layout_example_from_the_docs(engine: redmap.Engine, redis_client: Any) 
         "{km}:genre:#ix:label:x%3Ay": ("set", {"a%3Ab"}),
         "{km}:genre:#uq:label:x%3Ay": ("string", "a%3Ab"),
     }
+
+
+# -- sharded models: shard tags, ids that carry their shard, the counter under {P} -------
+
+SHARDS = 4
+sreg = registry(prefix="kms", shards=SHARDS)
+
+
+@sreg.mapped
+@dataclasses.dataclass
+class Hall:
+    __shard_key__ = "id"
+    name: Annotated[str, Indexed()]
+    seats: list[Seat] = rel(back_populates="hall", cascade="all, delete-orphan")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@sreg.mapped
+@dataclasses.dataclass
+class Seat:
+    __shard_key__ = "hall_id"
+    label: Annotated[str, Indexed()]
+    row: Annotated[int, Sorted()] = 0
+    hall_id: Annotated[Optional[int], ForeignKey("Hall")] = None
+    hall: Optional[Hall] = rel(back_populates="seats")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+def sharded_keyspace(
+    halls: dict[int, str], seats: dict[int, dict[str, Any]], versions: dict[Any, int]
+) -> dict[str, tuple[str, Any]]:
+    """cluster.md "How a shard is picked" and key-layout.md "The hash tag": an int shard
+    key v lives under {P|v % shards}; a seat's id is counter * shards + its hall's shard;
+    the counters stay under {P}."""
+    out: dict[str, tuple[str, Any]] = {}
+
+    def zadd(key: str, member: str, s: float) -> None:
+        out.setdefault(key, ("zset", {}))[1][member] = s
+
+    def sadd(key: str, member: str) -> None:
+        out.setdefault(key, ("set", set()))[1].add(member)
+
+    for hid, name in halls.items():
+        tag = f"{{kms|{hid % SHARDS}}}"
+        out[f"{tag}:hall:{hid}"] = ("hash", {"name": name, "#v": str(versions[("Hall", hid)])})
+        zadd(f"{tag}:hall:#all", str(hid), float(hid))
+        sadd(f"{tag}:hall:#ix:name:{esc(name)}", str(hid))
+    for sid, seat in seats.items():
+        assert sid % SHARDS == seat["hall_id"] % SHARDS, "a seat's id carries its hall's shard"
+        tag = f"{{kms|{sid % SHARDS}}}"
+        fields = {"label": seat["label"], "row": str(seat["row"]), "hall_id": str(seat["hall_id"])}
+        out[f"{tag}:seat:{sid}"] = ("hash", {**fields, "#v": str(versions[("Seat", sid)])})
+        zadd(f"{tag}:seat:#all", str(sid), float(sid))
+        sadd(f"{tag}:seat:#ix:label:{esc(seat['label'])}", str(sid))
+        zadd(f"{tag}:seat:#zs:row", str(sid), float(seat["row"]))
+        zadd(f"{tag}:seat:#fk:hall_id:{seat['hall_id']}", str(sid), float(sid))
+    return out
+
+
+def test_sharded_keyspace_equals_the_documented_layout(
+    engine: redmap.Engine, redis_client: Any
+) -> None:
+    """Sharded models after every commit of a series: every key under its shard's tag,
+    ids carrying their shard, counters under {P} at the last value handed out."""
+    rng = random.Random(5)
+    halls: dict[int, str] = {}
+    seats: dict[int, dict[str, Any]] = {}
+    versions: dict[Any, int] = {}
+    counters = {"hall": 0, "seat": 0}
+    for step in range(60):
+        action = rng.choice(["hall", "seat", "seat", "update", "delete_seat", "delete_hall"])
+        with Session(engine, expire_on_commit=False) as s:
+            if action == "hall" or not halls:
+                hall = Hall(name=rng.choice(["a", "b:c", "é"]))
+                new_seats = [
+                    Seat(label=rng.choice("xyz"), row=rng.randrange(9))
+                    for _ in range(rng.randrange(3))
+                ]
+                hall.seats.extend(new_seats)
+                s.add(hall)
+                s.commit()
+                assert hall.id is not None
+                counters["hall"] += 1
+                halls[hall.id] = hall.name
+                versions[("Hall", hall.id)] = 1
+                if new_seats:
+                    counters["seat"] += len(new_seats)
+                for seat in new_seats:
+                    assert seat.id is not None
+                    seats[seat.id] = {"label": seat.label, "row": seat.row, "hall_id": hall.id}
+                    versions[("Seat", seat.id)] = 1
+            elif action == "seat":
+                hid = rng.choice(sorted(halls))
+                seat = Seat(label=rng.choice("xyz"), row=rng.randrange(9), hall_id=hid)
+                s.add(seat)
+                s.commit()
+                assert seat.id is not None
+                counters["seat"] += 1
+                seats[seat.id] = {"label": seat.label, "row": seat.row, "hall_id": hid}
+                versions[("Seat", seat.id)] = 1
+            elif action == "update" and seats:
+                sid = rng.choice(sorted(seats))
+                got = s.get(Seat, sid)
+                assert got is not None
+                got.row += 1 + rng.randrange(3)
+                s.commit()
+                seats[sid]["row"] = got.row
+                versions[("Seat", sid)] += 1
+            elif action == "delete_seat" and seats:
+                sid = rng.choice(sorted(seats))
+                s.delete(s.get(Seat, sid))
+                s.commit()
+                del seats[sid], versions[("Seat", sid)]
+            elif action == "delete_hall":
+                hid = rng.choice(sorted(halls))
+                s.delete(s.get(Hall, hid))
+                s.commit()  # cascade: its seats go with it
+                del halls[hid], versions[("Hall", hid)]
+                for sid in [i for i, seat in seats.items() if seat["hall_id"] == hid]:
+                    del seats[sid], versions[("Seat", sid)]
+        want = sharded_keyspace(halls, seats, versions)
+        for model, value in counters.items():
+            if value:  # one id per new object, whatever its shard
+                want[f"{{kms}}:{model}:#seq"] = ("string", str(value))
+        have = {
+            k: v
+            for k, v in read_keyspace(redis_client).items()
+            if k.startswith("{kms") and ":#flush:" not in k
+        }
+        assert have == want, (
+            f"step {step} {action}: extra {sorted(set(have) - set(want))}, missing {sorted(set(want) - set(have))}, differ {[k for k in want if k in have and have[k] != want[k]]}"
+        )
+    assert len(halls) >= 2 and len(seats) >= 3, (halls, seats)
+    assert len({sid % SHARDS for sid in seats} | {hid % SHARDS for hid in halls}) >= 2
