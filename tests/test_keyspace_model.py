@@ -770,8 +770,8 @@ def test_sharded_keyspace_equals_the_documented_layout(
             for k, v in read_keyspace(redis_client).items()
             if k.startswith("{kms") and ":#flush:" not in k
         }
-        assert have == want, (
-            f"step {step} {action}: extra {sorted(set(have) - set(want))}, missing {sorted(set(want) - set(have))}, differ {[k for k in want if k in have and have[k] != want[k]]}"
-        )
+        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        differ = {k: (want[k], have[k]) for k in want if k in have and have[k] != want[k]}
+        assert have == want, f"step {step} {action}: extra {extra}, missing {missing}, {differ}"
     assert len(halls) >= 2 and len(seats) >= 3, (halls, seats)
     assert len({sid % SHARDS for sid in seats} | {hid % SHARDS for hid in halls}) >= 2
