@@ -9,14 +9,12 @@ from typing import Annotated, Any
 
 import pytest
 import redis
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
     rule,
-    run_state_machine_as_test,
 )
 
 from redmap import (
@@ -33,6 +31,7 @@ from redmap import (
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, StaleDataError
 from redmap.persistence import TOKEN_TTL_MS
+from tests.reliability._budget import examples_from_env, run_seeded
 
 reg = registry(prefix="sm")
 
@@ -552,21 +551,19 @@ def decoded(reply: Any) -> Any:
     return reply
 
 
-def _run(redis_url: str, max_examples: int) -> None:
+def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     """Run the state machine on the server at `redis_url` (FLUSHALLed at every example)."""
     engine = create_engine(redis_url)
     client = redis.Redis.from_url(redis_url)
     SessionHistories.engine = engine
     SessionHistories.client = client
     try:
-        run_state_machine_as_test(
+        run_seeded(
+            "fields state machine",
             SessionHistories,
-            settings=settings(
-                max_examples=max_examples,
-                stateful_step_count=50,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-            ),
+            max_examples=max_examples,
+            steps=50,
+            test_id=test_id,
         )
     finally:
         client.close()
@@ -575,10 +572,12 @@ def _run(redis_url: str, max_examples: int) -> None:
 
 def test_session_histories(redis_url: str) -> None:
     """Random histories of two sessions and foreign writers keep Redis equal to the model."""
-    _run(redis_url, max_examples=200)
+    _run(redis_url, max_examples=examples_from_env(200),
+         test_id="tests/test_stateful.py::test_session_histories")
 
 
 @pytest.mark.soak
 def test_session_histories_soak(redis_url: str) -> None:
     """The same state machine, run for 10,000 examples."""
-    _run(redis_url, max_examples=10_000)
+    _run(redis_url, max_examples=10_000,
+         test_id="tests/test_stateful.py::test_session_histories_soak")

@@ -714,8 +714,11 @@ class ConfigHistories(RuleBasedStateMachine):
         t.partial.setdefault(pk, set()).add(fld)
         assert self.cfg is not None
         score = self.players[pk].score + 1
-        answer = self.worker.ask(op="update", pk=enc(pk), field="score", value=score,
-                                 cross_slot=self.cfg.cross_slot)
+        answer = self._ask(op="update", pk=enc(pk), field="score", value=score)
+        if answer is None:
+            t.session.rollback()
+            t.rollback()
+            return
         assert answer == {"ok": True}, answer
         self.players[pk] = dataclasses.replace(self.players[pk], score=score)
         self.pver[pk] += 1
@@ -897,6 +900,17 @@ class ConfigHistories(RuleBasedStateMachine):
 
     # -- rules: the worker process -------------------------------------------------------
 
+    def _ask(self, **msg: Any) -> dict[str, Any] | None:
+        """Ask the worker for one write; None when the cluster refused it as cross-slot
+        (sharded models, `allow_cross_slot` off: nothing written)."""
+        assert self.cfg is not None
+        answer = self.worker.ask(cross_slot=self.cfg.cross_slot, **msg)
+        if answer.get("error") == "CrossSlotError":
+            assert self.cluster and self.cfg.sharded and not self.cfg.cross_slot, answer
+            bump("worker refused: cross-slot")
+            return None
+        return answer
+
     def _worker_op(self, data: st.DataObject, *, prefer: list[Any] = (),  # type: ignore[assignment]
                    claims: list[str] = (), explicit: Any = None) -> None:  # type: ignore[assignment]
         """Ask the worker for one write and apply its predicted outcome to the reference."""
@@ -913,11 +927,12 @@ class ConfigHistories(RuleBasedStateMachine):
             team = data.draw(st.sampled_from([None, *sorted(self.teams, key=order_key)]),
                              label="worker team")
             row = Row(data.draw(st.sampled_from(NAMES)), email, 0, team)
-            answer = self.worker.ask(
+            answer = self._ask(
                 op="insert", pk=enc(pk), row={"name": row.name, "email": email, "score": 0,
                                               "team": enc(team)},
-                cross_slot=self.cfg.cross_slot,
             )
+            if answer is None:
+                return
             taken = pk is not None and pk in self.players
             clash = self.cfg.unique and email is not None and email in owners
             if taken or clash:
@@ -936,7 +951,9 @@ class ConfigHistories(RuleBasedStateMachine):
         pool = [p for p in prefer if p in self.players] or sorted(self.players, key=order_key)
         pk = data.draw(st.sampled_from(pool), label="worker target")
         if op == "delete":
-            answer = self.worker.ask(op="delete", pk=enc(pk), cross_slot=self.cfg.cross_slot)
+            answer = self._ask(op="delete", pk=enc(pk))
+            if answer is None:
+                return
             assert answer == {"ok": True}, f"worker delete {pk!r}: {answer}"
             del self.players[pk], self.pver[pk]
             bump("worker applied")
@@ -954,9 +971,10 @@ class ConfigHistories(RuleBasedStateMachine):
             value = data.draw(st.sampled_from(NAMES))
         else:
             value = data.draw(st.integers(*SCORES))
-        answer = self.worker.ask(op="update", pk=enc(pk), field=fld,
-                                 value=enc(value) if fld == "team" else value,
-                                 cross_slot=self.cfg.cross_slot)
+        answer = self._ask(op="update", pk=enc(pk), field=fld,
+                           value=enc(value) if fld == "team" else value)
+        if answer is None:
+            return
         if fld == "email" and value is not None and owners.get(value, pk) != pk:
             assert answer.get("error") == "IntegrityError", f"worker update: {answer}"
             bump("worker refused: IntegrityError")

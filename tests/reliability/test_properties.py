@@ -34,14 +34,12 @@ Default: 200 examples x 50 steps; `-m soak`: 10,000 examples.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -49,13 +47,13 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from redmap import Session, create_engine, select
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import StaleDataError
+from tests.reliability._budget import examples_from_env, run_seeded
 from tests.reliability._family import Kid, Parent, Tag, Team, reg
 
 MODELS: dict[str, type[Any]] = {"P": Parent, "T": Team, "K": Kid, "G": Tag}
@@ -943,7 +941,7 @@ class RelationshipHistories(RuleBasedStateMachine):
 STEPS = 50
 
 
-def _run(redis_url: str, max_examples: int) -> None:
+def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     engines = {w: create_engine(redis_url) for w in ("A", "B", "check")}
     client = redis.Redis.from_url(redis_url)
     RelationshipHistories.engines = engines
@@ -951,16 +949,15 @@ def _run(redis_url: str, max_examples: int) -> None:
     STATS.clear()
     t0 = time.perf_counter()
     try:
-        run_state_machine_as_test(
+        # Seeded and replayable (REDMAP_SEED); every example runs all 50 steps
+        # (Hypothesis may otherwise stop some early).
+        run_seeded(
+            "relationship state machine",
             RelationshipHistories,
-            settings=settings(
-                max_examples=max_examples,
-                stateful_step_count=STEPS,
-                deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-            ),
-            # Every example runs all 50 steps (Hypothesis may otherwise stop some early).
-            _min_steps=STEPS,
+            max_examples=max_examples,
+            steps=STEPS,
+            min_steps=STEPS,
+            test_id=test_id,
         )
     finally:
         client.close()
@@ -982,15 +979,20 @@ def _run(redis_url: str, max_examples: int) -> None:
     assert full >= max_examples
 
 
-EXAMPLES = int(os.environ.get("REDMAP_PP_EXAMPLES", "200"))
-
-
 def test_relationship_histories(redis_url: str) -> None:
     """200 random two-session histories of relationship changes keep Redis equal to the model."""
-    _run(redis_url, max_examples=EXAMPLES)
+    _run(
+        redis_url,
+        max_examples=examples_from_env(200),
+        test_id="tests/reliability/test_properties.py::test_relationship_histories",
+    )
 
 
 @pytest.mark.soak
 def test_relationship_histories_soak(redis_url: str) -> None:
     """The same state machine, 10,000 examples."""
-    _run(redis_url, max_examples=10_000)
+    _run(
+        redis_url,
+        max_examples=10_000,
+        test_id="tests/reliability/test_properties.py::test_relationship_histories_soak",
+    )
