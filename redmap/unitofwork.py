@@ -553,8 +553,9 @@ class UOWTransaction:
             moved += self._hand_out_ids()
         for attempt in range(_ID_RETRIES):
             pending = [t for t in self.inserts if t.generated and t.pk is None]
-            if not pending:
-                self._bind_deferred()
+            # Deferred keys wait only for ids handed out already (`_ids_first`), or
+            # known without I/O (UUIDs).
+            self._bind_deferred()
             plan = plan_flush(
                 self.inserts, self.updates, self.deletes, token_key=token_key, work=self.work
             )
@@ -571,8 +572,8 @@ class UOWTransaction:
                     moved += self._hand_out_ids()
                     continue
                 raise StaleDataError(
-                    f"generated ids kept being taken by explicit inserts ({taken.keys[:3]}); "
-                    f"nothing was written{plan.counters_note()}",
+                    f"explicit inserts kept taking the ids handed out to this flush, "
+                    f"{_ID_RETRIES} times; nothing was written{plan.counters_note()}",
                     objects=[t.state.obj for t in self.inserts if t.generated],
                     keys=taken.keys,
                 ) from None

@@ -32,6 +32,7 @@ from redmap.mapper import mapper_of
 from redmap.session import run_in_transaction
 from redmap.testing.assertions import assert_round_trips, count_round_trips, dump_keys
 from redmap.testing.proxy import LoopbackProxy
+from tests.reliability._family import Kid, Tag
 
 reg = registry(prefix="fr")
 
@@ -243,6 +244,7 @@ def test_explicit_and_generated_inserters_racing_overwrite_nothing(
     errors: list[BaseException] = []
     stop = time.monotonic() + 2.0
     explicit_ok = [0]
+    gave_up = [0]
 
     def generated(tid: int) -> None:
         eng = redmap.create_engine(redis_url)
@@ -250,16 +252,22 @@ def test_explicit_and_generated_inserters_racing_overwrite_nothing(
         try:
             while time.monotonic() < stop:
                 names = [f"g{tid}-{n}-{i}" for i in range(20)]
+                n += 1
                 with Session(eng) as s:
                     objs = [Account(name=name) for name in names]
                     s.add_all(objs)
-                    s.commit()
+                    try:
+                        s.commit()
+                    except StaleDataError:
+                        # Explicit inserts took its ids on every attempt: retryable,
+                        # and nothing was written.
+                        gave_up[0] += 1
+                        continue
                     pks = [a.id for a in objs]
                 with lock:
                     for pk, name in zip(pks, names, strict=True):
                         assert pk is not None and pk not in acked, f"id {pk} acknowledged twice"
                         acked[pk] = name
-                n += 1
         except BaseException as exc:  # reported below
             errors.append(exc)
         finally:
@@ -305,7 +313,12 @@ def test_explicit_and_generated_inserters_racing_overwrite_nothing(
     for (pk, name), stored, claim in zip(acked.items(), replies[::2], replies[1::2], strict=True):
         assert stored == name.encode(), f"object {pk} written as {name!r} holds {stored!r}"
         assert claim == str(pk).encode(), f"claim of {name!r} points at {claim!r}, not {pk}"
-    print(f"\nrace: {len(acked)} objects acknowledged, {explicit_ok[0]} explicit; none overwritten")
+    # Refused batches wrote nothing: every stored object is an acknowledged one.
+    assert raw.zcard(keys.all()) == len(acked)
+    print(
+        f"\nrace: {len(acked)} objects acknowledged, {explicit_ok[0]} explicit, "
+        f"{gave_up[0]} generated batches refused as stale; none overwritten"
+    )
     _clean(raw)
 
 
@@ -334,6 +347,20 @@ def test_new_parent_with_uuid_key_gets_its_childrens_foreign_key(
         team_pk, player_pk = team.id, player.id
     raw = redis_client.hget(mapper_of(UPlayer).object_key(player_pk), "team_id")
     assert raw == str(team_pk).encode()
+    assert _reload_players(engine, UTeam, team_pk) == ["ann"]
+    _clean(redis_client)
+
+
+def test_uuid_parent_key_is_written_when_other_ids_come_from_a_counter(
+    engine: Engine, redis_client: redis.Redis
+) -> None:
+    """A new UUID team with its player, flushed with a new counter-id note, still writes
+    the player's team_id."""
+    with Session(engine) as s:
+        team = UTeam(name="red")
+        s.add_all([UPlayer(name="ann", team=team), Note(body="n")])
+        s.commit()
+        team_pk = team.id
     assert _reload_players(engine, UTeam, team_pk) == ["ann"]
     _clean(redis_client)
 
@@ -595,6 +622,7 @@ def test_mixed_explicit_and_generated_ids_commit_in_three_round_trips(
         with assert_round_trips(engine, 3) as rt:
             s.commit()
         assert rt.command_names.count("EXEC") == 1
+        assert not any("#new" in str(a) for c in rt.commands for a in c)
         ids = sorted(a.id for a in objs if a.id is not None)
     assert len(ids) == 3 and 2 not in ids and 9 not in ids
     assert int(redis_client.get(mapper_of(Account).keys.seq()) or 0) >= 9
@@ -616,6 +644,26 @@ def test_new_parent_key_checks_are_sent_and_refuse_before_multi(
     assert not any("#new" in str(a) for c in rt.commands for a in c)
     assert not redis_client.exists(mapper_of(ITeam).object_key(1))
     assert not redis_client.exists(mapper_of(IPlayer).object_key(1))
+
+
+def test_new_objects_link_zset_is_type_checked_with_its_id(
+    engine: Engine, redis_client: redis.Redis
+) -> None:
+    """A new kid linked to a new tag: the link zsets are type-checked under the ids the
+    objects get (never a placeholder key); a string there refuses the flush before
+    MULTI and nothing is written."""
+    link = mapper_of(Kid).relationships["tags"].link_name
+    rel = mapper_of(Kid).keys.relation(link, "1")
+    redis_client.set(rel, "not a zset")
+    with Session(engine) as s:
+        s.add(Kid(name="k", tags=[Tag(name="t")]))
+        with count_round_trips(engine) as rt, pytest.raises(FlushError) as info:
+            s.commit()
+    assert rel in str(info.value) and "MULTI" not in rt.command_names
+    assert not any("#new" in str(a) for c in rt.commands for a in c)
+    assert ("TYPE", rel) in rt.commands
+    assert not redis_client.exists(mapper_of(Kid).object_key(1))
+    assert not redis_client.exists(mapper_of(Tag).object_key(1))
 
 
 def test_unique_foreign_key_to_new_parent_is_claimed_with_a_check(
