@@ -126,6 +126,16 @@ class TestDemo:
         assert proc.returncode == 0, proc.stderr
         assert redis_url.split("@")[-1].split("/")[2] in proc.stdout
 
+    def test_demo_reads_the_url_from_tool_redmap(
+        self, project: Path, redis_url: str, clean_redis: None
+    ) -> None:
+        """Without --url or REDMAP_URL, `url` of [tool.redmap] in ./pyproject.toml is used."""
+        (project / "pyproject.toml").write_text(f'[tool.redmap]\nurl = "{redis_url}"\n')
+        proc = _redmap("demo", cwd=project)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[0] == f"redmap demo on {redis_url}"
+        assert not (project / ".redmap").exists()
+
     def test_demo_names_the_embedded_data_folder(self, tmp_path: Path) -> None:
         """With no URL anywhere the demo runs on the embedded server and names its folder."""
         proc = _redmap("demo", cwd=tmp_path)
