@@ -74,6 +74,17 @@ class UPlayer:
 
 @reg.mapped
 @dataclass
+class Fan:
+    """An int-keyed child of a UUID-keyed parent."""
+
+    name: str
+    team_id: Annotated[uuid.UUID | None, ForeignKey("UTeam")] = None
+    team: UTeam | None = relationship()
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
 class STeam:
     code: Annotated[str, PrimaryKey()]
     players: list[SPlayer] = relationship(back_populates="team")
@@ -395,6 +406,28 @@ def test_reparent_to_new_parent_writes_the_key_not_hdel(
     assert raw == str(new_pk).encode()
     assert _reload_players(engine, team_cls, new_pk) == ["p"]
     assert _reload_players(engine, team_cls, old_pk) == []
+    _clean(redis_client)
+
+
+def test_int_keyed_child_moved_to_new_uuid_parent_gets_its_key(
+    engine: Engine, redis_client: redis.Redis
+) -> None:
+    """An existing int-keyed fan moved to a new UUID-keyed team (no counter id needed):
+    the flush writes team_id, it does not send `HDEL team_id`."""
+    with Session(engine) as s:
+        s.add(Fan(name="f", team=UTeam(name="old")))
+        s.commit()
+    with Session(engine) as s:
+        fan = s.get(Fan, 1)
+        assert fan is not None
+        new = UTeam(name="new")
+        fan.team = new
+        with count_round_trips(engine) as rt:
+            s.commit()
+        assert "HDEL" not in rt.command_names and "INCRBY" not in rt.command_names
+        new_pk = new.id
+    assert redis_client.hget(mapper_of(Fan).object_key(1), "team_id") == str(new_pk).encode()
+    assert redis_client.zrange(mapper_of(Fan).keys.foreign("team_id", str(new_pk)), 0, -1) == [b"1"]
     _clean(redis_client)
 
 
