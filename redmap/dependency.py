@@ -285,7 +285,7 @@ def _pointer(cst: InstanceState, prop: RelationshipProperty) -> tuple[Any, bool]
     d = cst.obj.__dict__
     reverse = prop.reverse
     loaded = _loaded_fk(cst, prop)
-    if reverse is not None and reverse.key in d:
+    if reverse is not None and reverse.key in d and not _hides_deleted(cst, reverse, d):
         target = d[reverse.key]
         tst = state_of(target) if target is not None else None
         pk = None if tst is None else tst.pk
@@ -293,6 +293,21 @@ def _pointer(cst: InstanceState, prop: RelationshipProperty) -> tuple[Any, bool]
     if prop.fk_column in d:
         return d[prop.fk_column], cst.identity is None or d[prop.fk_column] != loaded
     return _UNKNOWN, False
+
+
+def _hides_deleted(cst: InstanceState, reverse: RelationshipProperty, d: dict[str, Any]) -> bool:
+    """Whether the many-to-one reads None only because its target is deleted in this session.
+
+    A lazy load hides an object `delete()` marked (as `get` does) while the foreign key
+    still names it. That None is no move away: the key decides, as in SQLAlchemy, where a
+    relationship only loaded, not changed, leaves the column alone; else the delete's
+    cascade would skip the child, or leave its key naming the deleted object.
+    """
+    fk = d.get(reverse.fk_column)
+    if d[reverse.key] is not None or fk is None or cst.session is None:
+        return False
+    tst = cst.session._identity_map.get((reverse.target, fk))
+    return tst is not None and tst.deleted
 
 
 def _detach_children(
