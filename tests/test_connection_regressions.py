@@ -243,8 +243,8 @@ REPO = Path(redmap.__file__).absolute().parents[1]
 # Microseconds redis-server sleeps per command it replays (a test-only setting, honoured
 # by redis-server 6.0+): with the kernel's timer slack each sleep lasts ~60 us or more, so
 # loading is measurably slow without a big data set. A loading server answers only every
-# 1,024 commands it replays: data sets here are many small commands (10,000 keys take
-# ~0.6 s or more to load and are answered every ~60 ms).
+# 1,024 commands it replays: data sets here are many small commands (30,000 keys take
+# ~2 s or more to load and are answered every ~60 ms; a busy machine slows both alike).
 SLOW_LOAD = {"key-load-delay": 10}
 
 
@@ -260,8 +260,8 @@ def _persistent_data(datadir: Path, n: int = 10_000) -> None:
 
 @pytest.fixture
 def loading_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    """A server restarted on 10,000 keys that is still loading them when yielded."""
-    _persistent_data(tmp_path)
+    """A server restarted on 30,000 keys that is still loading them (~2 s) when yielded."""
+    _persistent_data(tmp_path, n=30_000)
     server = ServerProcess(
         tmp_path, port=free_port(), persistent=True, config=SLOW_LOAD
     )
@@ -289,8 +289,8 @@ def test_read_waits_while_any_server_loads(loading_server: ServerProcess) -> Non
     engine = redmap.create_engine(loading_server.url)
     try:
         started = time.monotonic()
-        got = engine.fetch_hashes(["h0", "h9999"])
-        assert got == [{b"i": b"0"}, {b"i": b"9999"}]
+        got = engine.fetch_hashes(["h0", "h29999"])
+        assert got == [{b"i": b"0"}, {b"i": b"29999"}]
         assert engine.execute([("HGET", "h7", "i")]) == [b"7"]
         assert time.monotonic() - started > 0.1  # it did wait for the load
     finally:
@@ -433,9 +433,11 @@ def test_embedded_server_still_loading_is_left_to_finish(
     from redmap.dialects import _server
 
     datadir = tmp_path / "data"
-    _persistent_data(datadir)
+    # ~30 answers while loading, ~2 s in all: the limit below falls well inside the load
+    # even when a busy machine slows both down alike.
+    _persistent_data(datadir, n=30_000)
     monkeypatch.setenv("REDMAP_REDIS_SERVER", str(slow_loading_binary))
-    monkeypatch.setattr(_server, "EMBEDDED_STARTUP_TIMEOUT", 0.3)  # loading takes longer
+    monkeypatch.setattr(_server, "EMBEDDED_STARTUP_TIMEOUT", 0.6)
     with pytest.raises(RedmapConnectionError, match="still loading its data set"):
         _server.acquire_embedded(datadir)
     pid = int((datadir / "redis.pid").read_text())
@@ -446,7 +448,7 @@ def test_embedded_server_still_loading_is_left_to_finish(
     try:
         with redis.Redis.from_url(url) as client:
             assert int(client.info("server")["process_id"]) == pid
-            assert client.hget("h9999", "i") == b"9999"  # raw client: loaded on return
+            assert client.hget("h29999", "i") == b"29999"  # raw client: loaded on return
     finally:
         assert _server.release_embedded(datadir)
     assert not _server._pid_alive(pid)
