@@ -92,6 +92,7 @@ class Playlist:
 @dataclass
 class Track:
     pos: Annotated[int, Sorted()]
+    length: Annotated[Optional[int], Sorted()] = None
     playlist_id: Annotated[Optional[int], ForeignKey("Playlist")] = None
     playlist: Optional[Playlist] = relationship(back_populates="tracks")
     id: Annotated[Optional[int], PrimaryKey()] = None
@@ -328,6 +329,45 @@ class TestRelationshipsAtFlush:
             shelf = s.get(Shelf, new_id)
             assert shelf is not None and [b.id for b in shelf.books] == [book_id]
 
+    def test_child_moved_by_key_into_a_deleted_parent_goes_with_it(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """A child moved by setting its key column (relationship not loaded) to a parent
+        deleted in the same flush is that parent's child at flush: the delete-orphan
+        cascade deletes it too, leaving no key behind."""
+        # Kills: dependency._pointing dropping children that point by primary key, and
+        # the key-column test of dependency._pointer negated.
+        doomed_id, (x_id,) = _shelf(engine, "x")
+        other_id, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            doomed = s.get(Shelf, doomed_id)
+            book = s.get(Book, book_id)
+            assert doomed is not None and book is not None
+            book.shelf_id = doomed_id
+            s.delete(doomed)
+            s.commit()
+        with Session(engine) as s:
+            assert s.get_many(Book, [x_id, book_id]) == [None, None]
+            assert s.get(Shelf, other_id) is not None
+        assert sorted(k for k in redis_client.keys("{mk}:book:*") if b"#seq" not in k) == []
+
+    def test_delete_cascade_goes_past_a_child_deleted_in_the_same_flush(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """Deleting a parent and, in the same flush, its first child: the cascade still
+        deletes the children after it."""
+        # Kills: `continue` -> `break` in dependency._members_at_flush.
+        shelf_id, ids = _shelf(engine, "a", "b", "c")
+        with Session(engine) as s:
+            shelf = s.get(Shelf, shelf_id)
+            assert shelf is not None and [b.id for b in shelf.books] == ids
+            s.delete(shelf.books[0])
+            s.delete(shelf)
+            s.commit()
+        with Session(engine) as s:
+            assert s.get_many(Book, ids) == [None, None, None]
+        assert sorted(k for k in redis_client.keys("{mk}:book:*") if b"#seq" not in k) == []
+
     def test_delete_unlinks_a_one_sided_many_to_many(
         self, engine: Engine, redis_client: Any
     ) -> None:
@@ -471,6 +511,28 @@ class TestFlushPlan:
 
 
 class TestQueries:
+    def test_in_with_none_on_a_sorted_field(self, engine: Engine) -> None:
+        """in_([None, v]) on a sorted field matches the None objects and those equal to v."""
+        # Kills: `v is None` negated in the sorted in_() of the query compiler.
+        with Session(engine) as s:
+            tracks = [Track(pos=i, length=n) for i, n in enumerate([None, 5, 7, None])]
+            s.add_all(tracks)
+            s.commit()
+            ids = [t.id for t in tracks]
+        with Session(engine) as s:
+            q = select(Track).where(Track.length.in_([None, 5]))
+            assert sorted(t.id for t in s.scalars(q)) == [ids[0], ids[1], ids[3]]
+            q = select(Track).where(Track.length.in_([7]))
+            assert [t.id for t in s.scalars(q)] == [ids[2]]
+
+    def test_plain_bool_condition_is_named(self) -> None:
+        """A condition that Python evaluated to a bool (not a mapped comparison) is a
+        QueryError that says so."""
+        # Kills: the plain-bool branch of the query compiler removed (a vaguer error).
+        with Session(create_engine("redis://127.0.0.1:1/0")) as s:
+            with pytest.raises(QueryError, match="plain bool; compare mapped fields"):
+                s.scalars(select(Book).where(True))  # type: ignore[arg-type]
+
     def test_negative_offset_is_refused(self) -> None:
         """offset(-1) is a QueryError saying what is allowed; offset(None) means 0."""
         # Kills: `n is not None` -> `n is None` in Select.offset.
@@ -522,6 +584,26 @@ def _cluster_keys(client: Any) -> dict[bytes, Any]:
     """Every key of the cluster but flush tokens (they expire), with its value."""
     names = client.keys(target_nodes=RedisCluster.ALL_NODES)
     return {k: client.dump(k) for k in names if b"#flush:" not in k}
+
+
+class TestShards:
+    def test_query_over_two_shards_returns_both(self, engine: Engine) -> None:
+        """A query whose shard-key condition names two shards reads and merges both."""
+        # Kills: `len(spaces) > 1` -> `> 2` in query._ids_in (two shards read as one).
+        by_tag: dict[str, int] = {}
+        for i in range(8):
+            with Session(engine) as s:
+                p = Peer(name=f"p{i}")
+                s.add(p)
+                s.commit()
+                by_tag.setdefault(mapper_of(Peer).keys_for_pk(p.id).tag, p.id)  # type: ignore[arg-type]
+        assert len(by_tag) >= 3
+        a_id, b_id, c_id = sorted(by_tag.values())[:3]
+        with Session(engine) as s:
+            q = select(Peer).where(Peer.id.in_([a_id, b_id])).order_by(Peer.id)
+            assert [p.id for p in s.scalars(q)] == [a_id, b_id]
+            q = select(Peer).where(Peer.id.in_([a_id, b_id, c_id])).order_by(Peer.id)
+            assert [p.id for p in s.scalars(q)] == [a_id, b_id, c_id]
 
 
 class TestCrossSlot:
