@@ -191,6 +191,48 @@ class TestSessionBookkeeping:
             s2.commit()
         assert redis_client.hget(f"{{mk}}:book:{book_id}", "title") == b"while detached"
 
+    def test_merge_of_an_unknown_id_inserts_under_that_id(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """merge() of an object whose explicit id Redis does not hold adds a new object
+        with that id (not a generated one)."""
+        # Kills: the pk copy negated in Session.merge's "new target" branch.
+        with Session(engine) as s:
+            merged = s.merge(Book(title="m", id=77))
+            s.commit()
+            assert merged.id == 77
+        assert redis_client.hget("{mk}:book:77", "title") == b"m"
+        assert redis_client.zrange("{mk}:book:#all", 0, -1) == [b"77"]
+
+    def test_object_added_then_rolled_back_can_be_added_again(self, engine: Engine) -> None:
+        """A new object expunged by rollback is clean (not in doubt): another session can
+        add and commit it."""
+        # Kills: Session.rollback marking expunged new objects as in doubt.
+        with Session(engine) as s:
+            book = Book(title="again")
+            s.add(book)
+            s.rollback()
+            assert book not in s
+        with Session(engine) as s2:
+            s2.add(book)
+            s2.commit()
+            assert book.id is not None
+        with Session(engine) as s3:
+            assert s3.get(Book, book.id) is not None
+
+    def test_adding_a_second_object_with_a_loaded_identity_is_refused(self, engine: Engine) -> None:
+        """add() of a detached copy of an object the session already holds raises
+        InvalidRequestError pointing at merge(); the session keeps its own object."""
+        # Kills: the identity clash test of Session.add inverted.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine, expire_on_commit=False) as s:
+            copy = s.get(Book, book_id)
+        with Session(engine) as s2:
+            mine = s2.get(Book, book_id)
+            with pytest.raises(InvalidRequestError, match="use merge"):
+                s2.add(copy)
+            assert copy not in s2 and s2.get(Book, book_id) is mine
+
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
         # Kills: Session.rollback without `self._deleted.clear()`.
