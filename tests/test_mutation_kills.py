@@ -80,6 +80,25 @@ class Label:
 
 @reg.mapped
 @dataclass
+class Club:
+    """A one-to-many without a delete cascade: members are released, not deleted."""
+
+    name: str
+    members: list[Member] = relationship(back_populates="club")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Member:
+    name: str
+    club_id: Annotated[Optional[int], ForeignKey("Club")] = None
+    club: Optional[Club] = relationship(back_populates="members")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
 class Playlist:
     name: str
     tracks: list[Track] = relationship(
@@ -232,6 +251,16 @@ class TestSessionBookkeeping:
             with pytest.raises(InvalidRequestError, match="use merge"):
                 s2.add(copy)
             assert copy not in s2 and s2.get(Book, book_id) is mine
+
+    def test_get_many_sees_a_pending_object_with_an_explicit_id(self, engine: Engine) -> None:
+        """get_many() autoflushes first: a pending object with an explicit id is found
+        (the same instance), as get() finds it."""
+        # Kills: Session.get_many without its autoflush.
+        with Session(engine) as s:
+            book = Book(title="pending", id=42)
+            s.add(book)
+            assert s.get_many(Book, [42, 43]) == [book, None]
+            assert book not in s.new
 
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
@@ -410,6 +439,44 @@ class TestRelationshipsAtFlush:
             assert s.get_many(Book, ids) == [None, None, None]
         assert sorted(k for k in redis_client.keys("{mk}:book:*") if b"#seq" not in k) == []
 
+    def test_every_removed_child_is_an_orphan(self, engine: Engine) -> None:
+        """Removing two children from a delete-orphan list, the first of which is also
+        deleted outright: both are gone after the commit."""
+        # Kills: `continue` -> `break` in the orphan pass of dependency.
+        shelf_id, (a_id, b_id, c_id) = _shelf(engine, "a", "b", "c")
+        with Session(engine) as s:
+            shelf = s.get(Shelf, shelf_id)
+            assert shelf is not None
+            first, second = shelf.books[0], shelf.books[1]
+            s.delete(first)
+            shelf.books.remove(first)
+            shelf.books.remove(second)
+            s.commit()
+        with Session(engine) as s:
+            assert s.get_many(Book, [a_id, b_id]) == [None, None]
+            shelf = s.get(Shelf, shelf_id)
+            assert shelf is not None and [b.id for b in shelf.books] == [c_id]
+
+    def test_released_children_forget_the_deleted_parent_in_memory(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """Deleting a parent without a delete cascade: its children stay, and after the
+        flush they point at nothing, in memory as in Redis."""
+        # Kills: dependency._detach_children not clearing the child's many-to-one.
+        with Session(engine) as s:
+            club = Club(name="c", members=[Member(name="m")])
+            s.add(club)
+            s.commit()
+            club_id, member_id = club.id, club.members[0].id
+        with Session(engine, expire_on_commit=False) as s:
+            member = s.get(Member, member_id)
+            assert member is not None and member.club is not None
+            s.delete(member.club)
+            s.commit()
+            assert member.club is None and member.club_id is None
+        assert redis_client.hget(f"{{mk}}:member:{member_id}", "club_id") is None
+        assert redis_client.exists(f"{{mk}}:club:{club_id}") == 0
+
     def test_delete_unlinks_a_one_sided_many_to_many(
         self, engine: Engine, redis_client: Any
     ) -> None:
@@ -483,6 +550,16 @@ class TestFlushPlan:
         with Session(engine) as s:
             shelf = s.get(Shelf, new_id)
             assert shelf is not None and [b.id for b in shelf.books] == [book_id]
+
+    def test_index_additions_to_one_key_ride_on_one_command(self, engine: Engine) -> None:
+        """Three new objects with one indexed value: one SADD carrying the three ids."""
+        # Kills: the variadic test negated in persistence._merge (a command per member).
+        with Session(engine) as s:
+            s.add_all([Book(title="same", id=i) for i in (1, 2, 3)])
+            with count_round_trips(engine) as rt:
+                s.commit()
+        sadds = [c for c in rt.commands if c[0] == "SADD" and c[1] == "{mk}:book:#ix:title:same"]
+        assert len(sadds) == 1 and sorted(sadds[0][2:]) == ["1", "2", "3"]
 
     def test_many_to_one_to_an_object_of_another_session_is_refused(
         self, engine: Engine, redis_client: Any
