@@ -10,13 +10,15 @@ The audit exists for damaged data, so nothing it reads may stop it: it asks each
 key's TYPE before reading it, and a key of the wrong type, a counter that is not an
 integer or an object without a canonical `#v` version becomes a finding (naming the
 key, what was expected, what was found and how to repair it), never an exception.
+References are checked too: a foreign key or a many-to-many link naming an object that
+does not exist, and a link listed on one side only, are findings with their repair.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import keys
@@ -25,7 +27,7 @@ from .loading import decode_hash
 from .mapper import VERSION_FIELD, ColumnProperty, Mapper
 from .relationships import Direction
 
-__all__ = ["AuditReport", "WrongType", "audit"]
+__all__ = ["AuditReport", "BrokenReference", "WrongType", "audit"]
 
 _BATCH = 500
 _VERSION = VERSION_FIELD.encode()
@@ -49,13 +51,27 @@ class WrongType:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokenReference:
+    """A foreign key or a many-to-many link that names a missing object, or a link that
+    only one of its two sides lists: `key` is the key to repair, `hint` how."""
+
+    key: str
+    problem: str
+    hint: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.problem}; repair: {self.hint}"
+
+
 @dataclasses.dataclass
 class AuditReport:
     """What an audit found; `ok` when there is nothing to report.
 
-    `mismatches` holds one line per finding, wrong-typed keys included (their lines
-    are also in `wrong_types`, as structured records); `unexplained` lists keys under
-    the prefix that no model accounts for.
+    `mismatches` holds one line per finding, wrong-typed keys and broken references
+    included (their lines are also in `wrong_types` and `broken_references`, as
+    structured records); `unexplained` lists keys under the prefix that no model
+    accounts for.
     """
 
     objects: int = 0
@@ -63,16 +79,20 @@ class AuditReport:
     mismatches: list[str] = dataclasses.field(default_factory=list)
     unexplained: list[str] = dataclasses.field(default_factory=list)
     wrong_types: list[WrongType] = dataclasses.field(default_factory=list)
+    broken_references: list[BrokenReference] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.mismatches and not self.unexplained
 
     def summary(self) -> str:
-        wrong = f" ({len(self.wrong_types)} of the wrong type)" if self.wrong_types else ""
+        kinds = [f"{len(self.wrong_types)} of the wrong type"] if self.wrong_types else []
+        if self.broken_references:
+            kinds.append(f"{len(self.broken_references)} broken references")
+        detail = f" ({', '.join(kinds)})" if kinds else ""
         return (
             f"{self.objects} objects, {self.keys} keys: {len(self.mismatches)} mismatches"
-            f"{wrong}, {len(self.unexplained)} unexplained keys"
+            f"{detail}, {len(self.unexplained)} unexplained keys"
         )
 
 
@@ -93,6 +113,29 @@ class _Audit:
         finding = WrongType(key, expected, found, hint)
         self.report.wrong_types.append(finding)
         self.report.mismatches.append(str(finding))
+
+    def broken(self, key: str, problem: str, hint: str) -> None:
+        finding = BrokenReference(key, problem, hint)
+        self.report.broken_references.append(finding)
+        self.report.mismatches.append(str(finding))
+
+    def existing(self, object_keys: Iterable[str]) -> set[str]:
+        """Which of `object_keys` exist: every key the scan returned, and of the others
+        those an EXISTS finds now (SCAN may miss a key created while it ran, such as a
+        parent written with its child). Batched: the scan leaves only what is missing
+        to ask about, so on sound data this costs no round trip at all."""
+        wanted = set(object_keys)
+        unseen = sorted(k for k in wanted if k not in self.types)
+        found = wanted - set(unseen)
+        for key, reply in zip(
+            unseen, self.batched([("exists", k, ()) for k in unseen]), strict=True
+        ):
+            if isinstance(reply, Exception):
+                self.report.mismatches.append(f"{key}: cannot tell whether it exists: {reply}")
+                found.add(key)  # unknown: not reported as missing
+            elif reply:
+                found.add(key)
+        return found
 
     def has_type(self, key: str, redis_type: str, expected: str, hint: str) -> bool:
         """Whether `key` is absent or of `redis_type`; reports it otherwise."""
@@ -162,7 +205,8 @@ def audit(client: Any, reg: Any) -> AuditReport:
         objects[mapper.keyspace] = objs
         report.objects += len(objs)
         _expect_indexes(run, mapper, objs, expected, hints)
-    _expect_links(run, by_space, objects, all_keys, expected, hints)
+    links = _read_links(run, by_space, all_keys)
+    explained.update(_check_references(run, by_space, objects, links))
     _compare(run, expected, hints)
     explained.update(expected)
     for mapper in by_space.values():
@@ -405,19 +449,27 @@ def _expect_score(
         run.unscored.setdefault(key, set()).add(seg)
 
 
-def _expect_links(
-    run: _Audit,
-    by_space: dict[str, Mapper[Any]],
-    objects: dict[str, dict[str, tuple[Any, dict[str, Any]]]],
-    all_keys: list[str],
-    expected: dict[str, Any],
-    hints: dict[str, str],
-) -> None:
-    """Every many-to-many link must be on both sides and join two existing objects.
+# -- references: foreign keys and many-to-many links ----------------------------------
 
-    Links are data of their own (nothing in the hashes implies them), so the audit
-    takes the union of what either side holds and expects each side to hold all of it.
-    """
+
+@dataclasses.dataclass
+class _Links:
+    """The link zsets of one many-to-many relationship (side a: `prop`'s model, side b:
+    its target), as read from Redis: (key, owner segment, on side a) per zset found,
+    and each key's members with their scores."""
+
+    a: Mapper[Any]
+    b: Mapper[Any]
+    a_name: str
+    b_name: str
+    entries: list[tuple[str, str, bool]]
+    held: dict[str, dict[str, float]]
+
+
+def _read_links(run: _Audit, by_space: dict[str, Mapper[Any]], all_keys: list[str]) -> list[_Links]:
+    """Every many-to-many link zset under the prefix, read in one batched pass over all
+    relationships (each pair of sides once, from its first side)."""
+    pairs: list[_Links] = []
     for mapper in by_space.values():
         for prop in mapper.relationships.values():
             if prop.direction is not Direction.MANYTOMANY:
@@ -426,44 +478,183 @@ def _expect_links(
             if rev is not None and (rev.parent.keyspace, rev.key) < (mapper.keyspace, prop.key):  # type: ignore[union-attr]
                 continue  # the pair is audited once, from its first side
             target = next(m for m in by_space.values() if m.class_ is prop.target)
-            a_prefixes = [ks.relation(prop.link_name, "") for ks in mapper.all_keyspaces()]
-            b_prefixes = [ks.relation(prop.reverse_link_name, "") for ks in target.all_keyspaces()]
-            sides: list[tuple[str, str, bool]] = []  # (key, owner segment, owner on side a)
-            for key in all_keys:
-                for a_prefix in a_prefixes:
-                    if key.startswith(a_prefix):
-                        sides.append((key, key[len(a_prefix) :], True))
-                for b_prefix in b_prefixes:
-                    if key.startswith(b_prefix):
-                        sides.append((key, key[len(b_prefix) :], False))
-            readable = []
-            for key, owner, on_a in sides:
-                hint = _rerun(key, "links (the far side still holds them)")
-                if run.has_type(key, "zset", "a zset (many-to-many links)", hint):
-                    readable.append((key, owner, on_a))
-            links: set[tuple[str, str]] = set()
-            replies = run.batched([("zrange", key, (0, -1)) for key, _, _ in readable])
-            for (key, owner, on_a), members in zip(readable, replies, strict=True):
-                if isinstance(members, Exception):
-                    run.report.mismatches.append(f"{key}: cannot read the links: {members}")
+            pairs.append(_Links(mapper, target, prop.link_name, prop.reverse_link_name, [], {}))
+    calls: list[tuple[str, str, tuple[Any, ...]]] = []
+    read: list[tuple[_Links, str]] = []
+    for pair in pairs:
+        prefixes = [(ks.relation(pair.a_name, ""), True) for ks in pair.a.all_keyspaces()]
+        prefixes += [(ks.relation(pair.b_name, ""), False) for ks in pair.b.all_keyspaces()]
+        for key in all_keys:
+            # (A relationship paired with itself has one prefix twice: side a is enough.)
+            on = next(((p, a) for p, a in prefixes if key.startswith(p)), None)
+            if on is None:
+                continue
+            hint = _rerun(key, "links (the far side still holds them)")
+            if run.has_type(key, "zset", "a zset (many-to-many links)", hint):
+                pair.entries.append((key, key[len(on[0]) :], on[1]))
+                calls.append(("zrange", key, (0, -1, False, True)))  # desc=False, withscores
+                read.append((pair, key))
+    for (pair, key), raw in zip(read, run.batched(calls), strict=True):
+        if isinstance(raw, Exception):
+            run.report.mismatches.append(f"{key}: cannot read the links: {raw}")
+            raw = []
+        pair.held[key] = {m.decode(errors="backslashreplace"): float(sc) for m, sc in raw}
+    return pairs
+
+
+def _locate(mapper: Mapper[Any], segment: str) -> tuple[Any, str] | None:
+    """(primary key, object key) of the object an escaped id names; None if no id of the
+    model escapes to `segment`."""
+    try:
+        pk = mapper.pk_from_segment(segment)
+    except RedmapError:
+        return None
+    return pk, mapper.keys_for_pk(pk).object(segment)
+
+
+def _arg(text: str) -> str:
+    """`text` as one argument of a redis-cli command line (quoted when it needs to be)."""
+    if re.fullmatch(r"[A-Za-z0-9_.%#{}:|~@-]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _num(score: float) -> str:
+    return str(int(score)) if score.is_integer() else repr(score)
+
+
+def _check_references(
+    run: _Audit,
+    by_space: dict[str, Mapper[Any]],
+    objects: dict[str, dict[str, tuple[Any, dict[str, Any]]]],
+    links: list[_Links],
+) -> set[str]:
+    """Report foreign keys and links naming missing objects, and links one side lacks.
+
+    Whether an object exists is taken from the scan, and EXISTS is asked (batched) only
+    for the keys the scan did not return, once for all references of all models.
+    Returns the link keys accounted for (found where their owner's keys live).
+    """
+    foreign = _foreign_keys(by_space, objects)
+    wanted = [ref[-1] for ref in foreign]
+    located: dict[tuple[str, str], tuple[Any, str] | None] = {}
+    for pair in links:
+        for key, owner, on_a in pair.entries:
+            model, far = (pair.a, pair.b) if on_a else (pair.b, pair.a)
+            for mapper, seg in [(model, owner)] + [(far, m) for m in pair.held[key]]:
+                where = located.setdefault((mapper.keyspace, seg), _locate(mapper, seg))
+                if where is not None:
+                    wanted.append(where[1])
+    exists = run.existing(wanted)
+    for child_key, mapper, col, value, fk_key, seg, target, target_key in foreign:
+        if target_key in exists:
+            continue
+        problem = (
+            f"{mapper.name}.{col.key} is {value!r}, but that {target.name} does not exist "
+            f"({target_key} is missing)"
+        )
+        fix = f"re-parent it in the application (set {col.key} to an existing {target.name}"
+        if col.codec is not None and col.codec.nullable:
+            hint = f"{fix}), or detach it: HDEL {child_key} {col.key} and ZREM {fk_key} {seg}"
+        else:
+            hint = f"{fix}; the field is required), or restore {target_key}"
+        run.broken(child_key, problem, hint)
+    explained: set[str] = set()
+    for pair in links:
+        for key, owner, on_a in pair.entries:
+            model, far = (pair.a, pair.b) if on_a else (pair.b, pair.a)
+            name, far_name = (pair.a_name, pair.b_name) if on_a else (pair.b_name, pair.a_name)
+            where = located[(model.keyspace, owner)]
+            if where is None or model.keys_for_pk(where[0]).relation(name, owner) != key:
+                continue  # no object of the model keeps its links here: unexplained
+            explained.add(key)
+            if where[1] not in exists:
+                run.broken(
+                    key,
+                    f"holds the {name} links of {model.name} {owner}, which does not exist "
+                    f"({where[1]} is missing)",
+                    f"DEL {key}",
+                )
+                continue
+            for member, score in sorted(pair.held[key].items()):
+                _check_link(
+                    run,
+                    pair,
+                    exists,
+                    located,
+                    (key, model, owner, where[0]),
+                    (far, far_name, member, score),
+                )
+    return explained
+
+
+def _check_link(
+    run: _Audit,
+    pair: _Links,
+    exists: set[str],
+    located: dict[tuple[str, str], tuple[Any, str] | None],
+    side: tuple[str, Mapper[Any], str, Any],
+    other: tuple[Mapper[Any], str, str, float],
+) -> None:
+    """One member of an existing object's link zset: it names an existing object, that
+    object's zset lists the owner back, and its score is the one the writer gives."""
+    key, model, owner, owner_pk = side
+    far, far_name, member, score = other
+    where = located[(far.keyspace, member)]
+    if where is None or where[1] not in exists:
+        named = f"({where[1]} is missing)" if where else f"(not an id of {far.name})"
+        run.broken(
+            key,
+            f"member {member!r} names a {far.name} that does not exist {named}",
+            f"ZREM {key} {_arg(member)}",
+        )
+        return
+    far_key = far.keys_for_pk(where[0]).relation(far_name, member)
+    if far_key not in run.wrong and owner not in pair.held.get(far_key, {}):
+        run.broken(
+            far_key,
+            f"does not list {model.name} {owner} back, though {key} links it to "
+            f"{far.name} {member}",
+            f"ZADD {far_key} {_num(_pk_score(owner_pk))} {owner} to keep the link, or "
+            f"ZREM {key} {member} to drop it",
+        )
+    want = _pk_score(where[0])
+    if score != want:
+        run.broken(
+            key,
+            f"member {member} has score {_num(score)}, expected {_num(want)} (its id, or 0 "
+            f"for a str or UUID id)",
+            f"ZADD {key} XX {_num(want)} {member}",
+        )
+
+
+def _foreign_keys(
+    by_space: dict[str, Mapper[Any]],
+    objects: dict[str, dict[str, tuple[Any, dict[str, Any]]]],
+) -> list[tuple[str, Mapper[Any], ColumnProperty, Any, str, str, Mapper[Any], str]]:
+    """(child key, child model, field, value, foreign-key zset, child id segment, target
+    model, target object key) for every foreign key set in a stored object."""
+    by_class = {m.class_: m for m in by_space.values()}
+    out = []
+    for mapper in by_space.values():
+        for col in mapper.indexed_columns:
+            if col.foreign_key is None:
+                continue
+            target = by_class[col.foreign_key.target]
+            for seg, (pk, values) in objects[mapper.keyspace].items():
+                value = values.get(col.key)
+                if value is None:
                     continue
-                for m in members:
-                    other = m.decode(errors="backslashreplace")
-                    links.add((owner, other) if on_a else (other, owner))
-            a_objs, b_objs = objects[mapper.keyspace], objects[target.keyspace]
-            for a, b in sorted(links):
-                if a not in a_objs or b not in b_objs:
-                    run.report.mismatches.append(
-                        f"{mapper.name}.{prop.key}: link {a} -> {b} names a missing object"
-                    )
-                    continue
-                a_pk, b_pk = a_objs[a][0], b_objs[b][0]
-                a_key = mapper.keys_for_pk(a_pk).relation(prop.link_name, a)
-                b_key = target.keys_for_pk(b_pk).relation(prop.reverse_link_name, b)
-                expected.setdefault(a_key, {})[b] = _pk_score(b_pk)
-                expected.setdefault(b_key, {})[a] = _pk_score(a_pk)
-                for key in (a_key, b_key):
-                    hints[key] = _rerun(key, "links (the far side still holds them)")
+                ks = mapper.keys_for_pk(pk)
+                codec = col.codec
+                assert codec is not None
+                fk_key = ks.foreign(col.key, keys.escape(codec.encode(value)))
+                try:
+                    target_key = target.object_key(value)
+                except (RedmapError, TypeError, ValueError):
+                    target_key = target.keys.object(keys.escape(codec.encode(value)))
+                out.append((ks.object(seg), mapper, col, value, fk_key, seg, target, target_key))
+    return out
 
 
 # -- comparing ------------------------------------------------------------------------
