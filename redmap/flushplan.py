@@ -112,18 +112,27 @@ class FlushPlan:
     extra_writes: list[Command] = dataclasses.field(default_factory=list)
     # Counters moved for this flush ("'<key>' handed out 1..3"): ids are never given
     # back, so a refusal after they moved names them.
-    moved_counters: list[str] = dataclasses.field(default_factory=list)
+    # (counter key, first id, last id) per INCRBY, oldest first.
+    moved_counters: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
     # Set when the plan still holds placeholders for generated ids: called once every
     # check passed (so a refused flush never moves a counter), it hands the ids out
     # (INCRBY) and binds them into `writes`.
     allocate: Callable[[FlushPlan], None] | None = None
-    # Per counter key: how far the counter is below the highest explicit id of this
-    # flush, for a flush that hands out generated ids of the same model after its
-    # checks (they are handed out above it).
-    seq_gaps: dict[str, int] = dataclasses.field(default_factory=dict)
     # `allocate` ran: the checks sent did not cover the ids' own keys, so a re-run of
     # the checks must come from a new plan (`Replan`), not from this one.
     bound_late: bool = False
+    # The last check replies said an explicit insert holds one of this flush's ids:
+    # then they must never be given back (`give_back`).
+    ids_taken: bool = False
+
+    def give_back(self) -> dict[str, tuple[int, int]]:
+        """The ids a refused flush may return to their counters: the last range handed
+        out per counter, unless an explicit insert holds one of the flush's ids. The
+        dialect returns them only if the counter still ends the range and nothing this
+        flush watches (its id guards among them) changed since its checks."""
+        if self.ids_taken:
+            return {}
+        return {key: (first, last) for key, first, last in self.moved_counters}
 
     @property
     def check_commands(self) -> list[Command]:
@@ -139,7 +148,9 @@ class FlushPlan:
         if not self.moved_counters:
             return ""
         return (
-            f" (the id counter moved: {', '.join(self.moved_counters)}; ids handed out are "
+            f" (the id counter moved: "
+            f"{', '.join(f'{k!r} handed out {a}..{b}' for k, a, b in self.moved_counters)}; "
+            f"ids handed out are "
             f"never reused)"
         )
 
@@ -166,7 +177,7 @@ class FlushPlan:
         wrong_type: Exception | None = None
         taken: list[str] = []  # generated ids held by explicit inserts
         self.extra_writes = []
-        self.seq_gaps = {}
+        self.ids_taken = False
         for check, reply in zip(self.checks, replies, strict=True):
             if isinstance(reply, Exception):
                 if refused is None:
@@ -225,14 +236,9 @@ class FlushPlan:
                         )
                     continue
                 current = 0 if reply is None else int(reply)
-                if check.guard is None:
-                    # This flush hands out ids of the model after its checks: its INCRBY
-                    # raises the counter past the explicit ids itself (see `plan_flush`).
-                    self.seq_gaps[check.key] = max(0, check.value - current)
-                    continue
                 if current < check.value:
                     self.extra_writes.append(("SET", check.key, check.value))
-                if check.expected <= current:
+                if check.expected <= current and check.guard is not None:
                     self.extra_writes.append(guard_write(check.guard))
             elif check.kind == "type":
                 kind = reply.decode() if isinstance(reply, bytes) else str(reply)
@@ -242,6 +248,7 @@ class FlushPlan:
                         f"was written",
                         key=check.key,
                     )
+        self.ids_taken = bool(taken)
         if stale:
             return self._stale(stale)
         for failure in (refused, conflict, wrong_type):

@@ -265,8 +265,6 @@ def plan_flush(
         b.additions.append(("HSET", u.key, *sets))
 
     fresh: dict[str, list[str]] = {}  # id guard -> keys of generated ids handed out
-    # Models whose generated ids are handed out after the checks (placeholders here).
-    late = {t.state.mapper for t in inserts if t.generated and t.pk is None}
     for ins in inserts:
         st = ins.state
         mapper = st.mapper
@@ -289,14 +287,10 @@ def plan_flush(
                 if mapper.shard_key is None:
                     seq = mapper.keys.seq()
                     prev = seqmax.get(seq)
-                    if prev is None and mapper in late:
-                        # Its own INCRBY, after the checks, raises the counter past
-                        # these ids (`seq_gaps`): watching the counter would abort this
-                        # very flush. Unwatched, the counter may move meanwhile, so the
-                        # guard is written whatever it held.
-                        seqmax[seq] = Check("seqmax", seq, ("GET", seq), value=ins.pk)
-                        guards.add(id_guard_key(mapper.keys))
-                    elif prev is None:
+                    # Watched, and read after this flush's own INCRBY if it has one (a
+                    # flush mixing explicit and generated ids of a model takes its ids
+                    # first), so the flush does not abort on its own counter.
+                    if prev is None:
                         seqmax[seq] = Check(
                             "seqmax",
                             seq,
@@ -306,8 +300,6 @@ def plan_flush(
                             guard=id_guard_key(mapper.keys),
                         )
                         b.watch[seq] = None
-                    elif prev.guard is None:
-                        prev.value = max(prev.value, ins.pk)
                     else:
                         prev.value = max(prev.value, ins.pk)
                         prev.expected = min(prev.expected, ins.pk)

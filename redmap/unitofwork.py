@@ -308,13 +308,11 @@ class UOWTransaction:
 
     # -- generated keys -----------------------------------------------------------------
 
-    def _hand_out_ids(self, gaps: dict[str, int] | None = None) -> list[str]:
+    def _hand_out_ids(self) -> list[tuple[str, int, int]]:
         """Give every generated-id insert its id: one pipelined INCRBY per model.
 
-        With `gaps` (counter key -> how far it is below this flush's highest explicit
-        id, read by the checks), the ids are handed out above the explicit ones.
-        Without (ids handed out before the checks), they skip the explicit ids of the
-        same model in this flush. Returns what moved ("'<seq>' handed out a..b").
+        Generated ids skip the explicit ids of the same model in this flush (the INCRBY
+        asks for that many more). Returns what moved: (counter key, first, last).
         """
         wanting: dict[Mapper[Any], list[InsertTask]] = {}
         explicit: dict[Mapper[Any], set[Any]] = {}
@@ -325,15 +323,12 @@ class UOWTransaction:
                 wanting.setdefault(mapper, []).append(task)
             else:
                 explicit.setdefault(mapper, set()).add(task.pk)
-        moved: list[str] = []
+        moved: list[tuple[str, int, int]] = []
         while wanting:
             groups = list(wanting.items())
             # Asking for as many more ids as the model has explicit ones here means one
             # INCRBY always suffices (the loop is a safety net).
-            extra = {
-                m: (gaps.get(m.keys.seq(), 0) if gaps is not None else len(explicit.get(m, ())))
-                for m, _ in groups
-            }
+            extra = {m: len(explicit.get(m, ())) for m, _ in groups}
             replies = self._increment([(m.keys.seq(), len(ts) + extra[m]) for m, ts in groups])
             wanting = {}
             for (mapper, tasks), reply in zip(groups, replies, strict=True):
@@ -347,10 +342,8 @@ class UOWTransaction:
                         errors=[str(reply)],
                     )
                 last = int(reply)
-                lowest = last - len(tasks) - extra[mapper] + 1
-                moved.append(f"{seq!r} handed out {lowest}..{last}")
-                # Above the explicit ids: the top ones; else all of them, skipping those.
-                first = last - len(tasks) + 1 if gaps is not None else lowest
+                first = last - len(tasks) - extra[mapper] + 1
+                moved.append((seq, first, last))
                 taken = explicit.get(mapper, set())
                 counter_values = iter(range(first, last + 1))
                 for task in tasks:
@@ -548,7 +541,7 @@ class UOWTransaction:
             a = self.work.links[0].a
             tag = a.mapper.keys_for_pk(a.pk).tag
         token_key = keys.flush_token_key(tag, token)
-        moved: list[str] = []
+        moved: list[tuple[str, int, int]] = []
         if self._ids_first():
             moved += self._hand_out_ids()
         for attempt in range(_ID_RETRIES):
@@ -590,12 +583,19 @@ class UOWTransaction:
     def _ids_first(self) -> bool:
         """Whether generated ids must be handed out before the checks: when keys that
         need checking carry them (a new parent's children zset, a new object's link
-        zsets, a `Unique` foreign key's claim), or when the object keys themselves need
-        an existence check (sharded models: explicit ids there do not raise the counter).
+        zsets, a `Unique` foreign key's claim), when the object keys themselves need an
+        existence check (sharded models: explicit ids there do not raise the counter),
+        and when explicit ids of the same model must be checked against the counter.
         """
         generated = {id(t.state) for t in self.inserts if t.generated}
         if not generated:
             return False
+        explicit = {t.state.mapper for t in self.inserts if not t.generated}
+        if any(t.generated and t.state.mapper in explicit for t in self.inserts):
+            # Explicit and generated ids of one model: the counter is read (and watched)
+            # by the checks after the INCRBY, not before it, and the generated ids skip
+            # the explicit ones.
+            return True
         if any(id(d.target) in generated for d in self.work.deferred):
             return True
         if any(id(ln.a) in generated or id(ln.b) in generated for ln in self.work.links):
@@ -603,19 +603,14 @@ class UOWTransaction:
         return any(t.generated and t.state.mapper.shard_key is not None for t in self.inserts)
 
     def _allocate_after_checks(
-        self, pending: list[InsertTask], moved: list[str]
+        self, pending: list[InsertTask], moved: list[tuple[str, int, int]]
     ) -> Callable[[FlushPlan], None]:
         """The plan's `allocate`: INCRBY once every check passed, ids bound into the
         planned writes in place of the placeholders."""
 
         def allocate(plan: FlushPlan) -> None:
             placeholders = {t.segment: t for t in pending}
-            moved.extend(self._hand_out_ids(plan.seq_gaps))
-            # The counters moved past the explicit ids: no SET of them in MULTI.
-            seqs = {t.state.mapper.keys.seq() for t in pending}
-            plan.extra_writes = [
-                w for w in plan.extra_writes if not (w[0] == "SET" and w[1] in seqs)
-            ]
+            moved.extend(self._hand_out_ids())
             ids = {ph: t.segment for ph, t in placeholders.items()}
             plan.writes = bind_placeholders(plan.writes, ids)
 

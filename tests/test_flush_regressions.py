@@ -666,25 +666,28 @@ def test_new_parent_key_checks_are_sent_and_refuse_before_multi(
     engine: Engine, redis_client: redis.Redis
 ) -> None:
     """The children's zset of a new parent is type-checked like any other key: a string
-    there refuses the flush before MULTI, and nothing is written."""
+    there refuses the flush before its writes are sent, nothing is written and the ids
+    go back to their counters."""
     fk = mapper_of(IPlayer).keys.foreign("team_id", "1")
     redis_client.set(fk, "not a zset")
     with Session(engine) as s:
         s.add(IPlayer(name="p", team=ITeam(name="t")))
         with count_round_trips(engine) as rt, pytest.raises(FlushError) as info:
             s.commit()
-    assert fk in str(info.value) and "MULTI" not in rt.command_names
+    assert fk in str(info.value) and "HSET" not in rt.command_names
     assert not any("#new" in str(a) for c in rt.commands for a in c)
     assert not redis_client.exists(mapper_of(ITeam).object_key(1))
     assert not redis_client.exists(mapper_of(IPlayer).object_key(1))
+    # The ids taken before the checks were given back.
+    assert not redis_client.exists(mapper_of(ITeam).keys.seq(), mapper_of(IPlayer).keys.seq())
 
 
 def test_new_objects_link_zset_is_type_checked_with_its_id(
     engine: Engine, redis_client: redis.Redis
 ) -> None:
     """A new kid linked to a new tag: the link zsets are type-checked under the ids the
-    objects get (never a placeholder key); a string there refuses the flush before
-    MULTI and nothing is written."""
+    objects get (never a placeholder key); a string there refuses the flush before its
+    writes are sent, nothing is written and the ids go back to their counters."""
     link = mapper_of(Kid).relationships["tags"].link_name
     rel = mapper_of(Kid).keys.relation(link, "1")
     redis_client.set(rel, "not a zset")
@@ -692,11 +695,46 @@ def test_new_objects_link_zset_is_type_checked_with_its_id(
         s.add(Kid(name="k", tags=[Tag(name="t")]))
         with count_round_trips(engine) as rt, pytest.raises(FlushError) as info:
             s.commit()
-    assert rel in str(info.value) and "MULTI" not in rt.command_names
+    assert rel in str(info.value) and "HSET" not in rt.command_names
     assert not any("#new" in str(a) for c in rt.commands for a in c)
     assert ("TYPE", rel) in rt.commands
     assert not redis_client.exists(mapper_of(Kid).object_key(1))
     assert not redis_client.exists(mapper_of(Tag).object_key(1))
+    assert not redis_client.exists(mapper_of(Kid).keys.seq(), mapper_of(Tag).keys.seq())
+
+
+def test_refused_flush_with_ids_first_gives_its_ids_back(
+    engine: Engine, other: Engine, redis_client: redis.Redis
+) -> None:
+    """A flush that took ids before its checks (a new team with its player) and is then
+    refused as stale leaves every key as it was, counters included; the next commit
+    gets the ids the refused one had."""
+    with Session(engine) as s:
+        s.add(Note(body="n"))
+        s.add(ITeam(name="t0"))
+        s.commit()
+    with Session(engine) as s:
+        note = s.get(Note, 1)
+        assert note is not None
+        with Session(other) as o:
+            theirs = o.get(Note, 1)
+            assert theirs is not None
+            theirs.body = "theirs"
+            o.commit()
+        note.body = "stale"
+        team = ITeam(name="new", players=[IPlayer(name="p")])
+        s.add(team)
+        before = dump_keys(redis_client)
+        with count_round_trips(engine) as rt, pytest.raises(StaleDataError):
+            s.commit()
+        assert rt.command_names[0] == "INCRBY"  # the ids came first
+        assert dump_keys(redis_client) == before
+    with Session(engine) as s:
+        team = ITeam(name="new", players=[IPlayer(name="p")])
+        s.add(team)
+        s.commit()
+        assert team.id == 2 and team.players[0].id == 1
+    _clean(redis_client)
 
 
 def test_unique_foreign_key_to_new_parent_is_claimed_with_a_check(

@@ -366,10 +366,11 @@ class Dialect:
                     )
                 failure = plan.evaluate(replies[1:])
                 if failure is not None:
-                    try:
-                        self._round_trip(conn, [("UNWATCH",)])
-                    except (rex.ConnectionError, rex.TimeoutError, OSError):
-                        broken = True
+                    give_back = plan.give_back()
+                    if give_back:
+                        broken = not self._give_back_ids(conn, give_back)
+                    else:
+                        broken = not self._unwatch_quietly(conn)
                     raise failure
                 if plan.allocate is not None:
                     # Every check passed: only now may counters move (see `FlushPlan`).
@@ -421,6 +422,29 @@ class Dialect:
                 with contextlib.suppress(Exception):
                     conn.disconnect()
             pool.release(conn)
+
+    def _give_back_ids(self, conn: Any, ranges: dict[str, tuple[int, int]]) -> bool:
+        """Return the ids of a flush its checks refused, so that a refused flush leaves
+        its counters as they were; False when the connection failed.
+
+        Still under the flush's WATCH (its id guards included): a counter is set back
+        only if it still ends the range handed out (nobody took ids since) and EXEC
+        finds nothing watched changed (no explicit insert took one of these ids). Any
+        doubt leaves the ids unused, a harmless gap. Two round trips, on refusal only.
+        """
+        keys_ = list(ranges)
+        try:
+            replies = self._round_trip(conn, [("WATCH", *keys_), *[("GET", k) for k in keys_]])
+            undo: list[Command] = []
+            for key, reply in zip(keys_, replies[1:], strict=True):
+                first, last = ranges[key]
+                if isinstance(reply, bytes) and reply.isdigit() and int(reply) == last:
+                    undo.append(("SET", key, first - 1) if first > 1 else ("DEL", key))
+            # EXEC, aborted or not, ends the WATCH.
+            self._round_trip(conn, [("MULTI",), *undo, ("EXEC",)] if undo else [("UNWATCH",)])
+        except (rex.ConnectionError, rex.TimeoutError, OSError):
+            return False
+        return True
 
     def _unwatch_quietly(self, conn: Any) -> bool:
         """UNWATCH; False when the connection failed (disconnect it, do not reuse it)."""
