@@ -551,6 +551,7 @@ def test_out_of_memory_at_exec_is_summarised_and_names_the_moved_counter(
             assert seq in text and "never reused" in text, text
             moved = int(raw.get(seq) or 0)
             assert moved == 3000 and "3000" in text
+            print(f"\nOOM at EXEC: {len(text)} characters, errors {err.errors}: {text}")
             assert {k: v for k, v in dump_keys(raw).items() if k != seq.encode()} == {
                 k: v for k, v in before.items() if k != seq.encode()
             }
