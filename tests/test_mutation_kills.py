@@ -29,6 +29,7 @@ from redmap.engine import Engine
 from redmap.exc import (
     CrossSlotError,
     FlushError,
+    IntegrityError,
     InvalidRequestError,
     QueryError,
     StaleDataError,
@@ -94,6 +95,24 @@ class Member:
     name: str
     club_id: Annotated[Optional[int], ForeignKey("Club")] = None
     club: Optional[Club] = relationship(back_populates="members")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Drawer:
+    """A one-to-many with no reverse side: the list alone says where notes belong."""
+
+    name: str
+    notes: list[Note] = relationship()
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Note:
+    text: str
+    drawer_id: Annotated[Optional[int], ForeignKey("Drawer")] = None
     id: Annotated[Optional[int], PrimaryKey()] = None
 
 
@@ -262,9 +281,45 @@ class TestSessionBookkeeping:
             assert s.get_many(Book, [42, 43]) == [book, None]
             assert book not in s.new
 
+    def test_a_new_object_counts_as_modified(self, engine: Engine) -> None:
+        """is_modified() of a pending new object is True (all of it is to be written)."""
+        # Kills: Session.is_modified answering False for objects without identity.
+        with Session(engine) as s:
+            book = Book(title="n")
+            s.add(book)
+            assert s.is_modified(book)
+
+    def test_flush_inside_a_flush_is_refused(self, engine: Engine) -> None:
+        """A flush started while one runs (here from a command listener) raises
+        InvalidRequestError; the outer flush still commits."""
+        # Kills: Session.flush not setting its `_flushing` guard.
+        _, (book_id,) = _shelf(engine, "a")
+        errors: list[Exception] = []
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            book.title = "b"
+
+            def reenter(commands: Any) -> None:
+                if not errors:
+                    try:
+                        s.flush()
+                    except InvalidRequestError as exc:
+                        errors.append(exc)
+
+            engine.add_listener(reenter)
+            try:
+                s.commit()
+            finally:
+                engine.remove_listener(reenter)
+        assert len(errors) == 1 and "already flushing" in str(errors[0])
+        with Session(engine) as s:
+            assert s.get(Book, book_id).title == "b"  # type: ignore[union-attr]
+
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
-        # Kills: Session.rollback without `self._deleted.clear()`.
+        # Kills: Session.rollback without `self._deleted.clear()`, or without resetting
+        # each state's deleted mark.
         shelf_id, (book_id,) = _shelf(engine, "a")
         with Session(engine) as s:
             book = s.get(Book, book_id)
@@ -273,6 +328,7 @@ class TestSessionBookkeeping:
             assert book in s.deleted
             s.rollback()
             assert book not in s.deleted and list(s.deleted) == []
+            assert s.get(Book, book_id) is book  # no longer marked deleted
             s.commit()
         with Session(engine) as s:
             assert s.get(Book, book_id) is not None
@@ -477,6 +533,41 @@ class TestRelationshipsAtFlush:
         assert redis_client.hget(f"{{mk}}:member:{member_id}", "club_id") is None
         assert redis_client.exists(f"{{mk}}:club:{club_id}") == 0
 
+    def test_child_moved_to_a_new_parent_survives_its_old_parents_delete(
+        self, engine: Engine
+    ) -> None:
+        """A child moved to a parent created in the same flush that deletes its old parent
+        follows the new parent (its many-to-one says so, its key column not yet)."""
+        # Kills: the reverse-side test of dependency._pointer inverted (the key column,
+        # still naming the old parent, would be believed).
+        old_id, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            old, book = s.get(Shelf, old_id), s.get(Book, book_id)
+            assert old is not None and book is not None
+            new = Shelf(name="new")
+            book.shelf = new
+            s.delete(old)
+            s.commit()
+            new_id = new.id
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None and book.shelf_id == new_id
+
+    def test_one_sided_one_to_many_sets_the_childrens_key(self, engine: Engine) -> None:
+        """A one-to-many with no reverse side: children appended to the list get the
+        parent's key at flush."""
+        # Kills: dependency._follows_list answering None (falsy) for a one-sided list.
+        with Session(engine) as s:
+            drawer = Drawer(name="d", notes=[Note(text="n1"), Note(text="n2")])
+            s.add(drawer)
+            s.commit()
+            drawer_id, note_ids = drawer.id, [n.id for n in drawer.notes]
+        with Session(engine) as s:
+            notes = s.get_many(Note, note_ids)
+            assert [n.drawer_id for n in notes if n is not None] == [drawer_id, drawer_id]
+            drawer = s.get(Drawer, drawer_id)
+            assert drawer is not None and sorted(n.id for n in drawer.notes) == note_ids
+
     def test_delete_unlinks_a_one_sided_many_to_many(
         self, engine: Engine, redis_client: Any
     ) -> None:
@@ -561,6 +652,72 @@ class TestFlushPlan:
         sadds = [c for c in rt.commands if c[0] == "SADD" and c[1] == "{mk}:book:#ix:title:same"]
         assert len(sadds) == 1 and sorted(sadds[0][2:]) == ["1", "2", "3"]
 
+    def test_two_new_objects_with_one_id_are_refused(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """Two new objects with one explicit id, or a new one with the id of an object the
+        session holds: IntegrityError, nothing written. Deleting the held one first in the
+        same flush makes room."""
+        # Kills: the duplicate-identity raise of unitofwork removed, or its "not deleted"
+        # test inverted.
+        _, (book_id,) = _shelf(engine, "a")
+        before = dump_keys(redis_client)
+        with Session(engine) as s:
+            s.add_all([Book(title="x", id=500), Book(title="y", id=500)])
+            with pytest.raises(IntegrityError, match="primary key 500; nothing was written"):
+                s.commit()
+        with Session(engine) as s:
+            assert s.get(Book, book_id) is not None
+            s.add(Book(title="clash", id=book_id))
+            with pytest.raises(IntegrityError, match="nothing was written"):
+                s.commit()
+        assert dump_keys(redis_client) == before
+        with Session(engine) as s:
+            s.delete(s.get(Book, book_id))
+            s.add(Book(title="replacement", id=book_id))
+            s.commit()
+        assert redis_client.hget(f"{{mk}}:book:{book_id}", "title") == b"replacement"
+
+    def test_explicit_id_moves_the_counter_past_it(self, engine: Engine) -> None:
+        """After an object is stored under an explicit id, generated ids start after it."""
+        # Kills: persistence not sending the SET that moves the id counter up.
+        with Session(engine) as s:
+            s.add(Book(title="e", id=10))
+            s.commit()
+            generated = Book(title="g")
+            s.add(generated)
+            s.commit()
+            assert generated.id == 11
+
+    def test_error_inside_exec_leaves_objects_in_doubt(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """A key turned to the wrong type after the checks: EXEC reports it, the flushed
+        objects are marked in doubt, and the session refuses to flush until rollback."""
+        # Kills: persistence not marking the flush's objects in doubt on EXEC errors.
+        _, (book_id,) = _shelf(engine, "a")
+        index_key = "{mk}:book:#ix:title:b"
+
+        def sabotage(commands: Any) -> None:
+            if commands and commands[0] == ("MULTI",):
+                redis_client.set(index_key, "not a set")
+
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            book.title = "b"
+            engine.add_listener(sabotage)
+            try:
+                with pytest.raises(FlushError) as info:
+                    s.commit()
+            finally:
+                engine.remove_listener(sabotage)
+            assert info.value.key == index_key
+            with pytest.raises(InvalidRequestError, match="unknown"):
+                s.flush()
+            s.rollback()
+            assert s.get(Book, book_id) is book
+
     def test_many_to_one_to_an_object_of_another_session_is_refused(
         self, engine: Engine, redis_client: Any
     ) -> None:
@@ -630,6 +787,38 @@ class TestFlushPlan:
 
 
 class TestQueries:
+    def test_query_skips_dangling_ids_and_pending_deletes(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """Ids an index lists without an object, and objects deleted in the session (not
+        yet flushed), are left out of a query's result."""
+        # Kills: `and` -> `or` in query._objects_for.
+        _, (a_id, b_id) = _shelf(engine, "a", "b")
+        redis_client.zadd("{mk}:book:#all", {"999": 999})
+        with Session(engine) as s, s.no_autoflush:
+            assert [b.id for b in s.scalars(select(Book))] == [a_id, b_id]
+            s.delete(s.get(Book, a_id))
+            assert [b.id for b in s.scalars(select(Book))] == [b_id]
+
+    def test_count_of_a_range_is_one_zcount(self, engine: Engine) -> None:
+        """count() of a lone range condition is one ZCOUNT (no temporary keys)."""
+        # Kills: query._direct_count_command not answering for ranges.
+        with Session(engine) as s:
+            s.add_all(Track(pos=i) for i in range(5))
+            s.commit()
+        with Session(engine) as s:
+            with count_round_trips(engine) as rt:
+                assert s.count(select(Track).where(Track.pos >= 2)) == 3
+            assert rt.command_names == ["ZCOUNT"]
+
+    def test_order_comparison_with_a_wrong_type_names_the_field(self, engine: Engine) -> None:
+        """Comparing a sorted int field with a str: ValidationError naming the field."""
+        # Kills: the codec validation removed from query._Compiler._score.
+        with Session(engine) as s:
+            with pytest.raises(ValidationError) as info:
+                s.scalars(select(Track).where(Track.pos < "x"))  # type: ignore[operator]
+        assert (info.value.model, info.value.field) == ("Track", "pos")
+
     def test_in_with_none_on_a_sorted_field(self, engine: Engine) -> None:
         """in_([None, v]) on a sorted field matches the None objects and those equal to v."""
         # Kills: `v is None` negated in the sorted in_() of the query compiler.
