@@ -31,6 +31,7 @@ from redmap.exc import (
     FlushError,
     IntegrityError,
     InvalidRequestError,
+    ObjectDeletedError,
     QueryError,
     StaleDataError,
     ValidationError,
@@ -93,6 +94,7 @@ class Club:
 @dataclass
 class Member:
     name: str
+    nickname: Annotated[Optional[str], Indexed()] = None
     club_id: Annotated[Optional[int], ForeignKey("Club")] = None
     club: Optional[Club] = relationship(back_populates="members")
     id: Annotated[Optional[int], PrimaryKey()] = None
@@ -315,6 +317,37 @@ class TestSessionBookkeeping:
         assert len(errors) == 1 and "already flushing" in str(errors[0])
         with Session(engine) as s:
             assert s.get(Book, book_id).title == "b"  # type: ignore[union-attr]
+
+    def test_expunged_deleted_object_is_no_longer_deleted(self, engine: Engine) -> None:
+        """An object marked for deletion and then expunged is a plain detached object:
+        added to another session it is kept, not deleted."""
+        # Kills: Session._detach not clearing the state's deleted mark.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            s.delete(book)
+            s.expunge(book)
+        with Session(engine) as s2:
+            s2.add(book)
+            assert book not in s2.deleted and s2.get(Book, book_id) is book
+            s2.commit()
+        with Session(engine) as s3:
+            assert s3.get(Book, book_id) is not None
+
+    def test_expired_object_deleted_elsewhere_raises_on_access(self, engine: Engine) -> None:
+        """Reading an expired object that another session deleted meanwhile raises
+        ObjectDeletedError naming it (not stale values, not None)."""
+        # Kills: Session._load_unloaded without its raise.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            s.expire(book)
+            with Session(engine) as other:
+                other.delete(other.get(Book, book_id))
+                other.commit()
+            with pytest.raises(ObjectDeletedError, match=f"Book with primary key {book_id}"):
+                _ = book.title
 
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
@@ -787,6 +820,21 @@ class TestFlushPlan:
 
 
 class TestQueries:
+    def test_equality_with_none_on_an_indexed_field(self, engine: Engine) -> None:
+        """`== None` on an indexed field reads the None index entry: the objects without a
+        value, and only them."""
+        # Kills: query._Compiler._value_segment answering None for a None value.
+        with Session(engine) as s:
+            members = [Member(name="a"), Member(name="b", nickname="bee"), Member(name="c")]
+            s.add_all(members)
+            s.commit()
+            ids = [m.id for m in members]
+        with Session(engine) as s:
+            q = select(Member).where(Member.nickname == None)  # noqa: E711
+            assert sorted(m.id for m in s.scalars(q)) == [ids[0], ids[2]]
+            q = select(Member).where(Member.nickname == "bee")
+            assert [m.id for m in s.scalars(q)] == [ids[1]]
+
     def test_query_skips_dangling_ids_and_pending_deletes(
         self, engine: Engine, redis_client: Any
     ) -> None:
