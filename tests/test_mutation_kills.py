@@ -942,7 +942,42 @@ def _cluster_keys(client: Any) -> dict[bytes, Any]:
     return {k: client.dump(k) for k in names if b"#flush:" not in k}
 
 
+xreg = registry(prefix="mkx", shards=4)
+
+
+@xreg.mapped
+@dataclass
+class Hen:
+    """Sharded by its egg, whose shard follows its hen: new pairs cannot be placed."""
+
+    __shard_key__ = "egg_id"
+    egg_id: Annotated[Optional[int], ForeignKey("Egg")] = None
+    egg: Optional[Egg] = relationship()
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@xreg.mapped
+@dataclass
+class Egg:
+    __shard_key__ = "hen_id"
+    hen_id: Annotated[Optional[int], ForeignKey("Hen")] = None
+    hen: Optional[Hen] = relationship()
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
 class TestShards:
+    def test_circular_shard_keys_are_refused(self, engine: Engine, redis_client: Any) -> None:
+        """Two new objects each sharded by the other: InvalidRequestError naming the
+        cycle, before anything is written."""
+        # Kills: unitofwork's shard placement returning instead of raising on a cycle.
+        with Session(engine) as s:
+            hen, egg = Hen(), Egg()
+            hen.egg, egg.hen = egg, hen
+            s.add_all([hen, egg])
+            with pytest.raises(InvalidRequestError, match="circular shard keys"):
+                s.commit()
+        assert redis_client.keys("{mkx*") == []
+
     def test_query_over_two_shards_returns_both(self, engine: Engine) -> None:
         """A query whose shard-key condition names two shards reads and merges both."""
         # Kills: `len(spaces) > 1` -> `> 2` in query._ids_in (two shards read as one).
