@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -31,9 +32,24 @@ from redmap import (
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, StaleDataError
 from redmap.persistence import TOKEN_TTL_MS
-from tests.reliability._budget import examples_from_env, run_seeded
+from tests.reliability._budget import Stats, check_minimums, examples_from_env, run_seeded
 
 reg = registry(prefix="sm")
+
+STATS = Stats()
+"""Counts over a run (rules, flush outcomes, the stale-after-expire branch), printed at
+the end; `MINIMUMS` per 100 examples must be reached."""
+
+MINIMUMS = {
+    "reload keeps old version (stale after expire)": 30,
+    "stale after expire: flush refused": 40,
+    "flushes refused: StaleDataError": 60,
+    "flushes refused: IntegrityError": 8,
+    "objects updated": 30,
+    "objects inserted": 25,
+    "objects deleted": 15,
+    "rule foreign_commit": 100,
+}
 
 
 @reg.mapped
@@ -154,6 +170,7 @@ class SessionHistories(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
+        STATS.bump("examples")
         self.client.flushall()
         # The committed state: rows and versions by primary key, and the id counter.
         self.ref: dict[int, Row] = {}
@@ -180,7 +197,8 @@ class SessionHistories(RuleBasedStateMachine):
         claims = [(ch["code"], pk) for pk, ch in updates.items() if ch.get("code") is not None]
         claims += [(row.code, None) for _, row in t.new if row.code is not None]
         codes = [c for c, _ in claims]
-        if len(set(codes)) < len(codes):
+        twice = len(set(codes)) < len(codes)
+        if twice:
             errors.add(IntegrityError)
         released: dict[str, set[int]] = {}
         for pk in [*t.deleted, *(pk for pk, ch in updates.items() if "code" in ch)]:
@@ -194,7 +212,9 @@ class SessionHistories(RuleBasedStateMachine):
                 errors.add(IntegrityError)
         for pk in [*t.deleted, *updates]:
             if self.ver.get(pk) != t.version[pk]:
-                errors.add(StaleDataError)
+                # Staleness wins (issue 11 item 8): a retry may then succeed. A value
+                # claimed twice in the flush may be refused before any I/O.
+                errors = {StaleDataError} | ({IntegrityError} if twice else set())
         return errors, updates
 
     def _flushing(self, t: Tracked, action: Callable[[], Any]) -> tuple[bool, Any]:
@@ -208,10 +228,15 @@ class SessionHistories(RuleBasedStateMachine):
             with pytest.raises((StaleDataError, IntegrityError)) as info:
                 action()
             assert type(info.value) in errors, f"{info.value!r}, expected one of {errors}"
+            STATS.bump(f"flushes refused: {type(info.value).__name__}")
             t.session.rollback()
             t.rollback()
             return False, None
         result = action()
+        STATS.bump("flushes applied")
+        STATS.bump("objects deleted", len(t.deleted))
+        STATS.bump("objects updated", len(updates))
+        STATS.bump("objects inserted", len(t.new))
         for pk in sorted(t.deleted):
             del self.ref[pk], self.ver[pk]
             t.forget(pk)
@@ -266,6 +291,7 @@ class SessionHistories(RuleBasedStateMachine):
                     # Fields assigned while expired, and the object changed since: the
                     # reload fills the other fields but keeps the old version, so the
                     # object never passes for current and a flush detects the conflict.
+                    STATS.bump("reload keeps old version (stale after expire)")
                     old = t.snap[pk]
                     values = {f: getattr(old, f) for f in kept}
                     t.snap[pk] = dataclasses.replace(self.ref[pk], **values)
@@ -305,6 +331,7 @@ class SessionHistories(RuleBasedStateMachine):
                 self.ver[self.seq] = 1
 
     @rule(who=SESSIONS, row=ROWS)
+    @STATS.rule
     def add(self, who: str, row: Row) -> None:
         """A session adds a new object; it is written at that session's next flush."""
         t = self.sessions[who]
@@ -313,6 +340,7 @@ class SessionHistories(RuleBasedStateMachine):
         t.new.append((obj, row))
 
     @rule(who=SESSIONS, data=st.data(), via_get=st.booleans(), field=st.sampled_from(FIELDS))
+    @STATS.rule
     def update(self, who: str, data: st.DataObject, via_get: bool, field: str) -> None:
         """A session assigns one field of an object it holds (loading it with get first)."""
         t = self.sessions[who]
@@ -323,13 +351,16 @@ class SessionHistories(RuleBasedStateMachine):
                 return
         else:
             obj = t.objs[pk]  # possibly expired: assigning loads nothing
-        value = data.draw(VALUES[field], label="value")
+        # A value other than the one the session shows: every update is a change.
+        current = getattr(t.view(pk), field)
+        value = data.draw(VALUES[field].filter(lambda v: v != current), label="value")
         setattr(obj, field, value)
         t.dirty.setdefault(pk, {})[field] = value
         if pk in t.expired:
             t.partial.setdefault(pk, set()).add(field)
 
     @rule(who=SESSIONS, data=st.data(), via_get=st.booleans())
+    @STATS.rule
     def delete(self, who: str, data: st.DataObject, via_get: bool) -> None:
         """A session marks an object it holds for deletion (loading it with get first)."""
         t = self.sessions[who]
@@ -344,6 +375,7 @@ class SessionHistories(RuleBasedStateMachine):
         t.deleted.add(pk)
 
     @rule(who=SESSIONS)
+    @STATS.rule
     def commit(self, who: str) -> None:
         """A session commits: its changes are written atomically, or not at all."""
         t = self.sessions[who]
@@ -352,26 +384,69 @@ class SessionHistories(RuleBasedStateMachine):
             t.expire_all()
 
     @rule(who=SESSIONS)
+    @STATS.rule
     def flush(self, who: str) -> None:
         """A session flushes without expiring its objects."""
         t = self.sessions[who]
         self._flushing(t, t.session.flush)
 
-    @rule(who=SESSIONS)
-    def rollback(self, who: str) -> None:
-        """A session rolls back: pending work is dropped, loaded objects are expired."""
+    @rule(who=SESSIONS, really=st.integers(0, 3))
+    @STATS.rule
+    def rollback(self, who: str, really: int) -> None:
+        """A session rolls back: pending work is dropped, loaded objects are expired (one
+        time in four: pending work is worth keeping for commits and conflicts)."""
+        if really:
+            return
         t = self.sessions[who]
         t.session.rollback()
         t.rollback()
 
-    @rule(who=SESSIONS)
-    def expire_all(self, who: str) -> None:
-        """A session expires every object: assignments are dropped, values reload on access."""
+    @rule(who=SESSIONS, really=st.integers(0, 3))
+    @STATS.rule
+    def expire_all(self, who: str, really: int) -> None:
+        """A session expires every object: assignments are dropped, values reload on access
+        (one time in four)."""
+        if really:
+            return
         t = self.sessions[who]
         t.session.expire_all()
         t.expire_all()
 
+    @rule(who=SESSIONS, data=st.data(), field=st.sampled_from(FIELDS))
+    @STATS.rule
+    def stale_after_expire(self, who: str, data: st.DataObject, field: str) -> None:
+        """A session holds an object, expires everything and assigns one field without
+        loading; a foreign session changes the object; the session reads it (the reload
+        keeps the old version) and flushes: StaleDataError, nothing written."""
+        t = self.sessions[who]
+        if t.new or t.deleted or t.changes() or not self.ref:
+            return  # only an idle session: the expiry would drop pending work
+        pk = data.draw(st.sampled_from(sorted(self.ref)), label="pk")
+        if self._get(t, pk) is None:
+            return
+        t.session.expire_all()
+        t.expire_all()
+        obj = t.objs[pk]
+        value = data.draw(VALUES[field], label="value")
+        setattr(obj, field, value)
+        t.dirty.setdefault(pk, {})[field] = value
+        t.partial.setdefault(pk, set()).add(field)
+        with Session(self.engine) as s:
+            found = s.get(Item, pk)
+            assert found is not None
+            found.rank = self.ref[pk].rank + 1 if self.ref[pk].rank < RANKS[1] else RANKS[0]
+            s.commit()
+            self.ref[pk] = dataclasses.replace(self.ref[pk], rank=found.rank)
+            self.ver[pk] += 1
+        if self._get(t, pk) is None:  # autoflush (session A) refused the flush
+            STATS.bump("stale after expire: flush refused")
+            return
+        ok, _ = self._flushing(t, t.session.flush)
+        if not ok:
+            STATS.bump("stale after expire: flush refused")
+
     @rule(data=st.data(), action=st.sampled_from(("insert", "update", "delete", "insert")))
+    @STATS.rule
     def foreign_commit(self, data: st.DataObject, action: str) -> None:
         """A third, short-lived session inserts, changes or deletes one object and commits."""
         owners = {row.code: pk for pk, row in self.ref.items() if row.code is not None}
@@ -429,6 +504,7 @@ class SessionHistories(RuleBasedStateMachine):
     @invariant()
     def queries_match_reference(self) -> None:
         """Every query form returns exactly the reference's ids, in order; count() agrees."""
+        STATS.bump("steps")
         # Query results depend only on what Redis holds, which `keys_match_reference`
         # compares with the reference after every step: a state already queried (the
         # step wrote nothing) is not queried again, which keeps 200 x 50 steps fast.
@@ -557,6 +633,8 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     client = redis.Redis.from_url(redis_url)
     SessionHistories.engine = engine
     SessionHistories.client = client
+    STATS.clear()
+    t0 = time.perf_counter()
     try:
         run_seeded(
             "fields state machine",
@@ -568,11 +646,16 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     finally:
         client.close()
         engine.dispose()
+    print(f"fields state machine: {STATS.get('examples', 0)} examples, "
+          f"{STATS.get('steps', 0)} steps, {time.perf_counter() - t0:.0f}s; "
+          f"counts: {dict(sorted(STATS.items()))}")
+    check_minimums(STATS, MINIMUMS, examples=max_examples, per=100)
 
 
 def test_session_histories(redis_url: str) -> None:
-    """Random histories of two sessions and foreign writers keep Redis equal to the model."""
-    _run(redis_url, max_examples=examples_from_env(200),
+    """120 random histories of two sessions and foreign writers keep Redis equal to the
+    model, and reach their interesting branches (stale after expire, refused flushes)."""
+    _run(redis_url, max_examples=examples_from_env(120),
          test_id="tests/test_stateful.py::test_session_histories")
 
 

@@ -79,3 +79,22 @@ def check_minimums(
         if stats.get(k, 0) < int(v * scale)
     }
     assert not short, f"branches that ran too rarely (ran, needed): {short}"
+
+
+class Stats(dict[str, int]):
+    """Counts of a run: rules run, outcomes seen, branches taken."""
+
+    def bump(self, key: str, n: int = 1) -> None:
+        self[key] = self.get(key, 0) + n
+
+    def rule(self, fn: Any) -> Any:
+        """Decorate a rule (under `@rule`) to count its runs as `rule <name>`."""
+        stats = self
+
+        def counted(machine: Any, *args: Any, **kwargs: Any) -> Any:
+            stats.bump(f"rule {fn.__name__}")
+            return fn(machine, *args, **kwargs)
+
+        counted.__name__ = fn.__name__
+        counted.__doc__ = fn.__doc__
+        return counted

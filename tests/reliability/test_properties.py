@@ -53,7 +53,7 @@ from redmap import Session, create_engine, select
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import StaleDataError
-from tests.reliability._budget import examples_from_env, run_seeded
+from tests.reliability._budget import check_minimums, examples_from_env, run_seeded
 from tests.reliability._family import Kid, Parent, Tag, Team, reg
 
 MODELS: dict[str, type[Any]] = {"P": Parent, "T": Team, "K": Kid, "G": Tag}
@@ -598,6 +598,24 @@ class RelationshipHistories(RuleBasedStateMachine):
 
     # -- rules: transactions ---------------------------------------------------------------
 
+    @rule(data=st.data(), kind=st.sampled_from(tuple(MODELS)), name=st.sampled_from(NAMES))
+    def foreign_rename(self, data: st.DataObject, kind: str, name: str) -> None:
+        """A third, short-lived session renames a committed object: what A or B hold of it
+        is stale from now on (their writes and deletes of it must be refused)."""
+        refs = sorted(r for r in self.ref.fields if r[0] == kind)
+        if not refs:
+            return
+        r = data.draw(st.sampled_from(refs), label="rename")
+        with Session(self.engines["check"]) as s:
+            obj = s.get(MODELS[kind], r[1])
+            assert obj is not None
+            obj.name = name
+            s.commit()
+        if self.ref.fields[r]["name"] != name:
+            self.ref.fields[r]["name"] = name
+            self.ref.ver[r] += 1
+            bump("foreign renames")
+
     @rule(who=SESSIONS, really=st.integers(0, 1))
     def commit(self, who: str, really: int) -> None:
         """Commit (one time in two, so that work piles up and commits interleave); the
@@ -977,6 +995,18 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
         f"outcomes: { {k: v for k, v in sorted(STATS.items()) if ':' in k or 'with' in k} }"
     )
     assert full >= max_examples
+    check_minimums(STATS, MINIMUMS, examples=max_examples, per=100)
+
+
+# The least each outcome must occur per 100 examples (scaled to the run).
+MINIMUMS = {
+    "commits applied": 100,
+    "commits refused (stale)": 10,
+    "stale: changed": 5,
+    "commits with doomed": 10,
+    "commits with net": 10,
+    "foreign renames": 50,
+}
 
 
 def test_relationship_histories(redis_url: str) -> None:
