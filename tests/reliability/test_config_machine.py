@@ -1384,28 +1384,75 @@ class ConfigHistories(RuleBasedStateMachine):
                 out.append(f"{now} joined the session")
         return out
 
-    @rule(who=SESSIONS, data=st.data(), how=st.sampled_from(("unique", "stale")))
+    def _release(self, data: st.DataObject, t: Tracked) -> None:
+        """Take a committed player the session holds off its team (an orphan with
+        delete-orphan), as pending work the flush's preparation acts on."""
+        held = [pk for pk in sorted(self.players, key=order_key)
+                if self.players[pk].team is not None and pk not in t.deleted]
+        if not held:
+            return
+        pk = data.draw(st.sampled_from(held), label="release")
+        obj = self._get(t, pk)
+        if obj is None or t.view(pk).team is None:
+            return
+        assert obj.team is not None
+        obj.team = None
+        t.dirty.setdefault(pk, {})["team"] = None
+        assert self.cfg is not None
+        if self.cfg.orphans:
+            t.orphans.add(pk)
+        bump("failed flush: with a released player pending")
+
+    @rule(who=SESSIONS, data=st.data(), how=st.sampled_from(("unique", "stale")),
+          pending=st.sampled_from(("as is", "release", "child of a new team")))
     @counted
-    def fail_then_retry(self, who: str, data: st.DataObject, how: str) -> None:
+    def fail_then_retry(self, who: str, data: st.DataObject, how: str, pending: str) -> None:
         """Make the session's commit fail (a duplicate unique value, or a player changed by
-        the worker since the session loaded it), check that Redis and the session are
-        exactly as before it, fix the cause and commit the same session again."""
+        the worker since the session loaded it), with relationship work pending (a released
+        player, a child of a new team), check that Redis and the session are exactly as
+        before it, fix the cause and commit the same session again."""
         assert self.cfg is not None
         t = self.sv[who]
         fix: Callable[[], None]
+        if pending == "release":
+            self._release(data, t)
+        elif pending == "child of a new team":
+            team = self.Team(name="n")
+            possible, tpk = self._explicit_pk(
+                data, {o.__dict__.get("id") for _, o in t.new_teams} | set(t.teams))
+            if possible:
+                if tpk is not None:
+                    team.id = tpk
+                h = NewTeam(self._new_handle())
+                t.new_teams.append((h, team))
+                t.session.add(team)
+                avoid = {p.__dict__.get("id") for _, p, _ in t.new} | set(t.objs)
+                possible, ppk = self._explicit_pk(data, avoid)
+                if possible:
+                    child = self.Player(name="k", team=team)
+                    if ppk is not None:
+                        child.id = ppk
+                    t.session.add(child)
+                    t.new.append((NewPlayer(self._new_handle()), child, Row("k", None, 0, h)))
         if how == "unique":
+            # A duplicate: a taken unique email, or (explicit keys) a taken primary key.
             owners = sorted(
                 (r.email, pk) for pk, r in self.players.items()
                 if r.email and pk not in t.deleted and pk not in t.orphans
                 and "email" not in t.dirty.get(pk, {})
             )
-            if not self.cfg.unique or not owners:
-                return
-            email, _ = data.draw(st.sampled_from(owners), label="duplicate of")
             avoid = {p.__dict__.get("id") for _, p, _ in t.new} | set(t.objs)
-            avoid |= set(self.players)
-            possible, pk = self._explicit_pk(data, avoid)
-            if not possible:
+            if self.cfg.unique and owners:
+                email, _ = data.draw(st.sampled_from(owners), label="duplicate of")
+                possible, pk = self._explicit_pk(data, avoid | set(self.players))
+                if not possible:
+                    return
+            elif self.cfg.explicit:
+                taken = [k for k in sorted(self.players, key=order_key) if k not in avoid]
+                if not taken:
+                    return
+                email, pk = None, data.draw(st.sampled_from(taken), label="duplicate key")
+            else:
                 return
             dup = self.Player(name="d", email=email)
             if pk is not None:
@@ -1414,12 +1461,20 @@ class ConfigHistories(RuleBasedStateMachine):
             handle = NewPlayer(self._new_handle())
             t.new.append((handle, dup, Row("d", email, 0, None)))
             self.fresh += 1
-            unique_email = f"f{self.fresh}"
+            unique_email = f"f{self.fresh}" if email is not None else None
+            free = [k for k in self.cfg.pool() if k not in avoid and k not in self.players
+                    and self._reusable(k)] if self.cfg.explicit else []
 
             def fix() -> None:
-                dup.email = unique_email
                 i = next(i for i, (h, _, _) in enumerate(t.new) if h == handle)
-                t.new[i] = (handle, dup, Row("d", unique_email, 0, None))
+                if email is not None:
+                    dup.email = unique_email
+                    t.new[i] = (handle, dup, Row("d", unique_email, 0, None))
+                elif free:
+                    dup.id = free[0]  # another key
+                else:
+                    t.session.expunge(dup)  # no key left: drop the duplicate
+                    del t.new[i]
         else:
             pk = self._pick(data, t)
             if pk is None or pk not in self.players or pk in t.deleted or pk in t.orphans:
