@@ -853,7 +853,9 @@ class ConfigHistories(RuleBasedStateMachine):
                 updates[pk] = ch
         errors: set[type[Exception]] = set()
         # Two objects of one primary key in the session: refused before any I/O.
-        if any((self.Team, pk) in held for pk in team_pks if pk is not None):
+        if any((self.Team, pk) in held for pk in team_pks if pk is not None) or any(
+            (self.Player, pk) in held and pk not in doomed for pk in new_pks if pk is not None
+        ):
             return {IntegrityError}, updates, doomed
         for pk in [*doomed, *updates]:
             if self.pver.get(pk) != t.version[pk] or self.inc.get(pk) != t.inc.get(pk):
@@ -878,7 +880,9 @@ class ConfigHistories(RuleBasedStateMachine):
             errors.add(IntegrityError)
         if any(pk is not None and pk in self.teams for pk in team_pks):
             errors.add(IntegrityError)
-        if any(pk is not None and pk in self.players for pk in new_pks):
+        # (A key the same commit deletes may be taken by a new object: the delete comes
+        # first.)
+        if any(pk is not None and pk in self.players and pk not in doomed for pk in new_pks):
             errors.add(IntegrityError)
         if self.cfg.unique:
             released = {t.snap[pk].email for pk in doomed if t.snap[pk].email} | {
@@ -1034,7 +1038,7 @@ class ConfigHistories(RuleBasedStateMachine):
         for _, obj, row in t.new:
             pk = obj.id
             assert pk is not None, f"{t.name}: a committed player has no id"
-            if pk in pre_players or pk in seen:
+            if (pk in pre_players and pk not in doomed) or pk in seen:
                 known("1", f"{t.name}: player id {pk!r} given to a new object, but an "
                       f"acknowledged insert holds it (overwritten)")
                 overwritten.append(pk)
@@ -1296,6 +1300,8 @@ class ConfigHistories(RuleBasedStateMachine):
                 if self.pver.get(pk) == version and pk in self.restarted:
                     known(self.restarted[pk], f"merge of a copy of {pk!r} (version {version}"
                           f" of an earlier object of the key) applied over the new object")
+                    self._resync_player(pk)
+                    return
                 known("3", f"merge of a copy of {pk!r} loaded at version {version} applied "
                       f"over a {what} player (now {self.pver.get(pk)})")
                 self._resync_player(pk)
@@ -1317,6 +1323,31 @@ class ConfigHistories(RuleBasedStateMachine):
             bump("merge applied")
         else:
             bump("merge applied (no change)")
+
+    @rule(data=st.data(), name=st.sampled_from(NAMES), score=st.integers(*SCORES))
+    @counted
+    def merge_new(self, data: st.DataObject, name: str, score: int) -> None:
+        """Merge a player built by hand (never loaded, with a key no object has) into a
+        fresh session and commit: it is inserted, as `add` would."""
+        assert self.cfg is not None
+        pk = None
+        if self.cfg.explicit:
+            free = [k for k in self.cfg.pool() if k not in self.players and self._reusable(k)]
+            if not free:
+                return
+            pk = data.draw(st.sampled_from(free), label="key")
+        built = self.Player(name=name, score=score)
+        if pk is not None:
+            built.id = pk
+        with self._session(self.engines["check"]) as s:
+            merged = s.merge(built)
+            assert merged is not built, "merge returned the caller's object"
+            s.commit()
+            got = merged.id
+        assert got is not None and (pk is None or got == pk), f"merged new player got {got!r}"
+        assert got not in self.players, f"a merged new player took the key of {got!r}"
+        self._inserted(got, Row(name, None, score, None))
+        bump("merge of a new object inserted")
 
     def _resync_player(self, pk: Any) -> None:
         """After a tolerated wrong outcome: take what Redis holds for `pk` as the reference."""
