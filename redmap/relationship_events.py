@@ -4,11 +4,13 @@ Called by `InstrumentedList` (collection adds/removes) and by the relationship
 descriptor (scalar sets). `back_populates` is applied at once; foreign keys follow
 when the target's primary key is known (else at flush); new related objects join
 the session (save-update cascade); many-to-many link changes and delete-orphan
-candidates are recorded on the owning session.
+candidates are recorded on the owning session; `discard_expired` forgets the
+records that an expiry (or refresh) took back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .attributes import state_of
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from .session import Session
     from .state import InstanceState
 
-__all__ = ["collection_added", "collection_removed", "scalar_set"]
+__all__ = ["collection_added", "collection_removed", "discard_expired", "scalar_set"]
 
 
 def _session_of(*objs: Any) -> Session | None:
@@ -157,6 +159,63 @@ def scalar_set(obj: Any, prop: RelationshipProperty, old: Any, new: Any) -> None
             new_list._append_quiet(obj)
     if session is not None and new is None and "delete-orphan" in reverse.cascade:
         session._orphans[id(obj)] = (obj, reverse)
+
+
+def discard_expired(session: Session, expired: Iterable[Any] | None) -> None:
+    """Forget the relationship changes that expiring `expired` (None: every object) took back.
+
+    Expiry discards pending changes of the expired attributes, and the records kept
+    beside them must follow, or the flush would still write a change the objects no
+    longer show. A record stays while a loaded attribute the flush reads it from still
+    holds it:
+    - a delete-orphan release, while the child's many-to-one or foreign key is loaded
+      (`dependency._orphans` decides by them); expiring only the parent leaves the
+      child's own release (its key cleared) pending, as in SQLAlchemy;
+    - a many-to-many change, while either side's list is loaded and shows it;
+    - a relationship-changed mark, while the object has a relationship loaded.
+    Cost: one pass over the records (none when there are none).
+    """
+    if not (session._orphans or session._links or session._rel_dirty):
+        return
+    ids = None if expired is None else {id(obj) for obj in expired}
+
+    def touched(*objs: Any) -> bool:
+        return ids is None or any(id(obj) in ids for obj in objs)
+
+    for key, (item, prop) in list(session._orphans.items()):
+        if touched(item) and not _release_held(item, prop):
+            del session._orphans[key]
+    session._links[:] = [
+        entry for entry in session._links if not touched(entry[0], entry[2]) or _link_held(*entry)
+    ]
+    for key, obj in list(session._rel_dirty.items()):
+        if touched(obj) and not _relationship_loaded(obj):
+            del session._rel_dirty[key]
+
+
+def _release_held(child: Any, prop: RelationshipProperty) -> bool:
+    """Whether the child still shows where it points (the flush's orphan test reads this)."""
+    d = child.__dict__
+    reverse = prop.reverse
+    return prop.fk_column in d or (reverse is not None and reverse.key in d)
+
+
+def _link_held(owner: Any, prop: RelationshipProperty, item: Any, added: bool) -> bool:
+    """Whether a loaded list on either side still shows the link as this change left it
+    (by identity: mapped dataclasses compare by value)."""
+
+    def shows(holder: Any, key: str, member: Any) -> bool:
+        value = holder.__dict__.get(key)
+        return value is not None and any(x is member for x in value) == added
+
+    reverse = prop.reverse
+    return shows(owner, prop.key, item) or (reverse is not None and shows(item, reverse.key, owner))
+
+
+def _relationship_loaded(obj: Any) -> bool:
+    """Whether the flush's foreign-key sync has anything of `obj` to read."""
+    st = state_of(obj)
+    return st is None or any(key in obj.__dict__ for key in st.mapper.relationships)
 
 
 def owner_state(obj: Any) -> InstanceState | None:

@@ -20,6 +20,7 @@ from .exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDa
 from .identity import IdentityMap, IdentitySet
 from .loading import load_instance
 from .mapper import Mapper, mapper_of
+from .relationship_events import discard_expired
 from .state import InstanceState
 from .unitofwork import UOWTransaction, changed_fields
 
@@ -388,23 +389,40 @@ class Session:
     # -- expiry and refresh ----------------------------------------------------------------
 
     def expire(self, obj: object, attribute_names: Sequence[str] | None = None) -> None:
-        """Forget loaded values (and pending changes to them); they reload on access."""
+        """Forget loaded values (and pending changes to them); they reload on access.
+
+        Relationship changes recorded beside the attributes go with them once no loaded
+        attribute holds them any more (`relationship_events.discard_expired`): a child
+        released from a delete-orphan list whose many-to-one and key are expired is no
+        longer deleted as an orphan.
+        """
         st = self._own_state(obj, "expire")
         st.expire(None if attribute_names is None else list(attribute_names))
         if not st.modified:
             self._identity_map.modified.discard(st)
+        discard_expired(self, [obj])
 
     def expire_all(self) -> None:
+        """Expire every persistent object: all pending changes to them are discarded,
+        relationship changes included (those held by new objects stay)."""
         for st in self._identity_map.states():
             st.expire()
         self._identity_map.modified.clear()
+        discard_expired(self, None)
 
     def refresh(self, obj: object) -> None:
-        """Reload every attribute from Redis now, discarding pending changes (1 round trip)."""
+        """Reload every attribute from Redis now, discarding pending changes (1 round trip).
+
+        Relationships are expired (they reload on access from the refreshed keys), so a
+        pending relationship change of `obj` goes too, as with `expire(obj)`.
+        """
         st = self._own_state(obj, "refresh")
         if st.identity is None or st.key is None:
             raise InvalidRequestError(f"{st.mapper.name} object is pending; nothing to refresh")
         (data,) = self.bind.execute([("HGETALL", st.key)])
+        st.expire()
+        self._identity_map.modified.discard(st)
+        discard_expired(self, [obj])
         if load_instance(self, st.mapper, st.pk, st.key, data, refresh=True) is None:
             raise ObjectDeletedError(
                 f"{st.mapper.name} with primary key {st.pk!r} no longer exists"

@@ -31,11 +31,6 @@ def _player_on_a_team(engine: Engine) -> int:
         return p.id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new defect (H7): expire_all() / expire(obj) discard the release of a child "
-    "from a delete-orphan list, but the child is still deleted as an orphan by the next commit",
-)
 @pytest.mark.parametrize("expire", ["expire_all", "expire"])
 def test_expire_discards_a_pending_orphan(
     engine: Engine, redis_client: redis.Redis, expire: str
