@@ -293,7 +293,10 @@ def _load_objects(
 
 def _check_version(run: _Audit, key: str, data: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """Report a missing or non-canonical `#v`; the fields are decoded all the same (with a
-    stand-in version), so one bad version does not also misreport every index of it."""
+    stand-in version), so one bad version does not also misreport every index of it.
+
+    The incarnation `#i` is not checked: any value is an opaque token, and a hash without
+    one was written before incarnations existed (its version checks still hold)."""
     raw = data.get(_VERSION)
     if raw is None:
         run.report.mismatches.append(

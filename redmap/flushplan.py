@@ -90,11 +90,17 @@ class Check:
     guard: str | None = None
 
 
-def _version_matches(reply: Any, expected: int | None) -> bool:
-    """Whether a stored `#v` is the loaded version, compared as numbers ("01" is 1)."""
-    if reply is None or expected is None:
-        return reply is None and expected is None
-    return isinstance(reply, bytes) and reply.isdigit() and int(reply) == expected
+def _version_matches(reply: Any, expected: tuple[int | None, bytes | None]) -> bool:
+    """Whether a stored (`#v`, `#i`) is what the session loaded: the version compared as
+    numbers ("01" is 1), the incarnation as bytes (absent matches only absent: data
+    written before incarnations existed)."""
+    version, incarnation = reply
+    want_version, want_incarnation = expected
+    if incarnation != want_incarnation:
+        return False
+    if version is None or want_version is None:
+        return version is None and want_version is None
+    return isinstance(version, bytes) and version.isdigit() and int(version) == want_version
 
 
 @dataclasses.dataclass

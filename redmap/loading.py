@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .attributes import STATE_ATTR
 from .exc import DecodeError, RedmapError
-from .mapper import VERSION_FIELD, Mapper
+from .mapper import INCARNATION_FIELD, VERSION_FIELD, Mapper
 from .state import InstanceState
 
 if TYPE_CHECKING:
@@ -20,12 +20,18 @@ if TYPE_CHECKING:
 __all__ = ["decode_hash", "load_instance"]
 
 _VERSION = VERSION_FIELD.encode()
+_INCARNATION = INCARNATION_FIELD.encode()
 
 
-def decode_hash(
-    mapper: Mapper[Any], key: str, data: Any
-) -> tuple[dict[str, Any], dict[str, bytes | None], int | None] | None:
-    """Decode an HGETALL reply: (values, encoded snapshot, version), or None if absent."""
+# An object hash as read: (field values, their stored form, version `#v`, incarnation
+# `#i`); the session keeps the last two apart from the fields. A plain tuple: one is
+# built per object loaded.
+Decoded = tuple[dict[str, Any], dict[str, bytes | None], int | None, bytes | None]
+
+
+def decode_hash(mapper: Mapper[Any], key: str, data: Any) -> Decoded | None:
+    """Decode an HGETALL reply: (values, encoded snapshot, version, incarnation), or None
+    if the hash is absent."""
     if isinstance(data, Exception):
         if "WRONGTYPE" in str(data):
             raise DecodeError(
@@ -71,7 +77,7 @@ def decode_hash(
                 key=key,
             )
         version = int(raw_version)
-    return values, loaded, version
+    return values, loaded, version, data.get(_INCARNATION)
 
 
 def load_instance(
@@ -81,7 +87,7 @@ def load_instance(
     decoded = decode_hash(mapper, key, data)
     if decoded is None:
         return None
-    values, loaded, version = decoded
+    values, loaded, version, incarnation = decoded
     st = session._identity_map.get((mapper.class_, pk))
     if st is not None:
         d = st.obj.__dict__
@@ -95,16 +101,20 @@ def load_instance(
                 return st.obj
             for name in unloaded:
                 d[name] = values[name]
-            if version != st.version and len(unloaded) < len(loaded):
+            if (version, incarnation) != (st.version, st.incarnation) and len(unloaded) < len(
+                loaded
+            ):
                 # Some attributes were loaded at the earlier version (pending changes, or
                 # values this session flushed while the rest was expired): keep that
-                # version so the object never passes for current while it shows older
-                # values, and a flush still detects the concurrent change.
+                # version (and incarnation: the hash may be another object inserted under
+                # the same key) so the object never passes for current while it shows
+                # older values, and a flush still detects the concurrent change.
                 for name in unloaded:
                     st.loaded[name] = loaded[name]
                 return st.obj
         st.loaded = loaded
         st.version = version
+        st.incarnation = incarnation
         st.in_doubt = False
         return st.obj
     cls: Any = mapper.class_
@@ -116,5 +126,6 @@ def load_instance(
     d[STATE_ATTR] = st
     st.loaded = loaded
     st.version = version
+    st.incarnation = incarnation
     session._make_persistent(st, pk, key)
     return obj

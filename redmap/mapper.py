@@ -30,6 +30,11 @@ M = TypeVar("M")
 _PK_TYPES = (int, str, uuid.UUID)
 # Name of the hash field holding an object's version; "#" cannot start a Python field name.
 VERSION_FIELD = "#v"
+# Name of the hash field holding an object's incarnation: a random token written by the
+# insert that created the hash (and by an update of a hash found without `#v`), never
+# changed by other updates. Versions count per incarnation, so a hash deleted and
+# inserted again (starting at `#v` 1 again) never passes for the one a session loaded.
+INCARNATION_FIELD = "#i"
 
 
 class _UnresolvedError(Exception):

@@ -27,7 +27,7 @@ from .flushplan import (
     summarise_errors,
 )
 from .keys import KeySpace
-from .mapper import VERSION_FIELD, ColumnProperty, Mapper, mapper_of
+from .mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty, Mapper, mapper_of
 
 if TYPE_CHECKING:
     from .dependency import RelationshipWork
@@ -205,9 +205,14 @@ def plan_flush(
     deletes: Sequence[DeleteTask],
     *,
     token_key: str,
+    incarnation: bytes,
     work: RelationshipWork | None = None,
 ) -> FlushPlan:
-    """Build the plan for one flush. Raises IntegrityError for conflicts visible without I/O."""
+    """Build the plan for one flush. Raises IntegrityError for conflicts visible without I/O.
+
+    `incarnation` is this flush's fresh random `#i`, written by every insert and by
+    every update of a hash loaded without `#v` (docs/design/flush-concurrency.md, I1).
+    """
     b = _Builder()
     segments: dict[int, str] = {}
     all_tasks: list[InsertTask | UpdateTask | DeleteTask] = [*inserts, *updates, *deletes]
@@ -262,6 +267,10 @@ def plan_flush(
             b.additions.append(("HDEL", u.key, *dels))
         # The version is checked under WATCH, so the new one can be set, not incremented.
         sets.extend((VERSION_FIELD, str((st.version or 0) + 1).encode()))
+        if st.version is None:
+            # A hash without `#v` restarts at 1: as a new incarnation, so that a session
+            # holding version 1 of it from before the `#v` went missing is stale.
+            sets.extend((INCARNATION_FIELD, incarnation))
         b.additions.append(("HSET", u.key, *sets))
 
     fresh: dict[str, list[str]] = {}  # id guard -> keys of generated ids handed out
@@ -311,7 +320,7 @@ def plan_flush(
         for name, enc in ins.encoded.items():
             if enc is not None:
                 fields.extend((name, enc))
-        fields.extend((VERSION_FIELD, b"1"))
+        fields.extend((VERSION_FIELD, b"1", INCARNATION_FIELD, incarnation))
         b.additions.append(("HSET", ins.key, *fields))
         ks = _ks(ins)
         b.expect_type(ks.all(), "zset")
@@ -374,10 +383,17 @@ def plan_flush(
 
 
 def _version_checks(key: str, st: InstanceState) -> list[Check]:
-    """The object must still be what the session loaded: same `#v`, and present (a hash
-    loaded without `#v` must still exist, or a stale update would resurrect it)."""
+    """The object must still be what the session loaded: same `#v` of the same
+    incarnation `#i` (a key deleted and inserted again restarts at version 1), and
+    present (a hash loaded without `#v` must still exist, or a stale update would
+    resurrect it)."""
     version = Check(
-        "version", key, ("HGET", key, VERSION_FIELD), expected=st.version, state=st, value=st.pk
+        "version",
+        key,
+        ("HMGET", key, VERSION_FIELD, INCARNATION_FIELD),
+        expected=(st.version, st.incarnation),
+        state=st,
+        value=st.pk,
     )
     if st.version is not None:
         return [version]  # a missing hash has no `#v`: stale already

@@ -561,12 +561,18 @@ class Session:
         if versioned:
             assert source is not None
             current = self._state(target)
-            if current.version != source.version:
+            if (current.version, current.incarnation) != (source.version, source.incarnation):
+                # Another incarnation: the object was deleted and inserted again since.
+                held = (
+                    f"version {current.version}"
+                    if current.incarnation == source.incarnation
+                    else f"another object under the same key (version {current.version})"
+                )
                 raise StaleDataError(
                     f"cannot merge {mapper.name}({pk!r}): the copy was loaded at version "
-                    f"{source.version} and Redis holds version {current.version} (a change "
-                    f"made in between would be overwritten); nothing was merged. Load the "
-                    f"object again and reapply the change",
+                    f"{source.version} and Redis holds {held} (a change made in between "
+                    f"would be overwritten); nothing was merged. Load the object again and "
+                    f"reapply the change",
                     objects=[obj],
                     keys=[current.key] if current.key else [],
                 )

@@ -28,6 +28,7 @@ class InstanceState:
         "deleted",
         "identity",
         "in_doubt",
+        "incarnation",
         "key",
         "loaded",
         "mapper",
@@ -51,6 +52,9 @@ class InstanceState:
         # Attributes assigned since the snapshot; compared with it at flush.
         self.modified: set[str] = set()
         self.version: int | None = None
+        # The hash's `#i` at `version` (None: the hash had none, data written before
+        # incarnations existed). Checked with the version; never an attribute.
+        self.incarnation: bytes | None = None
         # Marked for deletion by Session.delete(), until the flush or a rollback.
         self.deleted = False
         # The last flush's outcome is unknown for this object (lost EXEC reply).

@@ -11,6 +11,7 @@ pending changes, so the flush can be retried.
 from __future__ import annotations
 
 import random
+import secrets
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,8 @@ class UOWTransaction:
         self.deletes: list[DeleteTask] = []
         self.work = RelationshipWork()
         self._deferred: dict[int, frozenset[str]] = {}
+        # The `#i` this flush writes (a fresh one per flush: see `_run`).
+        self.incarnation = b""
 
     # -- collect: validation only, no I/O -------------------------------------------
 
@@ -530,6 +533,9 @@ class UOWTransaction:
         EXEC, or when explicit inserts took some of the ids, the flush is planned again.
         """
         token = uuid.uuid4().hex
+        # 64 random bits for every hash this flush inserts (no flush inserts one key
+        # twice): a key deleted and inserted again never gets the `#i` it had.
+        self.incarnation = secrets.token_hex(8).encode()
         tasks: list[InsertTask | UpdateTask | DeleteTask] = [
             *self.inserts,
             *self.updates,
@@ -550,7 +556,12 @@ class UOWTransaction:
             # known without I/O (UUIDs).
             self._bind_deferred()
             plan = plan_flush(
-                self.inserts, self.updates, self.deletes, token_key=token_key, work=self.work
+                self.inserts,
+                self.updates,
+                self.deletes,
+                token_key=token_key,
+                incarnation=self.incarnation,
+                work=self.work,
             )
             plan.moved_counters = moved
             if pending:
@@ -632,6 +643,8 @@ class UOWTransaction:
             st = u.state
             for name, (_, enc) in u.changes.items():
                 st.loaded[name] = enc
+            if st.version is None:
+                st.incarnation = self.incarnation  # the update wrote a new one
             st.version = (st.version or 0) + 1
             now = st.obj.__dict__
             for name in list(st.modified):
@@ -648,6 +661,7 @@ class UOWTransaction:
             mapper = st.mapper
             st.loaded = dict(ins.encoded)
             st.version = 1
+            st.incarnation = self.incarnation
             now = st.obj.__dict__
             late = {
                 name

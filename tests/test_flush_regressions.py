@@ -464,7 +464,7 @@ def test_hash_without_version_can_still_be_updated(
     engine: Engine, redis_client: redis.Redis
 ) -> None:
     """A hash written without `#v` (another tool) that still exists updates normally and
-    gets version 1."""
+    gets version 1 of a new incarnation `#i`."""
     key = mapper_of(Note).object_key(1)
     redis_client.hset(key, "body", "x")
     with Session(engine) as s:
@@ -472,7 +472,9 @@ def test_hash_without_version_can_still_be_updated(
         assert note is not None
         note.body = "y"
         s.commit()
-    assert redis_client.hgetall(key) == {b"body": b"y", b"#v": b"1"}
+    stored = redis_client.hgetall(key)
+    assert len(stored.pop(b"#i")) == 16
+    assert stored == {b"body": b"y", b"#v": b"1"}
 
 
 # -- item 8: staleness wins over unique conflicts ----------------------------------------
@@ -783,4 +785,184 @@ def test_flush_works_with_pools_that_want_a_command_name(
         eng.dialect.client.connection_pool.disconnect()
         eng.dispose()
     assert names == ["MULTI"]
-    assert redis_client.hgetall(mapper_of(Note).object_key(1)) == {b"body": b"old", b"#v": b"1"}
+    stored = redis_client.hgetall(mapper_of(Note).object_key(1))
+    assert stored.pop(b"#i") and stored == {b"body": b"old", b"#v": b"1"}
+
+
+# -- incarnations: a key deleted and inserted again is another object --------------------
+# (docs/design/flush-concurrency.md, I1: versions count per incarnation `#i`)
+
+
+@reg.mapped
+@dataclass
+class StrNote:
+    code: Annotated[str, PrimaryKey()]
+    body: Annotated[str, redmap.Indexed()] = ""
+    n: int = 0
+
+
+@reg.mapped
+@dataclass
+class UuidNote:
+    id: Annotated[uuid.UUID, PrimaryKey()]
+    body: Annotated[str, redmap.Indexed()] = ""
+    n: int = 0
+
+
+_KEYS: dict[str, tuple[type[Any], Any]] = {
+    "str": (StrNote, "a:b é"),
+    "uuid": (UuidNote, uuid.UUID(int=7)),
+    "int": (Note, 7),
+}
+
+
+def _note(kind: str, body: str) -> Any:
+    model, pk = _KEYS[kind]
+    if model is Note:
+        return Note(body=body, id=pk)
+    if model is StrNote:
+        return StrNote(code=pk, body=body)
+    return UuidNote(id=pk, body=body)
+
+
+def _reinsert(engine: Engine, kind: str, body: str) -> None:
+    """Delete the object of `kind` and insert another under the same key (version 1)."""
+    model, pk = _KEYS[kind]
+    with Session(engine) as s:
+        s.delete(s.get_one(model, pk))
+        s.commit()
+    with Session(engine) as s:
+        s.add(_note(kind, body))
+        s.commit()
+
+
+class TestIncarnation:
+    """Versions count per incarnation: holders of a deleted object are stale for good."""
+
+    @pytest.mark.parametrize("change", ["update", "delete"])
+    @pytest.mark.parametrize("kind", ["str", "uuid", "int"])
+    def test_holder_of_a_deleted_object_is_stale_after_reinsert(
+        self, engine: Engine, redis_client: redis.Redis, kind: str, change: str
+    ) -> None:
+        """An update or delete by a session that loaded the object before it was deleted
+        and inserted again (same key, version 1 again) is StaleDataError, writes nothing."""
+        model, pk = _KEYS[kind]
+        with Session(engine) as s:
+            s.add(_note(kind, "first"))
+            s.commit()
+        old = Session(engine)
+        held = old.get_one(model, pk)
+        _reinsert(engine, kind, "second")
+        before = dump_keys(redis_client)
+        if change == "update":
+            held.body = "stale"
+        else:
+            old.delete(held)
+        with pytest.raises(StaleDataError):
+            old.commit()
+        old.close()
+        assert dump_keys(redis_client) == before
+        report = audit(redis_client, reg)
+        assert report.ok, report.mismatches + report.unexplained
+
+    @pytest.mark.parametrize("kind", ["str", "uuid"])
+    def test_merge_of_a_copy_from_before_a_reinsert_is_stale(
+        self, engine: Engine, redis_client: redis.Redis, kind: str
+    ) -> None:
+        """merge() of a detached copy loaded before a delete and re-insert raises
+        StaleDataError (same version number, another incarnation) and changes nothing."""
+        model, pk = _KEYS[kind]
+        with Session(engine) as s:
+            s.add(_note(kind, "first"))
+            s.commit()
+        with Session(engine, expire_on_commit=False) as s:
+            copy = s.get_one(model, pk)
+        _reinsert(engine, kind, "second")
+        copy.body = "from the copy"
+        before = dump_keys(redis_client)
+        with Session(engine) as s:
+            with pytest.raises(StaleDataError, match="another object under the same key"):
+                s.merge(copy)
+            s.commit()
+        assert dump_keys(redis_client) == before
+        with Session(engine) as s:
+            assert s.get_one(model, pk).body == "second"
+
+    def test_reload_of_expired_fields_keeps_the_loaded_incarnation(
+        self, engine: Engine, redis_client: redis.Redis
+    ) -> None:
+        """An object with a pending change whose other fields reload after a re-insert
+        keeps the incarnation it was loaded at, so its flush is stale, not applied."""
+        with Session(engine) as s:
+            s.add(StrNote(code="x", body="first", n=1))
+            s.commit()
+        old = Session(engine)
+        held = old.get_one(StrNote, "x")
+        held.body = "mine"  # pending, loaded at version 1 of the first object
+        old.expire(held, ["n"])
+        with Session(engine) as s:
+            s.delete(s.get_one(StrNote, "x"))
+            s.commit()
+        with Session(engine) as s:
+            s.add(StrNote(code="x", body="second", n=2))
+            s.commit()
+        assert held.n == 2  # reloaded from the new object
+        with pytest.raises(StaleDataError):
+            old.commit()
+        old.close()
+        assert redis_client.hget(mapper_of(StrNote).object_key("x"), "body") == b"second"
+
+    def test_checks_are_one_hmget_per_object_and_round_trips_unchanged(
+        self, engine: Engine, redis_client: redis.Redis
+    ) -> None:
+        """An update checks `#v` and `#i` with one HMGET (2 round trips, as before); an
+        insert writes `#i` with `#v`; an update of a loaded object leaves `#i` alone."""
+        with Session(engine) as s:
+            with count_round_trips(engine) as rt:
+                s.add(StrNote(code="k", body="a"))
+                s.commit()
+            (hset,) = [c for c in rt.commands if c[0] == "HSET"]
+            assert hset[-4:-1] == ("#v", b"1", "#i") and len(hset[-1]) == 16
+        key = mapper_of(StrNote).object_key("k")
+        incarnation = redis_client.hget(key, "#i")
+        assert incarnation == hset[-1]
+        with Session(engine) as s:
+            s.get_one(StrNote, "k").body = "b"
+            with assert_round_trips(engine, 2) as rt:
+                s.commit()
+        assert ("HMGET", key, "#v", "#i") in rt.commands
+        assert not [c for c in rt.commands if c[0] == "HGET"]
+        (hset,) = [c for c in rt.commands if c[0] == "HSET"]
+        assert "#i" not in hset
+        assert redis_client.hmget(key, ["#v", "#i"]) == [b"2", incarnation]
+
+    def test_data_written_without_incarnation_keeps_working(
+        self, engine: Engine, redis_client: redis.Redis
+    ) -> None:
+        """A hash with `#v` and no `#i` (written before incarnations) updates normally and
+        keeps having no `#i`; a holder of it is stale once it is deleted and re-inserted."""
+        key = mapper_of(Note).object_key(3)
+        redis_client.hset(key, mapping={"body": "old", "#v": "4"})
+        redis_client.zadd(mapper_of(Note).keys.all(), {"3": 3})
+        with Session(engine) as s:
+            s.get_one(Note, 3).body = "new"
+            s.commit()
+        assert redis_client.hgetall(key) == {b"body": b"new", b"#v": b"5"}
+        assert audit(redis_client, reg).ok
+        old = Session(engine)
+        held = old.get_one(Note, 3)  # version 5, no incarnation
+        with Session(engine) as s:
+            s.delete(s.get_one(Note, 3))
+            s.commit()
+        with Session(engine) as s:
+            s.add(Note(body="again", id=3))
+            s.commit()
+        with Session(engine) as s:
+            for _ in range(4):  # the new object reaches version 5 as well
+                s.get_one(Note, 3).body += "!"
+                s.commit()
+        assert redis_client.hget(key, "#v") == b"5"
+        held.body = "stale"
+        with pytest.raises(StaleDataError):
+            old.commit()
+        old.close()

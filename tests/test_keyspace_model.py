@@ -2,8 +2,8 @@
 
 `audit()` rebuilds keys and scores with the writer's own helpers, so a bug shared by
 both would pass it. This test does not import `redmap.keys` or any helper of the
-writer: key names, escaping, stored forms, scores and versions are rebuilt here by
-hand from the documentation (docs/key-layout.md, docs/mapping.md "Supported types and
+writer: key names, escaping, stored forms, scores, versions and incarnations are rebuilt
+here by hand from the documentation (docs/key-layout.md, docs/mapping.md "Supported types and
 how they are stored", docs/relationships.md "Keys used" and "Cascades"), from a plain
 Python record of what the objects and links should be. After every commit of a seeded,
 varied series (inserts, updates, deletes; Indexed, Unique, Sorted, ForeignKey with and
@@ -170,6 +170,53 @@ SPECS = {
 }
 
 
+def object_key(model: str, pk: Any) -> str:
+    """key-layout.md: `{P}:K:<id>`, the object hash."""
+    return f"{{{P}}}:{SPECS[model].keyspace}:{esc(stored(pk))}"
+
+
+# What a hash's `#i` is expected to be before the model has seen the token.
+UNSEEN = "(a new incarnation token)"
+
+
+class Incarnations:
+    """key-layout.md "The object hash, its version and its incarnation": `#i` is an
+    opaque token written by the insert, kept by every update, and never the same for a
+    key inserted again.
+
+    The model cannot know a token in advance: it learns each one the first time it reads
+    the hash after the insert (if it is new for that key) and from then on requires it
+    unchanged until the object is deleted.
+    """
+
+    def __init__(self) -> None:
+        self.known: dict[str, str] = {}
+        self.retired: dict[str, set[str]] = {}
+        self.reinserted = 0  # keys inserted again after a delete whose token was seen
+
+    def inserted(self, key: str) -> None:
+        self.deleted(key)
+        if key in self.retired:
+            self.reinserted += 1
+
+    def deleted(self, key: str) -> None:
+        old = self.known.pop(key, None)
+        if old is not None:
+            self.retired.setdefault(key, set()).add(old)
+
+    def fill(self, want: dict[str, tuple[str, Any]], have: dict[str, tuple[str, Any]]) -> None:
+        """Put each object hash's expected `#i` into `want` (its content dict)."""
+        for key, (kind, content) in want.items():
+            if kind != "hash":
+                continue
+            if key not in self.known:
+                found_kind, found = have.get(key, ("none", {}))
+                token = found.get("#i") if found_kind == "hash" else None
+                if token and token not in self.retired.get(key, ()):
+                    self.known[key] = token
+            content["#i"] = self.known.get(key, UNSEEN)
+
+
 @dataclasses.dataclass
 class Model:
     """What Redis should hold, as plain records: objects, versions, links, counters."""
@@ -181,10 +228,12 @@ class Model:
     seq: dict[str, int] = dataclasses.field(default_factory=dict)
     book_genres: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     book_tags: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    incarnations: Incarnations = dataclasses.field(default_factory=Incarnations)
 
     def insert(self, model: str, pk: Any, values: dict[str, Any]) -> None:
         self.rows[model][pk] = dict(values)
         self.versions[(model, pk)] = 1
+        self.incarnations.inserted(object_key(model, pk))
         if SPECS[model].counter:  # handed out, or an explicit id above it (SET)
             self.seq[model] = max(self.seq.get(model, 0), pk)
 
@@ -197,6 +246,7 @@ class Model:
     def delete(self, model: str, pk: Any) -> None:
         del self.rows[model][pk]
         del self.versions[(model, pk)]
+        self.incarnations.deleted(object_key(model, pk))
         if model == "Book":
             self.book_genres = {x for x in self.book_genres if x[0] != pk}
             self.book_tags = {x for x in self.book_tags if x[0] != pk}
@@ -288,6 +338,7 @@ def read_keyspace(client: Any) -> dict[str, tuple[str, Any]]:
 def assert_same(client: Any, model: Model, step: str) -> dict[str, tuple[str, Any]]:
     want = model.keyspace()
     have = read_keyspace(client)
+    model.incarnations.fill(want, have)
     extra = sorted(set(have) - set(want))
     missing = sorted(set(want) - set(have))
     assert not extra and not missing, f"after {step}: extra keys {extra}, missing keys {missing}"
@@ -606,6 +657,8 @@ def test_keyspace_equals_the_documented_layout(
     # ... and every kind of step changed the keyspace at least once.
     assert set(effective) == set(STEPS), effective
     assert sum(effective.values()) >= 50, effective
+    # ... and some key was deleted and inserted again (its `#i` must be a new one).
+    assert d.m.incarnations.reinserted >= 1
 
 
 def test_layout_example_from_the_docs(engine: redmap.Engine, redis_client: Any) -> None:
@@ -616,7 +669,7 @@ def test_layout_example_from_the_docs(engine: redmap.Engine, redis_client: Any) 
         s.add_all([a, g])
         s.commit()
     have = read_keyspace(redis_client)
-    assert have == {
+    want: dict[str, tuple[str, Any]] = {
         "{km}:author:1": (
             "hash",
             {
@@ -643,6 +696,8 @@ def test_layout_example_from_the_docs(engine: redmap.Engine, redis_client: Any) 
         "{km}:genre:#ix:label:x%3Ay": ("set", {"a%3Ab"}),
         "{km}:genre:#uq:label:x%3Ay": ("string", "a%3Ab"),
     }
+    Incarnations().fill(want, have)
+    assert have == want
 
 
 # -- sharded models: shard tags, ids that carry their shard, the counter under {P} -------
@@ -711,6 +766,9 @@ def test_sharded_keyspace_equals_the_documented_layout(
     halls: dict[int, str] = {}
     seats: dict[int, dict[str, Any]] = {}
     versions: dict[Any, int] = {}
+    # Generated ids are never handed out twice, so no key is inserted again: a token
+    # learned once stays expected for good.
+    incarnations = Incarnations()
     counters = {"hall": 0, "seat": 0}
     for step in range(60):
         action = rng.choice(["hall", "seat", "seat", "update", "delete_seat", "delete_hall"])
@@ -772,6 +830,7 @@ def test_sharded_keyspace_equals_the_documented_layout(
             for k, v in read_keyspace(redis_client).items()
             if k.startswith("{kms") and ":#flush:" not in k
         }
+        incarnations.fill(want, have)
         extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
         differ = {k: (want[k], have[k]) for k in want if k in have and have[k] != want[k]}
         assert have == want, f"step {step} {action}: extra {extra}, missing {missing}, {differ}"

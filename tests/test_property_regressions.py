@@ -55,12 +55,6 @@ def test_expire_discards_a_pending_orphan(
     assert audit(redis_client, oreg).ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new defect (H7): an update of a hash loaded without #v writes #v 1, so the "
-    "version goes back and a session holding version 1 from before passes its check "
-    "with a stale snapshot (its delete then leaves a dangling #fk entry)",
-)
 def test_update_after_missing_version_never_moves_the_version_back(
     engine: Engine, redis_client: redis.Redis
 ) -> None:
@@ -110,12 +104,6 @@ xreg, XTeam, XPlayer = config_models(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new defect (H7): a re-inserted object starts again at #v 1, so a session "
-    "holding the deleted object at version 1 passes its version check; its write uses "
-    "the old snapshot and leaves index entries of the new object dangling",
-)
 @pytest.mark.parametrize("change", ["delete", "update"])
 def test_object_deleted_and_inserted_again_is_stale_for_old_holders(
     engine: Engine, redis_client: redis.Redis, change: str

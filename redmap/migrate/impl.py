@@ -20,7 +20,7 @@ from alembic_like.operations import Operations
 from .. import keys
 from ..dialects.base import translate_errors
 from ..exc import DecodeError, MigrationError, ValidationError
-from ..mapper import VERSION_FIELD, ColumnProperty
+from ..mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
 from ..types import Codec, compile_codec
 from .batch import (
     Change,
@@ -380,6 +380,10 @@ def _renamed_spaces(
     ]
 
 
+# Hash fields that are the object's version and incarnation, not its data.
+_BOOKKEEPING = (VERSION_FIELD, INCARNATION_FIELD)
+
+
 @RedisOperations.implementation_for(Transform)
 def transform(operations: Operations, op: Transform) -> None:
     """Pass each object's raw fields through `op.fn`, keeping mapped indexes in step."""
@@ -390,7 +394,9 @@ def transform(operations: Operations, op: Transform) -> None:
         indexed = _indexed_columns(target)
 
         def plan(key: str, segment: str, row: Row) -> Change | None:
-            old = {k: v for k, v in row.items() if k != VERSION_FIELD}
+            # `#v` and `#i` are redmap's own, never the function's: they are left as they
+            # are (the apply script bumps `#v`; `#i` stays, it is the same object).
+            old = {k: v for k, v in row.items() if k not in _BOOKKEEPING}
             given = dict(old)
             try:
                 out = op.fn(given)
@@ -427,8 +433,13 @@ def _checked_fields(op: Transform, fields: Any) -> dict[str, bytes]:
         raise MigrationError(f"{op.summary()}: the function must return a dict or None")
     out: dict[str, bytes] = {}
     for name, value in fields.items():
-        if not isinstance(name, str) or name == VERSION_FIELD:
+        if not isinstance(name, str):
             raise MigrationError(f"{op.summary()}: field names must be str, not {name!r}")
+        if name in _BOOKKEEPING:
+            raise MigrationError(
+                f"{op.summary()}: the function returned {name!r}, redmap's own version or "
+                f"incarnation field; leave it out (redmap keeps it)"
+            )
         if isinstance(value, str):
             value = value.encode("utf-8")
         if not isinstance(value, bytes):

@@ -179,14 +179,15 @@ def project(tmp_path: Path, redis_client: redis.Redis, redis_url: str) -> Iterat
 
 
 def stored(client: redis.Redis, match: str = "{app}:*") -> dict[bytes, Any]:
-    """Every data key with its contents, object versions left out: compares values only."""
+    """Every data key with its contents, object versions and incarnations (`#v`, `#i`)
+    left out: compares values only."""
     out: dict[bytes, Any] = {}
     for key in client.scan_iter(match=match, count=1000):
         if b"#meta:" in key or b"#flush:" in key:
             continue
         kind = client.type(key)
         if kind == b"hash":
-            out[key] = {k: v for k, v in client.hgetall(key).items() if k != b"#v"}
+            out[key] = {k: v for k, v in client.hgetall(key).items() if k not in (b"#v", b"#i")}
         elif kind == b"set":
             out[key] = client.smembers(key)
         elif kind == b"zset":
