@@ -22,6 +22,7 @@ Called by `impl` (each operation is a plan given to `rewrite`, `move_keys` or
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,7 +35,7 @@ from alembic_like.messaging import Messaging, Progress
 
 from .. import keys
 from ..exc import MigrationError
-from ..mapper import VERSION_FIELD, ColumnProperty, Mapper
+from ..mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty, Mapper
 from ..registry import registry as Registry  # noqa: N812 - a class named like SQLAlchemy's
 from . import layout as layout_mod
 from .ops import RedisOperation
@@ -63,7 +64,9 @@ _SHOWN = 10  # conflicts listed in an error message
 # Applies one object's change if the object is still as it was read.
 # KEYS[1]: the object hash; KEYS[2]: the checkpoint set (KEYS[1] again when unused).
 # ARGV: version field, bump ('1'/'0'), expected HLEN ('' = not checked), checkpoint
-#   member ('' = none), N, then N x (field, present '1'/'0', value), C, then
+#   member ('' = none), incarnation field, a fresh incarnation (written with `#v` 1 when
+#   the bump finds no `#v`, as a flush does), N, then N x (field, present '1'/'0',
+#   value), C, then
 #   C x (unique key, member) that must be free or already the member's, then the
 #   commands, each as (argc, argv...).
 # Returns 1 applied (or already checkpointed), 2 object gone, 0 changed since read,
@@ -77,8 +80,8 @@ local mark = a[4]
 if mark ~= '' and redis.call('SISMEMBER', KEYS[2], mark) == 1 then return 1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
 if a[3] ~= '' and redis.call('HLEN', KEYS[1]) ~= tonumber(a[3]) then return 0 end
-local i = 6
-for _ = 1, tonumber(a[5]) do
+local i = 8
+for _ = 1, tonumber(a[7]) do
   local cur = redis.call('HGET', KEYS[1], a[i])
   if a[i + 1] == '0' then
     if cur then return 0 end
@@ -96,7 +99,9 @@ for _ = 1, n do
   i = i + 2
 end
 if #taken > 0 then return taken end
-if a[2] == '1' then redis.call('HINCRBY', KEYS[1], a[1], 1) end
+if a[2] == '1' and redis.call('HINCRBY', KEYS[1], a[1], 1) == 1 then
+  redis.call('HSET', KEYS[1], a[5], a[6])
+end
 while i <= #a do
   local argc = tonumber(a[i])
   redis.call(unpack(a, i + 1, i + argc))
@@ -409,7 +414,11 @@ def field_bytes(name: str) -> bytes:
 
 
 def _apply_args(
-    change: Change, checks: Iterable[tuple[str, bytes | None]], hlen: int | None, mark: str
+    change: Change,
+    checks: Iterable[tuple[str, bytes | None]],
+    hlen: int | None,
+    mark: str,
+    incarnation: str,
 ) -> list[Any]:
     check_list = list(checks)
     args: list[Any] = [
@@ -417,6 +426,8 @@ def _apply_args(
         "1" if change.bump else "0",
         "" if hlen is None else str(hlen),
         mark,
+        INCARNATION_FIELD,
+        incarnation,
         str(len(check_list)),
     ]
     for name, value in check_list:
@@ -522,6 +533,8 @@ def _rewrite_batch(
     result: RewriteResult,
 ) -> None:
     pending = batch
+    # One per batch: each object is written at most once by it.
+    incarnation = secrets.token_hex(8)
     for attempt in range(MAX_ATTEMPTS):
         rows = _read(run, pending, fields, mark, checkpoint_key, target.keys)
         calls: list[tuple[str, list[Any]]] = []
@@ -539,7 +552,7 @@ def _rewrite_batch(
                 checks = [(n, row.get(n)) for n in (*fields, VERSION_FIELD)]
                 hlen = None
             member = "" if mark is None else mark + segment
-            calls.append((key, _apply_args(change, checks, hlen, member)))
+            calls.append((key, _apply_args(change, checks, hlen, member, incarnation)))
         replies = _evalsha_each(
             run, _APPLY, [((key, checkpoint_key or key), args) for key, args in calls]
         )

@@ -11,6 +11,7 @@ atomic per object and resumable; key work (index drops, renames) through
 from __future__ import annotations
 
 import os.path
+import secrets
 from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
@@ -85,32 +86,48 @@ def _encode_default(target: Target, name: str, value: Any) -> bytes:
 
 # Per-object scripts: check, then bump the version (the only command that can fail, on
 # a corrupt `#v`), then write; each returns 1 when it changed the object, else 0.
-# KEYS[1]: an object. ARGV: field, encoded default, version field. Sets the field
-# where it is absent (never on a deleted object).
-_ADD_FIELD = """
+# The last three ARGV of each are the version field, the incarnation field and a fresh
+# incarnation: a hash found without `#v` gets `#v` 1 with the new `#i` (as a flush does),
+# so its version never restarts within one incarnation.
+_BUMP = """
+local function bump(version_field, incarnation_field, incarnation)
+  if redis.call('HINCRBY', KEYS[1], version_field, 1) == 1 then
+    redis.call('HSET', KEYS[1], incarnation_field, incarnation)
+  end
+end
+"""
+# KEYS[1]: an object. ARGV: field, encoded default. Sets the field where it is absent
+# (never on a deleted object).
+_ADD_FIELD = _BUMP + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   return 0
 end
-redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+bump(ARGV[3], ARGV[4], ARGV[5])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
-# ARGV: field, version field. Deletes the field where present.
-_DROP_FIELD = """
+# ARGV: field. Deletes the field where present.
+_DROP_FIELD = _BUMP + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+bump(ARGV[2], ARGV[3], ARGV[4])
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
-# ARGV: old field, new field, version field. Moves the value where `old` is present.
-_RENAME_FIELD = """
+# ARGV: old field, new field. Moves the value where `old` is present.
+_RENAME_FIELD = _BUMP + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+bump(ARGV[3], ARGV[4], ARGV[5])
 redis.call('HSET', KEYS[1], ARGV[2], value)
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
+
+
+def _bump_args() -> tuple[str, str, str]:
+    """The ARGV tail of a per-object script: version field, incarnation field, and a
+    fresh incarnation (one per operation run: each object is written once by it)."""
+    return (VERSION_FIELD, INCARNATION_FIELD, secrets.token_hex(8))
 
 
 @RedisOperations.implementation_for(AddField)
@@ -129,7 +146,7 @@ def add_field(operations: Operations, op: AddField) -> None:
             _report(run, op, "nothing to write (None is stored as an absent field)")
             return
         encoded = _encode_default(target, op.name, op.default)
-        args = (op.name, encoded, VERSION_FIELD)
+        args = (op.name, encoded, *_bump_args())
         result = rewrite_by_script(run, target, op.summary(), _ADD_FIELD, args)
     _report(run, op, _changed(result))
 
@@ -140,7 +157,7 @@ def drop_field(operations: Operations, op: DropField) -> None:
     run = _run(operations)
     with translate_errors(run.url):
         target = run.resolve(op.model)
-        args = (op.name, VERSION_FIELD)
+        args = (op.name, *_bump_args())
         result = rewrite_by_script(run, target, op.summary(), _DROP_FIELD, args)
     _report(run, op, _changed(result))
 
@@ -174,7 +191,7 @@ def rename_field(operations: Operations, op: RenameField) -> None:
     run = _run(operations)
     with translate_errors(run.url):
         target = run.resolve(op.model)
-        args = (op.old, op.new, VERSION_FIELD)
+        args = (op.old, op.new, *_bump_args())
         result = rewrite_by_script(run, target, op.summary(), _RENAME_FIELD, args)
         conflicts: list[str] = []
         moved = 0
