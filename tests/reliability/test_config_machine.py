@@ -70,7 +70,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -437,7 +437,6 @@ class ConfigHistories(RuleBasedStateMachine):
     client: Any
     worker: Worker
     cluster: bool = False
-    runs = 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -478,7 +477,6 @@ class ConfigHistories(RuleBasedStateMachine):
         """Build the drawn configuration's models and seed a few teams and players."""
         from tests.reliability._models import config_models
 
-        ConfigHistories.runs += 1
         self.cfg = cfg
         # One prefix per configuration (a replayed example uses the same keys).
         prefix = "cm-" + "-".join(
@@ -1091,9 +1089,9 @@ class ConfigHistories(RuleBasedStateMachine):
             return None
         return answer
 
-    def _worker_op(self, data: st.DataObject, *, prefer: list[Any] = (),  # type: ignore[assignment]
-                   claims: list[str] = (), explicit: Any = None,
-                   teams: list[Any] = ()) -> None:  # type: ignore[assignment]
+    def _worker_op(self, data: st.DataObject, *, prefer: Sequence[Any] = (),
+                   claims: Sequence[str] = (), explicit: Any = None,
+                   teams: Sequence[Any] = ()) -> None:
         """Ask the worker for one write and apply its predicted outcome to the reference."""
         assert self.cfg is not None
         # Only teams without committed players are deleted (no cascade to model here):
