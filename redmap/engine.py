@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from . import dialects
-from .dialects.base import Command, Dialect, safe_url
+from .commands import Command
+from .dialects.base import Dialect, safe_url
 from .exc import InvalidRequestError
 
 if TYPE_CHECKING:
-    from .persistence import FlushPlan
+    from .flushprotocol import FlushJob
 
 __all__ = ["Engine", "configure", "create_engine", "default_engine"]
 
@@ -146,9 +147,10 @@ class Engine:
             self._echo_replies(group)
         return replies
 
-    def flush(self, plan: FlushPlan) -> None:
-        """Apply a flush plan atomically (see `Dialect.execute_flush`)."""
-        self.dialect.execute_flush(plan)
+    def flush(self, job: FlushJob) -> None:
+        """Run one flush atomically: the flush protocol (`redmap.flushprotocol`) driven by
+        the dialect; its INCRBYs go through `execute` (echoed like reads)."""
+        self.dialect.execute_flush(job, execute=self.execute)
 
     def dispose(self) -> None:
         """Close pooled connections; the engine reconnects if used again."""

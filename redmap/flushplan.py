@@ -1,19 +1,19 @@
 """`FlushPlan`: what one flush sends (watched keys, checks, writes), and what the check
 replies mean; no I/O.
 
-Built by `persistence.plan_flush`, sent by `Dialect.execute_flush`, which asks the plan
-whether its checks passed (`evaluate`) and how to word a refusal. The concurrency
+Built by `persistence.plan_flush`, sent by the flush protocol (`flushprotocol`), which
+asks the plan whether its checks passed (`evaluate`) and how to word a refusal. The concurrency
 argument behind the checks: `docs/design/flush-concurrency.md`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import keys
-from .dialects.base import Command
+from .commands import Command
 from .exc import FlushError, IntegrityError, StaleDataError
 from .keys import KeySpace
 
@@ -120,13 +120,6 @@ class FlushPlan:
     # back, so a refusal after they moved names them.
     # (counter key, first id, last id) per INCRBY, oldest first.
     moved_counters: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
-    # Set when the plan still holds placeholders for generated ids: called once every
-    # check passed (so a refused flush never moves a counter), it hands the ids out
-    # (INCRBY) and binds them into `writes`.
-    allocate: Callable[[FlushPlan], None] | None = None
-    # `allocate` ran: the checks sent did not cover the ids' own keys, so a re-run of
-    # the checks must come from a new plan (`Replan`), not from this one.
-    bound_late: bool = False
     # The last check replies said an explicit insert holds one of this flush's ids:
     # then they must never be given back (`give_back`).
     ids_taken: bool = False
@@ -134,7 +127,7 @@ class FlushPlan:
     def give_back(self) -> dict[str, tuple[int, int]]:
         """The ids a refused flush may return to their counters: the last range handed
         out per counter, unless an explicit insert holds one of the flush's ids. The
-        dialect returns them only if the counter still ends the range and nothing this
+        protocol returns them only if the counter still ends the range and nothing this
         flush watches (its id guards among them) changed since its checks."""
         if self.ids_taken:
             return {}

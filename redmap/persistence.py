@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import keys
-from .dialects.base import Command
+from .commands import Command
 from .exc import IntegrityError, ValidationError
 from .flushplan import (
     TOKEN_TTL_MS,

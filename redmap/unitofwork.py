@@ -3,7 +3,8 @@
 Called by `Session.flush`. Order: collect and validate every value (no I/O), hand
 out generated primary keys (one pipelined INCRBY round trip, only when needed),
 build the `FlushPlan` (pure, `persistence`), execute it in one transaction
-(`Dialect.execute_flush`), then record the new committed state on each object.
+(the flush protocol, `flushprotocol`, driven by the engine's dialect), then record
+the new committed state on each object.
 On any error before or during the transaction the session's objects keep their
 pending changes, so the flush can be retried.
 """
@@ -19,16 +20,11 @@ from typing import TYPE_CHECKING, Any
 from . import keys
 from .attributes import state_of
 from .dependency import RelationshipWork, prepare
-from .dialects.base import Replan
 from .exc import (
     CrossSlotError,
-    FlushError,
     IntegrityError,
     InvalidRequestError,
-    OutcomeUnknownError,
     PartialCommitError,
-    RedmapConnectionError,
-    StaleDataError,
     ValidationError,
 )
 from .mapper import ColumnProperty, Mapper
@@ -36,10 +32,8 @@ from .persistence import (
     PLACEHOLDER,
     DeleteTask,
     FlushPlan,
-    IdsTaken,
     InsertTask,
     UpdateTask,
-    bind_placeholders,
     plan_flush,
 )
 
@@ -116,8 +110,6 @@ def changed_fields(
 
 
 _NONE_DEFERRED: frozenset[str] = frozenset()
-# Times a flush takes new ids after explicit inserts took the ones it was handed.
-_ID_RETRIES = 5
 
 
 class UOWTransaction:
@@ -132,6 +124,8 @@ class UOWTransaction:
         self._deferred: dict[int, frozenset[str]] = {}
         # The `#i` this flush writes (a fresh one per flush: see `_run`).
         self.incarnation = b""
+        # The flush's token key (see `_run`; docs/design/flush-concurrency.md, I3).
+        self.token_key = ""
 
     # -- collect: validation only, no I/O -------------------------------------------
 
@@ -311,76 +305,6 @@ class UOWTransaction:
 
     # -- generated keys -----------------------------------------------------------------
 
-    def _hand_out_ids(self) -> list[tuple[str, int, int]]:
-        """Give every generated-id insert its id: one pipelined INCRBY per model.
-
-        Generated ids skip the explicit ids of the same model in this flush (the INCRBY
-        asks for that many more). Returns what moved: (counter key, first, last).
-        """
-        wanting: dict[Mapper[Any], list[InsertTask]] = {}
-        explicit: dict[Mapper[Any], set[Any]] = {}
-        for task in self.inserts:
-            mapper = task.state.mapper
-            if task.generated:
-                task.pk = None  # a second allocation (ids taken): all new ones
-                wanting.setdefault(mapper, []).append(task)
-            else:
-                explicit.setdefault(mapper, set()).add(task.pk)
-        moved: list[tuple[str, int, int]] = []
-        while wanting:
-            groups = list(wanting.items())
-            # Asking for as many more ids as the model has explicit ones here means one
-            # INCRBY always suffices (the loop is a safety net).
-            extra = {m: len(explicit.get(m, ())) for m, _ in groups}
-            replies = self._increment([(m.keys.seq(), len(ts) + extra[m]) for m, ts in groups])
-            wanting = {}
-            for (mapper, tasks), reply in zip(groups, replies, strict=True):
-                seq = mapper.keys.seq()
-                if isinstance(reply, Exception):
-                    # Not only a wrong type: OOM, NOPERM, READONLY refuse INCRBY as well.
-                    raise FlushError(
-                        f"cannot hand out {mapper.name} ids: Redis refused INCRBY on "
-                        f"{seq!r} ({type(reply).__name__}: {reply}); nothing was written",
-                        key=seq,
-                        errors=[str(reply)],
-                    )
-                last = int(reply)
-                first = last - len(tasks) - extra[mapper] + 1
-                moved.append((seq, first, last))
-                taken = explicit.get(mapper, set())
-                counter_values = iter(range(first, last + 1))
-                for task in tasks:
-                    for n in counter_values:
-                        ks = task.ks or mapper.keys
-                        pk = n if ks.shard is None else mapper.shard_id(n, ks.shard)
-                        if pk in taken:
-                            continue
-                        task.pk = pk
-                        # Generated keys are ints, whose segment is their decimal text
-                        # (what `pk_segment` makes of them).
-                        task.segment = str(pk)
-                        task.key = ks.object(task.segment)
-                        break
-                    else:
-                        wanting.setdefault(mapper, []).append(task)
-        return moved
-
-    def _increment(self, counters: list[tuple[str, int]]) -> list[Any]:
-        """INCRBY of each counter in one round trip (error replies in place)."""
-        try:
-            return self.session.bind.execute([("INCRBY", key, n) for key, n in counters])
-        except RedmapConnectionError as exc:
-            if isinstance(exc, OutcomeUnknownError) or not str(exc).startswith(
-                "cannot talk to Redis"
-            ):
-                raise
-            names = ", ".join(repr(key) for key, _ in counters)
-            raise RedmapConnectionError(
-                f"connection lost before the flush was sent; nothing was written (it was "
-                f"handing out ids: {names} may have moved, and ids are never reused)",
-                url=exc.url,
-            ) from None
-
     def _bind_deferred(self) -> None:
         """Fill foreign keys that point at new objects, now that every new object has its
         id: handed out by a counter, or known without I/O (a generated UUID). Runs for
@@ -525,12 +449,22 @@ class UOWTransaction:
         return [parts[tag] for tag in sorted(parts)]
 
     def _run(self) -> None:
-        """Plan and run the flush, handing out generated ids before or after the checks.
+        """Run the flush protocol (`redmap.flushprotocol`) through the engine's driver,
+        then record what Redis now holds.
 
         Round trips with generated ids: 3 (WATCH + checks, INCRBY, MULTI/EXEC). The
-        INCRBY normally follows the checks, so a refused flush never moves a counter;
-        it comes first when checks depend on the ids (`_ids_first`). After an aborted
-        EXEC, or when explicit inserts took some of the ids, the flush is planned again.
+        protocol decides when ids are handed out, when the flush is planned again
+        (`plan`) and what a failure means; this unit of work only plans.
+        """
+        self.start()
+        self.session.bind.flush(self)
+        self.finalize()
+
+    def start(self) -> None:
+        """Give the flush its token key and the incarnation its inserts write; no I/O.
+
+        Separate from `_run` so that tests can drive the flush protocol by hand
+        (tests/test_flush_protocol.py).
         """
         token = uuid.uuid4().hex
         # 64 random bits for every hash this flush inserts (no flush inserts one key
@@ -546,52 +480,25 @@ class UOWTransaction:
         else:
             a = self.work.links[0].a
             tag = a.mapper.keys_for_pk(a.pk).tag
-        token_key = keys.flush_token_key(tag, token)
-        moved: list[tuple[str, int, int]] = []
-        if self._ids_first():
-            moved += self._hand_out_ids()
-        for attempt in range(_ID_RETRIES):
-            pending = [t for t in self.inserts if t.generated and t.pk is None]
-            # Deferred keys wait only for ids handed out already (`_ids_first`), or
-            # known without I/O (UUIDs).
-            self._bind_deferred()
-            plan = plan_flush(
-                self.inserts,
-                self.updates,
-                self.deletes,
-                token_key=token_key,
-                incarnation=self.incarnation,
-                work=self.work,
-            )
-            plan.moved_counters = moved
-            if pending:
-                plan.allocate = self._allocate_after_checks(pending, moved)
-            try:
-                self.session.bind.flush(plan)
-            except Replan:
-                continue  # the ids are ours now: plan with them, their checks included
-            except IdsTaken as taken:
-                if attempt + 1 < _ID_RETRIES:
-                    # Someone inserted some of our ids explicitly: take others.
-                    moved += self._hand_out_ids()
-                    continue
-                raise StaleDataError(
-                    f"explicit inserts kept taking the ids handed out to this flush, "
-                    f"{_ID_RETRIES} times; nothing was written{plan.counters_note()}",
-                    objects=[t.state.obj for t in self.inserts if t.generated],
-                    keys=taken.keys,
-                ) from None
-            break
-        else:
-            raise StaleDataError(
-                "watched keys kept changing during the flush; nothing was written"
-                f"{plan.counters_note()}",
-                objects=[st.obj for st in plan.states],
-                keys=list(plan.watch),
-            )
-        self.finalize()
+        self.token_key = keys.flush_token_key(tag, token)
 
-    def _ids_first(self) -> bool:
+    def plan(self) -> FlushPlan:
+        """The flush as a plan, with the ids handed out so far (the protocol's `FlushJob`).
+
+        Deferred keys wait only for ids handed out already (`ids_first`), or known
+        without I/O (UUIDs). Pure: no I/O.
+        """
+        self._bind_deferred()
+        return plan_flush(
+            self.inserts,
+            self.updates,
+            self.deletes,
+            token_key=self.token_key,
+            incarnation=self.incarnation,
+            work=self.work,
+        )
+
+    def ids_first(self) -> bool:
         """Whether generated ids must be handed out before the checks: when keys that
         need checking carry them (a new parent's children zset, a new object's link
         zsets, a `Unique` foreign key's claim), when the object keys themselves need an
@@ -612,20 +519,6 @@ class UOWTransaction:
         if any(id(ln.a) in generated or id(ln.b) in generated for ln in self.work.links):
             return True
         return any(t.generated and t.state.mapper.shard_key is not None for t in self.inserts)
-
-    def _allocate_after_checks(
-        self, pending: list[InsertTask], moved: list[tuple[str, int, int]]
-    ) -> Callable[[FlushPlan], None]:
-        """The plan's `allocate`: INCRBY once every check passed, ids bound into the
-        planned writes in place of the placeholders."""
-
-        def allocate(plan: FlushPlan) -> None:
-            placeholders = {t.segment: t for t in pending}
-            moved.extend(self._hand_out_ids())
-            ids = {ph: t.segment for ph, t in placeholders.items()}
-            plan.writes = bind_placeholders(plan.writes, ids)
-
-        return allocate
 
     def finalize(self) -> None:
         """Record what Redis now holds on each flushed object.

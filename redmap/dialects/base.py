@@ -1,8 +1,8 @@
 """`Dialect`: how one kind of Redis deployment is reached; used by `Engine`.
 
 This module is the one place where redis-py errors become `redmap.exc` errors
-(`translate_errors`), and where a `FlushPlan` is sent as WATCH / checks, then
-MULTI / writes / EXEC on one connection, never retried blindly.
+(`translate_errors`), and the sync driver of the flush protocol (`execute_flush`):
+the protocol (`redmap.flushprotocol`, I/O-free) decides, this module moves bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import logging
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,12 +19,16 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.exceptions as rex
 
-from ..exc import (
-    FlushError,
-    OutcomeUnknownError,
-    RedmapConnectionError,
-    RedmapError,
-    StaleDataError,
+from ..commands import Command, RoundTripHook
+from ..exc import RedmapConnectionError, RedmapError
+from ..flushprotocol import (
+    ClientExecute,
+    FlushProtocol,
+    Lost,
+    Reply,
+    Request,
+    RoundTrip,
+    Settle,
 )
 from ._retry import ReadRetry
 
@@ -44,28 +48,18 @@ _hiredis_pack = _find_hiredis_pack()
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
 
-    from ..persistence import FlushPlan
+    from ..flushplan import FlushPlan
+    from ..flushprotocol import FlushJob
 
 __all__ = [
     "Command",
     "Dialect",
-    "Replan",
-    "RetryFlush",
     "RoundTripHook",
     "safe_url",
     "send_and_read",
     "translate_errors",
 ]
 
-log = logging.getLogger("redmap.engine")
-
-Command = tuple[Any, ...]
-RoundTripHook = Callable[[Sequence[Command]], None]
-
-# A flush re-runs its checks when EXEC reports that a watched key changed; the
-# checks then say why (stale version, unique value taken). Only a writer that keeps
-# touching watched keys without changing what redmap checks exhausts this.
-WATCH_RETRIES = 5
 
 
 def safe_url(url: str) -> str:
@@ -190,18 +184,17 @@ def _checkout(pool: Any) -> Any:
     return pool.get_connection()
 
 
-class Replan(Exception):
-    """A flush whose generated ids were handed out after its checks must check again
-    (EXEC aborted, or a redirect): its plan did not check the ids' own keys, so the
-    unit of work plans again with the ids. Nothing was written."""
-
-
-class RetryFlush(Exception):
-    """The cluster redirected a command of a flush that wrote nothing: refresh and retry."""
-
-
 def _redirected(replies: Sequence[Any]) -> bool:
     return any(isinstance(r, _REDIRECTS) for r in replies)
+
+
+def _is_redirect(reply: Any) -> bool:
+    """Whether an error reply says the slot lives elsewhere (the protocol's question)."""
+    return isinstance(reply, _REDIRECTS)
+
+
+# What a driver reports to the protocol as `Lost`: the connection, not Redis, failed.
+_CONNECTION_ERRORS = (rex.ConnectionError, rex.TimeoutError, OSError)
 
 
 class Dialect:
@@ -327,193 +320,99 @@ class Dialect:
             out.append(list(exec_reply))
         return out
 
-    # -- the flush --------------------------------------------------------------------
+    # -- the flush: a driver of `FlushProtocol` ----------------------------------------
 
-    def _flush_pool(self, plan: FlushPlan) -> ConnectionPool:
-        """The pool of the server holding the plan's keys."""
+    def _flush_pool(self, route: str) -> ConnectionPool:
+        """The pool of the server holding `route` (a key of the flush)."""
         pool: ConnectionPool = self.client.connection_pool
         return pool
 
-    def execute_flush(self, plan: FlushPlan) -> None:
-        """Run `plan` as WATCH + checks, then MULTI/writes/EXEC, on one connection.
+    def check_plan(self, plan: FlushPlan) -> None:
+        """Refuse, before any I/O, a plan this deployment cannot run (none here)."""
 
-        Round trips: 2, plus 2 per retry after a watched key changed. Nothing is
-        re-sent after EXEC may have reached the server: a lost reply is settled by
-        reading back the plan's token (see `_settle`). Generated ids were handed out
-        before (`UOWTransaction._run`): the plan holds real keys only.
+    def refresh_topology(self) -> None:
+        """Learn where keys live again after a redirect (nothing to learn here)."""
+
+    def execute_flush(
+        self, job: FlushJob, *, execute: Callable[[Sequence[Command]], list[Any]] | None = None
+    ) -> None:
+        """Drive the flush protocol (`redmap.flushprotocol`) on redis-py connections.
+
+        This loop only moves bytes: it checks out the flush connection, sends each
+        request's commands, feeds replies back (a failed connection as `Lost`, what
+        `execute` raised by throwing it in), and releases the connection, disconnecting
+        it when the protocol says it is `broken`. Every decision is the protocol's.
+        `execute` sends `ClientExecute` requests (default: `self.execute`).
         """
-        if plan.bound_late:
-            raise Replan()  # sent before (a cluster redirect): plan again with the ids
-        pool = self._flush_pool(plan)
-        with translate_errors(self.url):
-            conn = _checkout(pool)
-        broken = False
+        protocol = FlushProtocol(
+            job, url=self.safe_url, is_redirect=_is_redirect, check_plan=self.check_plan
+        )
+        run_client = execute or self.execute
+        steps = protocol.run()
+        pool: Any = None
+        conn: Any = None
         try:
-            for _ in range(WATCH_RETRIES):
-                try:
-                    replies = self._round_trip(conn, [("WATCH", *plan.watch), *plan.check_commands])
-                except (rex.ConnectionError, rex.TimeoutError, OSError):
-                    broken = True
-                    raise
-                if _redirected(replies):
-                    self._unwatch_quietly(conn)
-                    raise RetryFlush()
-                if isinstance(replies[0], Exception):
-                    broken = not self._unwatch_quietly(conn)
-                    raise FlushError(
-                        f"Redis refused WATCH ({replies[0]}); nothing was written",
-                        errors=[str(replies[0])],
-                    )
-                failure = plan.evaluate(replies[1:])
-                if failure is not None:
-                    give_back = plan.give_back()
-                    if give_back:
-                        broken = not self._give_back_ids(conn, give_back)
-                    else:
-                        broken = not self._unwatch_quietly(conn)
-                    raise failure
-                if plan.allocate is not None:
-                    # Every check passed: only now may counters move (see `FlushPlan`).
-                    allocate, plan.allocate = plan.allocate, None
+            request: Request = next(steps)
+            while True:
+                if isinstance(request, RoundTrip):
+                    if conn is None:
+                        pool = self._flush_pool(request.route)
+                        with translate_errors(self.url):
+                            conn = _checkout(pool)
+                    reply: Reply
                     try:
-                        allocate(plan)
-                    except BaseException:
-                        # Refused (OOM, wrong type, lost connection): the connection goes
-                        # back to the pool, so it must not keep this flush's WATCH (a
-                        # later MULTI on it, such as a query's, would fail).
-                        broken = not self._unwatch_quietly(conn)
-                        raise
-                    plan.bound_late = True
-                sent_at = time.monotonic()
-                try:
-                    replies = self._round_trip(conn, [("MULTI",), *plan.transaction, ("EXEC",)])
-                except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                    broken = True
-                    self._after_lost_exec(plan, exc, sent_at)
-                    return
-                exec_reply = replies[-1]
-                if exec_reply is None:
-                    if plan.bound_late:
-                        raise Replan()
-                    continue  # a watched key changed: re-run the checks to learn why
-                if isinstance(exec_reply, Exception):
-                    # EXECABORT: a command was refused while queuing (e.g. OOM, or MOVED
-                    # during a slot migration); Redis discarded the whole transaction.
-                    if _redirected(replies[1:-1]):
-                        raise RetryFlush()
-                    queued = [str(r) for r in replies[1:-1] if isinstance(r, Exception)]
-                    raise plan.refused_at_queue(queued or [str(exec_reply)], len(replies) - 2)
-                plan.check_exec_reply(list(exec_reply))
-                return
-            raise StaleDataError(
-                "watched keys kept changing during the flush; nothing was written",
-                objects=[s.obj for s in plan.states],
-                keys=list(plan.watch),
-            )
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            broken = True
-            raise RedmapConnectionError(
-                f"connection lost before the flush was sent; nothing was written "
-                f"({type(exc).__name__})",
-                url=self.safe_url,
-            ) from None
+                        reply = self._round_trip(conn, request.commands)
+                    except _CONNECTION_ERRORS as exc:
+                        reply = Lost(type(exc).__name__)
+                    request = steps.send(reply)
+                elif isinstance(request, ClientExecute):
+                    try:
+                        replies = run_client(request.commands)
+                    except BaseException as exc:
+                        request = steps.throw(exc)
+                    else:
+                        request = steps.send(replies)
+                elif isinstance(request, Settle):
+                    request = steps.send(self._settle(request))
+                else:
+                    self._release(pool, conn, broken=protocol.broken)
+                    pool = conn = None
+                    time.sleep(min(0.5, 0.01 * request.attempt) * random.uniform(0.5, 1.0))
+                    with translate_errors(self.url):
+                        self.refresh_topology()
+                    request = steps.send(None)
+        except StopIteration:
+            return
         finally:
-            if broken:
-                with contextlib.suppress(Exception):
-                    conn.disconnect()
-            pool.release(conn)
+            self._release(pool, conn, broken=protocol.broken)
 
-    def _give_back_ids(self, conn: Any, ranges: dict[str, tuple[int, int]]) -> bool:
-        """Return the ids of a flush its checks refused, so that a refused flush leaves
-        its counters as they were; False when the connection failed.
-
-        Still under the flush's WATCH (its id guards included): a counter is set back
-        only if it still ends the range handed out (nobody took ids since) and EXEC
-        finds nothing watched changed (no explicit insert took one of these ids). Any
-        doubt leaves the ids unused, a harmless gap. Two round trips, on refusal only.
-        """
-        keys_ = list(ranges)
-        try:
-            replies = self._round_trip(conn, [("WATCH", *keys_), *[("GET", k) for k in keys_]])
-            undo: list[Command] = []
-            for key, reply in zip(keys_, replies[1:], strict=True):
-                first, last = ranges[key]
-                if isinstance(reply, bytes) and reply.isdigit() and int(reply) == last:
-                    undo.append(("SET", key, first - 1) if first > 1 else ("DEL", key))
-            # EXEC, aborted or not, ends the WATCH.
-            self._round_trip(conn, [("MULTI",), *undo, ("EXEC",)] if undo else [("UNWATCH",)])
-        except (rex.ConnectionError, rex.TimeoutError, OSError):
-            return False
-        return True
-
-    def _unwatch_quietly(self, conn: Any) -> bool:
-        """UNWATCH; False when the connection failed (disconnect it, do not reuse it)."""
-        try:
-            self._round_trip(conn, [("UNWATCH",)])
-        except (rex.ConnectionError, rex.TimeoutError, OSError):
-            return False
-        return True
+    @staticmethod
+    def _release(pool: Any, conn: Any, *, broken: bool) -> None:
+        if conn is None:
+            return
+        if broken:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+        pool.release(conn)
 
     def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
         self._hook(commands)
         return send_and_read(conn, commands)
 
-    def _after_lost_exec(self, plan: FlushPlan, cause: BaseException, sent_at: float) -> None:
-        """Settle a flush whose EXEC reply never came: return if applied, raise if not."""
-        if self._settle(plan, sent_at):
-            log.warning(
-                "flush reply lost (%s); read-back shows it was applied", type(cause).__name__
-            )
-            return
-        raise RedmapConnectionError(
-            f"connection lost during the flush ({type(cause).__name__}); read-back shows "
-            f"nothing was written",
-            url=self.safe_url,
-        )
-
-    def _settle(self, plan: FlushPlan, sent_at: float) -> bool:
-        """Whether a flush whose reply was lost was applied, decided for good.
-
-        The token key is watched by the flush and written by its EXEC. Creating it
-        here with SET NX either finds it (the flush was applied) or creates it, which
-        also makes a late EXEC still queued on the old connection fail its WATCH.
-        Creating it proves nothing once the token's lifetime has passed since the EXEC
-        was sent (`sent_at`, monotonic): the flush's own token may have come and gone.
-        Raises OutcomeUnknownError, marking the plan's objects in doubt, when the
-        read-back fails, is refused, or comes too late.
-        """
-        pool = self._flush_pool(plan)
+    def _settle(self, request: Settle) -> Reply:
+        """A `Settle` round trip on a fresh connection outside the pool (the pooled ones
+        may share the fault); any failure, refusals included, is `Lost`."""
+        pool = self._flush_pool(request.route)
         conn = None
         try:
-            # A fresh connection outside the pool: the pooled ones may share the fault.
             conn = pool.connection_class(**pool.connection_kwargs)
-            replies = self._round_trip(
-                conn, [("SET", plan.token_key, b"settled", "NX", "PX", plan.token_ttl_ms)]
-            )
-            if isinstance(replies[0], Exception):
-                # Refused (OOM, LOADING, READONLY, ...): the outcome is just as unknown.
-                raise replies[0]
+            return self._round_trip(conn, request.commands)
         except (rex.RedisError, OSError) as exc:
-            raise self._outcome_unknown(plan, type(exc).__name__) from None
+            return Lost(type(exc).__name__)
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.disconnect()
-        applied = replies[0] is None
-        if not applied and time.monotonic() - sent_at >= plan.token_ttl_ms / 1000:
-            raise self._outcome_unknown(plan, "the read-back came after the token's lifetime")
-        return applied
-
-    def _outcome_unknown(self, plan: FlushPlan, reason: str) -> OutcomeUnknownError:
-        """The error for an unsettled flush; marks the plan's objects as in doubt."""
-        for st in plan.states:
-            st.in_doubt = True
-        return OutcomeUnknownError(
-            f"the flush's EXEC was sent but its reply was lost and the outcome could not "
-            f"be read back ({reason}); roll the session back and check",
-            url=self.safe_url,
-            objects=[s.obj for s in plan.states],
-        )
 
 
 def default_client_options() -> dict[str, Any]:

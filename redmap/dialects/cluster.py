@@ -3,16 +3,16 @@
 Routing, MOVED/ASK handling for reads and topology discovery are redis-py's. The
 flush is not: redis-py's cluster transaction re-sends MULTI...EXEC without the WATCH
 after a reconnect, which can lose a concurrent update. redmap runs its own
-WATCH / checks / MULTI / EXEC on one connection to the node owning the flush's slot
-(`Dialect.execute_flush`), never re-sends after EXEC, and on a redirect (the slot
-moved, or is migrating) refreshes the topology and starts the flush again, which is
-safe because a redirected flush has written nothing.
+WATCH / checks / MULTI / EXEC on one connection to the node owning the flush's slot:
+the same flush protocol as every deployment (`redmap.flushprotocol`, driven by
+`Dialect.execute_flush`). This dialect only says where the flush's slot lives
+(`_flush_pool`), refuses plans spanning slots (`check_plan`) and learns the topology
+again when the protocol reports a redirect (`refresh_topology`); the protocol starts
+the flush again, which is safe because a redirected flush has written nothing.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -21,12 +21,12 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from ..exc import CrossSlotError, RedmapConnectionError
-from .base import Command, Dialect, RetryFlush, default_client_options, translate_errors
+from .base import Command, Dialect, default_client_options, translate_errors
 
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
 
-    from ..persistence import FlushPlan
+    from ..flushplan import FlushPlan
 
 __all__ = ["ClusterDialect", "parse_cluster_url"]
 
@@ -35,11 +35,6 @@ def _first_key(commands: Sequence[Command]) -> bytes:
     """The key that places a group (every key of a query transaction shares its tag)."""
     key = commands[0][1]
     return key if isinstance(key, bytes) else str(key).encode()
-
-
-# How many times a flush is restarted after redirects (a slot migration in progress
-# answers TRYAGAIN until its keys have moved).
-REDIRECT_RETRIES = 50
 
 
 def parse_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
@@ -94,13 +89,17 @@ class ClusterDialect(Dialect):
                 out[i] = reply if reply is not None else self.execute_transaction(groups[i])
         return [r for r in out if r is not None]
 
-    def _flush_pool(self, plan: FlushPlan) -> ConnectionPool:
-        slot = key_slot(plan.token_key.encode())
+    def _flush_pool(self, route: str) -> ConnectionPool:
+        slot = key_slot(route.encode())
         node = self.client.nodes_manager.get_node_from_slot(slot)
         pool: ConnectionPool = self.client.get_redis_connection(node).connection_pool
         return pool
 
-    def check_single_slot(self, plan: FlushPlan) -> None:
+    def refresh_topology(self) -> None:
+        """After a redirect (the slot moved, or is migrating): learn the new owner."""
+        self.client.nodes_manager.initialize()
+
+    def check_plan(self, plan: FlushPlan) -> None:
         """Refuse, before any I/O, a flush whose keys fall in more than one hash slot."""
         slots: dict[int, list[str]] = {}
         keys = [*plan.watch, *(c.key for c in plan.checks), *(str(w[1]) for w in plan.writes)]
@@ -118,20 +117,3 @@ class ClusterDialect(Dialect):
                 f"one registry prefix, or open the session with allow_cross_slot=True",
                 slots=sorted(slots),
             )
-
-    def execute_flush(self, plan: FlushPlan) -> None:
-        self.check_single_slot(plan)
-        for attempt in range(REDIRECT_RETRIES):
-            try:
-                super().execute_flush(plan)
-                return
-            except RetryFlush:
-                # The slot moved or is migrating: nothing was written. Learn the new
-                # owner and start again.
-                time.sleep(min(0.5, 0.01 * (attempt + 1)) * random.uniform(0.5, 1.0))
-                with translate_errors(self.url):
-                    self.client.nodes_manager.initialize()
-        raise RedmapConnectionError(
-            "the cluster kept redirecting the flush (slot migration?); nothing was written",
-            url=self.safe_url,
-        )
