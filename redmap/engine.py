@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from . import dialects
 from .commands import Command
-from .dialects.base import Dialect, safe_url
 from .exc import InvalidRequestError
+from .urls import safe_url
 
 if TYPE_CHECKING:
+    from .dialects.base import Dialect
     from .flushprotocol import FlushJob
 
 __all__ = ["Engine", "configure", "create_engine", "default_engine"]

@@ -1,6 +1,6 @@
 """Turns a unit of work into a `FlushPlan` (`flushplan`): watched keys, checks and writes.
 
-Called by `unitofwork`; the plan is executed by `Dialect.execute_flush`. Everything
+Called by `unitofwork`; the plan is run by the flush protocol (`flushprotocol`). Everything
 that could make a command fail inside EXEC (wrong key types, taken unique values,
 existing primary keys, stale versions) becomes a check answered before MULTI, so a
 flush that reaches EXEC cannot fail half-way. Why this guards against concurrent

@@ -220,11 +220,13 @@ def commit_team(engine: Engine) -> tuple[Session, Team]:
 
 
 def test_core_imports_without_redis_py() -> None:
-    """The planner and the flush protocol import in a fresh interpreter without redis-py."""
+    """The package, the planner, the flush protocol, the unit of work and the session
+    import in a fresh interpreter without loading redis-py (the driver loads it when an
+    engine is created)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(redmap.__file__)))
     code = (
-        "import sys, redmap.flushplan, redmap.persistence, redmap.flushprotocol, "
-        "redmap.commands\n"
+        "import sys, redmap, redmap.flushplan, redmap.persistence, redmap.flushprotocol, "
+        "redmap.commands, redmap.unitofwork, redmap.session\n"
         "bad = sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.'))\n"
         "assert not bad, bad\n"
     )

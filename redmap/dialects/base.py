@@ -14,7 +14,6 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.exceptions as rex
@@ -30,6 +29,8 @@ from ..flushprotocol import (
     RoundTrip,
     Settle,
 )
+from ..urls import password_of as _password_of
+from ..urls import safe_url
 from ._retry import ReadRetry
 
 
@@ -60,38 +61,6 @@ __all__ = [
     "translate_errors",
 ]
 
-
-
-def safe_url(url: str) -> str:
-    """`url` with any password replaced by `***`, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        creds, _, host = netloc.rpartition("@")
-        user = creds.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in creds else f"{creds}@{host}"
-    query = parts.query
-    if "password=" in query:
-        query = "&".join(
-            "password=***" if q.startswith("password=") else q for q in query.split("&")
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _password_of(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.password:
-        return parts.password
-    for q in parts.query.split("&"):
-        if q.startswith("password="):
-            return q.split("=", 1)[1] or None
-    return None
 
 
 @contextlib.contextmanager
