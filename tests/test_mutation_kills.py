@@ -7,6 +7,7 @@ through, and passes on the real code. The mutant each one kills is named in its 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
@@ -24,6 +25,7 @@ from redmap import (
     registry,
     relationship,
     select,
+    sessionmaker,
 )
 from redmap.engine import Engine
 from redmap.exc import (
@@ -31,6 +33,7 @@ from redmap.exc import (
     FlushError,
     IntegrityError,
     InvalidRequestError,
+    MultipleResultsFound,
     ObjectDeletedError,
     QueryError,
     StaleDataError,
@@ -107,6 +110,14 @@ class Drawer:
 
     name: str
     notes: list[Note] = relationship()
+    stickers: list[Sticker] = relationship(secondary="mk_drawer_stickers", cascade="all")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Sticker:
+    text: str
     id: Annotated[Optional[int], PrimaryKey()] = None
 
 
@@ -349,6 +360,115 @@ class TestSessionBookkeeping:
             with pytest.raises(ObjectDeletedError, match=f"Book with primary key {book_id}"):
                 _ = book.title
 
+    def test_session_repr_counts_its_objects(self, engine: Engine) -> None:
+        """repr(session) says how many objects are persistent and pending."""
+        # Kills: Session.__repr__ returning None.
+        _shelf(engine, "a")
+        with Session(engine) as s:
+            s.get(Book, 1)
+            s.add(Book(title="n"))
+            assert repr(s) == "<Session 1 persistent, 1 pending>"
+
+    def test_session_defaults(self, cluster: ClusterProcesses, cluster_client: Any) -> None:
+        """By default a session (here from a bare sessionmaker) expires objects on commit
+        (they reload what others wrote) and refuses a flush spanning two hash tags."""
+        # Kills: the defaults of sessionmaker(expire_on_commit=True, allow_cross_slot=False).
+        engine = create_engine(cluster.url)
+        factory = sessionmaker(engine)
+        try:
+            ids = []
+            for i in range(8):
+                with Session(engine) as s:
+                    p = Peer(name=f"p{i}")
+                    s.add(p)
+                    s.commit()
+                    ids.append(p.id)
+            tags = {mapper_of(Peer).keys_for_pk(i).tag: i for i in ids}
+            assert len(tags) >= 2
+            a_id, b_id = list(tags.values())[:2]
+            with factory() as s:
+                a = s.get(Peer, a_id)
+                assert a is not None
+                a.name = "mine"
+                s.commit()
+                with Session(engine) as other:
+                    other.get(Peer, a_id).name = "theirs"  # type: ignore[union-attr]
+                    other.commit()
+                assert a.name == "theirs"  # expired on commit: reloaded
+                b = s.get(Peer, b_id)
+                assert b is not None
+                a.name, b.name = "x", "y"
+                with pytest.raises(CrossSlotError):
+                    s.commit()
+        finally:
+            engine.dispose()
+
+    def test_begin_rolls_back_on_error(self, engine: Engine) -> None:
+        """`with session.begin():` that raises rolls the pending changes back."""
+        # Kills: Session.begin without its rollback.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            with pytest.raises(RuntimeError), s.begin():
+                book.title = "doomed"
+                s.add(Book(title="new"))
+                raise RuntimeError("boom")
+            assert list(s.new) == [] and list(s.dirty) == []
+            assert book.title == "a"
+
+    def test_get_many_accepts_a_generator(self, engine: Engine) -> None:
+        """get_many() takes any iterable of ids, a one-shot generator included."""
+        # Kills: Session.get_many reading its argument twice.
+        _, ids = _shelf(engine, "a", "b")
+        with Session(engine) as s:
+            got = s.get_many(Book, (i for i in ids))
+            assert [b.id for b in got if b is not None] == ids
+
+    def test_links_written_once_are_not_written_again(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """A link change is sent by the flush that carries it only: unlinked meanwhile by
+        someone else, a later flush of this session does not bring it back."""
+        # Kills: Session._relationships_flushed without `self._links.clear()`.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            label = Label(text="l")
+            s.add(label)
+            book = s.get(Book, book_id)
+            assert book is not None
+            book.labels.append(label)
+            s.commit()
+            with Session(engine) as other:
+                other.get(Book, book_id).labels.clear()  # type: ignore[union-attr]
+                other.commit()
+            book.title = "b"
+            s.commit()
+        with Session(engine) as s:
+            assert s.get(Book, book_id).labels == []  # type: ignore[union-attr]
+
+    def test_new_objects_in_doubt_block_the_next_flush(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """An insert whose EXEC failed leaves the new object in doubt: the next flush is
+        refused until rollback."""
+
+        # Kills: Session.flush not counting new objects among those in doubt.
+        def sabotage(commands: Any) -> None:
+            if commands and commands[0] == ("MULTI",):
+                redis_client.set("{mk}:book:#ix:title:n", "not a set")
+
+        with Session(engine) as s:
+            s.add(Book(title="n", id=7))
+            engine.add_listener(sabotage)
+            try:
+                with pytest.raises(FlushError):
+                    s.commit()
+            finally:
+                engine.remove_listener(sabotage)
+            with pytest.raises(InvalidRequestError, match="unknown"):
+                s.flush()
+
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
         # Kills: Session.rollback without `self._deleted.clear()`, or without resetting
@@ -408,7 +528,7 @@ class TestForeignKeyTargets:
                 other.commit()
             before = dump_keys(redis_client)
             s.add(Book(title="orphan", shelf_id=shelf_id))
-            with pytest.raises(StaleDataError):
+            with pytest.raises(StaleDataError, match=f"Shelf\\({shelf_id}\\) that Book.shelf_id"):
                 s.commit()
             assert dump_keys(redis_client) == before
 
@@ -600,6 +720,138 @@ class TestRelationshipsAtFlush:
             assert [n.drawer_id for n in notes if n is not None] == [drawer_id, drawer_id]
             drawer = s.get(Drawer, drawer_id)
             assert drawer is not None and sorted(n.id for n in drawer.notes) == note_ids
+
+    def test_stale_child_listed_under_a_deleted_parent(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """Deleting a parent that Redis lists a child under, while this session holds the
+        child as loaded before someone moved it there: StaleDataError, nothing written."""
+        # Kills: dependency._members_at_flush without its StaleDataError.
+        _, (book_id,) = _shelf(engine, "a")
+        target_id, _ = _shelf(engine)
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None and book.shelf is not None  # loaded on its old shelf
+            with Session(engine) as other:
+                other.get(Book, book_id).shelf_id = target_id  # type: ignore[union-attr]
+                other.commit()
+            before = dump_keys(redis_client)
+            s.delete(s.get(Shelf, target_id))
+            with pytest.raises(StaleDataError):
+                s.commit()
+        assert dump_keys(redis_client) == before
+
+    def test_re_parented_child_is_not_an_orphan(self, engine: Engine) -> None:
+        """Children removed from a delete-orphan list: one moved to another parent in the
+        same flush stays (there), one only removed is deleted."""
+        # Kills: the "re-parented since removed" test of the orphan pass inverted, or its
+        # `continue` made a `break`.
+        old_id, (a_id, b_id) = _shelf(engine, "a", "b")
+        new_id, _ = _shelf(engine)
+        with Session(engine) as s:
+            old, new = s.get(Shelf, old_id), s.get(Shelf, new_id)
+            assert old is not None and new is not None
+            moved, dropped = old.books[0], old.books[1]
+            old.books.remove(moved)
+            moved.shelf = new  # (new.books.append(moved) instead: a StaleDataError, reported)
+            old.books.remove(dropped)
+            s.commit()
+        with Session(engine) as s:
+            assert s.get(Book, b_id) is None
+            kept = s.get(Book, a_id)
+            assert kept is not None and kept.shelf_id == new_id
+
+    def test_new_child_of_a_deleted_parent_is_not_written(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """A new child appended to a parent deleted in the same flush goes with it."""
+        # Kills: dependency._members_at_flush not counting children the session points
+        # at the deleted parent.
+        shelf_id, (a_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            shelf = s.get(Shelf, shelf_id)
+            assert shelf is not None
+            shelf.books.append(Book(title="late"))
+            s.delete(shelf)
+            s.commit()
+        assert redis_client.keys("{mk}:book:[0-9]*") == []
+        assert redis_client.keys("{mk}:book:#ix:title:late") == []
+
+    def test_child_moved_by_key_away_from_a_deleted_parent(self, engine: Engine) -> None:
+        """A child moved away by its key column (relationship unloaded) from a parent
+        deleted in the same flush survives on its new parent."""
+        # Kills: the "moved" flag of dependency._pointer for key columns (`or` -> `and`).
+        old_id, (book_id,) = _shelf(engine, "a")
+        new_id, _ = _shelf(engine)
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            book.shelf_id = new_id
+            s.delete(s.get(Shelf, old_id))
+            s.commit()
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None and book.shelf_id == new_id
+
+    def test_many_to_many_delete_cascade(self, engine: Engine) -> None:
+        """Deleting an owner deletes the members of a many-to-many with cascade "all",
+        and only unlinks those of one without it."""
+        # Kills: the `"delete" in prop.cascade` test for many-to-many inverted, or its
+        # session.delete(other) removed.
+        with Session(engine) as s:
+            drawer = Drawer(name="d", stickers=[Sticker(text="s")])
+            book = Book(title="b", labels=[Label(text="l")])
+            s.add_all([drawer, book])
+            s.commit()
+            sticker_id, label_id = drawer.stickers[0].id, book.labels[0].id
+            s.delete(drawer)
+            s.delete(book)
+            s.commit()
+        with Session(engine) as s:
+            assert s.get(Sticker, sticker_id) is None
+            assert s.get(Label, label_id) is not None
+
+    def test_unreadable_list_of_a_deleted_parent_is_named(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """Deleting a parent whose children's list key holds the wrong type: an error
+        naming the key, nothing written."""
+        # Kills: dependency._read_members without its "cannot read" raise.
+        shelf_id, _ = _shelf(engine)
+        fk_key = f"{{mk}}:book:#fk:shelf_id:{shelf_id}"
+        with Session(engine) as s:
+            shelf = s.get(Shelf, shelf_id)
+            assert shelf is not None and shelf.books == []  # the list is loaded: not re-read
+            redis_client.set(fk_key, "not a zset")
+            before = dump_keys(redis_client)
+            s.delete(shelf)
+            with pytest.raises(InvalidRequestError, match=f"cannot read '{re.escape(fk_key)}'"):
+                s.commit()
+        assert dump_keys(redis_client) == before
+
+    def test_link_to_an_object_deleted_meanwhile_is_stale(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """Linking to an object someone else deletes before the commit: StaleDataError,
+        and no link points at nothing."""
+        # Kills: persistence not watching an existing end of a new link.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            label = Label(text="l")
+            s.add(label)
+            s.commit()
+            label_id = label.id
+        with Session(engine) as s:
+            book, label = s.get(Book, book_id), s.get(Label, label_id)
+            assert book is not None and label is not None
+            book.labels.append(label)
+            with Session(engine) as other:
+                other.delete(other.get(Label, label_id))
+                other.commit()
+            before = dump_keys(redis_client)
+            with pytest.raises(StaleDataError):
+                s.commit()
+        assert dump_keys(redis_client) == before
 
     def test_delete_unlinks_a_one_sided_many_to_many(
         self, engine: Engine, redis_client: Any
@@ -848,6 +1100,50 @@ class TestQueries:
             s.delete(s.get(Book, a_id))
             assert [b.id for b in s.scalars(select(Book))] == [b_id]
 
+    def test_count_of_an_equality_is_one_scard(self, engine: Engine) -> None:
+        """count() of a lone equality on an indexed field is one SCARD."""
+        # Kills: the indexed/unique and primary-key tests of _direct_count_command.
+        _shelf(engine, "a", "a", "b")
+        with Session(engine) as s:
+            with count_round_trips(engine) as rt:
+                assert s.count(select(Book).where(Book.title == "a")) == 2
+            assert rt.command_names == ["SCARD"]
+
+    def test_one_and_one_or_none_refuse_two(self, engine: Engine) -> None:
+        """one() and one_or_none() of two objects raise MultipleResultsFound."""
+        # Kills: `> 1` -> `> 2` in ScalarResult.one (and one_or_none).
+        _shelf(engine, "a", "a")
+        with Session(engine) as s:
+            with pytest.raises(MultipleResultsFound):
+                s.scalars(select(Book).where(Book.title == "a")).one()
+            with pytest.raises(MultipleResultsFound):
+                s.scalars(select(Book).where(Book.title == "a")).one_or_none()
+
+    def test_query_meeting_a_wrong_typed_index_is_a_query_error(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """An index key of the wrong type: QueryError saying Redis refused the query."""
+        # Kills: query without its "Redis refused the query" raises.
+        _shelf(engine, "a", "b")
+        redis_client.delete("{mk}:book:#ix:title:a")
+        redis_client.set("{mk}:book:#ix:title:a", "not a set")
+        with Session(engine) as s:
+            with pytest.raises(QueryError, match="Redis refused the query"):
+                s.scalars(select(Book).where(or_(Book.title == "a", Book.title == "b")))
+            with pytest.raises(QueryError, match="Redis refused the query"):
+                s.count(select(Book).where(or_(Book.title == "a", Book.title == "b")))
+            # The one-command paths: a lone count (SCARD), a lone range (ZRANGE BYSCORE).
+            with pytest.raises(QueryError, match="Redis refused the query"):
+                s.count(select(Book).where(Book.title == "a"))
+        with Session(engine) as s:
+            s.add(Track(pos=1))
+            s.commit()
+        redis_client.delete("{mk}:track:#zs:pos")
+        redis_client.set("{mk}:track:#zs:pos", "not a zset")
+        with Session(engine) as s:
+            with pytest.raises(QueryError, match="Redis refused the query"):
+                s.scalars(select(Track).where(Track.pos >= 0))
+
     def test_count_of_a_range_is_one_zcount(self, engine: Engine) -> None:
         """count() of a lone range condition is one ZCOUNT (no temporary keys)."""
         # Kills: query._direct_count_command not answering for ranges.
@@ -965,7 +1261,62 @@ class Egg:
     id: Annotated[Optional[int], PrimaryKey()] = None
 
 
+@xreg.mapped
+@dataclass
+class Owner:
+    __shard_key__ = "id"
+    name: str
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@xreg.mapped
+@dataclass
+class Pet:
+    __shard_key__ = "owner_id"
+    owner_id: Annotated[Optional[int], ForeignKey("Owner")] = None
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@xreg.mapped
+@dataclass
+class Post:
+    """Sharded by a plain field (not a key of another model)."""
+
+    __shard_key__ = "room"
+    room: Annotated[str, Indexed()]
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
 class TestShards:
+    def test_explicit_id_outside_the_parents_shard_is_refused(self, engine: Engine) -> None:
+        """An explicit id that is not in the shard its shard key picks: ValidationError
+        naming the id and the shard."""
+        # Kills: unitofwork's shard placement without its ValidationError.
+        with Session(engine) as s:
+            owner = Owner(name="o", id=4)  # shard 0 of 4
+            s.add(owner)
+            s.commit()
+        with Session(engine) as s:
+            s.add(Pet(owner_id=4, id=5))  # 5 is in shard 1
+            with pytest.raises(ValidationError) as info:
+                s.commit()
+        assert (info.value.model, info.value.field) == ("Pet", "id")
+        assert "shard 0" in info.value.expected
+
+    def test_objects_sharded_by_a_plain_field(self, engine: Engine) -> None:
+        """A model sharded by a plain field stores each object in that value's shard; a
+        query on the field finds them."""
+        # Kills: unitofwork._shard_of answering None for a plain shard-key value.
+        with Session(engine) as s:
+            posts = [Post(room="a"), Post(room="a"), Post(room="b")]
+            s.add_all(posts)
+            s.commit()
+            tags = [mapper_of(Post).keys_for_pk(p.id).tag for p in posts]  # type: ignore[arg-type]
+            assert tags[0] == tags[1]
+        with Session(engine) as s:
+            got = s.scalars(select(Post).where(Post.room == "a")).all()
+            assert sorted(p.id for p in got) == sorted(p.id for p in posts[:2])  # type: ignore[type-var]
+
     def test_circular_shard_keys_are_refused(self, engine: Engine, redis_client: Any) -> None:
         """Two new objects each sharded by the other: InvalidRequestError naming the
         cycle, before anything is written."""

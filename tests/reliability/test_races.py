@@ -26,7 +26,7 @@ from redmap import Session, create_engine, run_in_transaction, sessionmaker
 from redmap.audit import AuditReport
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, StaleDataError
-from redmap.mapper import VERSION_FIELD
+from redmap.mapper import INCARNATION_FIELD, VERSION_FIELD
 from redmap.testing.assertions import dump_keys
 from tests.reliability._models import Badge, Player, Tally, Team
 
@@ -647,7 +647,7 @@ def _outcome_in_redis(
     want = {**world["fields"], **spec["fields"]}
     want_team = spec.get("team", world["team"])
     want_badges = (world["p_badges"] | set(spec["add"])) - set(spec["remove"])
-    want_hash_fields = {"name", "email", "score", VERSION_FIELD}
+    want_hash_fields = {"name", "email", "score", VERSION_FIELD, INCARNATION_FIELD}
     want_hash_fields |= {"bio"} if want["bio"] is not None else set()
     want_hash_fields |= {"team_id"} if want_team is not None else set()
     with Session(engine) as s:
