@@ -963,6 +963,18 @@ class TestFlushPlan:
             s.commit()
         assert redis_client.hget(f"{{mk}}:book:{book_id}", "title") == b"replacement"
 
+    def test_changing_a_stored_primary_key_is_refused(self, engine: Engine) -> None:
+        """Assigning a new primary key to a stored object: InvalidRequestError saying to
+        delete it and add a new one (not a silent no-op)."""
+        # Kills: the primary-key test of unitofwork.changed_fields inverted.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            book.id = 999
+            with pytest.raises(InvalidRequestError, match="cannot be changed"):
+                s.flush()
+
     def test_explicit_id_moves_the_counter_past_it(self, engine: Engine) -> None:
         """After an object is stored under an explicit id, generated ids start after it."""
         # Kills: persistence not sending the SET that moves the id counter up.
