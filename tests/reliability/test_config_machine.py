@@ -225,6 +225,12 @@ class ReplayableUUIDs:
 
 UUIDS = ReplayableUUIDs(0)
 
+SHARD_CHOICE = random.Random(0)
+"""The random shard a new object of a model sharded by its own generated key joins
+(`redmap.unitofwork` draws it from `random`): a generator of its own, reset at every
+example, so that other users of `random` (retry back-offs on a cluster, whose number
+depends on timing) do not change which shards a replayed example uses."""
+
 
 # -- the worker process ----------------------------------------------------------------
 
@@ -238,6 +244,10 @@ def worker_main() -> None:
     player: Any = None
     uuids = ReplayableUUIDs(1)
     uuid.uuid4 = uuids  # type: ignore[assignment]  # this process only
+    import redmap.unitofwork
+
+    shards = random.Random(1)
+    redmap.unitofwork.random = shards  # type: ignore[assignment]
     for line in sys.stdin:
         msg = json.loads(line)
         op = msg["op"]
@@ -246,6 +256,7 @@ def worker_main() -> None:
         try:
             if op == "config":
                 uuids.reset()
+                shards.seed(1)
                 if engine is not None:
                     engine.dispose()
                 engine = create_engine(msg["url"])
@@ -324,6 +335,8 @@ class Worker:
         return answer
 
     def close(self) -> None:
+        """Stop the worker (it exits on "quit" or on the end of its input) and close the
+        pipes."""
         with contextlib.suppress(Exception):
             self.ask(op="quit")
         try:
@@ -331,6 +344,9 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 # -- the model -------------------------------------------------------------------------
@@ -465,6 +481,7 @@ class ConfigHistories(RuleBasedStateMachine):
         self.cfg: Config | None = None
         BORN.clear()
         UUIDS.reset()
+        SHARD_CHOICE.seed(0)
         bump("examples")
 
     def teardown(self) -> None:
@@ -1878,7 +1895,7 @@ def _run(url: str, client: Any, max_examples: int, *, cluster: bool, test_id: st
     ConfigHistories.cluster = cluster
     t0 = time.perf_counter()
     try:
-        with mock.patch("uuid.uuid4", UUIDS):
+        with mock.patch("uuid.uuid4", UUIDS), mock.patch("redmap.unitofwork.random", SHARD_CHOICE):
             run_seeded("configuration state machine", ConfigHistories,
                        max_examples=max_examples, steps=STEPS, test_id=test_id)
     finally:

@@ -1003,8 +1003,8 @@ MINIMUMS = {
     "commits applied": 100,
     "commits refused (stale)": 10,
     "stale: changed": 5,
-    "commits with doomed": 10,
-    "commits with net": 10,
+    "commits with doomed": 8,
+    "commits with net": 4,
     "foreign renames": 50,
 }
 
