@@ -89,7 +89,7 @@ class Club:
     """A one-to-many without a delete cascade: members are released, not deleted."""
 
     name: str
-    members: list[Member] = relationship(back_populates="club")
+    members: list[Member] = relationship(back_populates="club", order_by="Member.rank")
     id: Annotated[Optional[int], PrimaryKey()] = None
 
 
@@ -98,6 +98,7 @@ class Club:
 class Member:
     name: str
     nickname: Annotated[Optional[str], Indexed()] = None
+    rank: Annotated[Optional[int], Sorted()] = None
     club_id: Annotated[Optional[int], ForeignKey("Club")] = None
     club: Optional[Club] = relationship(back_populates="members")
     id: Annotated[Optional[int], PrimaryKey()] = None
@@ -852,6 +853,23 @@ class TestRelationshipsAtFlush:
             with pytest.raises(StaleDataError):
                 s.commit()
         assert dump_keys(redis_client) == before
+
+    def test_child_without_an_order_value_sorts_first(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """In a list ordered by a field that may be None, a child without a value is held
+        at -inf in its parent's zset and comes first."""
+        # Kills: persistence._fk_score answering None for a None order value.
+        with Session(engine) as s:
+            club = Club(name="c", members=[Member(name="r5", rank=5), Member(name="none")])
+            s.add(club)
+            s.commit()
+            club_id = club.id
+        scores = redis_client.zrange(f"{{mk}}:member:#fk:club_id:{club_id}", 0, -1, withscores=True)
+        assert [sc for _, sc in scores] == [float("-inf"), 5.0]
+        with Session(engine) as s:
+            club = s.get(Club, club_id)
+            assert club is not None and [m.name for m in club.members] == ["none", "r5"]
 
     def test_delete_unlinks_a_one_sided_many_to_many(
         self, engine: Engine, redis_client: Any
