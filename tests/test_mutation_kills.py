@@ -89,7 +89,7 @@ class Club:
     """A one-to-many without a delete cascade: members are released, not deleted."""
 
     name: str
-    members: list[Member] = relationship(back_populates="club")
+    members: list[Member] = relationship(back_populates="club", order_by="Member.rank")
     id: Annotated[Optional[int], PrimaryKey()] = None
 
 
@@ -98,6 +98,7 @@ class Club:
 class Member:
     name: str
     nickname: Annotated[Optional[str], Indexed()] = None
+    rank: Annotated[Optional[int], Sorted()] = None
     club_id: Annotated[Optional[int], ForeignKey("Club")] = None
     club: Optional[Club] = relationship(back_populates="members")
     id: Annotated[Optional[int], PrimaryKey()] = None
@@ -853,6 +854,23 @@ class TestRelationshipsAtFlush:
                 s.commit()
         assert dump_keys(redis_client) == before
 
+    def test_child_without_an_order_value_sorts_first(
+        self, engine: Engine, redis_client: Any
+    ) -> None:
+        """In a list ordered by a field that may be None, a child without a value is held
+        at -inf in its parent's zset and comes first."""
+        # Kills: persistence._fk_score answering None for a None order value.
+        with Session(engine) as s:
+            club = Club(name="c", members=[Member(name="r5", rank=5), Member(name="none")])
+            s.add(club)
+            s.commit()
+            club_id = club.id
+        scores = redis_client.zrange(f"{{mk}}:member:#fk:club_id:{club_id}", 0, -1, withscores=True)
+        assert [sc for _, sc in scores] == [float("-inf"), 5.0]
+        with Session(engine) as s:
+            club = s.get(Club, club_id)
+            assert club is not None and [m.name for m in club.members] == ["none", "r5"]
+
     def test_delete_unlinks_a_one_sided_many_to_many(
         self, engine: Engine, redis_client: Any
     ) -> None:
@@ -962,6 +980,18 @@ class TestFlushPlan:
             s.add(Book(title="replacement", id=book_id))
             s.commit()
         assert redis_client.hget(f"{{mk}}:book:{book_id}", "title") == b"replacement"
+
+    def test_changing_a_stored_primary_key_is_refused(self, engine: Engine) -> None:
+        """Assigning a new primary key to a stored object: InvalidRequestError saying to
+        delete it and add a new one (not a silent no-op)."""
+        # Kills: the primary-key test of unitofwork.changed_fields inverted.
+        _, (book_id,) = _shelf(engine, "a")
+        with Session(engine) as s:
+            book = s.get(Book, book_id)
+            assert book is not None
+            book.id = 999
+            with pytest.raises(InvalidRequestError, match="cannot be changed"):
+                s.flush()
 
     def test_explicit_id_moves_the_counter_past_it(self, engine: Engine) -> None:
         """After an object is stored under an explicit id, generated ids start after it."""
