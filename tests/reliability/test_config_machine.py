@@ -485,6 +485,7 @@ class ConfigHistories(RuleBasedStateMachine):
         bump("examples")
 
     def teardown(self) -> None:
+        """Close both sessions and the engines of this example."""
         for t in self.sv.values():
             t.session.close()
         for e in self.engines.values():
@@ -773,6 +774,7 @@ class ConfigHistories(RuleBasedStateMachine):
     @rule(who=SESSIONS)
     @counted
     def rollback(self, who: str) -> None:
+        """A session rolls back: new objects leave it, everything else is expired."""
         t = self.sv[who]
         t.session.rollback()
         t.rollback()
@@ -1051,6 +1053,7 @@ class ConfigHistories(RuleBasedStateMachine):
         t.rollback()
 
     def _unpredicted_success(self, t: Tracked, errors: set[type[Exception]]) -> None:
+        """A commit the model says must fail was applied: name the defect it shows."""
         _, updates, doomed = self._predict(t)
         stale = [pk for pk in [*doomed, *updates] if self.pver.get(pk) != t.version[pk]
                  or self.inc.get(pk) != t.inc.get(pk)]
@@ -1756,12 +1759,14 @@ class ConfigHistories(RuleBasedStateMachine):
         self.pver[pk] = int(raw)
 
     def _repair(self, key: str, pk: Any) -> None:
+        """Put a corrupted `#v` back to the version the reference holds."""
         if pk in self.players:
             self.client.hset(key, "#v", str(self.pver[pk]))
 
     # -- invariants ------------------------------------------------------------------------
 
     def _digest(self) -> Any:
+        """`DEBUG DIGEST` of the server (of every master on a cluster)."""
         if self.cluster:
             return tuple(sorted(
                 (str(k), v) for k, v in
@@ -1887,6 +1892,7 @@ MINIMUMS = {
 
 def _run(url: str, client: Any, max_examples: int, *, cluster: bool, test_id: str,
          minimums: bool) -> None:
+    """Run the machine with a fresh worker process, print its counts, check its budget."""
     STATS.clear()
     worker = Worker()
     ConfigHistories.url = url
