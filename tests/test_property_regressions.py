@@ -7,10 +7,12 @@ items of issue 11, and checks the outcome with a fresh session and `redmap.audit
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 
-from redmap import Session
+from redmap import Session, create_engine
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import StaleDataError
@@ -140,3 +142,36 @@ def test_object_deleted_and_inserted_again_is_stale_for_old_holders(
         f"{report.mismatches + report.unexplained}"
     )
     assert report.ok
+
+
+# Both models sharded by their own explicit int key (4 shards): team 1 and player 2 live
+# in different shards, so on a cluster in different slots.
+sreg, STeam, SPlayer = config_models(
+    "propreg3", pk="int", unique=False, sharded=True, orphans=False
+)
+
+
+@pytest.mark.cluster
+@pytest.mark.xfail(
+    strict=True,
+    reason="new defect (H7): with allow_cross_slot=True a player pointing at a team in "
+    "another shard is refused with CrossSlotError (the foreign-key target check rides in "
+    "the player's part), whose message advises allow_cross_slot=True",
+)
+def test_cross_slot_session_writes_a_foreign_key_to_another_shard(
+    cluster: Any, cluster_client: Any
+) -> None:
+    """With allow_cross_slot=True, a player whose team lives in another shard is written."""
+    engine = create_engine(cluster.url)
+    try:
+        with Session(engine) as s:
+            s.add(STeam(name="red", id=1))
+            s.commit()
+        with Session(engine, allow_cross_slot=True) as s:
+            s.add(SPlayer(name="ann", id=2, team_id=1))
+            s.commit()
+        with Session(engine) as s:
+            p = s.get(SPlayer, 2)
+            assert p is not None and p.team_id == 1
+    finally:
+        engine.dispose()
