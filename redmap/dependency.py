@@ -17,7 +17,7 @@ from .exc import InvalidRequestError, StaleDataError
 from .journal import FlushJournal
 from .mapper import mapper_of
 from .relationships import Direction
-from .strategies import link_keys, selectin_load
+from .strategies import link_keys, selectin_load, unreadable
 
 if TYPE_CHECKING:
     from .relationships import RelationshipProperty
@@ -79,9 +79,10 @@ def _read_members(
     keys_ = list(dict.fromkeys(k for _, k in pairs))
     replies = session.bind.execute([("ZRANGE", k, 0, -1) for k in keys_])
     out: dict[str, set[bytes]] = {}
+    whats = {k: f"the ids of {st.mapper.name}({st.pk!r})'s relationship" for st, k in pairs}
     for k, reply in zip(keys_, replies, strict=True):
         if isinstance(reply, Exception):
-            raise InvalidRequestError(f"cannot read {k!r}: {reply}")
+            raise unreadable(k, reply, whats[k])
         out[k] = set(reply)
     return out
 
@@ -106,8 +107,21 @@ def prepare(session: Session) -> RelationshipWork:
 
 
 def _orphans(session: Session, work: RelationshipWork) -> None:
+    """Delete the persistent objects left without a parent by a delete-orphan list;
+    drop the new ones (never written).
+
+    A read's autoflush deletes no persistent orphan: it stays recorded for the flush the
+    user calls. Removing a child from one list is often the first half of a move, and
+    the lazy load of the list it moves to (`new.kids.append(kid)`) autoflushes between
+    the halves. A flush is a Redis transaction of its own, which no rollback undoes, so
+    deleting there destroyed the child for good, and the append then brought back a
+    deleted object: the commit raised StaleDataError (retried in vain by
+    `run_in_transaction`). Meanwhile the autoflush writes the orphan as the session
+    holds it: with its foreign key cleared, so the reads it serves do not list it.
+    """
     journal = _journal(work)
-    for item, prop in list(session._orphans.values()):
+    autoflush = session._autoflushing
+    for key, (item, prop) in list(session._orphans.items()):
         st = state_of(item)
         if st is None or st.session is not session or st.deleted:
             continue
@@ -119,6 +133,8 @@ def _orphans(session: Session, work: RelationshipWork) -> None:
             continue
         if st.identity is None:
             journal.expunge(item)
+        elif autoflush:
+            journal.keep_orphan(key)
         else:
             journal.delete(item)
 
@@ -154,7 +170,7 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                         # What Redis holds now must still be there at EXEC.
                         work.member_checks.append(MemberCheck(k, current[k], st))
                     key = keys_[0]
-                    listed = set().union(*(current[k] for k in keys_))
+                    listed = {m: k for k in keys_ for m in current[k]}
                     members = _members_at_flush(session, st, prop, members, listed, pointing)
                     if prop.direction is Direction.ONETOMANY:
                         _detach_children(work, st, prop, members)
@@ -180,7 +196,7 @@ def _members_at_flush(
     st: InstanceState,
     prop: RelationshipProperty,
     members: list[Any],
-    listed: set[bytes],
+    listed: dict[bytes, str],
     pointing: dict[Any, list[InstanceState]],
 ) -> list[Any]:
     """What a deleted object's list holds once this flush applies, not as last loaded.
@@ -193,7 +209,7 @@ def _members_at_flush(
     pointing elsewhere was loaded before it was moved: StaleDataError.
     """
     target = mapper_of(prop.target)
-    pks = [target.pk_from_segment(seg) for seg in sorted(listed)]
+    pks = [target.pk_from_segment(seg, listed[seg]) for seg in sorted(listed)]
     session._ensure_loaded(target, pks)
     out: dict[int, Any] = {id(o): o for o in members}
     in_redis: set[int] = set()
@@ -345,15 +361,18 @@ def _unlink_hidden(
         for st in states
     ]
     replies = session.bind.execute([("ZRANGE", k, 0, -1) for k in keys])
+    owners: list[list[Any]] = []
     for st, key, reply in zip(states, keys, replies, strict=True):
         if isinstance(reply, Exception):
-            raise InvalidRequestError(f"cannot read {key!r}: {reply}")
+            raise unreadable(key, reply, f"the {source_mapper.name} ids linked to {st.mapper.name}")
         work.member_checks.append(MemberCheck(key, set(reply), st))
-        for seg in reply:
-            pk = source_mapper.pk_from_segment(seg)
-            owner = session.get(source_mapper.class_, pk)
-            ost = state_of(owner) if owner is not None else None
-            if ost is not None:
+        owners.append([source_mapper.pk_from_segment(seg, key) for seg in reply])
+    # Every owner the session lacks is loaded in one round trip (it was one per owner).
+    session._ensure_loaded(source_mapper, [pk for pks in owners for pk in pks])
+    for st, key, pks in zip(states, keys, owners, strict=True):
+        for pk in pks:
+            ost = session._identity_map.get((source_mapper.class_, pk))
+            if ost is not None and not ost.deleted:
                 work.links.append(LinkChange(False, ost, src.link_name, st, src.reverse_link_name))
         work.drop_keys.append(key)
 

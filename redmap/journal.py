@@ -100,6 +100,11 @@ class FlushJournal:
     def _remember(self, obj: Any, name: str) -> None:
         self._values.append((obj, name, obj.__dict__.get(name, _ABSENT)))
 
+    def keep_orphan(self, key: int) -> None:
+        """The orphan recorded under `key` is left for a later flush to decide: this
+        flush does not consume it (`flushed` keeps it in the session)."""
+        self._orphans_seen.pop(key, None)
+
     # -- outcome (unitofwork) -----------------------------------------------------------
 
     def restore(self, written: Collection[int] = ()) -> None:

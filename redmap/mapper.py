@@ -334,24 +334,34 @@ class Mapper(Generic[M]):
         """The escaped key segment for a (validated) primary key."""
         return keys.escape(self._codec(self.pk).encode(pk))
 
-    def pk_from_segment(self, segment: str | bytes) -> Any:
+    def pk_from_segment(self, segment: str | bytes, key: str | None = None) -> Any:
         """The primary key an escaped segment stands for (index members, relation sets).
 
-        Takes the member as Redis returned it (bytes) or as text; anything `escape`
-        cannot have produced, non-ASCII bytes included, is a DecodeError.
+        Takes the member as Redis returned it (bytes) or as text, and `key`, the key it
+        was read from, when the caller knows it. Anything `escape` cannot have produced
+        (non-ASCII bytes included), and anything the key's codec rejects (b"" or "x" for
+        an int or UUID key), is a DecodeError naming the model, its primary key field and
+        `key` (else where to look): a bare "cannot decode" would leave a corrupt member
+        to be hunted for by hand.
         """
+        raw = segment if isinstance(segment, bytes) else segment.encode()
+        codec = self._codec(self.pk)
         try:
             text = segment.decode("ascii") if isinstance(segment, bytes) else segment
-            raw = keys.unescape(text)
+            return codec.decode(keys.unescape(text))
+        except DecodeError as exc:
+            detail = exc.detail or "rejected"
         except ValueError as exc:  # UnicodeDecodeError included
-            raise DecodeError(
-                expected=self._codec(self.pk).expected,
-                raw=segment if isinstance(segment, bytes) else segment.encode(),
-                model=self.name,
-                field=self.pk.key,
-                detail=str(exc),
-            ) from None
-        return self._codec(self.pk).decode(raw)
+            detail = str(exc)
+        where = "a member of one of its keys" if key is None else "a member of this key"
+        raise DecodeError(
+            expected=codec.expected,
+            raw=raw,
+            model=self.name,
+            field=self.pk.key,
+            key=key,
+            detail=f"{detail}; {where}: remove it, `redmap audit` lists such members",
+        ) from None
 
     def object_key(self, pk: Any) -> str:
         return self.keys_for_pk(pk).object(self.pk_segment(pk))

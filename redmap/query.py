@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import keys
 from .attributes import FieldAttribute
 from .exc import (
+    DecodeError,
     MultipleResultsFound,
     NoResultFound,
     QueryError,
@@ -539,7 +540,16 @@ def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
         _validate(stmt, mapper)
         return ScalarResult([])
     ids = _ids_in(session, stmt, spaces)
-    pks = [mapper.pk_from_segment(i) for i in ids]
+    try:
+        pks = [mapper.pk_from_segment(i) for i in ids]
+    except DecodeError:
+        # A corrupt id member: decode again naming the key it came from, when the ids
+        # were read from one stored key (not a temporary intersection or a fan-out).
+        direct = len(spaces) == 1 and (not stmt._where or _direct_range(stmt, spaces[0]))
+        if not direct:
+            raise
+        source = _Compiler(mapper, spaces[0]).ordering(stmt)[0]
+        pks = [mapper.pk_from_segment(i, source) for i in ids]
     return ScalarResult(_objects_for(session, mapper, pks))
 
 

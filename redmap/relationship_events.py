@@ -75,7 +75,7 @@ def collection_added(owner: Any, prop: RelationshipProperty, item: Any) -> None:
     reverse = prop.reverse
     if prop.direction is Direction.ONETOMANY:
         if reverse is not None:
-            old_parent = item.__dict__.get(reverse.key)
+            old_parent = _current_parent(session, prop, item)
             if old_parent is not None and old_parent is not owner:
                 old_list = _loaded_list(old_parent, prop.key)
                 if old_list is not None:
@@ -89,6 +89,21 @@ def collection_added(owner: Any, prop: RelationshipProperty, item: Any) -> None:
                 other._append_quiet(owner)
         if session is not None:
             session._record_link(owner, prop, item, added=True)
+
+
+def _current_parent(session: Session | None, prop: RelationshipProperty, item: Any) -> Any:
+    """The parent `item` leaves when it joins another `prop` list: its many-to-one when
+    loaded, else the object its foreign key names if the session holds it (no I/O, as
+    for `kid.parent = x`, and as SQLAlchemy's back-reference), so that the old parent's
+    loaded list lets it go too instead of listing it beside the new one."""
+    reverse = prop.reverse
+    assert reverse is not None
+    if reverse.key in item.__dict__:
+        return item.__dict__[reverse.key]
+    st = state_of(item)
+    if session is None or st is None or st.session is not session:
+        return None
+    return session._peek_many_to_one(st, reverse)
 
 
 def _rescues_orphan(prop: RelationshipProperty, item: Any) -> bool:

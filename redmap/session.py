@@ -64,6 +64,9 @@ class Session:
         self._deleted: dict[int, InstanceState] = {}
         self._no_autoflush = 0
         self._flushing = False
+        # True while a read's autoflush runs: it leaves persistent orphans for the flush
+        # the user calls (see dependency._orphans).
+        self._autoflushing = False
         # Held for the whole flush; with the flushing thread's id it lets a second
         # thread's use of the session fail loudly instead of racing the flush.
         self._flush_lock = threading.Lock()
@@ -343,7 +346,11 @@ class Session:
                 or self._identity_map.modified
                 or any(st.mapper.mutable_columns for st in self._identity_map.states())
             ):
-                self.flush()
+                self._autoflushing = True
+                try:
+                    self.flush()
+                finally:
+                    self._autoflushing = False
 
     @property
     @contextlib.contextmanager

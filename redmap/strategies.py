@@ -43,10 +43,25 @@ def link_keys(state: InstanceState, prop: RelationshipProperty) -> list[str]:
     return [state.mapper.keys_for_pk(state.pk).relation(prop.link_name, seg)]
 
 
-def _ids(target_mapper: Any, reply: Any) -> list[Any]:
+def unreadable(key: str, reply: Exception, what: str) -> InvalidRequestError:
+    """The error for a relationship key Redis refused to read (most often WRONGTYPE: the
+    key holds another type), naming the key and what to do rather than Redis's bare
+    reply, which says neither."""
+    return InvalidRequestError(
+        f"cannot read {key!r} ({what}): {reply}; the key is damaged (`redmap audit` "
+        f"reports it): delete it or restore it, then retry"
+    )
+
+
+def _what(prop: RelationshipProperty) -> str:
+    owner = prop.parent.class_.__name__ if prop.parent is not None else "?"
+    return f"the ids of {owner}.{prop.key}"
+
+
+def _ids(target_mapper: Any, reply: Any, key: str, prop: RelationshipProperty) -> list[Any]:
     if isinstance(reply, Exception):
-        raise InvalidRequestError(f"cannot read a relationship: {reply}")
-    return [target_mapper.pk_from_segment(i) for i in reply]
+        raise unreadable(key, reply, _what(prop))
+    return [target_mapper.pk_from_segment(i, key) for i in reply]
 
 
 def load_relationship(session: Session, state: InstanceState, prop: RelationshipProperty) -> None:
@@ -119,16 +134,16 @@ def selectin_load(
     per_state = []
     for keys_ in keys_per_state:
         if not fanned:
-            per_state.append(_ids(target_mapper, next(replies)))
+            per_state.append(_ids(target_mapper, next(replies), keys_[0], prop))
             continue
-        merged: list[tuple[float, bytes]] = []
-        for _ in keys_:
+        merged: list[tuple[float, bytes, str]] = []
+        for k in keys_:
             reply = next(replies)
             if isinstance(reply, Exception):
-                raise InvalidRequestError(f"cannot read a relationship: {reply}")
-            merged.extend((float(score), member) for member, score in reply)
+                raise unreadable(k, reply, _what(prop))
+            merged.extend((float(score), member, k) for member, score in reply)
         merged.sort()
-        per_state.append(_ids(target_mapper, [m for _, m in merged]))
+        per_state.append([target_mapper.pk_from_segment(m, k) for _, m, k in merged])
     wanted_all: dict[Any, None] = {}
     for ids in per_state:
         wanted_all.update(dict.fromkeys(ids))

@@ -317,7 +317,12 @@ class RelationshipHistories(RuleBasedStateMachine):
         attr, delete_orphan = O2M[(kind_of(owner, sv), rel)]
         self._rescue(sv, kid, delete_orphan)
         old = sv.m2o[kid][attr]
-        if old not in (UNLOADED, None) and old != owner and (old, rel) in sv.lists:
+        if old == UNLOADED:
+            # As for `kid.parent = x`: the parent its key names, when the session holds it.
+            col = sv.fkcol[kid][attr]
+            peek = (M2O[attr][0], col) if col is not None else None
+            old = peek if peek in sv.present else None
+        if old is not None and old != owner and (old, rel) in sv.lists:
             if kid in sv.lists[(old, rel)]:
                 sv.lists[(old, rel)].remove(kid)
         sv.m2o[kid][attr] = owner
