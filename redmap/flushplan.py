@@ -123,6 +123,9 @@ class FlushPlan:
     # The last check replies said an explicit insert holds one of this flush's ids:
     # then they must never be given back (`give_back`).
     ids_taken: bool = False
+    # Planned for a session opened with allow_cross_slot=True (one part of a flush
+    # split by hash tag): a refusal must not advise setting it.
+    cross_slot_allowed: bool = False
 
     def give_back(self) -> dict[str, tuple[int, int]]:
         """The ids a refused flush may return to their counters: the last range handed

@@ -41,12 +41,23 @@ __all__ = [
     "FlushPlan",
     "IdsTaken",
     "InsertTask",
+    "TargetRef",
     "UpdateTask",
     "bind_placeholders",
     "id_guard_key",
     "plan_flush",
     "summarise_errors",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetRef:
+    """A foreign key written by one part of a cross-slot flush whose target lives under
+    another hash tag: the target's part checks that the target exists."""
+
+    state: InstanceState
+    column: ColumnProperty
+    value: Any
 
 
 @dataclasses.dataclass
@@ -91,6 +102,8 @@ class _Builder:
     released by one object can be taken by another in the same flush."""
 
     def __init__(self) -> None:
+        # The hash tag of a cross-slot flush's part (None: the whole flush, one tag).
+        self.tag: str | None = None
         self.watch: dict[str, None] = {}
         self.checks: list[Check] = []
         self.removals: list[Command] = []
@@ -207,13 +220,22 @@ def plan_flush(
     token_key: str,
     incarnation: bytes,
     work: RelationshipWork | None = None,
+    tag: str | None = None,
+    targets: Sequence[TargetRef] = (),
+    cross_slot_allowed: bool = False,
 ) -> FlushPlan:
     """Build the plan for one flush. Raises IntegrityError for conflicts visible without I/O.
 
     `incarnation` is this flush's fresh random `#i`, written by every insert and by
     every update of a hash loaded without `#v` (docs/design/flush-concurrency.md, I1).
+
+    `tag`, `targets` and `cross_slot_allowed` are set for one part of a cross-slot
+    flush (`UOWTransaction._split_by_registry`): a part only checks foreign-key targets
+    under its own hash `tag` (one transaction cannot watch another slot); the part of the
+    targets' tag checks them instead, as `targets`, and runs first.
     """
     b = _Builder()
+    b.tag = tag
     segments: dict[int, str] = {}
     all_tasks: list[InsertTask | UpdateTask | DeleteTask] = [*inserts, *updates, *deletes]
     spaces: dict[int, KeySpace] = {}
@@ -350,6 +372,10 @@ def plan_flush(
                 )
                 b.additions.append(("ZADD", fk_key, score, ins.segment))
 
+    for ref in targets:
+        # Foreign keys of another part's objects pointing at this part's tag (after the
+        # deletes and updates above: a key they watch is checked by its version already).
+        _expect_target(b, ref.state, ref.column, ref.value, new_keys)
     if work is not None:
         _plan_relationships(b, work, segments, new_pks, spaces)
     b.checks.extend(seqmax.values())
@@ -379,6 +405,7 @@ def plan_flush(
         checks=b.checks,
         writes=writes,
         states=states,
+        cross_slot_allowed=cross_slot_allowed,
     )
 
 
@@ -500,7 +527,10 @@ def _expect_target(
     if value is None or col.foreign_key is None:
         return
     target = mapper_of(col.foreign_key.target)
-    key = target.object_key(value)
+    space = target.keys_for_pk(value)
+    if b.tag is not None and space.tag != b.tag:
+        return  # another part of a cross-slot flush checks it, before this one runs
+    key = space.object(target.pk_segment(value))
     if key in new_keys or key in b.watch:
         return  # inserted by this flush, or already checked by it (version check)
     b.watch[key] = None

@@ -27,12 +27,13 @@ from .exc import (
     PartialCommitError,
     ValidationError,
 )
-from .mapper import ColumnProperty, Mapper
+from .mapper import ColumnProperty, Mapper, mapper_of
 from .persistence import (
     PLACEHOLDER,
     DeleteTask,
     FlushPlan,
     InsertTask,
+    TargetRef,
     UpdateTask,
     plan_flush,
 )
@@ -126,6 +127,11 @@ class UOWTransaction:
         self.incarnation = b""
         # The flush's token key (see `_run`; docs/design/flush-concurrency.md, I3).
         self.token_key = ""
+        # Set on the parts of a cross-slot flush (`_split_by_registry`): the part's hash
+        # tag, and the foreign keys of other parts whose targets this part checks.
+        self.tag: str | None = None
+        self.targets: list[TargetRef] = []
+        self._tags: dict[int, str] | None = None  # see `_tag_of`
 
     # -- collect: validation only, no I/O -------------------------------------------
 
@@ -277,10 +283,18 @@ class UOWTransaction:
         return random.randrange(mapper.shards)
 
     def _tag_of(self, st: InstanceState) -> str:
-        for t in self._tasks():
-            if t.state is st and t.ks is not None:
-                return t.ks.tag
-        return st.mapper.keys_for_pk(st.pk).tag
+        """The hash tag of an object of this flush (its shard's, for a new sharded one).
+
+        Indexed once per flush: scanning the tasks per object made splitting a flush of
+        N objects by tag quadratic.
+        """
+        if self._tags is None:
+            self._tags = {}
+            for t in self._tasks():
+                if t.ks is not None:
+                    self._tags.setdefault(id(t.state), t.ks.tag)
+        tag = self._tags.get(id(st))
+        return tag if tag is not None else st.mapper.keys_for_pk(st.pk).tag
 
     def _check_identity(self, task: InsertTask, seen: dict[str, InstanceState]) -> None:
         mapper = task.state.mapper
@@ -408,7 +422,10 @@ class UOWTransaction:
     def _split_by_registry(self) -> list[UOWTransaction]:
         """One unit of work per hash tag (registry or shard), for allow_cross_slot.
 
-        In tag order, so that a flush commits its parts in the same order every time
+        A part only WATCHes and checks keys of its own tag: checks of another tag's keys
+        (foreign-key targets, lists of children) go to that tag's part, a check-only one
+        if the tag has nothing to write, which runs first (`_order_parts`). Otherwise in
+        tag order, so that a flush commits its parts in the same order every time
         (which part a failure leaves unwritten does not depend on set iteration).
         """
         parts: dict[str, UOWTransaction] = {}
@@ -433,8 +450,19 @@ class UOWTransaction:
                     f"nothing was written"
                 )
             part(link.a).work.links.append(link)
+        after: dict[str, set[str]] = {}
         for mc in self.work.member_checks:
-            part(mc.state).work.member_checks.append(mc)
+            # A zset of another tag (the children of a sharded parent, listed per shard)
+            # is checked by that tag's part, run before the part relying on it.
+            own_tag = self._tag_of(mc.state)
+            key_tag = mc.key[: mc.key.index("}") + 1]
+            if key_tag == own_tag:
+                part(mc.state).work.member_checks.append(mc)
+                continue
+            if key_tag not in parts:
+                parts[key_tag] = UOWTransaction(self.session)
+            parts[key_tag].work.member_checks.append(mc)
+            after.setdefault(own_tag, set()).add(key_tag)
         for dk in self.work.deferred:
             if self._tag_of(dk.child) != self._tag_of(dk.target):
                 raise CrossSlotError(
@@ -446,7 +474,65 @@ class UOWTransaction:
             owner = next((p for tag, p in parts.items() if key.startswith(tag + ":")), None)
             if owner is not None:
                 owner.work.drop_keys.append(key)
-        return [parts[tag] for tag in sorted(parts)]
+        self._route_targets(parts, after)
+        for tag, p in parts.items():
+            p.tag = tag
+        return self._order_parts(parts, after)
+
+    def _route_targets(self, parts: dict[str, UOWTransaction], after: dict[str, set[str]]) -> None:
+        """Move each foreign-key target check to the part of the target's hash tag.
+
+        One transaction cannot WATCH a key of another slot, so a part checks only the
+        targets under its own tag. A target under another tag is checked by that tag's
+        part (one of its own, writing only its token, when the tag has no other work),
+        or needs no check when that part inserts it. Adds to `after`, per tag, the tags
+        whose parts must run before it: the targets' parts, so that a child is written
+        only once its parent was seen (or written) by a committed transaction.
+        """
+        refs: list[tuple[InstanceState, dict[str, Any]]] = [
+            (t.state, t.values) for t in self.inserts
+        ]
+        refs += [(u.state, {k: v for k, (v, _) in u.changes.items()}) for u in self.updates]
+        for st, values in refs:
+            mapper = st.mapper
+            for col in mapper.indexed_columns:
+                value = values.get(col.key)
+                if col.foreign_key is None or value is None:
+                    continue  # None: no target, or one bound later (same tag: see above)
+                target_tag = mapper_of(col.foreign_key.target).keys_for_pk(value).tag
+                own_tag = self._tag_of(st)
+                if target_tag == own_tag:
+                    continue
+                if target_tag not in parts:
+                    parts[target_tag] = UOWTransaction(self.session)
+                parts[target_tag].targets.append(TargetRef(st, col, value))
+                after.setdefault(own_tag, set()).add(target_tag)
+
+    @staticmethod
+    def _order_parts(
+        parts: dict[str, UOWTransaction], after: dict[str, set[str]]
+    ) -> list[UOWTransaction]:
+        """The parts in tag order, except that a part runs after the parts making the
+        checks it relies on (`after`: its foreign keys' targets, its children's lists).
+        Parts relying on each other both ways cannot be ordered so: refused before any
+        I/O. Tags are few (registries and shards): the quadratic search is cheap."""
+        order: list[str] = []
+        done: set[str] = set()
+        left = sorted(parts)
+        while left:
+            ready = next((t for t in left if after.get(t, set()) <= done), None)
+            if ready is None:
+                raise CrossSlotError(
+                    f"the transactions of this cross-slot flush for the hash tags "
+                    f"{', '.join(left)} each rely on a check the other makes (foreign "
+                    f"keys, or lists of children, pointing both ways between tags), so "
+                    f"no order checks every parent before its children are written; "
+                    f"nothing was written. Flush one direction first, then the other",
+                )
+            order.append(ready)
+            done.add(ready)
+            left.remove(ready)
+        return [parts[tag] for tag in order]
 
     def _run(self) -> None:
         """Run the flush protocol (`redmap.flushprotocol`) through the engine's driver,
@@ -475,7 +561,9 @@ class UOWTransaction:
             *self.updates,
             *self.deletes,
         ]
-        if tasks:
+        if self.tag is not None:
+            tag = self.tag  # a part of a cross-slot flush (maybe only checking targets)
+        elif tasks:
             tag = (tasks[0].ks or tasks[0].state.mapper.keys_for_pk(tasks[0].state.pk)).tag
         else:
             a = self.work.links[0].a
@@ -496,6 +584,9 @@ class UOWTransaction:
             token_key=self.token_key,
             incarnation=self.incarnation,
             work=self.work,
+            tag=self.tag,
+            targets=self.targets,
+            cross_slot_allowed=self.session.allow_cross_slot,
         )
 
     def ids_first(self) -> bool:

@@ -152,12 +152,6 @@ sreg, STeam, SPlayer = config_models(
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(
-    strict=True,
-    reason="new defect (H7): with allow_cross_slot=True a player pointing at a team in "
-    "another shard is refused with CrossSlotError (the foreign-key target check rides in "
-    "the player's part), whose message advises allow_cross_slot=True",
-)
 def test_cross_slot_session_writes_a_foreign_key_to_another_shard(
     cluster: Any, cluster_client: Any
 ) -> None:

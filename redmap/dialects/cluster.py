@@ -111,9 +111,16 @@ class ClusterDialect(Dialect):
                 f"slot {slot}: {', '.join(sorted(set(ks))[:3])}"
                 for slot, ks in sorted(slots.items())
             )
+            advice = (
+                "allow_cross_slot=True splits a flush by hash tag, and these keys share "
+                "no tag with their part; keep objects that change together under one "
+                "registry prefix"
+                if plan.cross_slot_allowed
+                else "Keep objects that change together under one registry prefix, or "
+                "open the session with allow_cross_slot=True"
+            )
             raise CrossSlotError(
                 f"this flush spans {len(slots)} hash slots and one transaction can hold one; "
-                f"nothing was written ({groups}). Keep objects that change together under "
-                f"one registry prefix, or open the session with allow_cross_slot=True",
+                f"nothing was written ({groups}). {advice}",
                 slots=sorted(slots),
             )
