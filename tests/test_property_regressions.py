@@ -15,7 +15,7 @@ import redis
 from redmap import Session, create_engine
 from redmap.audit import audit
 from redmap.engine import Engine
-from redmap.exc import StaleDataError
+from redmap.exc import IntegrityError, StaleDataError
 from tests.reliability._models import config_models
 
 # delete-orphan on Team.players, generated int keys, no unique, not sharded.
@@ -167,5 +167,36 @@ def test_cross_slot_session_writes_a_foreign_key_to_another_shard(
         with Session(engine) as s:
             p = s.get(SPlayer, 2)
             assert p is not None and p.team_id == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.cluster
+@pytest.mark.xfail(
+    strict=True,
+    reason="new defect (H7): with allow_cross_slot=True, a refused insert whose foreign key "
+    "was checked in a check-only part first is reported as PartialCommitError ('1 of 2 "
+    "transactions applied, 0 objects written') instead of the IntegrityError it is",
+)
+def test_refused_cross_slot_insert_after_a_check_only_part_is_not_partial(
+    cluster: Any, cluster_client: Any
+) -> None:
+    """A cross-slot insert of a taken key, pointing at a team in another shard, raises
+    IntegrityError: the part that only checked the team wrote nothing."""
+    engine = create_engine(cluster.url)
+    try:
+        with Session(engine) as s:
+            s.add(STeam(name="red", id=1))
+            s.commit()
+        with Session(engine) as s:
+            s.add(SPlayer(name="ann", id=2))
+            s.commit()
+        with Session(engine, allow_cross_slot=True) as s:
+            s.add(SPlayer(name="bob", id=2, team_id=1))
+            with pytest.raises(IntegrityError):
+                s.commit()
+        with Session(engine) as s:
+            p = s.get(SPlayer, 2)
+            assert p is not None and p.name == "ann" and p.team_id is None
     finally:
         engine.dispose()
