@@ -101,7 +101,10 @@ def _audit(args: argparse.Namespace) -> int:
     url = resolve_url(args.url, args.config)
     engine = create_engine(url)
     try:
-        with translate_errors(url):  # the audit talks to redis-py's client directly
+        # The audit talks to redis-py's client directly, which does not re-send: start
+        # once a restarted server has loaded its data set.
+        engine.dialect.wait_until_loaded()
+        with translate_errors(url):
             report = audit(engine.dialect.client, reg)
     finally:
         engine.dispose()

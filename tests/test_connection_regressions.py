@@ -452,3 +452,34 @@ def test_embedded_server_still_loading_is_left_to_finish(
     finally:
         assert _server.release_embedded(datadir)
     assert not _server._pid_alive(pid)
+
+
+def test_migrate_and_audit_wait_for_a_loading_plain_server(
+    loading_server: ServerProcess, tmp_path: Path
+) -> None:
+    """`redmap migrate current` and `redmap audit` on a plain redis:// server that is still
+    loading its data set (their raw client does not re-send) wait for the load, then run."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "models.py").write_text(EMBEDDED_MODELS)
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "demo"\n\n[tool.redmap]\nmodels = "models:reg"\n'
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), str(REPO)]))
+    env["REDMAP_URL"] = loading_server.url
+    with loading_server.client(socket_timeout=1) as probe:
+        assert probe.info("persistence")["loading"] == 1  # the commands below meet it
+    for args in (["audit"], ["migrate", "init"], ["migrate", "current"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "redmap.cli", *args],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "LOADING" not in done.stderr and "loading" not in done.stderr, done.stderr
+        # The 30,000 raw hashes lie outside the registry's prefix: the audit is clean.
+        assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
+        assert "Traceback" not in done.stderr

@@ -220,6 +220,19 @@ class Dialect:
         with translate_errors(self.url):
             return self.read_retry.call(attempt, url=self.safe_url)
 
+    def wait_until_loaded(self) -> None:
+        """Return once the server (every primary, on a cluster) has loaded its data set.
+
+        For callers of the raw redis-py client (migrations, the audit): their commands are
+        not re-sent, and a restarted server answers LOADING until its AOF or RDB file is
+        read. DBSIZE is refused while loading, so asking it under `read_retry` waits (up
+        to its `loading_timeout`, then RedmapConnectionError); loading happens only at
+        start-up, so once it answers, the raw client's commands are served.
+        """
+        self._hook([("DBSIZE",)])
+        with translate_errors(self.url):
+            self.read_retry.call(self.client.dbsize, url=self.safe_url)
+
     def fetch_hashes(self, keys: Sequence[str]) -> list[Any]:
         """HGETALL of each key in one round trip: a dict per key (empty when absent), or
         the error Redis answered for it. The loading path of get_many, selectin and

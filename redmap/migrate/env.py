@@ -114,8 +114,11 @@ class RedisEnvironment:
 
     @cached_property
     def engine(self) -> Engine:
-        """The engine for `url`, made on first use (an embedded server starts here)."""
-        return create_engine(self.url)
+        """The engine for `url`, made on first use (an embedded server starts here), once
+        its server has loaded its data set: the migration's raw client does not re-send."""
+        engine = create_engine(self.url)
+        engine.dialect.wait_until_loaded()
+        return engine
 
     @property
     def client(self) -> Any:
