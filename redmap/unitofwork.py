@@ -383,8 +383,10 @@ class UOWTransaction:
             try:
                 part._run()
             except BaseException as exc:
-                if not done:
-                    raise  # nothing applied yet: the part's own error says it all
+                if not any(p._writes_anything() for p in done):
+                    # Nothing applied yet (a check-only part writes just its own token):
+                    # the part's own error says it all.
+                    raise
                 written = {id(st): st for p in done for st in p._states()}
                 # The applied parts keep what they wrote; the rest is put back.
                 self.work.restore(set(written))
@@ -408,6 +410,11 @@ class UOWTransaction:
                 ) from exc
             done.append(part)
         self._flushed()
+
+    def _writes_anything(self) -> bool:
+        """Whether this part changes stored data: a check-only part (another tag's
+        foreign-key targets, `_split_by_registry`) writes only its flush token."""
+        return bool(self._tasks() or self.work.links or self.work.drop_keys)
 
     def _states(self) -> list[InstanceState]:
         """The objects this unit of work writes (fields, deletion or links), once each."""

@@ -172,12 +172,6 @@ def test_cross_slot_session_writes_a_foreign_key_to_another_shard(
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(
-    strict=True,
-    reason="new defect (H7): with allow_cross_slot=True, a refused insert whose foreign key "
-    "was checked in a check-only part first is reported as PartialCommitError ('1 of 2 "
-    "transactions applied, 0 objects written') instead of the IntegrityError it is",
-)
 def test_refused_cross_slot_insert_after_a_check_only_part_is_not_partial(
     cluster: Any, cluster_client: Any
 ) -> None:
