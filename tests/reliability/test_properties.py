@@ -1003,13 +1003,15 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     check_minimums(STATS, MINIMUMS, examples=max_examples, per=100)
 
 
-# The least each outcome must occur per 100 examples (scaled to the run).
+# The least each outcome must occur per 100 examples (scaled to the run): low enough that
+# no seed of a sound run falls below them ("commits with net" ran 4 to 48 times in 200
+# examples over runs on 2026-12-06), high enough to fail a run that skipped the branch.
 MINIMUMS = {
     "commits applied": 100,
-    "commits refused (stale)": 3,
-    "stale: changed": 2,
-    "commits with doomed": 8,
-    "commits with net": 4,
+    "commits refused (stale)": 2,
+    "stale: changed": 1,
+    "commits with doomed": 4,
+    "commits with net": 1,
     "foreign renames": 50,
 }
 
