@@ -44,7 +44,7 @@ MINIMUMS = {
     "reload keeps old version (stale after expire)": 30,
     "stale after expire: flush refused": 40,
     "flushes refused: StaleDataError": 60,
-    "flushes refused: IntegrityError": 8,
+    "flushes refused: IntegrityError": 4,
     "objects updated": 30,
     "objects inserted": 25,
     "objects deleted": 15,
