@@ -188,7 +188,9 @@ def discard_expired(session: Session, expired: Iterable[Any] | None) -> None:
       child's own release (its key cleared) pending, as in SQLAlchemy;
     - a many-to-many change, while either side's list is loaded and shows it;
     - a relationship-changed mark, while the object has a relationship loaded.
-    Cost: one pass over the records (none when there are none).
+    Cost: orphan releases and relationship-changed marks are keyed by `id(obj)`, so
+    expiring some objects looks theirs up (expiring every object visits each once); the
+    many-to-many changes are one pass over the list, only when it is not empty.
     """
     if not (session._orphans or session._links or session._rel_dirty):
         return
@@ -197,14 +199,20 @@ def discard_expired(session: Session, expired: Iterable[Any] | None) -> None:
     def touched(*objs: Any) -> bool:
         return ids is None or any(id(obj) in ids for obj in objs)
 
-    for key, (item, prop) in list(session._orphans.items()):
-        if touched(item) and not _release_held(item, prop):
+    orphan_keys = list(session._orphans) if ids is None else ids & session._orphans.keys()
+    for key in orphan_keys:
+        item, prop = session._orphans[key]
+        if not _release_held(item, prop):
             del session._orphans[key]
-    session._links[:] = [
-        entry for entry in session._links if not touched(entry[0], entry[2]) or _link_held(*entry)
-    ]
-    for key, obj in list(session._rel_dirty.items()):
-        if touched(obj) and not _relationship_loaded(obj):
+    if session._links:
+        session._links[:] = [
+            entry
+            for entry in session._links
+            if not touched(entry[0], entry[2]) or _link_held(*entry)
+        ]
+    dirty_keys = list(session._rel_dirty) if ids is None else ids & session._rel_dirty.keys()
+    for key in dirty_keys:
+        if not _relationship_loaded(session._rel_dirty[key]):
             del session._rel_dirty[key]
 
 
