@@ -113,3 +113,23 @@ def engine(clean_redis: None, redis_url: str) -> Iterator[redmap.Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+# --- both deployments ---
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def sengine(request: pytest.FixtureRequest) -> Iterator[redmap.Engine]:
+    """An engine on an emptied standalone server, then on an emptied 3-node cluster."""
+    if request.param == "standalone":
+        url = request.getfixturevalue("redis_url")
+        request.getfixturevalue("clean_redis")
+    else:
+        cluster: ClusterProcesses = request.getfixturevalue("cluster")
+        request.getfixturevalue("cluster_client")
+        url = cluster.url
+    eng = redmap.create_engine(url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
@@ -23,7 +23,6 @@ from redmap.exc import QueryError, RedmapError, ValidationError
 from redmap.expression import and_, or_
 from redmap.mapper import mapper_of
 from redmap.testing.assertions import count_round_trips
-from redmap.testing.servers import ClusterProcesses
 
 SHARDS = 4
 qreg = registry(prefix="qsh", shards=SHARDS)
@@ -73,23 +72,6 @@ class Plain:
 
 
 Row = tuple[int, int, str, int]  # id, room, guest, nights
-
-
-@pytest.fixture(params=["standalone", "cluster"])
-def qengine(request: pytest.FixtureRequest) -> Iterator[redmap.Engine]:
-    """An engine on an emptied standalone server, then on an emptied 3-node cluster."""
-    if request.param == "standalone":
-        url = request.getfixturevalue("redis_url")
-        request.getfixturevalue("clean_redis")
-    else:
-        cluster: ClusterProcesses = request.getfixturevalue("cluster")
-        request.getfixturevalue("cluster_client")
-        url = cluster.url
-    eng = redmap.create_engine(url)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
 
 
 def _seed(engine: redmap.Engine) -> list[Row]:
@@ -162,74 +144,74 @@ def _empty_without_round_trip(engine: redmap.Engine, *conds: Any) -> None:
     assert rt.round_trips == 0, rt.batches
 
 
-def test_empty_in_on_shard_key_returns_nothing(qengine: redmap.Engine) -> None:
+def test_empty_in_on_shard_key_returns_nothing(sengine: redmap.Engine) -> None:
     """`room.in_([])` matches no shard: an empty result and count 0, no round trip."""
-    _seed(qengine)
-    _empty_without_round_trip(qengine, Booking.room.in_([]))
+    _seed(sengine)
+    _empty_without_round_trip(sengine, Booking.room.in_([]))
 
 
-def test_contradictory_shard_key_equalities_return_nothing(qengine: redmap.Engine) -> None:
+def test_contradictory_shard_key_equalities_return_nothing(sengine: redmap.Engine) -> None:
     """`room == a, room == b` with a and b in different shards: nothing, no round trip."""
-    _seed(qengine)
+    _seed(sengine)
     a, b = _two_rooms_in_different_shards()
-    _empty_without_round_trip(qengine, Booking.room == a, Booking.room == b)
-    _empty_without_round_trip(qengine, and_(Booking.room == a, Booking.room == b))
-    _empty_without_round_trip(qengine, Booking.room == a, Booking.room.in_([b]))
-    _empty_without_round_trip(qengine, Booking.room.in_([a]), Booking.room.in_([b]))
+    _empty_without_round_trip(sengine, Booking.room == a, Booking.room == b)
+    _empty_without_round_trip(sengine, and_(Booking.room == a, Booking.room == b))
+    _empty_without_round_trip(sengine, Booking.room == a, Booking.room.in_([b]))
+    _empty_without_round_trip(sengine, Booking.room.in_([a]), Booking.room.in_([b]))
 
 
-def test_empty_in_combined_with_other_conditions(qengine: redmap.Engine) -> None:
+def test_empty_in_combined_with_other_conditions(sengine: redmap.Engine) -> None:
     """An empty `in_` and-ed with anything, at any depth, still matches nothing."""
-    _seed(qengine)
-    _empty_without_round_trip(qengine, Booking.room.in_([]), Booking.guest == "a")
-    _empty_without_round_trip(qengine, and_(Booking.room.in_([]), Booking.guest == "a"))
-    _empty_without_round_trip(qengine, Booking.guest == "a", and_(Booking.room.in_([])))
-    _empty_without_round_trip(qengine, Booking.room.in_([]), Booking.nights >= 2)
-    _empty_without_round_trip(qengine, Booking.room.in_([]), Booking.guest != "a")
-    _empty_without_round_trip(qengine, or_(Booking.room.in_([]), Booking.room.in_([])))
-    _empty_without_round_trip(qengine, or_())
+    _seed(sengine)
+    _empty_without_round_trip(sengine, Booking.room.in_([]), Booking.guest == "a")
+    _empty_without_round_trip(sengine, and_(Booking.room.in_([]), Booking.guest == "a"))
+    _empty_without_round_trip(sengine, Booking.guest == "a", and_(Booking.room.in_([])))
+    _empty_without_round_trip(sengine, Booking.room.in_([]), Booking.nights >= 2)
+    _empty_without_round_trip(sengine, Booking.room.in_([]), Booking.guest != "a")
+    _empty_without_round_trip(sengine, or_(Booking.room.in_([]), Booking.room.in_([])))
+    _empty_without_round_trip(sengine, or_())
 
 
-def test_same_shard_contradiction_is_answered_by_redis(qengine: redmap.Engine) -> None:
+def test_same_shard_contradiction_is_answered_by_redis(sengine: redmap.Engine) -> None:
     """Two rooms of one shard narrow to that shard; Redis finds no object in both."""
-    rows = _seed(qengine)
+    rows = _seed(sengine)
     a, b = 1, 1 + SHARDS
     assert _shard(a) == _shard(b)
-    _check(qengine, rows, (Booking.room == a, Booking.room == b), lambda r: False)
-    with Session(qengine) as s, count_round_trips(qengine) as rt:
+    _check(sengine, rows, (Booking.room == a, Booking.room == b), lambda r: False)
+    with Session(sengine) as s, count_round_trips(sengine) as rt:
         assert s.scalars(select(Booking).where(Booking.room == a, Booking.room == b)).all() == []
     assert rt.round_trips == 1
 
 
-def test_or_with_an_empty_branch_keeps_the_other(qengine: redmap.Engine) -> None:
+def test_or_with_an_empty_branch_keeps_the_other(sengine: redmap.Engine) -> None:
     """`or_(room.in_([]), X)` is X: its matches, order, pages and count."""
-    rows = _seed(qengine)
+    rows = _seed(sengine)
     a, b = _two_rooms_in_different_shards()
-    _check(qengine, rows, (or_(Booking.room.in_([]), Booking.room == a),), lambda r: r[1] == a)
-    _check(qengine, rows, (or_(Booking.room.in_([]), Booking.guest == "b"),), lambda r: r[2] == "b")
+    _check(sengine, rows, (or_(Booking.room.in_([]), Booking.room == a),), lambda r: r[1] == a)
+    _check(sengine, rows, (or_(Booking.room.in_([]), Booking.guest == "b"),), lambda r: r[2] == "b")
     _check(
-        qengine,
+        sengine,
         rows,
         (or_(Booking.room == a, Booking.room == b, Booking.room.in_([])),),
         lambda r: r[1] in (a, b),
     )
     _check(
-        qengine,
+        sengine,
         rows,
         (or_(Booking.room.in_([]), Booking.room == a), Booking.nights >= 3),
         lambda r: r[1] == a and r[3] >= 3,
     )
     _check(
-        qengine,
+        sengine,
         rows,
         (or_(and_(Booking.room.in_([]), Booking.guest == "a"), Booking.guest == "c"),),
         lambda r: r[2] == "c",
     )
 
 
-def test_narrowed_queries_match_reference(qengine: redmap.Engine) -> None:
+def test_narrowed_queries_match_reference(sengine: redmap.Engine) -> None:
     """Shard-key conditions in any form give the same answer as a filter over all rows."""
-    rows = _seed(qengine)
+    rows = _seed(sengine)
     a, b = _two_rooms_in_different_shards()
     cases: list[tuple[tuple[Any, ...], Callable[[Row], bool]]] = [
         ((Booking.room == a,), lambda r: r[1] == a),
@@ -251,17 +233,17 @@ def test_narrowed_queries_match_reference(qengine: redmap.Engine) -> None:
         ((Booking.room == None,), lambda r: False),  # noqa: E711
     ]
     for conds, keep in cases:
-        _check(qengine, rows, conds, keep)
+        _check(sengine, rows, conds, keep)
 
 
-def test_narrowing_reads_only_the_named_shards(qengine: redmap.Engine) -> None:
+def test_narrowing_reads_only_the_named_shards(sengine: redmap.Engine) -> None:
     """`or_` of shard-key equalities reads the union of their shards, nothing else; an id
     condition reads the id's shard."""
-    rows = _seed(qengine)
+    rows = _seed(sengine)
     a, b = _two_rooms_in_different_shards()
     mapper = mapper_of(Booking)
     tags = {mapper.keys_for_shard(_shard(a)).tag, mapper.keys_for_shard(_shard(b)).tag}
-    with Session(qengine) as s, count_round_trips(qengine) as rt:
+    with Session(sengine) as s, count_round_trips(sengine) as rt:
         s.count(
             select(Booking).where(
                 or_(Booking.room == a, Booking.room.in_([b])), Booking.guest == "a"
@@ -270,7 +252,7 @@ def test_narrowing_reads_only_the_named_shards(qengine: redmap.Engine) -> None:
     keyed = {str(c[1]).partition(":")[0] for c in rt.commands if len(c) > 1}
     assert keyed == tags
     row = rows[0]
-    with Session(qengine) as s, count_round_trips(qengine) as rt:
+    with Session(sengine) as s, count_round_trips(sengine) as rt:
         assert [b.id for b in s.scalars(select(Booking).where(Booking.id.in_([row[0]])))] == [
             row[0]
         ]
@@ -278,13 +260,13 @@ def test_narrowing_reads_only_the_named_shards(qengine: redmap.Engine) -> None:
     assert keyed == {mapper.keys_for_pk(row[0]).tag}  # the id carries its shard
 
 
-def test_models_sharded_by_their_key(qengine: redmap.Engine) -> None:
+def test_models_sharded_by_their_key(sengine: redmap.Engine) -> None:
     """Str and UUID keys that pick their shard: empty and contradictory sets return nothing."""
     for obj in [
         *(Desk(code=f"d{i}", floor=i) for i in range(6)),
         *(Badge(owner="o", id=uuid.UUID(int=i + 1)) for i in range(4)),
     ]:
-        with Session(qengine) as s:  # one object, one shard, one transaction
+        with Session(sengine) as s:  # one object, one shard, one transaction
             s.add(obj)
             s.commit()
     d_a, d_b = next(
@@ -293,23 +275,23 @@ def test_models_sharded_by_their_key(qengine: redmap.Engine) -> None:
         for j in range(6)
         if mapper_of(Desk).shard_of_value(f"d{i}") != mapper_of(Desk).shard_of_value(f"d{j}")
     )
-    with Session(qengine) as s, count_round_trips(qengine) as rt:
+    with Session(sengine) as s, count_round_trips(sengine) as rt:
         assert s.scalars(select(Desk).where(Desk.code.in_([]))).all() == []
         assert s.scalars(select(Desk).where(Desk.code == d_a, Desk.code == d_b)).all() == []
         assert s.count(select(Desk).where(Desk.code.in_([]), Desk.floor > 1)) == 0
         assert s.scalars(select(Badge).where(Badge.id.in_([]))).all() == []
         assert s.count(select(Badge).where(Badge.id.in_([]), Badge.owner == "o")) == 0
     assert rt.round_trips == 0
-    with Session(qengine) as s:
+    with Session(sengine) as s:
         got = s.scalars(select(Desk).where(Desk.code.in_([d_a, d_b])).order_by(Desk.floor)).all()
         assert [d.code for d in got] == sorted([d_a, d_b], key=lambda c: int(c[1:]))
         assert s.count(select(Badge).where(Badge.id.in_([uuid.UUID(int=2), uuid.UUID(int=9)]))) == 1
 
 
-def test_unsharded_empty_in_returns_nothing(qengine: redmap.Engine) -> None:
+def test_unsharded_empty_in_returns_nothing(sengine: redmap.Engine) -> None:
     """An unsharded model answers an empty `in_` with nothing, and without a round trip."""
-    _seed(qengine)
-    with Session(qengine) as s, count_round_trips(qengine) as rt:
+    _seed(sengine)
+    with Session(sengine) as s, count_round_trips(sengine) as rt:
         assert s.scalars(select(Plain).where(Plain.tag.in_([]))).all() == []
         assert s.count(select(Plain).where(Plain.tag.in_([]), Plain.rank > 1)) == 0
         assert (
@@ -317,7 +299,7 @@ def test_unsharded_empty_in_returns_nothing(qengine: redmap.Engine) -> None:
             == []
         )
     assert rt.round_trips == 0
-    with Session(qengine) as s:
+    with Session(sengine) as s:
         got = s.scalars(select(Plain).where(or_(Plain.tag.in_([]), Plain.rank >= 4))).all()
         assert sorted(p.rank for p in got) == [4, 5]
         # Empty parts inside an or_ are sent to Redis: a Sorted field's, an or_() of none.
@@ -329,9 +311,9 @@ def test_unsharded_empty_in_returns_nothing(qengine: redmap.Engine) -> None:
             assert [p.rank for p in s.scalars(stmt.limit(1))] == [1]
 
 
-def test_empty_query_still_validates(qengine: redmap.Engine) -> None:
+def test_empty_query_still_validates(sengine: redmap.Engine) -> None:
     """A query that matches no shard still refuses bad fields and values, as redmap errors."""
-    with Session(qengine) as s:
+    with Session(sengine) as s:
         with pytest.raises(QueryError, match="needs an index"):
             s.scalars(select(Booking).where(Booking.room.in_([]), Booking.note == "x"))
         with pytest.raises(QueryError, match=r"guest order_by .* Sorted\(\)"):
@@ -342,9 +324,9 @@ def test_empty_query_still_validates(qengine: redmap.Engine) -> None:
             s.scalars(select(Booking).where(Booking.room.in_([]), Plain.tag == "x"))
 
 
-def test_wrong_typed_shard_key_value_is_a_redmap_error(qengine: redmap.Engine) -> None:
+def test_wrong_typed_shard_key_value_is_a_redmap_error(sengine: redmap.Engine) -> None:
     """A shard-key value of the wrong type is refused with a ValidationError, not a TypeError."""
-    with Session(qengine) as s:
+    with Session(sengine) as s:
         for conds in (
             (Booking.room == "two",),
             (Booking.room.in_([1, "two"]),),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
@@ -41,23 +40,6 @@ class Project:
     tenant_id: Annotated[Optional[int], ForeignKey("Tenant")] = None
     tenant: Optional[Tenant] = redmap.relationship(back_populates="projects")
     id: Annotated[Optional[int], PrimaryKey()] = None
-
-
-@pytest.fixture(params=["standalone", "cluster"])
-def sengine(request: pytest.FixtureRequest) -> Iterator[redmap.Engine]:
-    """An engine on an emptied standalone server, then on an emptied 3-node cluster."""
-    if request.param == "standalone":
-        url = request.getfixturevalue("redis_url")
-        request.getfixturevalue("clean_redis")
-    else:
-        cluster: ClusterProcesses = request.getfixturevalue("cluster")
-        request.getfixturevalue("cluster_client")
-        url = cluster.url
-    eng = redmap.create_engine(url)
-    try:
-        yield eng
-    finally:
-        eng.dispose()
 
 
 def _raw(engine: redmap.Engine) -> Any:
