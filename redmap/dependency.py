@@ -13,6 +13,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .attributes import state_of
+from .commands import Read, Steps
 from .exc import InvalidRequestError, StaleDataError
 from .journal import FlushJournal
 from .mapper import mapper_of
@@ -72,12 +73,10 @@ class RelationshipWork:
             self.journal.restore(written or ())
 
 
-def _read_members(
-    session: Session, pairs: list[tuple[InstanceState, str]]
-) -> dict[str, set[bytes]]:
+def _read_members(pairs: list[tuple[InstanceState, str]]) -> Steps[dict[str, set[bytes]]]:
     """The members of link zsets as Redis holds them now (one round trip)."""
     keys_ = list(dict.fromkeys(k for _, k in pairs))
-    replies = session.bind.execute([("ZRANGE", k, 0, -1) for k in keys_])
+    replies = yield Read([("ZRANGE", k, 0, -1) for k in keys_])
     out: dict[str, set[bytes]] = {}
     whats = {k: f"the ids of {st.mapper.name}({st.pk!r})'s relationship" for st, k in pairs}
     for k, reply in zip(keys_, replies, strict=True):
@@ -87,7 +86,7 @@ def _read_members(
     return out
 
 
-def prepare(session: Session) -> RelationshipWork:
+def prepare(session: Session) -> Steps[RelationshipWork]:
     """Apply orphan and delete cascades, sync foreign keys, and collect link changes.
 
     Every change this makes to the session goes through `work.journal`, so a flush
@@ -97,7 +96,7 @@ def prepare(session: Session) -> RelationshipWork:
     work = RelationshipWork(journal=FlushJournal(session))
     try:
         _orphans(session, work)
-        _cascade_deletes(session, work)
+        yield from _cascade_deletes(session, work)
         _sync_foreign_keys(session, work)
         _links(session, work)
     except BaseException:
@@ -144,7 +143,7 @@ def _journal(work: RelationshipWork) -> FlushJournal:
     return work.journal
 
 
-def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
+def _cascade_deletes(session: Session, work: RelationshipWork) -> Steps[None]:
     done: set[int] = set()
     while True:
         todo = [st for st in session._deleted_states() if id(st) not in done]
@@ -158,9 +157,9 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
             for prop in mapper.relationships.values():
                 if prop.direction is Direction.MANYTOONE:
                     continue
-                selectin_load(session, states, prop)
-                current = _read_members(
-                    session, [(st, k) for st in states for k in link_keys(st, prop)]
+                yield from selectin_load(session, states, prop)
+                current = yield from _read_members(
+                    [(st, k) for st in states for k in link_keys(st, prop)]
                 )
                 pointing = _pointing(session, prop)
                 for st in states:
@@ -171,7 +170,9 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                         work.member_checks.append(MemberCheck(k, current[k], st))
                     key = keys_[0]
                     listed = {m: k for k in keys_ for m in current[k]}
-                    members = _members_at_flush(session, st, prop, members, listed, pointing)
+                    members = yield from _members_at_flush(
+                        session, st, prop, members, listed, pointing
+                    )
                     if prop.direction is Direction.ONETOMANY:
                         _detach_children(work, st, prop, members)
                     else:
@@ -188,7 +189,7 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> None:
                             for other in members:
                                 _journal(work).delete(other)
             for src in mapper.hidden_links:
-                _unlink_hidden(session, states, src, work)
+                yield from _unlink_hidden(session, states, src, work)
 
 
 def _members_at_flush(
@@ -198,7 +199,7 @@ def _members_at_flush(
     members: list[Any],
     listed: dict[bytes, str],
     pointing: dict[Any, list[InstanceState]],
-) -> list[Any]:
+) -> Steps[list[Any]]:
     """What a deleted object's list holds once this flush applies, not as last loaded.
 
     Redis's members (`listed`, checked again under WATCH) are loaded when the session
@@ -210,7 +211,7 @@ def _members_at_flush(
     """
     target = mapper_of(prop.target)
     pks = [target.pk_from_segment(seg, listed[seg]) for seg in sorted(listed)]
-    session._ensure_loaded(target, pks)
+    yield from session._ensure_loaded(target, pks)
     out: dict[int, Any] = {id(o): o for o in members}
     in_redis: set[int] = set()
     for pk in pks:
@@ -351,7 +352,7 @@ def _unlink_hidden(
     states: list[InstanceState],
     src: RelationshipProperty,
     work: RelationshipWork,
-) -> None:
+) -> Steps[None]:
     """Remove deleted objects from the sets of a many-to-many that has no reverse side."""
     source_mapper = mapper_of(src.parent.class_) if src.parent else None
     if source_mapper is None:
@@ -360,7 +361,7 @@ def _unlink_hidden(
         st.mapper.keys_for_pk(st.pk).relation(src.reverse_link_name, st.mapper.pk_segment(st.pk))
         for st in states
     ]
-    replies = session.bind.execute([("ZRANGE", k, 0, -1) for k in keys])
+    replies = yield Read([("ZRANGE", k, 0, -1) for k in keys])
     owners: list[list[Any]] = []
     for st, key, reply in zip(states, keys, replies, strict=True):
         if isinstance(reply, Exception):
@@ -368,7 +369,7 @@ def _unlink_hidden(
         work.member_checks.append(MemberCheck(key, set(reply), st))
         owners.append([source_mapper.pk_from_segment(seg, key) for seg in reply])
     # Every owner the session lacks is loaded in one round trip (it was one per owner).
-    session._ensure_loaded(source_mapper, [pk for pks in owners for pk in pks])
+    yield from session._ensure_loaded(source_mapper, [pk for pks in owners for pk in pks])
     for st, key, pks in zip(states, keys, owners, strict=True):
         for pk in pks:
             ost = session._identity_map.get((source_mapper.class_, pk))
@@ -459,7 +460,5 @@ def _links(session: Session, work: RelationshipWork) -> None:
         # side then a remove on the other must not leave the link in place).
         key = min((id(a), prop.link_name, id(b)), (id(b), prop.reverse_link_name, id(a)))
         net.pop(key, None)
-        net[key] = LinkChange(
-            added, a, prop.link_name, b, prop.reverse_link_name
-        )
+        net[key] = LinkChange(added, a, prop.link_name, b, prop.reverse_link_name)
     work.links.extend(net.values())

@@ -11,10 +11,10 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 from . import dialects
-from .commands import Command
+from .commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from .exc import InvalidRequestError
 from .urls import safe_url
 
@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from .dialects.base import Dialect
     from .flushprotocol import FlushJob
 
-__all__ = ["Engine", "configure", "create_engine", "default_engine"]
+__all__ = ["Engine", "EngineBase", "configure", "create_engine", "default_engine"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("redmap.engine")
 
@@ -75,18 +77,17 @@ def _enable_echo(echo: Echo) -> None:
         log.setLevel(level)
 
 
-class Engine:
-    """A configured way to reach Redis, shared by many sessions (thread-safe)."""
+class EngineBase:
+    """What the sync `Engine` and `redmap.asyncio.AsyncEngine` share: the URL shown
+    (without a password), `echo`, and the listeners called before every round trip."""
 
-    def __init__(self, url: str, *, echo: Echo = False, **client_options: Any):
+    def __init__(self, url: str, *, echo: Echo = False):
         self.url = safe_url(url)
         self.echo = echo
         self._listeners: list[Listener] = []
-        dialect_cls = dialects.load(url)
-        self.dialect: Dialect = dialect_cls(url, hook=self._on_round_trip, **client_options)
 
     def __repr__(self) -> str:
-        return f"Engine({self.url})"
+        return f"{type(self).__name__}({self.url})"
 
     @property
     def echo(self) -> Echo:
@@ -116,12 +117,51 @@ class Engine:
         for fn in list(self._listeners):
             fn(commands)
 
-    # -- I/O --------------------------------------------------------------------------
-
     def _echo_replies(self, replies: Sequence[Any]) -> None:
         if self.echo == "debug":
             for reply in replies:
                 log.debug("-> %s", _render_reply(reply))
+
+
+class Engine(EngineBase):
+    """A configured way to reach Redis, shared by many sessions (thread-safe)."""
+
+    def __init__(self, url: str, *, echo: Echo = False, **client_options: Any):
+        super().__init__(url, echo=echo)
+        dialect_cls = dialects.load(url)
+        self.dialect: Dialect = dialect_cls(url, hook=self._on_round_trip, **client_options)
+
+    # -- driving the core ----------------------------------------------------------------
+
+    def run(self, steps: Steps[T]) -> T:
+        """Drive a core generator to its end, blocking: perform each request it yields
+        and send the reply back; what the I/O raised is thrown into it, so its own
+        `try`/`finally` blocks run as in plain code. Returns what the generator returns.
+        """
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    reply = self._perform(request)
+                except BaseException as exc:
+                    request = steps.throw(exc)
+                else:
+                    request = steps.send(reply)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+
+    def _perform(self, request: Request) -> Any:
+        if isinstance(request, Read):
+            return self.execute(request.commands)
+        if isinstance(request, FetchHashes):
+            return self.fetch_hashes(request.keys)
+        if isinstance(request, Transactions):
+            return self.execute_transactions(request.groups)
+        self.flush(request.job)
+        return None
+
+    # -- I/O --------------------------------------------------------------------------
 
     def execute(self, commands: Sequence[Command]) -> list[Any]:
         """One pipelined round trip of read commands."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import keys
 from .attributes import FieldAttribute
+from .commands import Read, Steps, Transactions
 from .exc import (
     DecodeError,
     MultipleResultsFound,
@@ -465,12 +466,10 @@ def _transaction(c: _Compiler, tail: list[tuple[Any, ...]]) -> list[tuple[Any, .
     return cmds
 
 
-def _run_all(
-    session: Session, groups: list[tuple[_Compiler, list[tuple[Any, ...]]]]
-) -> list[list[Any]]:
+def _run_all(groups: list[tuple[_Compiler, list[tuple[Any, ...]]]]) -> Steps[list[list[Any]]]:
     """Run each compiled statement's transaction; the replies of each one's `tail`."""
     try:
-        results = session.bind.execute_transactions([_transaction(c, t) for c, t in groups])
+        results = yield Transactions([_transaction(c, t) for c, t in groups])
     except RedmapConnectionError:
         raise  # the server, not the query: keep the type callers retry on
     except RedmapError as exc:
@@ -492,7 +491,7 @@ def _page(stmt: Select[Any], desc: bool, fanned: bool) -> tuple[int, int]:
     return start, -1 if stmt._limit is None else start + stmt._limit - 1
 
 
-def _ids_in(session: Session, stmt: Select[Any], spaces: list[KeySpace]) -> list[bytes]:
+def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
     """The ids of the requested page: read from one keyspace, or merged across shards."""
     fanned = len(spaces) > 1
     scored = ("WITHSCORES",) if fanned else ()
@@ -508,7 +507,7 @@ def _ids_in(session: Session, stmt: Select[Any], spaces: list[KeySpace]) -> list
             count = -1 if stop == -1 else stop - start + 1
             by: tuple[Any, ...] = (high, low, "BYSCORE", "REV") if desc else (low, high, "BYSCORE")
             cmds.append(("ZRANGE", key, *by, "LIMIT", start, count, *scored))
-        replies = session.bind.execute(cmds)
+        replies = yield Read(cmds)
         for r in replies:
             if isinstance(r, Exception):
                 raise QueryError(f"Redis refused the query: {r}")
@@ -520,7 +519,7 @@ def _ids_in(session: Session, stmt: Select[Any], spaces: list[KeySpace]) -> list
             start, stop = _page(stmt, desc, fanned)
             rng: tuple[Any, ...] = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
             groups.append((c, [(*rng, *scored)]))
-        per_space = [tail[0] for tail in _run_all(session, groups)]
+        per_space = [tail[0] for tail in (yield from _run_all(groups))]
     if not fanned:
         return per_space[0]
     merged = [(float(score), member) for ids in per_space for member, score in ids]
@@ -530,7 +529,7 @@ def _ids_in(session: Session, stmt: Select[Any], spaces: list[KeySpace]) -> list
     return [member for _, member in merged[stmt._offset : end]]
 
 
-def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
+def execute_select(session: Session, stmt: Select[M]) -> Steps[ScalarResult[M]]:
     """Ids in one round trip (per shard read, for a fan-out), then the objects in one."""
     if stmt._limit == 0:
         return ScalarResult([])
@@ -539,7 +538,7 @@ def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
     if not spaces:
         _validate(stmt, mapper)
         return ScalarResult([])
-    ids = _ids_in(session, stmt, spaces)
+    ids = yield from _ids_in(stmt, spaces)
     try:
         pks = [mapper.pk_from_segment(i) for i in ids]
     except DecodeError:
@@ -550,11 +549,11 @@ def execute_select(session: Session, stmt: Select[M]) -> ScalarResult[M]:
             raise
         source = _Compiler(mapper, spaces[0]).ordering(stmt)[0]
         pks = [mapper.pk_from_segment(i, source) for i in ids]
-    return ScalarResult(_objects_for(session, mapper, pks))
+    return ScalarResult((yield from _objects_for(session, mapper, pks)))
 
 
-def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> list[Any]:
-    session._ensure_loaded(mapper, pks)
+def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> Steps[list[Any]]:
+    yield from session._ensure_loaded(mapper, pks)
     out = []
     for pk in pks:
         st = session._identity_map.get((mapper.class_, pk))
@@ -563,7 +562,7 @@ def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> list[
     if mapper.relationships:
         from .strategies import selectin_for
 
-        selectin_for(session, out)
+        yield from selectin_for(session, out)
     return out
 
 
@@ -582,7 +581,7 @@ def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | 
     return None
 
 
-def execute_count(session: Session, stmt: Select[Any]) -> int:
+def execute_count(session: Session, stmt: Select[Any]) -> Steps[int]:
     """The number of matches after offset/limit: one round trip (per shard read)."""
     mapper = mapper_of(stmt.model)
     spaces = _target_shards(stmt, mapper)
@@ -591,7 +590,7 @@ def execute_count(session: Session, stmt: Select[Any]) -> int:
         return 0
     direct = [_direct_count_command(stmt, ks) for ks in spaces]
     if all(d is not None for d in direct):
-        replies = session.bind.execute([d for d in direct if d is not None])
+        replies = yield Read([d for d in direct if d is not None])
         for r in replies:
             if isinstance(r, Exception):
                 raise QueryError(f"Redis refused the query: {r}")
@@ -601,7 +600,7 @@ def execute_count(session: Session, stmt: Select[Any]) -> int:
         for ks in spaces:
             c, final, _ = _compile(stmt, ks)
             groups.append((c, [("ZCARD", final)]))
-        card = sum(int(tail[0]) for tail in _run_all(session, groups))
+        card = sum(int(tail[0]) for tail in (yield from _run_all(groups)))
     n = max(0, card - stmt._offset)
     if stmt._limit is not None:
         n = min(n, stmt._limit)

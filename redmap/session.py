@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from .attributes import STATE_ATTR, state_of
+from .commands import FetchHashes, Read, Steps
 from .engine import Engine, default_engine
 from .exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDataError
 from .identity import IdentityMap, IdentitySet
@@ -25,6 +26,7 @@ from .state import InstanceState
 from .unitofwork import UOWTransaction, changed_fields
 
 if TYPE_CHECKING:
+    from .engine import EngineBase
     from .query import ScalarResult, Select
     from .relationships import RelationshipProperty
 
@@ -78,13 +80,36 @@ class Session:
         self._orphans: dict[int, tuple[Any, RelationshipProperty]] = {}
         # ... and many-to-many changes in order: (owner, relationship, item, added).
         self._links: list[tuple[Any, RelationshipProperty, Any, bool]] = []
+        # Set by `redmap.asyncio.AsyncSession` on the session it wraps: every read and
+        # flush is then driven by the AsyncSession (awaited), and anything that would
+        # need blocking I/O here (a lazy load on attribute access) raises instead.
+        self._async_engine: EngineBase | None = None
 
     @property
     def bind(self) -> Engine:
         """The engine; the default one (see `redmap.configure`) when none was given."""
+        if self._async_engine is not None:
+            raise InvalidRequestError(
+                "this Session is driven by an AsyncSession: use AsyncSession.bind"
+            )
         if self._bind is None:
             self._bind = default_engine()
         return self._bind
+
+    def _run(self, steps: Steps[R]) -> R:
+        """Drive a core generator (`redmap.commands.Steps`) on the engine, blocking."""
+        if self._async_engine is not None:
+            steps.close()
+            raise InvalidRequestError(
+                "this Session is driven by an AsyncSession: await the AsyncSession's "
+                "method instead (a blocking call would stall the event loop)"
+            )
+        return self.bind.run(steps)
+
+    def _supports_cluster(self) -> bool:
+        """Whether the engine reaches a Redis Cluster (a flush may then be split by tag)."""
+        engine: Any = self._async_engine if self._async_engine is not None else self.bind
+        return bool(engine.dialect.supports_cluster)
 
     def __enter__(self: S) -> S:
         return self
@@ -188,9 +213,29 @@ class Session:
         return None if target is None else target.obj
 
     def _load_relationship(self, st: InstanceState, prop: RelationshipProperty) -> None:
-        from .strategies import load_relationship
+        from .strategies import load_relationship_steps
 
-        load_relationship(self, st, prop)
+        if self._async_engine is not None:
+            self._refuse_lazy_load(st, prop.key, relationship=True)
+        self._run(load_relationship_steps(self, st, prop))
+
+    def _refuse_lazy_load(self, st: InstanceState, name: str, *, relationship: bool) -> None:
+        """Raise the AsyncSession's error for an attribute that would need I/O to load."""
+        owner = f"{st.mapper.name}.{name}"
+        if relationship:
+            ways = (
+                f"load it first with `await session.refresh(obj, [{name!r}])`, or give the "
+                f'relationship lazy="selectin" so that gets and queries load it'
+            )
+        else:
+            ways = (
+                "load it first with `await session.refresh(obj)` (attributes are expired "
+                "by expire(), rollback() and, with expire_on_commit=True, commit())"
+            )
+        raise InvalidRequestError(
+            f"{owner} is not loaded and loading it needs I/O, which an AsyncSession never "
+            f"does on attribute access (it would block the event loop); {ways}"
+        )
 
     def _relationships_flushed(self) -> None:
         self._rel_dirty.clear()
@@ -314,6 +359,10 @@ class Session:
         Session is not thread-safe). An attribute assigned by another thread while
         the flush runs is not lost: it stays a pending change for the next flush.
         """
+        self._run(self._flush_steps())
+
+    def _flush_steps(self) -> Steps[None]:
+        """`flush()` as core steps (see `redmap.commands`), for both drivers."""
         if not self._flush_lock.acquire(blocking=False):
             if self._flush_thread == threading.get_ident():
                 raise InvalidRequestError("Session is already flushing")
@@ -330,14 +379,15 @@ class Session:
                 )
             self._flushing = True
             try:
-                UOWTransaction(self).execute()
+                yield from UOWTransaction(self).execute_steps()
             finally:
                 self._flushing = False
         finally:
             self._flush_thread = None
             self._flush_lock.release()
 
-    def _autoflush(self) -> None:
+    def _autoflush(self) -> Steps[None]:
+        """Flush pending changes before a read (unless autoflush is off); core steps."""
         self._check_thread("read through the session")
         if self.autoflush and not self._no_autoflush and not self._flushing:
             if (
@@ -348,7 +398,7 @@ class Session:
             ):
                 self._autoflushing = True
                 try:
-                    self.flush()
+                    yield from self._flush_steps()
                 finally:
                     self._autoflushing = False
 
@@ -417,27 +467,68 @@ class Session:
         self._identity_map.modified.clear()
         discard_expired(self, None)
 
-    def refresh(self, obj: object) -> None:
-        """Reload every attribute from Redis now, discarding pending changes (1 round trip).
+    def refresh(self, obj: object, attribute_names: Sequence[str] | None = None) -> None:
+        """Reload attributes from Redis now, discarding pending changes to them.
 
-        Relationships are expired (they reload on access from the refreshed keys), so a
-        pending relationship change of `obj` goes too, as with `expire(obj)`.
+        Without `attribute_names`: every field (1 round trip); relationships are expired
+        (they reload on access from the refreshed keys), so a pending relationship
+        change of `obj` goes too, as with `expire(obj)`. With names: those fields, and
+        those relationships loaded now (2 round trips for a list, 1 for a many-to-one
+        whose target is not in the session), as SQLAlchemy's `refresh(obj, [names])`.
         """
+        self._run(self._refresh_steps(obj, attribute_names))
+
+    def _refresh_steps(self, obj: object, attribute_names: Sequence[str] | None) -> Steps[None]:
+        from .strategies import selectin_load
+
         st = self._own_state(obj, "refresh")
         if st.identity is None or st.key is None:
             raise InvalidRequestError(f"{st.mapper.name} object is pending; nothing to refresh")
-        (data,) = self.bind.execute([("HGETALL", st.key)])
-        st.expire()
-        self._identity_map.modified.discard(st)
-        discard_expired(self, [obj])
-        if load_instance(self, st.mapper, st.pk, st.key, data, refresh=True) is None:
-            raise ObjectDeletedError(
-                f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
-            )
+        rels = []
+        columns: list[str] | None = None
+        if attribute_names is not None:
+            columns = []
+            for name in attribute_names:
+                if name in st.mapper.relationships:
+                    rels.append(st.mapper.relationships[name])
+                elif name in st.mapper.columns and name != st.mapper.pk.key:
+                    columns.append(name)
+                elif name != st.mapper.pk.key:
+                    raise InvalidRequestError(
+                        f"{st.mapper.name} has no attribute {name!r} to refresh (fields: "
+                        f"{', '.join(st.mapper.columns)}; relationships: "
+                        f"{', '.join(st.mapper.relationships) or 'none'})"
+                    )
+        if columns is None or columns:
+            (data,) = yield Read([("HGETALL", st.key)])
+            if columns is None:
+                st.expire()
+                self._identity_map.modified.discard(st)
+                discard_expired(self, [obj])
+                found = load_instance(self, st.mapper, st.pk, st.key, data, refresh=True)
+            else:
+                st.expire(columns)
+                if not st.modified:
+                    self._identity_map.modified.discard(st)
+                discard_expired(self, [obj])
+                found = load_instance(self, st.mapper, st.pk, st.key, data)
+            if found is None:
+                raise ObjectDeletedError(
+                    f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
+                )
+        for prop in rels:
+            st.obj.__dict__.pop(prop.key, None)
+            yield from selectin_load(self, [st], prop)
 
-    def _load_unloaded(self, st: InstanceState) -> None:
+    def _load_unloaded(self, st: InstanceState, name: str | None = None) -> None:
+        """Load the expired attributes of `st` (on access to `name`), blocking."""
+        if self._async_engine is not None:
+            self._refuse_lazy_load(st, name or "?", relationship=False)
+        self._run(self._load_unloaded_steps(st))
+
+    def _load_unloaded_steps(self, st: InstanceState) -> Steps[None]:
         assert st.key is not None
-        (data,) = self.bind.execute([("HGETALL", st.key)])
+        (data,) = yield Read([("HGETALL", st.key)])
         if load_instance(self, st.mapper, st.pk, st.key, data) is None:
             raise ObjectDeletedError(
                 f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
@@ -449,8 +540,12 @@ class Session:
         """The object with this primary key, or None.
 
         No command when the object is already in the session and loaded; else
-        1 round trip (after an autoflush of pending changes, if any).
+        1 round trip (after an autoflush of pending changes, if any), plus those of its
+        lazy="selectin" relationships.
         """
+        return self._run(self._get_steps(model, pk))
+
+    def _get_steps(self, model: type[M], pk: Any) -> Steps[M | None]:
         mapper = mapper_of(model)
         mapper.validate_pk(pk)
         st = self._identity_map.get((model, pk))
@@ -460,10 +555,14 @@ class Session:
             if not st.unloaded():
                 obj: M = st.obj
                 return obj
-        self._autoflush()
+        yield from self._autoflush()
         key = mapper.object_key(pk)
-        (data,) = self.bind.execute([("HGETALL", key)])
+        (data,) = yield Read([("HGETALL", key)])
         found: M | None = load_instance(self, mapper, pk, key, data)
+        if found is not None and mapper.relationships:
+            from .strategies import selectin_for
+
+            yield from selectin_for(self, [found])
         return found
 
     def get_one(self, model: type[M], pk: Any) -> M:
@@ -472,20 +571,27 @@ class Session:
         `get()` for when the object must exist: typed `M`, not `M | None`, so the
         result needs no None check (SQLAlchemy's `Session.get_one`).
         """
-        obj = self.get(model, pk)
+        return self._run(self._get_one_steps(model, pk))
+
+    def _get_one_steps(self, model: type[M], pk: Any) -> Steps[M]:
+        obj = yield from self._get_steps(model, pk)
         if obj is None:
             raise NoResultFound(f"no {mapper_of(model).name} with primary key {pk!r}")
         return obj
 
     def get_many(self, model: type[M], pks: Iterable[Any]) -> list[M | None]:
-        """The objects for `pks`, in order, None where absent; 1 round trip at most."""
+        """The objects for `pks`, in order, None where absent; 1 round trip at most (plus
+        those of lazy="selectin" relationships)."""
+        return self._run(self._get_many_steps(model, pks))
+
+    def _get_many_steps(self, model: type[M], pks: Iterable[Any]) -> Steps[list[M | None]]:
         mapper = mapper_of(model)
         pks = list(pks)
         for pk in pks:
             mapper.validate_pk(pk)
         if self._unloaded_pks(mapper, pks):
-            self._autoflush()
-            self._ensure_loaded(mapper, pks)
+            yield from self._autoflush()
+            yield from self._ensure_loaded(mapper, pks)
         out: list[M | None] = []
         for pk in pks:
             st = self._identity_map.get((model, pk))
@@ -493,7 +599,7 @@ class Session:
         if mapper.relationships:
             from .strategies import selectin_for
 
-            selectin_for(self, [o for o in out if o is not None])
+            yield from selectin_for(self, [o for o in out if o is not None])
         return out
 
     def _unloaded_pks(self, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:
@@ -505,17 +611,17 @@ class Session:
                 out[pk] = None
         return list(out)
 
-    def _ensure_loaded(self, mapper: Mapper[Any], pks: Iterable[Any]) -> None:
+    def _ensure_loaded(self, mapper: Mapper[Any], pks: Iterable[Any]) -> Steps[None]:
         """Load, in one round trip, the objects among `pks` the session lacks (0 if none)."""
         missing = self._unloaded_pks(mapper, pks)
         if missing:
-            self._load_many(mapper, missing)
+            yield from self._load_many(mapper, missing)
 
-    def _load_many(self, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:
+    def _load_many(self, mapper: Mapper[Any], pks: Iterable[Any]) -> Steps[list[Any]]:
         """Load objects by primary key in one round trip; absent ones give None."""
         pks = list(pks)
         keys = [mapper.object_key(pk) for pk in pks]
-        replies = self.bind.fetch_hashes(keys)
+        replies = yield FetchHashes(keys)
         return [
             load_instance(self, mapper, pk, key, data)
             for pk, key, data in zip(pks, keys, replies, strict=True)
@@ -533,21 +639,23 @@ class Session:
         An object built by hand (never loaded) carries no version and simply
         overwrites.
         """
+        return self._run(self._merge_steps(obj))
+
+    def _merge_steps(self, obj: M) -> Steps[M]:
         mapper = mapper_of(type(obj))
         pk = obj.__dict__.get(mapper.pk.key)
         source = state_of(obj)
         if source is not None and source.session is self:
             if source.deleted:
                 raise InvalidRequestError(
-                    f"cannot merge {mapper.name}({pk!r}): it is marked for deletion in "
-                    f"this session"
+                    f"cannot merge {mapper.name}({pk!r}): it is marked for deletion in this session"
                 )
             return obj  # already the session's own object
         # The version travels only with a copy of the same identity it was loaded as.
         versioned = source is not None and source.identity is not None and source.pk == pk
         target: M | None = None
         if pk is not None:
-            target = self.get(type(obj), pk)
+            target = yield from self._get_steps(type(obj), pk)
         if target is None:
             if versioned:
                 assert source is not None
@@ -592,17 +700,23 @@ class Session:
 
     def scalars(self, stmt: Select[M]) -> ScalarResult[M]:
         """Run a `select()` and return its objects."""
+        return self._run(self._scalars_steps(stmt))
+
+    def _scalars_steps(self, stmt: Select[M]) -> Steps[ScalarResult[M]]:
         from .query import execute_select
 
-        self._autoflush()
-        return execute_select(self, stmt)
+        yield from self._autoflush()
+        return (yield from execute_select(self, stmt))
 
     def count(self, stmt: Select[Any]) -> int:
         """How many objects `stmt` matches (limit/offset applied); 1 round trip."""
+        return self._run(self._count_steps(stmt))
+
+    def _count_steps(self, stmt: Select[Any]) -> Steps[int]:
         from .query import execute_count
 
-        self._autoflush()
-        return execute_count(self, stmt)
+        yield from self._autoflush()
+        return (yield from execute_count(self, stmt))
 
 
 class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name

@@ -93,7 +93,7 @@ class InstanceState:
                 f"{self.mapper.name} object with key {self.key!r} is detached; attribute "
                 f"{key!r} is not loaded and there is no session to load it from"
             )
-        self.session._load_unloaded(self)
+        self.session._load_unloaded(self, key)
 
     def load_relationship(self, prop: Any) -> None:
         """Load a relationship attribute on first access, as its `lazy` option says."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .collections import InstrumentedList
+from .commands import Read, Steps
 from .exc import InvalidRequestError
 from .mapper import mapper_of
 from .relationships import Direction
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from .session import Session
     from .state import InstanceState
 
-__all__ = ["link_keys", "load_relationship", "selectin_for", "selectin_load"]
+__all__ = ["link_keys", "load_relationship_steps", "selectin_for", "selectin_load"]
 
 
 def link_keys(state: InstanceState, prop: RelationshipProperty) -> list[str]:
@@ -64,8 +65,10 @@ def _ids(target_mapper: Any, reply: Any, key: str, prop: RelationshipProperty) -
     return [target_mapper.pk_from_segment(i, key) for i in reply]
 
 
-def load_relationship(session: Session, state: InstanceState, prop: RelationshipProperty) -> None:
-    """Fill one unloaded relationship attribute of a persistent object."""
+def load_relationship_steps(
+    session: Session, state: InstanceState, prop: RelationshipProperty
+) -> Steps[None]:
+    """Fill one unloaded relationship attribute of a persistent object (core steps)."""
     if prop.lazy == "raise":
         raise InvalidRequestError(
             f"{state.mapper.name}.{prop.key} is lazy='raise' and not loaded; load it with "
@@ -73,8 +76,8 @@ def load_relationship(session: Session, state: InstanceState, prop: Relationship
         )
     if prop.direction is Direction.MANYTOONE and _target_in_session(session, state, prop):
         return
-    session._autoflush()
-    selectin_load(session, [state], prop)
+    yield from session._autoflush()
+    yield from selectin_load(session, [state], prop)
 
 
 def _target_in_session(session: Session, state: InstanceState, prop: RelationshipProperty) -> bool:
@@ -100,7 +103,7 @@ def _target_in_session(session: Session, state: InstanceState, prop: Relationshi
 
 def selectin_load(
     session: Session, states: list[InstanceState], prop: RelationshipProperty
-) -> None:
+) -> Steps[None]:
     """Load `prop` for every state in `states` in at most two round trips."""
     states = [s for s in states if s.identity is not None and prop.key not in s.obj.__dict__]
     if not states:
@@ -110,11 +113,11 @@ def selectin_load(
         wanted: dict[Any, None] = {}
         for st in states:
             if prop.fk_column not in st.obj.__dict__:
-                st.load_unloaded(prop.fk_column)
+                yield from session._load_unloaded_steps(st)
             fk = st.obj.__dict__.get(prop.fk_column)
             if fk is not None:
                 wanted[fk] = None
-        session._ensure_loaded(target_mapper, wanted)
+        yield from session._ensure_loaded(target_mapper, wanted)
         for st in states:
             fk = st.obj.__dict__.get(prop.fk_column)
             target = None
@@ -130,7 +133,7 @@ def selectin_load(
         for keys_ in keys_per_state
         for k in keys_
     ]
-    replies = iter(session.bind.execute(cmds))
+    replies = iter((yield Read(cmds)))
     per_state = []
     for keys_ in keys_per_state:
         if not fanned:
@@ -147,7 +150,7 @@ def selectin_load(
     wanted_all: dict[Any, None] = {}
     for ids in per_state:
         wanted_all.update(dict.fromkeys(ids))
-    session._ensure_loaded(target_mapper, wanted_all)
+    yield from session._ensure_loaded(target_mapper, wanted_all)
     for st, ids in zip(states, per_state, strict=True):
         items = []
         for pk in ids:
@@ -157,7 +160,7 @@ def selectin_load(
         st.obj.__dict__[prop.key] = InstrumentedList(st.obj, prop, items)
 
 
-def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> None:
+def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> Steps[None]:
     """Run every lazy="selectin" relationship for a batch of freshly loaded objects."""
     if not objects or depth > 8:
         return
@@ -171,7 +174,7 @@ def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> None:
             if prop.lazy != "selectin":
                 continue
             pending = [s for s in states if prop.key not in s.obj.__dict__]
-            selectin_load(session, pending, prop)
+            yield from selectin_load(session, pending, prop)
             loaded: list[Any] = []
             for st in pending:
                 value = st.obj.__dict__.get(prop.key)
@@ -179,4 +182,4 @@ def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> None:
                     loaded.extend(value)
                 elif value is not None:
                     loaded.append(value)
-            selectin_for(session, loaded, depth + 1)
+            yield from selectin_for(session, loaded, depth + 1)

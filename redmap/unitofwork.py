@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import keys
 from .attributes import state_of
+from .commands import Flush, Steps
 from .dependency import RelationshipWork, prepare
 from .exc import (
     CrossSlotError,
@@ -139,9 +140,9 @@ class UOWTransaction:
         """Foreign-key columns of `st` that wait for a parent's generated id."""
         return self._deferred.get(id(st), _NONE_DEFERRED)
 
-    def collect(self) -> None:
+    def collect(self) -> Steps[None]:
         s = self.session
-        self.work = prepare(s)
+        self.work = yield from prepare(s)
         # Indexed once: scanning the deferred list per object made a flush of N new
         # children of new parents quadratic.
         grouped: dict[int, set[str]] = {}
@@ -340,7 +341,7 @@ class UOWTransaction:
 
     # -- run ----------------------------------------------------------------------------
 
-    def execute(self) -> None:
+    def execute_steps(self) -> Steps[None]:
         """Collect, plan and run the flush; on any error put the session back as it was.
 
         `prepare` (in collect) records what it changes in the session (orphans and
@@ -348,17 +349,16 @@ class UOWTransaction:
         restores it, so fixing the cause and flushing again writes what was intended.
         """
         try:
-            self.collect()
+            yield from self.collect()
             if self.empty:
                 self._flushed()
                 return
-            dialect = self.session.bind.dialect
-            if self.session.allow_cross_slot and dialect.supports_cluster:
+            if self.session.allow_cross_slot and self.session._supports_cluster():
                 groups = self._split_by_registry()
                 if len(groups) > 1:
-                    self._run_parts(groups)
+                    yield from self._run_parts(groups)
                     return
-            self._run()
+            yield from self._run()
         except BaseException:
             self.work.restore()
             raise
@@ -368,7 +368,7 @@ class UOWTransaction:
         if self.work.journal is not None:
             self.work.journal.flushed(written)
 
-    def _run_parts(self, parts: list[UOWTransaction]) -> None:
+    def _run_parts(self, parts: list[UOWTransaction]) -> Steps[None]:
         """Run a cross-slot flush one part (hash tag) at a time.
 
         Each part is atomic, the whole is not. When a part fails after others were
@@ -381,7 +381,7 @@ class UOWTransaction:
         done: list[UOWTransaction] = []
         for i, part in enumerate(parts):
             try:
-                part._run()
+                yield from part._run()
             except BaseException as exc:
                 if not any(p._writes_anything() for p in done):
                     # Nothing applied yet (a check-only part writes just its own token):
@@ -541,7 +541,7 @@ class UOWTransaction:
             left.remove(ready)
         return [parts[tag] for tag in order]
 
-    def _run(self) -> None:
+    def _run(self) -> Steps[None]:
         """Run the flush protocol (`redmap.flushprotocol`) through the engine's driver,
         then record what Redis now holds.
 
@@ -550,7 +550,15 @@ class UOWTransaction:
         (`plan`) and what a failure means; this unit of work only plans.
         """
         self.start()
-        self.session.bind.flush(self)
+        try:
+            yield Flush(self)
+        except BaseException as exc:
+            # A flush interrupted (task cancelled, KeyboardInterrupt) after its EXEC may
+            # have been sent is settled by the driver like a lost reply; when that found
+            # it applied, the session records it before the interruption goes on.
+            if getattr(exc, "redmap_applied", None) is True:
+                self.finalize()
+            raise
         self.finalize()
 
     def start(self) -> None:

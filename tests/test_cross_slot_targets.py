@@ -158,16 +158,16 @@ class TestCrossSlotTargets:
         with Session(cengine, allow_cross_slot=True) as s:
             s.add(XPlayer(name="ann", id=2, team_id=1))
             uow = UOWTransaction(s)
-            uow.collect()
+            s.bind.run(uow.collect())
             check, child = uow._split_by_registry()
             assert check.targets and not check._states()  # a check-only part, run first
-            check._run()
+            s.bind.run(check._run())
             with Session(cengine, allow_cross_slot=True) as other:
                 team = other.get(XTeam, 1)
                 assert team is not None
                 other.delete(team)
                 other.commit()
-            child._run()
+            s.bind.run(child._run())
         report = audit(cluster_client, xreg)
         assert [r.problem for r in report.broken_references] == [
             "Player.team_id is 1, but that Team does not exist "

@@ -154,7 +154,7 @@ def offline() -> Iterator[Engine]:
 def start(session: Session, clock: Clock | None = None) -> tuple[Job, Wire]:
     """Collect the session's pending work and start its flush protocol by hand."""
     uow = UOWTransaction(session)
-    uow.collect()
+    session.bind.run(uow.collect())
     uow.start()
     job = Job(uow)
     protocol = FlushProtocol(

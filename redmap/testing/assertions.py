@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..engine import Engine
+from ..engine import EngineBase
 
 __all__ = ["RoundTripCounter", "assert_round_trips", "count_round_trips", "dump_keys"]
 
@@ -41,7 +41,7 @@ class RoundTripCounter:
 
 
 @contextlib.contextmanager
-def count_round_trips(engine: Engine) -> Iterator[RoundTripCounter]:
+def count_round_trips(engine: EngineBase) -> Iterator[RoundTripCounter]:
     """Record every round trip `engine` makes inside the block."""
     counter = RoundTripCounter()
     engine.add_listener(counter)
@@ -52,7 +52,7 @@ def count_round_trips(engine: Engine) -> Iterator[RoundTripCounter]:
 
 
 @contextlib.contextmanager
-def assert_round_trips(engine: Engine, expected: int) -> Iterator[RoundTripCounter]:
+def assert_round_trips(engine: EngineBase, expected: int) -> Iterator[RoundTripCounter]:
     """Fail unless the block makes exactly `expected` round trips."""
     with count_round_trips(engine) as counter:
         yield counter
