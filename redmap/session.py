@@ -215,9 +215,18 @@ class Session:
     def _load_relationship(self, st: InstanceState, prop: RelationshipProperty) -> None:
         from .strategies import load_relationship_steps
 
-        if self._async_engine is not None:
-            self._refuse_lazy_load(st, prop.key, relationship=True)
-        self._run(load_relationship_steps(self, st, prop))
+        steps = load_relationship_steps(self, st, prop)
+        if self._async_engine is None:
+            self._run(steps)
+            return
+        # An AsyncSession loads what needs no I/O (a many-to-one whose target is in
+        # the session) and refuses the rest: the first request the steps yield.
+        try:
+            next(steps)
+        except StopIteration:
+            return
+        steps.close()
+        self._refuse_lazy_load(st, prop.key, relationship=True)
 
     def _refuse_lazy_load(self, st: InstanceState, name: str, *, relationship: bool) -> None:
         """Raise the AsyncSession's error for an attribute that would need I/O to load."""

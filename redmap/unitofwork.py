@@ -383,6 +383,8 @@ class UOWTransaction:
             try:
                 yield from part._run()
             except BaseException as exc:
+                if getattr(exc, "redmap_applied", None) is True:
+                    done.append(part)  # interrupted, but settled as applied (finalized)
                 if not any(p._writes_anything() for p in done):
                     # Nothing applied yet (a check-only part writes just its own token):
                     # the part's own error says it all.
