@@ -6,14 +6,16 @@ connection was cut mid-flight, and while the server answers LOADING (it is repla
 its AOF or RDB after a restart). redmap does this itself rather than through redis-py's
 retry policy: `Redis.from_url`, which redmap uses, leaves it at no retry (measured
 with redis-py 5.0 and 8.2), and `Redis(...)`'s default differs between versions. A
-flush is never re-sent: see `Dialect.execute_flush`.
+flush is never re-sent: see `Dialect.execute_flush`. The asyncio dialects use the same
+policy through `ReadRetry.acall`, which only pauses with `asyncio.sleep` instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -88,3 +90,41 @@ class ReadRetry:
                     self.retries,
                 )
                 time.sleep(pause)
+
+    async def acall(self, read: Callable[[], Awaitable[T]], *, url: str) -> T:
+        """`await read()`, sent again exactly as `call` would send `read()` again; the
+        pauses are `asyncio.sleep`, so other tasks run meanwhile. A cancellation is
+        never retried: it is not an error of the connection but the caller's wish."""
+        cuts = 0
+        loading_since: float | None = None
+        while True:
+            try:
+                return await read()
+            except rex.BusyLoadingError:  # a ConnectionError subclass: test it first
+                now = time.monotonic()
+                if loading_since is None:
+                    loading_since = now
+                    log.info("Redis is loading its data set; waiting to read (%s)", url)
+                if now - loading_since >= self.loading_timeout:
+                    raise RedmapConnectionError(
+                        f"Redis was still loading its data set into memory after "
+                        f"{self.loading_timeout:g}s (it answers LOADING after a restart "
+                        f"until its AOF or RDB file is read); try again once INFO "
+                        f"persistence shows loading:0",
+                        url=url,
+                    ) from None
+                await asyncio.sleep(_LOADING_POLL)
+            except _FINAL:
+                raise  # asking again would meet the same slow server or the same refusal
+            except (rex.ConnectionError, OSError) as exc:
+                if cuts >= self.retries:
+                    raise
+                pause = _BACKOFF[min(cuts, len(_BACKOFF) - 1)]
+                cuts += 1
+                log.info(
+                    "read cut (%s); sending it again (%d/%d)",
+                    type(exc).__name__,
+                    cuts,
+                    self.retries,
+                )
+                await asyncio.sleep(pause)

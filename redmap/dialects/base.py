@@ -13,13 +13,13 @@ import inspect
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 import redis.exceptions as rex
 
 from ..commands import Command, RoundTripHook
-from ..exc import RedmapConnectionError, RedmapError
+from ..exc import FlushError, OutcomeUnknownError, RedmapConnectionError, RedmapError
 from ..flushprotocol import (
     ClientExecute,
     FlushProtocol,
@@ -53,14 +53,18 @@ if TYPE_CHECKING:
     from ..flushprotocol import FlushJob
 
 __all__ = [
+    "APPLIED_ATTR",
     "Command",
     "Dialect",
     "RoundTripHook",
+    "exec_blocks",
+    "interrupted_outcome",
+    "raise_interrupted",
     "safe_url",
     "send_and_read",
+    "split_exec_blocks",
     "translate_errors",
 ]
-
 
 
 @contextlib.contextmanager
@@ -160,6 +164,79 @@ def _redirected(replies: Sequence[Any]) -> bool:
 def _is_redirect(reply: Any) -> bool:
     """Whether an error reply says the slot lives elsewhere (the protocol's question)."""
     return isinstance(reply, _REDIRECTS)
+
+
+#: The attribute a flush's interruption (`KeyboardInterrupt`, `asyncio.CancelledError`)
+#: carries once the driver settled it: True applied, False nothing written, None unknown.
+APPLIED_ATTR = "redmap_applied"
+
+
+def interrupted_outcome(
+    error: BaseException | None, interrupt: BaseException, *, after_end: bool = False
+) -> bool | None:
+    """Whether a flush the driver interrupted was applied, from how its protocol ended.
+
+    The protocol returned (`error` None): applied, True. `OutcomeUnknownError`: None.
+    Any other redmap error, or the interruption itself thrown back into the protocol
+    (while ids were handed out or at a redirect, both before the EXEC): nothing written,
+    False; the protocol raises nothing else after a lost reply. `after_end`: the
+    interruption was taken up only once the protocol had ended (it came while the
+    connection was given back, or its CancelledError was swallowed on the way), so a
+    `FlushError` may be a command refused inside EXEC, the rest applied: None. An error
+    that is none of these (a bug) is None: nothing is promised.
+    """
+    if error is None:
+        return True
+    if isinstance(error, OutcomeUnknownError):
+        return None
+    if after_end and isinstance(error, FlushError):
+        return None
+    if error is interrupt or isinstance(error, RedmapError):
+        return False
+    return None
+
+
+def raise_interrupted(
+    interrupt: BaseException, error: BaseException | None, *, after_end: bool = False
+) -> NoReturn:
+    """Raise the interruption a flush driver absorbed, now that the protocol has ended,
+    with its outcome in `APPLIED_ATTR`; the protocol's own error, if any, is its cause."""
+    setattr(interrupt, APPLIED_ATTR, interrupted_outcome(error, interrupt, after_end=after_end))
+    if error is None or error is interrupt:
+        raise interrupt
+    raise interrupt from error
+
+
+def exec_blocks(groups: Sequence[Sequence[Command]]) -> list[Command]:
+    """The groups as MULTI/EXEC blocks, one after another, to send in one pipeline."""
+    flat: list[Command] = []
+    for g in groups:
+        flat.extend([("MULTI",), *g, ("EXEC",)])
+    return flat
+
+
+def split_exec_blocks(
+    groups: Sequence[Sequence[Command]], replies: Sequence[Any]
+) -> list[list[Any] | None]:
+    """Each group's EXEC replies out of the replies of `exec_blocks(groups)`; None for a
+    block the cluster redirected (it ran nothing). A refused block or command raises."""
+    out: list[list[Any] | None] = []
+    at = 0
+    for g in groups:
+        block = replies[at : at + len(g) + 2]
+        at += len(g) + 2
+        if _redirected(block):
+            out.append(None)
+            continue
+        exec_reply = block[-1]
+        if isinstance(exec_reply, Exception) or exec_reply is None:
+            errors = [r for r in block if isinstance(r, Exception)]
+            raise RedmapError(f"Redis refused a transaction: {errors[0] if errors else exec_reply}")
+        for r in exec_reply:
+            if isinstance(r, Exception):
+                raise RedmapError(f"Redis refused a command: {r}")
+        out.append(list(exec_reply))
+    return out
 
 
 # What a driver reports to the protocol as `Lost`: the connection, not Redis, failed.
@@ -268,9 +345,7 @@ class Dialect:
         """Each group's EXEC replies, the groups sent as MULTI/EXEC blocks in one pipeline
         on `client` (one server); None for a block the cluster redirected (it ran nothing).
         """
-        flat: list[Command] = []
-        for g in groups:
-            flat.extend([("MULTI",), *g, ("EXEC",)])
+        flat = exec_blocks(groups)
 
         def attempt() -> list[Any]:
             self._hook(flat)
@@ -282,25 +357,7 @@ class Dialect:
 
         with translate_errors(self.url):
             replies = self.read_retry.call(attempt, url=self.safe_url)
-        out: list[list[Any] | None] = []
-        at = 0
-        for g in groups:
-            block = replies[at : at + len(g) + 2]
-            at += len(g) + 2
-            if _redirected(block):
-                out.append(None)
-                continue
-            exec_reply = block[-1]
-            if isinstance(exec_reply, Exception) or exec_reply is None:
-                errors = [r for r in block if isinstance(r, Exception)]
-                raise RedmapError(
-                    f"Redis refused a transaction: {errors[0] if errors else exec_reply}"
-                )
-            for r in exec_reply:
-                if isinstance(r, Exception):
-                    raise RedmapError(f"Redis refused a command: {r}")
-            out.append(list(exec_reply))
-        return out
+        return split_exec_blocks(groups, replies)
 
     # -- the flush: a driver of `FlushProtocol` ----------------------------------------
 
@@ -325,6 +382,13 @@ class Dialect:
         `execute` raised by throwing it in), and releases the connection, disconnecting
         it when the protocol says it is `broken`. Every decision is the protocol's.
         `execute` sends `ClientExecute` requests (default: `self.execute`).
+
+        A `KeyboardInterrupt` during a round trip is a lost reply: the EXEC may have
+        left already, so stopping at once would leave the outcome unknown. It is fed to
+        the protocol as `Lost("KeyboardInterrupt")` and the protocol runs to its end
+        (after a lost EXEC reply, its settle round trip); then the KeyboardInterrupt is
+        raised, carrying `redmap_applied` (see `interrupted_outcome`). A second one
+        during the settle makes the settle `Lost` (outcome unknown).
         """
         protocol = FlushProtocol(
             job, url=self.safe_url, is_redirect=_is_redirect, check_plan=self.check_plan
@@ -333,40 +397,74 @@ class Dialect:
         steps = protocol.run()
         pool: Any = None
         conn: Any = None
+        # The KeyboardInterrupt fed to the protocol as a lost reply, raised at the end.
+        interrupt: KeyboardInterrupt | None = None
+        error: BaseException | None = None
         try:
             request: Request = next(steps)
             while True:
+                reply: Reply
                 if isinstance(request, RoundTrip):
-                    if conn is None:
-                        pool = self._flush_pool(request.route)
-                        with translate_errors(self.url):
-                            conn = _checkout(pool)
-                    reply: Reply
-                    try:
-                        reply = self._round_trip(conn, request.commands)
-                    except _CONNECTION_ERRORS as exc:
-                        reply = Lost(type(exc).__name__)
+                    if interrupt is not None:
+                        # The connection went with the interrupted round trip.
+                        reply = Lost("KeyboardInterrupt")
+                    else:
+                        try:
+                            if conn is None:
+                                pool = self._flush_pool(request.route)
+                                with translate_errors(self.url):
+                                    conn = _checkout(pool)
+                            reply = self._round_trip(conn, request.commands)
+                        except _CONNECTION_ERRORS as exc:
+                            reply = Lost(type(exc).__name__)
+                        except KeyboardInterrupt as exc:
+                            interrupt = exc
+                            reply = Lost("KeyboardInterrupt")
                     request = steps.send(reply)
                 elif isinstance(request, ClientExecute):
+                    if interrupt is not None:
+                        request = steps.throw(interrupt)
+                        continue
                     try:
                         replies = run_client(request.commands)
                     except BaseException as exc:
+                        if isinstance(exc, KeyboardInterrupt):
+                            interrupt = exc
                         request = steps.throw(exc)
                     else:
                         request = steps.send(replies)
                 elif isinstance(request, Settle):
-                    request = steps.send(self._settle(request))
+                    try:
+                        reply = self._settle(request)
+                    except KeyboardInterrupt as exc:
+                        interrupt = interrupt or exc
+                        reply = Lost("KeyboardInterrupt")
+                    request = steps.send(reply)
                 else:
                     self._release(pool, conn, broken=protocol.broken)
                     pool = conn = None
-                    time.sleep(min(0.5, 0.01 * request.attempt) * random.uniform(0.5, 1.0))
-                    with translate_errors(self.url):
-                        self.refresh_topology()
-                    request = steps.send(None)
+                    if interrupt is not None:
+                        request = steps.throw(interrupt)  # nothing was written: stop here
+                        continue
+                    try:
+                        time.sleep(min(0.5, 0.01 * request.attempt) * random.uniform(0.5, 1.0))
+                        with translate_errors(self.url):
+                            self.refresh_topology()
+                    except KeyboardInterrupt as exc:
+                        interrupt = exc
+                        request = steps.throw(exc)
+                    else:
+                        request = steps.send(None)
         except StopIteration:
-            return
+            pass
+        except BaseException as exc:
+            if interrupt is None:
+                raise
+            error = exc
         finally:
             self._release(pool, conn, broken=protocol.broken)
+        if interrupt is not None:
+            raise_interrupted(interrupt, error)
 
     @staticmethod
     def _release(pool: Any, conn: Any, *, broken: bool) -> None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from ..flushplan import FlushPlan
 
-__all__ = ["ClusterDialect", "parse_cluster_url"]
+__all__ = ["ClusterDialect", "check_single_slot", "parse_cluster_url"]
 
 
 def _first_key(commands: Sequence[Command]) -> bytes:
@@ -53,6 +53,33 @@ def parse_cluster_url(url: str) -> tuple[str, list[tuple[str, int]]]:
     single = f"redis://{creds}{at}{first}{sep}{tail}"
     urlsplit(single)  # fail early on anything urllib cannot read
     return single, nodes
+
+
+def check_single_slot(plan: FlushPlan) -> None:
+    """Refuse, before any I/O, a flush whose keys fall in more than one hash slot: one
+    transaction can hold one. The `check_plan` of both cluster dialects (sync and asyncio)."""
+    slots: dict[int, list[str]] = {}
+    keys = [*plan.watch, *(c.key for c in plan.checks), *(str(w[1]) for w in plan.writes)]
+    for key in keys:
+        if key:  # "" stands for an object whose generated id is not handed out yet
+            slots.setdefault(key_slot(key.encode()), []).append(key)
+    if len(slots) > 1:
+        groups = "; ".join(
+            f"slot {slot}: {', '.join(sorted(set(ks))[:3])}" for slot, ks in sorted(slots.items())
+        )
+        advice = (
+            "allow_cross_slot=True splits a flush by hash tag, and these keys share "
+            "no tag with their part; keep objects that change together under one "
+            "registry prefix"
+            if plan.cross_slot_allowed
+            else "Keep objects that change together under one registry prefix, or "
+            "open the session with allow_cross_slot=True"
+        )
+        raise CrossSlotError(
+            f"this flush spans {len(slots)} hash slots and one transaction can hold one; "
+            f"nothing was written ({groups}). {advice}",
+            slots=sorted(slots),
+        )
 
 
 class ClusterDialect(Dialect):
@@ -101,26 +128,4 @@ class ClusterDialect(Dialect):
 
     def check_plan(self, plan: FlushPlan) -> None:
         """Refuse, before any I/O, a flush whose keys fall in more than one hash slot."""
-        slots: dict[int, list[str]] = {}
-        keys = [*plan.watch, *(c.key for c in plan.checks), *(str(w[1]) for w in plan.writes)]
-        for key in keys:
-            if key:  # "" stands for an object whose generated id is not handed out yet
-                slots.setdefault(key_slot(key.encode()), []).append(key)
-        if len(slots) > 1:
-            groups = "; ".join(
-                f"slot {slot}: {', '.join(sorted(set(ks))[:3])}"
-                for slot, ks in sorted(slots.items())
-            )
-            advice = (
-                "allow_cross_slot=True splits a flush by hash tag, and these keys share "
-                "no tag with their part; keep objects that change together under one "
-                "registry prefix"
-                if plan.cross_slot_allowed
-                else "Keep objects that change together under one registry prefix, or "
-                "open the session with allow_cross_slot=True"
-            )
-            raise CrossSlotError(
-                f"this flush spans {len(slots)} hash slots and one transaction can hold one; "
-                f"nothing was written ({groups}). {advice}",
-                slots=sorted(slots),
-            )
+        check_single_slot(plan)
