@@ -151,7 +151,7 @@ class RelationshipAttribute:
         )
         if self.key not in d:
             if st is not None and st.session is not None and self.prop.target is not None:
-                old_value = st.session._peek_many_to_one(st, self.prop)
+                old_value = st.session.peek_many_to_one(st, self.prop)
         d[self.key] = value
         if (value is not None or old_value is not None or points) and _configured(self.prop):
             scalar_set(obj, self.prop, old_value, value)

@@ -16,13 +16,14 @@ from .attributes import state_of
 from .commands import Read, Steps
 from .exc import InvalidRequestError, StaleDataError
 from .journal import FlushJournal
+from .loading import ensure_loaded
 from .mapper import mapper_of
 from .relationships import Direction
 from .strategies import link_keys, selectin_load, unreadable
 
 if TYPE_CHECKING:
+    from .context import SessionContext
     from .relationships import RelationshipProperty
-    from .session import Session
     from .state import InstanceState
 
 __all__ = ["DeferredKey", "LinkChange", "MemberCheck", "RelationshipWork", "prepare"]
@@ -86,7 +87,7 @@ def _read_members(pairs: list[tuple[InstanceState, str]]) -> Steps[dict[str, set
     return out
 
 
-def prepare(session: Session) -> Steps[RelationshipWork]:
+def prepare(session: SessionContext) -> Steps[RelationshipWork]:
     """Apply orphan and delete cascades, sync foreign keys, and collect link changes.
 
     Every change this makes to the session goes through `work.journal`, so a flush
@@ -105,7 +106,7 @@ def prepare(session: Session) -> Steps[RelationshipWork]:
     return work
 
 
-def _orphans(session: Session, work: RelationshipWork) -> None:
+def _orphans(session: SessionContext, work: RelationshipWork) -> None:
     """Delete the persistent objects left without a parent by a delete-orphan list;
     drop the new ones (never written).
 
@@ -119,8 +120,8 @@ def _orphans(session: Session, work: RelationshipWork) -> None:
     holds it: with its foreign key cleared, so the reads it serves do not list it.
     """
     journal = _journal(work)
-    autoflush = session._autoflushing
-    for key, (item, prop) in list(session._orphans.items()):
+    autoflush = session.autoflushing
+    for key, (item, prop) in list(session.orphans.items()):
         st = state_of(item)
         if st is None or st.session is not session or st.deleted:
             continue
@@ -143,10 +144,10 @@ def _journal(work: RelationshipWork) -> FlushJournal:
     return work.journal
 
 
-def _cascade_deletes(session: Session, work: RelationshipWork) -> Steps[None]:
+def _cascade_deletes(session: SessionContext, work: RelationshipWork) -> Steps[None]:
     done: set[int] = set()
     while True:
-        todo = [st for st in session._deleted_states() if id(st) not in done]
+        todo = [st for st in session.deleted_states() if id(st) not in done]
         if not todo:
             return
         by_mapper: dict[Any, list[InstanceState]] = {}
@@ -193,7 +194,7 @@ def _cascade_deletes(session: Session, work: RelationshipWork) -> Steps[None]:
 
 
 def _members_at_flush(
-    session: Session,
+    session: SessionContext,
     st: InstanceState,
     prop: RelationshipProperty,
     members: list[Any],
@@ -211,11 +212,11 @@ def _members_at_flush(
     """
     target = mapper_of(prop.target)
     pks = [target.pk_from_segment(seg, listed[seg]) for seg in sorted(listed)]
-    yield from session._ensure_loaded(target, pks)
+    yield from ensure_loaded(session, target, pks)
     out: dict[int, Any] = {id(o): o for o in members}
     in_redis: set[int] = set()
     for pk in pks:
-        tst = session._identity_map.get((prop.target, pk))
+        tst = session.identity_map.get((prop.target, pk))
         if tst is not None and not tst.deleted:
             in_redis.add(id(tst.obj))
             out.setdefault(id(tst.obj), tst.obj)
@@ -273,13 +274,15 @@ def _loaded_fk(cst: InstanceState, prop: RelationshipProperty) -> Any:
     return None if raw is None or codec is None or cst.identity is None else codec.decode(raw)
 
 
-def _pointing(session: Session, prop: RelationshipProperty) -> dict[Any, list[InstanceState]]:
+def _pointing(
+    session: SessionContext, prop: RelationshipProperty
+) -> dict[Any, list[InstanceState]]:
     """The session's objects on the many side of a one-to-many, by where they point:
     ("obj", id(parent)) or ("pk", parent primary key)."""
     out: dict[Any, list[InstanceState]] = {}
     if prop.direction is not Direction.ONETOMANY:
         return out
-    for cst in [*session._pending_states(), *session._identity_map.states()]:
+    for cst in [*session.pending_states(), *session.identity_map.states()]:
         if cst.mapper.class_ is not prop.target or cst.deleted:
             continue
         pointer, _ = _pointer(cst, prop)
@@ -323,7 +326,7 @@ def _hides_deleted(cst: InstanceState, reverse: RelationshipProperty, d: dict[st
     fk = d.get(reverse.fk_column)
     if d[reverse.key] is not None or fk is None or cst.session is None:
         return False
-    tst = cst.session._identity_map.get((reverse.target, fk))
+    tst = cst.session.identity_map.get((reverse.target, fk))
     return tst is not None and tst.deleted
 
 
@@ -348,7 +351,7 @@ def _detach_children(
 
 
 def _unlink_hidden(
-    session: Session,
+    session: SessionContext,
     states: list[InstanceState],
     src: RelationshipProperty,
     work: RelationshipWork,
@@ -369,18 +372,18 @@ def _unlink_hidden(
         work.member_checks.append(MemberCheck(key, set(reply), st))
         owners.append([source_mapper.pk_from_segment(seg, key) for seg in reply])
     # Every owner the session lacks is loaded in one round trip (it was one per owner).
-    yield from session._ensure_loaded(source_mapper, [pk for pks in owners for pk in pks])
+    yield from ensure_loaded(session, source_mapper, [pk for pks in owners for pk in pks])
     for st, key, pks in zip(states, keys, owners, strict=True):
         for pk in pks:
-            ost = session._identity_map.get((source_mapper.class_, pk))
+            ost = session.identity_map.get((source_mapper.class_, pk))
             if ost is not None and not ost.deleted:
                 work.links.append(LinkChange(False, ost, src.link_name, st, src.reverse_link_name))
         work.drop_keys.append(key)
 
 
-def _sync_foreign_keys(session: Session, work: RelationshipWork) -> None:
-    objs = [st.obj for st in session._pending_states()]
-    objs.extend(session._rel_dirty.values())
+def _sync_foreign_keys(session: SessionContext, work: RelationshipWork) -> None:
+    objs = [st.obj for st in session.pending_states()]
+    objs.extend(session.rel_dirty.values())
     seen: set[int] = set()
     for obj in objs:
         st = state_of(obj)
@@ -401,7 +404,7 @@ def _sync_foreign_keys(session: Session, work: RelationshipWork) -> None:
 
 
 def _follows_list(
-    session: Session, cst: InstanceState, prop: RelationshipProperty, owner: Any
+    session: SessionContext, cst: InstanceState, prop: RelationshipProperty, owner: Any
 ) -> bool:
     """Whether a child in `owner`'s one-to-many list takes its foreign key from the list.
 
@@ -421,7 +424,7 @@ def _follows_list(
 
 
 def _set_fk(
-    session: Session, child: InstanceState, column: str, target: Any, work: RelationshipWork
+    session: SessionContext, child: InstanceState, column: str, target: Any, work: RelationshipWork
 ) -> None:
     if target is None:
         # Clearing a relationship clears the key at once (relationship_events); a None
@@ -441,10 +444,10 @@ def _set_fk(
         _journal(work).set_attribute(child.obj, column, pk)
 
 
-def _links(session: Session, work: RelationshipWork) -> None:
+def _links(session: SessionContext, work: RelationshipWork) -> None:
     net: dict[tuple[int, str, int], LinkChange] = {}
-    changes = list(session._links)
-    for st in session._pending_states():
+    changes = list(session.links)
+    for st in session.pending_states():
         # A new object's collections were filled before it met the session: every
         # member is a new link.
         for prop in st.mapper.relationships.values():

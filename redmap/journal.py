@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .attributes import state_of
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .context import SessionContext
     from .state import InstanceState
 
 __all__ = ["FlushJournal"]
@@ -30,7 +30,7 @@ class _Saved:
     """A state's session-level facts as they were before the flush touched it."""
 
     state: InstanceState
-    session: Session | None
+    session: SessionContext | None
     deleted: bool
     modified: frozenset[str]
     marked: bool  # in the identity map's modified set
@@ -41,16 +41,16 @@ class _Saved:
 class FlushJournal:
     """Records the session changes of one flush's preparation; `restore` undoes them."""
 
-    def __init__(self, session: Session):
+    def __init__(self, session: SessionContext):
         self.session = session
-        self._new_order = list(session._new.items())
+        self._new_order = list(session.new.items())
         self._saved: dict[int, _Saved] = {}
         self._values: list[tuple[Any, str, Any]] = []
         # The relationship bookkeeping this flush consumed: entries recorded later (by
         # code running while the flush is under way) stay for the next flush.
-        self._links_seen = len(session._links)
-        self._rel_dirty_seen = dict(session._rel_dirty)
-        self._orphans_seen = dict(session._orphans)
+        self._links_seen = len(session.links)
+        self._rel_dirty_seen = dict(session.rel_dirty)
+        self._orphans_seen = dict(session.orphans)
         self._closed = False
 
     # -- recording (dependency.prepare) -------------------------------------------------
@@ -64,8 +64,8 @@ class FlushJournal:
                 st.session,
                 st.deleted,
                 frozenset(st.modified),
-                st in s._identity_map.modified,
-                st.identity is not None and s._identity_map.get(st.identity) is st,
+                st in s.identity_map.modified,
+                st.identity is not None and s.identity_map.get(st.identity) is st,
             )
             self._saved[id(st)] = saved
         return saved
@@ -133,24 +133,24 @@ class FlushJournal:
             st.modified -= saved.names - saved.modified
             st.modified |= saved.modified
             if saved.mapped:
-                s._identity_map.add(st)
+                s.identity_map.add(st)
             if st.identity is not None and (saved.marked or (st.modified and saved.session is s)):
-                s._identity_map.modified.add(st)
+                s.identity_map.modified.add(st)
             else:
-                s._identity_map.modified.discard(st)
+                s.identity_map.modified.discard(st)
             if saved.deleted and saved.session is s:
-                s._deleted[id(st)] = st
+                s.deleted[id(st)] = st
             else:
-                s._deleted.pop(id(st), None)
+                s.deleted.pop(id(st), None)
             if saved.session is s and st.identity is None:
                 back_to_new.add(key)
         if back_to_new:
             # Pending objects keep their order (it is the order their ids are handed out).
-            order = {k: st for k, st in self._new_order if k in s._new or k in back_to_new}
-            for k, st in s._new.items():
+            order = {k: st for k, st in self._new_order if k in s.new or k in back_to_new}
+            for k, st in s.new.items():
                 order.setdefault(k, st)
-            s._new.clear()
-            s._new.update(order)
+            s.new.clear()
+            s.new.update(order)
 
     def flushed(self, written: Callable[[Any], bool] | None = None) -> None:
         """The flush succeeded (or, with `written`, succeeded for the objects it accepts):
@@ -161,11 +161,11 @@ class FlushJournal:
         def done(obj: Any) -> bool:
             return written is None or written(obj)
 
-        consumed, later = s._links[: self._links_seen], s._links[self._links_seen :]
-        s._links[:] = [entry for entry in consumed if not done(entry[0])] + later
+        consumed, later = s.links[: self._links_seen], s.links[self._links_seen :]
+        s.links[:] = [entry for entry in consumed if not done(entry[0])] + later
         for key, obj in self._rel_dirty_seen.items():
-            if s._rel_dirty.get(key) is obj and done(obj):
-                del s._rel_dirty[key]
+            if s.rel_dirty.get(key) is obj and done(obj):
+                del s.rel_dirty[key]
         for key, entry in self._orphans_seen.items():
-            if s._orphans.get(key) is entry and done(entry[0]):
-                del s._orphans[key]
+            if s.orphans.get(key) is entry and done(entry[0]):
+                del s.orphans[key]

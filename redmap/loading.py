@@ -1,23 +1,35 @@
 """Turns Redis replies into mapped objects through the session's identity map.
 
-Called by `Session.get/get_many/refresh`, attribute loading and queries. An object
-already in the session keeps its identity and its pending changes: only its
-unloaded (expired) attributes are filled in, unless a refresh is asked for.
+Called by `Session.get/get_many/refresh`, attribute loading, relationship loading
+(`strategies`), the flush's relationship work (`dependency`) and queries, with the
+session's `SessionContext`. An object already in the session keeps its identity and
+its pending changes: only its unloaded (expired) attributes are filled in, unless a
+refresh is asked for. The reads are core steps (`redmap.commands`): one round trip
+each, driven by whichever engine runs them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .attributes import STATE_ATTR
-from .exc import DecodeError, RedmapError
+from .commands import FetchHashes, Read, Steps
+from .exc import DecodeError, ObjectDeletedError, RedmapError
 from .mapper import INCARNATION_FIELD, VERSION_FIELD, Mapper
 from .state import InstanceState
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .context import SessionContext
 
-__all__ = ["decode_hash", "load_instance"]
+__all__ = [
+    "decode_hash",
+    "ensure_loaded",
+    "load_instance",
+    "load_many",
+    "load_unloaded_steps",
+    "unloaded_pks",
+]
 
 _VERSION = VERSION_FIELD.encode()
 _INCARNATION = INCARNATION_FIELD.encode()
@@ -81,20 +93,26 @@ def decode_hash(mapper: Mapper[Any], key: str, data: Any) -> Decoded | None:
 
 
 def load_instance(
-    session: Session, mapper: Mapper[Any], pk: Any, key: str, data: Any, *, refresh: bool = False
+    session: SessionContext,
+    mapper: Mapper[Any],
+    pk: Any,
+    key: str,
+    data: Any,
+    *,
+    refresh: bool = False,
 ) -> Any:
     """The session's object for `pk` populated from `data`, or None when the hash is absent."""
     decoded = decode_hash(mapper, key, data)
     if decoded is None:
         return None
     values, loaded, version, incarnation = decoded
-    st = session._identity_map.get((mapper.class_, pk))
+    st = session.identity_map.get((mapper.class_, pk))
     if st is not None:
         d = st.obj.__dict__
         if refresh:
             d.update(values)
             st.modified.clear()
-            session._identity_map.modified.discard(st)
+            session.identity_map.modified.discard(st)
         else:
             unloaded = st.unloaded()
             if not unloaded:
@@ -127,5 +145,44 @@ def load_instance(
     st.loaded = loaded
     st.version = version
     st.incarnation = incarnation
-    session._make_persistent(st, pk, key)
+    session.make_persistent(st, pk, key)
     return obj
+
+
+def unloaded_pks(session: SessionContext, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:
+    """The keys among `pks` with no fully loaded object in the session, once each."""
+    out: dict[Any, None] = {}
+    for pk in pks:
+        st = session.identity_map.get((mapper.class_, pk))
+        if st is None or st.unloaded():
+            out[pk] = None
+    return list(out)
+
+
+def ensure_loaded(session: SessionContext, mapper: Mapper[Any], pks: Iterable[Any]) -> Steps[None]:
+    """Load, in one round trip, the objects among `pks` the session lacks (0 if none)."""
+    missing = unloaded_pks(session, mapper, pks)
+    if missing:
+        yield from load_many(session, mapper, missing)
+
+
+def load_many(session: SessionContext, mapper: Mapper[Any], pks: Iterable[Any]) -> Steps[list[Any]]:
+    """Load objects by primary key in one round trip; absent ones give None."""
+    pks = list(pks)
+    keys = [mapper.object_key(pk) for pk in pks]
+    replies = yield FetchHashes(keys)
+    return [
+        load_instance(session, mapper, pk, key, data)
+        for pk, key, data in zip(pks, keys, replies, strict=True)
+    ]
+
+
+def load_unloaded_steps(session: SessionContext, st: InstanceState) -> Steps[None]:
+    """Load the expired attributes of a persistent `st` (one HGETALL); ObjectDeletedError
+    when Redis no longer holds it."""
+    assert st.key is not None
+    (data,) = yield Read([("HGETALL", st.key)])
+    if load_instance(session, st.mapper, st.pk, st.key, data) is None:
+        raise ObjectDeletedError(
+            f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
+        )

@@ -35,10 +35,11 @@ from .expression import (
     asc,
 )
 from .keys import KeySpace
+from .loading import ensure_loaded
 from .mapper import ColumnProperty, Mapper, mapper_of
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .context import SessionContext
 
 __all__ = ["ScalarResult", "Select", "execute_count", "execute_select", "select"]
 
@@ -529,7 +530,7 @@ def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
     return [member for _, member in merged[stmt._offset : end]]
 
 
-def execute_select(session: Session, stmt: Select[M]) -> Steps[ScalarResult[M]]:
+def execute_select(session: SessionContext, stmt: Select[M]) -> Steps[ScalarResult[M]]:
     """Ids in one round trip (per shard read, for a fan-out), then the objects in one."""
     if stmt._limit == 0:
         return ScalarResult([])
@@ -552,11 +553,11 @@ def execute_select(session: Session, stmt: Select[M]) -> Steps[ScalarResult[M]]:
     return ScalarResult((yield from _objects_for(session, mapper, pks)))
 
 
-def _objects_for(session: Session, mapper: Mapper[Any], pks: list[Any]) -> Steps[list[Any]]:
-    yield from session._ensure_loaded(mapper, pks)
+def _objects_for(session: SessionContext, mapper: Mapper[Any], pks: list[Any]) -> Steps[list[Any]]:
+    yield from ensure_loaded(session, mapper, pks)
     out = []
     for pk in pks:
-        st = session._identity_map.get((mapper.class_, pk))
+        st = session.identity_map.get((mapper.class_, pk))
         if st is not None and not st.deleted:
             out.append(st.obj)
     if mapper.relationships:
@@ -581,7 +582,7 @@ def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | 
     return None
 
 
-def execute_count(session: Session, stmt: Select[Any]) -> Steps[int]:
+def execute_count(session: SessionContext, stmt: Select[Any]) -> Steps[int]:
     """The number of matches after offset/limit: one round trip (per shard read)."""
     mapper = mapper_of(stmt.model)
     spaces = _target_shards(stmt, mapper)

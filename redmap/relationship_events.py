@@ -4,8 +4,8 @@ Called by `InstrumentedList` (collection adds/removes) and by the relationship
 descriptor (scalar sets). `back_populates` is applied at once; foreign keys follow
 when the target's primary key is known (else at flush); new related objects join
 the session (save-update cascade); many-to-many link changes and delete-orphan
-candidates are recorded on the owning session; `discard_expired` forgets the
-records that an expiry (or refresh) took back.
+candidates are recorded on the owning session's context (`redmap.context`);
+`discard_expired` forgets the records that an expiry (or refresh) took back.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from .relationships import Direction
 
 if TYPE_CHECKING:
     from .collections import InstrumentedList
+    from .context import SessionContext
     from .relationships import RelationshipProperty
-    from .session import Session
     from .state import InstanceState
 
 __all__ = ["collection_added", "collection_removed", "discard_expired", "scalar_set"]
 
 
-def _session_of(*objs: Any) -> Session | None:
+def _session_of(*objs: Any) -> SessionContext | None:
     for obj in objs:
         st = state_of(obj) if obj is not None else None
         if st is not None and st.session is not None:
@@ -33,7 +33,7 @@ def _session_of(*objs: Any) -> Session | None:
     return None
 
 
-def _cascade_add(session: Session | None, prop: RelationshipProperty, obj: Any) -> None:
+def _cascade_add(session: SessionContext | None, prop: RelationshipProperty, obj: Any) -> None:
     if session is not None and obj is not None and "save-update" in prop.cascade:
         st = state_of(obj)
         if st is None or st.session is None:
@@ -49,9 +49,9 @@ def _mark_fk(child: Any, prop_fk: str, parent: Any) -> None:
     """Point `child`'s foreign key at `parent` (None clears it), now if the key is known."""
 
     st = state_of(child)
-    session: Session | None = st.session if st is not None else _session_of(parent)
+    session: SessionContext | None = st.session if st is not None else _session_of(parent)
     if session is not None:
-        session._relationship_changed(child)
+        session.relationship_changed(child)
     value = None if parent is None else _known_pk(parent)
     if parent is None or value is not None:
         setattr(child, prop_fk, value)
@@ -71,7 +71,7 @@ def collection_added(owner: Any, prop: RelationshipProperty, item: Any) -> None:
     session = _session_of(owner, item)
     _cascade_add(session, prop, item)
     if session is not None and _rescues_orphan(prop, item):
-        session._orphans.pop(id(item), None)
+        session.orphans.pop(id(item), None)
     reverse = prop.reverse
     if prop.direction is Direction.ONETOMANY:
         if reverse is not None:
@@ -88,10 +88,10 @@ def collection_added(owner: Any, prop: RelationshipProperty, item: Any) -> None:
             if other is not None:
                 other._append_quiet(owner)
         if session is not None:
-            session._record_link(owner, prop, item, added=True)
+            session.record_link(owner, prop, item, added=True)
 
 
-def _current_parent(session: Session | None, prop: RelationshipProperty, item: Any) -> Any:
+def _current_parent(session: SessionContext | None, prop: RelationshipProperty, item: Any) -> Any:
     """The parent `item` leaves when it joins another `prop` list: its many-to-one when
     loaded, else the object its foreign key names if the session holds it (no I/O, as
     for `kid.parent = x`, and as SQLAlchemy's back-reference), so that the old parent's
@@ -103,7 +103,7 @@ def _current_parent(session: Session | None, prop: RelationshipProperty, item: A
     st = state_of(item)
     if session is None or st is None or st.session is not session:
         return None
-    return session._peek_many_to_one(st, reverse)
+    return session.peek_many_to_one(st, reverse)
 
 
 def _rescues_orphan(prop: RelationshipProperty, item: Any) -> bool:
@@ -131,14 +131,14 @@ def collection_removed(owner: Any, prop: RelationshipProperty, item: Any) -> Non
         if clear:
             _mark_fk(item, prop.fk_column, None)
         if session is not None and "delete-orphan" in prop.cascade:
-            session._orphans[id(item)] = (item, prop)
+            session.orphans[id(item)] = (item, prop)
     elif prop.direction is Direction.MANYTOMANY:
         if reverse is not None:
             other = _loaded_list(item, reverse.key)
             if other is not None:
                 other._remove_quiet(owner)
         if session is not None:
-            session._record_link(owner, prop, item, added=False)
+            session.record_link(owner, prop, item, added=False)
 
 
 def _current_parent_is(item: Any, prop: RelationshipProperty, owner: Any) -> bool:
@@ -173,10 +173,10 @@ def scalar_set(obj: Any, prop: RelationshipProperty, old: Any, new: Any) -> None
         if new_list is not None:
             new_list._append_quiet(obj)
     if session is not None and new is None and "delete-orphan" in reverse.cascade:
-        session._orphans[id(obj)] = (obj, reverse)
+        session.orphans[id(obj)] = (obj, reverse)
 
 
-def discard_expired(session: Session, expired: Iterable[Any] | None) -> None:
+def discard_expired(session: SessionContext, expired: Iterable[Any] | None) -> None:
     """Forget the relationship changes that expiring `expired` (None: every object) took back.
 
     Expiry discards pending changes of the expired attributes, and the records kept
@@ -192,28 +192,28 @@ def discard_expired(session: Session, expired: Iterable[Any] | None) -> None:
     expiring some objects looks theirs up (expiring every object visits each once); the
     many-to-many changes are one pass over the list, only when it is not empty.
     """
-    if not (session._orphans or session._links or session._rel_dirty):
+    if not (session.orphans or session.links or session.rel_dirty):
         return
     ids = None if expired is None else {id(obj) for obj in expired}
 
     def touched(*objs: Any) -> bool:
         return ids is None or any(id(obj) in ids for obj in objs)
 
-    orphan_keys = list(session._orphans) if ids is None else ids & session._orphans.keys()
+    orphan_keys = list(session.orphans) if ids is None else ids & session.orphans.keys()
     for key in orphan_keys:
-        item, prop = session._orphans[key]
+        item, prop = session.orphans[key]
         if not _release_held(item, prop):
-            del session._orphans[key]
-    if session._links:
-        session._links[:] = [
+            del session.orphans[key]
+    if session.links:
+        session.links[:] = [
             entry
-            for entry in session._links
+            for entry in session.links
             if not touched(entry[0], entry[2]) or _link_held(*entry)
         ]
-    dirty_keys = list(session._rel_dirty) if ids is None else ids & session._rel_dirty.keys()
+    dirty_keys = list(session.rel_dirty) if ids is None else ids & session.rel_dirty.keys()
     for key in dirty_keys:
-        if not _relationship_loaded(session._rel_dirty[key]):
-            del session._rel_dirty[key]
+        if not _relationship_loaded(session.rel_dirty[key]):
+            del session.rel_dirty[key]
 
 
 def _release_held(child: Any, prop: RelationshipProperty) -> bool:

@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from .attributes import STATE_ATTR, state_of
-from .commands import FetchHashes, Read, Steps
+from .commands import Read, Steps
+from .context import SessionContext
 from .engine import Engine, default_engine
 from .exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDataError
-from .identity import IdentityMap, IdentitySet
-from .loading import load_instance
-from .mapper import Mapper, mapper_of
+from .identity import IdentitySet
+from .loading import ensure_loaded, load_instance, load_unloaded_steps, unloaded_pks
+from .mapper import mapper_of
 from .relationship_events import discard_expired
 from .state import InstanceState
 from .unitofwork import UOWTransaction, changed_fields
@@ -54,36 +55,41 @@ class Session:
         allow_cross_slot: bool = False,
     ):
         self._bind = bind
-        # On Redis Cluster: commit a flush spanning several hash slots slot by slot
-        # (each part atomic, the whole not) instead of refusing it.
-        self.allow_cross_slot = allow_cross_slot
+        # What the layers below see of this session (`redmap.context`): the identity
+        # map, the pending and deleted states, the relationship bookkeeping, and the
+        # session's own operations they call back (installed here, bound methods).
+        self._context = SessionContext(
+            add=self.add,
+            delete=self.delete,
+            expunge=self.expunge,
+            autoflush=self._autoflush,
+            load_unloaded=self._load_unloaded,
+            load_relationship=self._load_relationship,
+            supports_cluster=self._supports_cluster,
+            allow_cross_slot=allow_cross_slot,
+        )
         self.autoflush = autoflush
         self.expire_on_commit = expire_on_commit
-        self._identity_map = IdentityMap()
-        # Pending (added, never flushed) states in insertion order, by id(state).
-        self._new: dict[int, InstanceState] = {}
-        # Persistent states marked for deletion, by id(state).
-        self._deleted: dict[int, InstanceState] = {}
         self._no_autoflush = 0
         self._flushing = False
-        # True while a read's autoflush runs: it leaves persistent orphans for the flush
-        # the user calls (see dependency._orphans).
-        self._autoflushing = False
         # Held for the whole flush; with the flushing thread's id it lets a second
         # thread's use of the session fail loudly instead of racing the flush.
         self._flush_lock = threading.Lock()
         self._flush_thread: int | None = None
-        # Relationship bookkeeping between flushes (see redmap.dependency):
-        # objects whose relationships changed, by id(obj) ...
-        self._rel_dirty: dict[int, Any] = {}
-        # ... objects removed from a delete-orphan collection: (object, relationship) ...
-        self._orphans: dict[int, tuple[Any, RelationshipProperty]] = {}
-        # ... and many-to-many changes in order: (owner, relationship, item, added).
-        self._links: list[tuple[Any, RelationshipProperty, Any, bool]] = []
         # Set by `redmap.asyncio.AsyncSession` on the session it wraps: every read and
         # flush is then driven by the AsyncSession (awaited), and anything that would
         # need blocking I/O here (a lazy load on attribute access) raises instead.
         self._async_engine: EngineBase | None = None
+
+    @property
+    def allow_cross_slot(self) -> bool:
+        """On Redis Cluster: commit a flush spanning several hash slots slot by slot
+        (each part atomic, the whole not) instead of refusing it."""
+        return self._context.allow_cross_slot
+
+    @allow_cross_slot.setter
+    def allow_cross_slot(self, value: bool) -> None:
+        self._context.allow_cross_slot = value
 
     @property
     def bind(self) -> Engine:
@@ -118,7 +124,8 @@ class Session:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Session {len(self._identity_map)} persistent, {len(self._new)} pending>"
+        ctx = self._context
+        return f"<Session {len(ctx.identity_map)} persistent, {len(ctx.new)} pending>"
 
     # -- membership -------------------------------------------------------------------
 
@@ -134,7 +141,7 @@ class Session:
 
     def _own_state(self, obj: object, action: str) -> InstanceState:
         st = state_of(obj)
-        if st is None or st.session is not self:
+        if st is None or st.session is not self._context:
             raise InvalidRequestError(f"cannot {action} {obj!r}: it is not in this session")
         return st
 
@@ -155,7 +162,8 @@ class Session:
         """Put a new or detached object in the session; it is written at the next flush."""
         self._check_thread("add an object")
         st = self._state(obj)
-        if st.session is self:
+        ctx = self._context
+        if st.session is ctx:
             return
         if st.session is not None:
             raise InvalidRequestError(
@@ -163,20 +171,20 @@ class Session:
                 f"expunge it there or use merge()"
             )
         if st.identity is None:
-            st.session = self
-            self._new[id(st)] = st
+            st.session = ctx
+            ctx.new[id(st)] = st
             self._cascade_add(st)
             return
-        existing = self._identity_map.get(st.identity)
+        existing = ctx.identity_map.get(st.identity)
         if existing is not None and existing is not st:
             raise InvalidRequestError(
                 f"another {st.mapper.name} object with primary key {st.pk!r} is already in "
                 f"this session; use merge()"
             )
-        st.session = self
-        self._identity_map.add(st)
+        st.session = ctx
+        ctx.identity_map.add(st)
         if st.modified:
-            self._identity_map.modified.add(st)
+            ctx.identity_map.modified.add(st)
         self._cascade_add(st)
 
     def _cascade_add(self, st: InstanceState) -> None:
@@ -192,30 +200,18 @@ class Session:
                     other = state_of(obj)
                     if other is None or other.session is None:
                         self.add(obj)
-                    self._rel_dirty[id(obj)] = obj
-            self._rel_dirty[id(st.obj)] = st.obj
+                    self._context.relationship_changed(obj)
+            self._context.relationship_changed(st.obj)
 
-    # -- relationship bookkeeping (used by relationship_events and dependency) ------------
-
-    def _relationship_changed(self, obj: Any) -> None:
-        self._rel_dirty[id(obj)] = obj
-
-    def _record_link(self, owner: Any, prop: RelationshipProperty, item: Any, added: bool) -> None:
-        self._links.append((owner, prop, item, added))
-        self._rel_dirty[id(owner)] = owner
-
-    def _peek_many_to_one(self, st: InstanceState, prop: RelationshipProperty) -> Any:
-        """The current many-to-one target if it is in the session, without I/O."""
-        fk = st.obj.__dict__.get(prop.fk_column)
-        if fk is None:
-            return None
-        target = self._identity_map.get((prop.target, fk))
-        return None if target is None else target.obj
+    # -- lazy loads (installed in the context: `InstanceState.load_relationship` and
+    # `load_unloaded` call them on attribute access) ----------------------------------
 
     def _load_relationship(self, st: InstanceState, prop: RelationshipProperty) -> None:
+        """Load a relationship of `st` on access, blocking; under an AsyncSession only
+        what needs no I/O."""
         from .strategies import load_relationship_steps
 
-        steps = load_relationship_steps(self, st, prop)
+        steps = load_relationship_steps(self._context, st, prop)
         if self._async_engine is None:
             self._run(steps)
             return
@@ -246,11 +242,6 @@ class Session:
             f"does on attribute access (it would block the event loop); {ways}"
         )
 
-    def _relationships_flushed(self) -> None:
-        self._rel_dirty.clear()
-        self._orphans.clear()
-        self._links.clear()
-
     def add_all(self, objs: Iterable[object]) -> None:
         for obj in objs:
             self.add(obj)
@@ -263,80 +254,46 @@ class Session:
             raise InvalidRequestError(f"{st.mapper.name} object is not persisted; cannot delete")
         if st.session is None:
             self.add(obj)
-        elif st.session is not self:
+        elif st.session is not self._context:
             raise InvalidRequestError(f"{st.mapper.name} object belongs to another session")
         st.deleted = True
-        self._deleted[id(st)] = st
+        self._context.deleted[id(st)] = st
 
     def expunge(self, obj: object) -> None:
         """Remove an object from the session; its loaded attributes stay readable."""
-        self._detach(self._own_state(obj, "expunge"))
+        self._context.detach(self._own_state(obj, "expunge"))
 
     def expunge_all(self) -> None:
-        for st in [*self._identity_map.states(), *self._new.values(), *self._deleted.values()]:
-            self._detach(st)
-        self._identity_map.clear()
-        self._new.clear()
-        self._deleted.clear()
+        ctx = self._context
+        for st in [*ctx.identity_map.states(), *ctx.new.values(), *ctx.deleted.values()]:
+            ctx.detach(st)
+        ctx.identity_map.clear()
+        ctx.new.clear()
+        ctx.deleted.clear()
 
     def close(self) -> None:
         """Release every object; loaded attributes stay readable, the rest raise
         DetachedInstanceError."""
         self.expunge_all()
 
-    def _detach(self, st: InstanceState) -> None:
-        self._identity_map.discard(st)
-        self._new.pop(id(st), None)
-        self._deleted.pop(id(st), None)
-        st.deleted = False
-        st.session = None
-
-    def _make_persistent(self, st: InstanceState, pk: Any, key: str) -> None:
-        """Record that `st` is backed by `key` (after an insert or a load)."""
-        self._new.pop(id(st), None)
-        st.identity = (st.mapper.class_, pk)
-        st.key = key
-        st.session = self
-        self._identity_map.add(st)
-
-    def _forget_deleted(self, st: InstanceState) -> None:
-        self._identity_map.discard(st)
-        self._deleted.pop(id(st), None)
-        st.deleted = False
-        st.session = None
-
     # -- state views --------------------------------------------------------------------
-
-    def _pending_states(self) -> list[InstanceState]:
-        return list(self._new.values())
-
-    def _deleted_states(self) -> list[InstanceState]:
-        return list(self._deleted.values())
-
-    def _dirty_candidates(self) -> list[InstanceState]:
-        out = list(self._identity_map.modified)
-        seen = {id(s) for s in out}
-        for st in self._identity_map.states():
-            if st.mapper.mutable_columns and id(st) not in seen:
-                out.append(st)
-        return out
 
     @property
     def new(self) -> IdentitySet:
         """Objects added and not yet flushed."""
-        return IdentitySet(st.obj for st in self._new.values())
+        return IdentitySet(st.obj for st in self._context.new.values())
 
     @property
     def deleted(self) -> IdentitySet:
         """Objects marked for deletion and not yet flushed."""
-        return IdentitySet(st.obj for st in self._deleted.values())
+        return IdentitySet(st.obj for st in self._context.deleted.values())
 
     @property
     def dirty(self) -> IdentitySet:
         """Persistent objects whose values differ from what was loaded."""
         return IdentitySet(
             st.obj
-            for st in self._dirty_candidates()
+            for st in self._context.dirty_candidates()
             if not st.deleted and st.identity is not None and changed_fields(st)
         )
 
@@ -349,10 +306,10 @@ class Session:
 
     def __contains__(self, obj: object) -> bool:
         st = state_of(obj)
-        return st is not None and st.session is self
+        return st is not None and st.session is self._context
 
     def __iter__(self) -> Iterator[Any]:
-        for st in [*self._identity_map.states(), *self._new.values()]:
+        for st in [*self._context.identity_map.states(), *self._context.new.values()]:
             yield st.obj
 
     # -- flush and transaction ------------------------------------------------------------
@@ -379,8 +336,9 @@ class Session:
             raise InvalidRequestError("Session is flushing in another thread")
         try:
             self._flush_thread = threading.get_ident()
-            doubt = [st for st in self._identity_map.states() if st.in_doubt]
-            doubt += [st for st in self._new.values() if st.in_doubt]
+            ctx = self._context
+            doubt = [st for st in ctx.identity_map.states() if st.in_doubt]
+            doubt += [st for st in ctx.new.values() if st.in_doubt]
             if doubt:
                 raise InvalidRequestError(
                     f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
@@ -388,7 +346,7 @@ class Session:
                 )
             self._flushing = True
             try:
-                yield from UOWTransaction(self).execute_steps()
+                yield from UOWTransaction(self._context).execute_steps()
             finally:
                 self._flushing = False
         finally:
@@ -398,18 +356,19 @@ class Session:
     def _autoflush(self) -> Steps[None]:
         """Flush pending changes before a read (unless autoflush is off); core steps."""
         self._check_thread("read through the session")
+        ctx = self._context
         if self.autoflush and not self._no_autoflush and not self._flushing:
             if (
-                self._new
-                or self._deleted
-                or self._identity_map.modified
-                or any(st.mapper.mutable_columns for st in self._identity_map.states())
+                ctx.new
+                or ctx.deleted
+                or ctx.identity_map.modified
+                or any(st.mapper.mutable_columns for st in ctx.identity_map.states())
             ):
-                self._autoflushing = True
+                ctx.autoflushing = True
                 try:
                     yield from self._flush_steps()
                 finally:
-                    self._autoflushing = False
+                    ctx.autoflushing = False
 
     @property
     @contextlib.contextmanager
@@ -430,17 +389,18 @@ class Session:
     def rollback(self) -> None:
         """Discard pending changes: new objects are expunged, the others expired."""
         self._check_thread("roll back")
-        self._relationships_flushed()
-        for st in list(self._new.values()):
+        ctx = self._context
+        ctx.forget_relationship_changes()
+        for st in list(ctx.new.values()):
             st.in_doubt = False
-            self._detach(st)
-        for st in list(self._deleted.values()):
+            ctx.detach(st)
+        for st in list(ctx.deleted.values()):
             st.deleted = False
-        self._deleted.clear()
-        for st in self._identity_map.states():
+        ctx.deleted.clear()
+        for st in ctx.identity_map.states():
             st.in_doubt = False
             st.expire()
-        self._identity_map.modified.clear()
+        ctx.identity_map.modified.clear()
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Session]:
@@ -465,16 +425,17 @@ class Session:
         st = self._own_state(obj, "expire")
         st.expire(None if attribute_names is None else list(attribute_names))
         if not st.modified:
-            self._identity_map.modified.discard(st)
-        discard_expired(self, [obj])
+            self._context.identity_map.modified.discard(st)
+        discard_expired(self._context, [obj])
 
     def expire_all(self) -> None:
         """Expire every persistent object: all pending changes to them are discarded,
         relationship changes included (those held by new objects stay)."""
-        for st in self._identity_map.states():
+        ctx = self._context
+        for st in ctx.identity_map.states():
             st.expire()
-        self._identity_map.modified.clear()
-        discard_expired(self, None)
+        ctx.identity_map.modified.clear()
+        discard_expired(ctx, None)
 
     def refresh(self, obj: object, attribute_names: Sequence[str] | None = None) -> None:
         """Reload attributes from Redis now, discarding pending changes to them.
@@ -508,40 +469,33 @@ class Session:
                         f"{', '.join(st.mapper.columns)}; relationships: "
                         f"{', '.join(st.mapper.relationships) or 'none'})"
                     )
+        ctx = self._context
         if columns is None or columns:
             (data,) = yield Read([("HGETALL", st.key)])
             if columns is None:
                 st.expire()
-                self._identity_map.modified.discard(st)
-                discard_expired(self, [obj])
-                found = load_instance(self, st.mapper, st.pk, st.key, data, refresh=True)
+                ctx.identity_map.modified.discard(st)
+                discard_expired(ctx, [obj])
+                found = load_instance(ctx, st.mapper, st.pk, st.key, data, refresh=True)
             else:
                 st.expire(columns)
                 if not st.modified:
-                    self._identity_map.modified.discard(st)
-                discard_expired(self, [obj])
-                found = load_instance(self, st.mapper, st.pk, st.key, data)
+                    ctx.identity_map.modified.discard(st)
+                discard_expired(ctx, [obj])
+                found = load_instance(ctx, st.mapper, st.pk, st.key, data)
             if found is None:
                 raise ObjectDeletedError(
                     f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
                 )
         for prop in rels:
             st.obj.__dict__.pop(prop.key, None)
-            yield from selectin_load(self, [st], prop)
+            yield from selectin_load(ctx, [st], prop)
 
     def _load_unloaded(self, st: InstanceState, name: str | None = None) -> None:
         """Load the expired attributes of `st` (on access to `name`), blocking."""
         if self._async_engine is not None:
             self._refuse_lazy_load(st, name or "?", relationship=False)
-        self._run(self._load_unloaded_steps(st))
-
-    def _load_unloaded_steps(self, st: InstanceState) -> Steps[None]:
-        assert st.key is not None
-        (data,) = yield Read([("HGETALL", st.key)])
-        if load_instance(self, st.mapper, st.pk, st.key, data) is None:
-            raise ObjectDeletedError(
-                f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
-            )
+        self._run(load_unloaded_steps(self._context, st))
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -557,7 +511,7 @@ class Session:
     def _get_steps(self, model: type[M], pk: Any) -> Steps[M | None]:
         mapper = mapper_of(model)
         mapper.validate_pk(pk)
-        st = self._identity_map.get((model, pk))
+        st = self._context.identity_map.get((model, pk))
         if st is not None:
             if st.deleted:
                 return None
@@ -567,11 +521,11 @@ class Session:
         yield from self._autoflush()
         key = mapper.object_key(pk)
         (data,) = yield Read([("HGETALL", key)])
-        found: M | None = load_instance(self, mapper, pk, key, data)
+        found: M | None = load_instance(self._context, mapper, pk, key, data)
         if found is not None and mapper.relationships:
             from .strategies import selectin_for
 
-            yield from selectin_for(self, [found])
+            yield from selectin_for(self._context, [found])
         return found
 
     def get_one(self, model: type[M], pk: Any) -> M:
@@ -598,43 +552,19 @@ class Session:
         pks = list(pks)
         for pk in pks:
             mapper.validate_pk(pk)
-        if self._unloaded_pks(mapper, pks):
+        ctx = self._context
+        if unloaded_pks(ctx, mapper, pks):
             yield from self._autoflush()
-            yield from self._ensure_loaded(mapper, pks)
+            yield from ensure_loaded(ctx, mapper, pks)
         out: list[M | None] = []
         for pk in pks:
-            st = self._identity_map.get((model, pk))
+            st = ctx.identity_map.get((model, pk))
             out.append(None if st is None or st.deleted else st.obj)
         if mapper.relationships:
             from .strategies import selectin_for
 
-            yield from selectin_for(self, [o for o in out if o is not None])
+            yield from selectin_for(ctx, [o for o in out if o is not None])
         return out
-
-    def _unloaded_pks(self, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:
-        """The keys among `pks` with no fully loaded object in the session, once each."""
-        out: dict[Any, None] = {}
-        for pk in pks:
-            st = self._identity_map.get((mapper.class_, pk))
-            if st is None or st.unloaded():
-                out[pk] = None
-        return list(out)
-
-    def _ensure_loaded(self, mapper: Mapper[Any], pks: Iterable[Any]) -> Steps[None]:
-        """Load, in one round trip, the objects among `pks` the session lacks (0 if none)."""
-        missing = self._unloaded_pks(mapper, pks)
-        if missing:
-            yield from self._load_many(mapper, missing)
-
-    def _load_many(self, mapper: Mapper[Any], pks: Iterable[Any]) -> Steps[list[Any]]:
-        """Load objects by primary key in one round trip; absent ones give None."""
-        pks = list(pks)
-        keys = [mapper.object_key(pk) for pk in pks]
-        replies = yield FetchHashes(keys)
-        return [
-            load_instance(self, mapper, pk, key, data)
-            for pk, key, data in zip(pks, keys, replies, strict=True)
-        ]
 
     def merge(self, obj: M) -> M:
         """Copy `obj`'s state onto the session's object with the same primary key
@@ -654,7 +584,7 @@ class Session:
         mapper = mapper_of(type(obj))
         pk = obj.__dict__.get(mapper.pk.key)
         source = state_of(obj)
-        if source is not None and source.session is self:
+        if source is not None and source.session is self._context:
             if source.deleted:
                 raise InvalidRequestError(
                     f"cannot merge {mapper.name}({pk!r}): it is marked for deletion in this session"
@@ -715,7 +645,7 @@ class Session:
         from .query import execute_select
 
         yield from self._autoflush()
-        return (yield from execute_select(self, stmt))
+        return (yield from execute_select(self._context, stmt))
 
     def count(self, stmt: Select[Any]) -> int:
         """How many objects `stmt` matches (limit/offset applied); 1 round trip."""
@@ -725,7 +655,7 @@ class Session:
         from .query import execute_count
 
         yield from self._autoflush()
-        return (yield from execute_count(self, stmt))
+        return (yield from execute_count(self._context, stmt))
 
 
 class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name

@@ -13,8 +13,8 @@ from .base import ObjectStatus
 from .exc import DetachedInstanceError
 
 if TYPE_CHECKING:
+    from .context import SessionContext
     from .mapper import Mapper
-    from .session import Session
 
 __all__ = ["InstanceState"]
 
@@ -42,7 +42,9 @@ class InstanceState:
     def __init__(self, obj: Any, mapper: Mapper[Any]):
         self.obj = obj
         self.mapper = mapper
-        self.session: Session | None = None
+        # The context of the session holding the object (`redmap.context`), not the
+        # Session itself: the layers below the session know only its context.
+        self.session: SessionContext | None = None
         # (class, primary key) once the object is persistent.
         self.identity: Identity | None = None
         # The object's Redis key, set together with identity.
@@ -79,7 +81,7 @@ class InstanceState:
         """Record an assignment to a persistent object's attribute."""
         self.modified.add(key)
         if self.session is not None:
-            self.session._identity_map.modified.add(self)
+            self.session.identity_map.modified.add(self)
 
     def unloaded(self) -> list[str]:
         """Stored attributes with no value in the instance (expired or never loaded)."""
@@ -87,13 +89,15 @@ class InstanceState:
         return [c.key for c in self.mapper.stored_columns() if c.key not in d]
 
     def load_unloaded(self, key: str) -> None:
-        """Load expired attributes on first access, through the owning session."""
+        """Load expired attributes on first access, through the owning session (the
+        loader its Session installed in the context: blocking, or refused under an
+        AsyncSession)."""
         if self.session is None:
             raise DetachedInstanceError(
                 f"{self.mapper.name} object with key {self.key!r} is detached; attribute "
                 f"{key!r} is not loaded and there is no session to load it from"
             )
-        self.session._load_unloaded(self, key)
+        self.session.load_unloaded(self, key)
 
     def load_relationship(self, prop: Any) -> None:
         """Load a relationship attribute on first access, as its `lazy` option says."""
@@ -102,7 +106,7 @@ class InstanceState:
                 f"{self.mapper.name} object with key {self.key!r} is detached; relationship "
                 f"{prop.key!r} is not loaded and there is no session to load it from"
             )
-        self.session._load_relationship(self, prop)
+        self.session.load_relationship(self, prop)
 
     def expire(self, attribute_names: list[str] | None = None) -> None:
         """Drop attribute values so they reload on next access; pending changes to them go."""

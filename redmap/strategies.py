@@ -1,7 +1,8 @@
 """Relationship loading: lazy "select" on first access, batched "selectin", and "raise".
 
-Called by `Session._load_relationship` and after every batch load (get_many,
-queries). Costs, never a scan:
+Called (with the session's `SessionContext`) by the lazy loader the Session
+installs in its context, by `Session.refresh`, by the flush's relationship work and
+after every batch load (get_many, queries). Costs, never a scan:
 - many-to-one: the target by primary key (0 round trips when already in the session).
 - one-to-many / many-to-many: one ZRANGE of the parent's link zset, then one
   pipelined HGETALL for the targets not yet in the session: 2 round trips.
@@ -15,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 from .collections import InstrumentedList
 from .commands import Read, Steps
 from .exc import InvalidRequestError
+from .loading import ensure_loaded, load_unloaded_steps
 from .mapper import mapper_of
 from .relationships import Direction
 
 if TYPE_CHECKING:
+    from .context import SessionContext
     from .relationships import RelationshipProperty
-    from .session import Session
     from .state import InstanceState
 
 __all__ = ["link_keys", "load_relationship_steps", "selectin_for", "selectin_load"]
@@ -66,7 +68,7 @@ def _ids(target_mapper: Any, reply: Any, key: str, prop: RelationshipProperty) -
 
 
 def load_relationship_steps(
-    session: Session, state: InstanceState, prop: RelationshipProperty
+    session: SessionContext, state: InstanceState, prop: RelationshipProperty
 ) -> Steps[None]:
     """Fill one unloaded relationship attribute of a persistent object (core steps)."""
     if prop.lazy == "raise":
@@ -76,11 +78,13 @@ def load_relationship_steps(
         )
     if prop.direction is Direction.MANYTOONE and _target_in_session(session, state, prop):
         return
-    yield from session._autoflush()
+    yield from session.autoflush()
     yield from selectin_load(session, [state], prop)
 
 
-def _target_in_session(session: Session, state: InstanceState, prop: RelationshipProperty) -> bool:
+def _target_in_session(
+    session: SessionContext, state: InstanceState, prop: RelationshipProperty
+) -> bool:
     """Fill a many-to-one from the identity map when its target is loaded there.
 
     No I/O is needed, so no autoflush either (as SQLAlchemy's lazy loader): an
@@ -94,7 +98,7 @@ def _target_in_session(session: Session, state: InstanceState, prop: Relationshi
     if fk is None:
         d[prop.key] = None
         return True
-    target = session._identity_map.get((prop.target, fk))
+    target = session.identity_map.get((prop.target, fk))
     if target is None or target.unloaded():
         return False
     d[prop.key] = None if target.deleted else target.obj
@@ -102,7 +106,7 @@ def _target_in_session(session: Session, state: InstanceState, prop: Relationshi
 
 
 def selectin_load(
-    session: Session, states: list[InstanceState], prop: RelationshipProperty
+    session: SessionContext, states: list[InstanceState], prop: RelationshipProperty
 ) -> Steps[None]:
     """Load `prop` for every state in `states` in at most two round trips."""
     states = [s for s in states if s.identity is not None and prop.key not in s.obj.__dict__]
@@ -113,16 +117,16 @@ def selectin_load(
         wanted: dict[Any, None] = {}
         for st in states:
             if prop.fk_column not in st.obj.__dict__:
-                yield from session._load_unloaded_steps(st)
+                yield from load_unloaded_steps(session, st)
             fk = st.obj.__dict__.get(prop.fk_column)
             if fk is not None:
                 wanted[fk] = None
-        yield from session._ensure_loaded(target_mapper, wanted)
+        yield from ensure_loaded(session, target_mapper, wanted)
         for st in states:
             fk = st.obj.__dict__.get(prop.fk_column)
             target = None
             if fk is not None:
-                tst = session._identity_map.get((prop.target, fk))
+                tst = session.identity_map.get((prop.target, fk))
                 target = None if tst is None or tst.deleted else tst.obj
             st.obj.__dict__[prop.key] = target
         return
@@ -150,17 +154,17 @@ def selectin_load(
     wanted_all: dict[Any, None] = {}
     for ids in per_state:
         wanted_all.update(dict.fromkeys(ids))
-    yield from session._ensure_loaded(target_mapper, wanted_all)
+    yield from ensure_loaded(session, target_mapper, wanted_all)
     for st, ids in zip(states, per_state, strict=True):
         items = []
         for pk in ids:
-            tst = session._identity_map.get((prop.target, pk))
+            tst = session.identity_map.get((prop.target, pk))
             if tst is not None and not tst.deleted:
                 items.append(tst.obj)
         st.obj.__dict__[prop.key] = InstrumentedList(st.obj, prop, items)
 
 
-def selectin_for(session: Session, objects: list[Any], depth: int = 0) -> Steps[None]:
+def selectin_for(session: SessionContext, objects: list[Any], depth: int = 0) -> Steps[None]:
     """Run every lazy="selectin" relationship for a batch of freshly loaded objects."""
     if not objects or depth > 8:
         return

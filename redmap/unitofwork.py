@@ -1,7 +1,8 @@
 """`UOWTransaction`: gathers a session's pending work, validates it, and runs one flush.
 
-Called by `Session.flush`. Order: collect and validate every value (no I/O), hand
-out generated primary keys (one pipelined INCRBY round trip, only when needed),
+Called by `Session.flush` with the session's `SessionContext`. Order: collect and
+validate every value (no I/O), hand out generated primary keys (one pipelined INCRBY
+round trip, only when needed),
 build the `FlushPlan` (pure, `persistence`), execute it in one transaction
 (the flush protocol, `flushprotocol`, driven by the engine's dialect), then record
 the new committed state on each object.
@@ -40,7 +41,7 @@ from .persistence import (
 )
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .context import SessionContext
     from .state import InstanceState
 
 __all__ = ["UOWTransaction", "changed_fields"]
@@ -115,9 +116,9 @@ _NONE_DEFERRED: frozenset[str] = frozenset()
 
 
 class UOWTransaction:
-    """The work of one flush of one session."""
+    """The work of one flush of one session (given as its context)."""
 
-    def __init__(self, session: Session):
+    def __init__(self, session: SessionContext):
         self.session = session
         self.inserts: list[InsertTask] = []
         self.updates: list[UpdateTask] = []
@@ -151,10 +152,10 @@ class UOWTransaction:
             grouped.setdefault(id(d.child), set()).add(d.column)
             deferred_states[id(d.child)] = d.child
         self._deferred = {k: frozenset(v) for k, v in grouped.items()}
-        for st in s._deleted_states():
+        for st in s.deleted_states():
             assert st.key is not None
             self.deletes.append(DeleteTask(st, st.mapper.pk_segment(st.pk), st.key))
-        candidates = s._dirty_candidates()
+        candidates = s.dirty_candidates()
         known = {id(c) for c in candidates}
         candidates += [c for i, c in deferred_states.items() if i not in known]
         for st in candidates:
@@ -165,7 +166,7 @@ class UOWTransaction:
                 assert st.key is not None
                 self.updates.append(UpdateTask(st, st.mapper.pk_segment(st.pk), st.key, changes))
         seen: dict[str, InstanceState] = {}
-        for st in s._pending_states():
+        for st in s.pending_states():
             self.inserts.append(self._insert_task(st))
         self._place_in_shards()
         for task in self.inserts:
@@ -300,7 +301,7 @@ class UOWTransaction:
     def _check_identity(self, task: InsertTask, seen: dict[str, InstanceState]) -> None:
         mapper = task.state.mapper
         other = seen.get(task.key)
-        existing = self.session._identity_map.get((mapper.class_, task.pk))
+        existing = self.session.identity_map.get((mapper.class_, task.pk))
         if (other is not None) or (existing is not None and not existing.deleted):
             raise IntegrityError(
                 f"two {mapper.name} objects in this session have primary key {task.pk!r}; "
@@ -353,7 +354,7 @@ class UOWTransaction:
             if self.empty:
                 self._flushed()
                 return
-            if self.session.allow_cross_slot and self.session._supports_cluster():
+            if self.session.allow_cross_slot and self.session.supports_cluster():
                 groups = self._split_by_registry()
                 if len(groups) > 1:
                     yield from self._run_parts(groups)
@@ -639,7 +640,7 @@ class UOWTransaction:
         # Foreign keys bound to new parents' ids: written by this flush, set below.
         deferred = {(id(dk.child), dk.column) for dk in self.work.deferred}
         for d in self.deletes:
-            s._forget_deleted(d.state)
+            s.forget_deleted(d.state)
         for u in self.updates:
             st = u.state
             for name, (_, enc) in u.changes.items():
@@ -656,7 +657,7 @@ class UOWTransaction:
                 elif _same_as_loaded(st, name):
                     st.modified.discard(name)
             if not st.modified:
-                s._identity_map.modified.discard(st)
+                s.identity_map.modified.discard(st)
         for ins in self.inserts:
             st = ins.state
             mapper = st.mapper
@@ -674,7 +675,7 @@ class UOWTransaction:
             }
             st.modified.clear()
             now[mapper.pk.key] = ins.pk
-            s._make_persistent(st, ins.pk, ins.key)
+            s.make_persistent(st, ins.pk, ins.key)
             for name in late:
                 st.modified_attribute(name)
         for dk in self.work.deferred:

@@ -157,7 +157,7 @@ class TestCrossSlotTargets:
         _teams(cengine, 1)
         with Session(cengine, allow_cross_slot=True) as s:
             s.add(XPlayer(name="ann", id=2, team_id=1))
-            uow = UOWTransaction(s)
+            uow = UOWTransaction(s._context)
             s.bind.run(uow.collect())
             check, child = uow._split_by_registry()
             assert check.targets and not check._states()  # a check-only part, run first

@@ -153,7 +153,7 @@ def offline() -> Iterator[Engine]:
 
 def start(session: Session, clock: Clock | None = None) -> tuple[Job, Wire]:
     """Collect the session's pending work and start its flush protocol by hand."""
-    uow = UOWTransaction(session)
+    uow = UOWTransaction(session._context)
     session.bind.run(uow.collect())
     uow.start()
     job = Job(uow)

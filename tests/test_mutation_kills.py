@@ -211,7 +211,7 @@ class TestSessionBookkeeping:
     ) -> None:
         """Moving a child whose many-to-one was never loaded: the old parent's loaded list
         drops it and the new parent's gains it at once, before any flush."""
-        # Kills: Session._peek_many_to_one always answering None.
+        # Kills: SessionContext.peek_many_to_one always answering None.
         old_id, (book_id,) = _shelf(engine, "a")
         new_id, _ = _shelf(engine)
         with Session(engine) as s:
@@ -333,7 +333,7 @@ class TestSessionBookkeeping:
     def test_expunged_deleted_object_is_no_longer_deleted(self, engine: Engine) -> None:
         """An object marked for deletion and then expunged is a plain detached object:
         added to another session it is kept, not deleted."""
-        # Kills: Session._detach not clearing the state's deleted mark.
+        # Kills: SessionContext.detach not clearing the state's deleted mark.
         _, (book_id,) = _shelf(engine, "a")
         with Session(engine) as s:
             book = s.get(Book, book_id)
@@ -349,7 +349,7 @@ class TestSessionBookkeeping:
     def test_expired_object_deleted_elsewhere_raises_on_access(self, engine: Engine) -> None:
         """Reading an expired object that another session deleted meanwhile raises
         ObjectDeletedError naming it (not stale values, not None)."""
-        # Kills: Session._load_unloaded without its raise.
+        # Kills: loading.load_unloaded_steps without its raise.
         _, (book_id,) = _shelf(engine, "a")
         with Session(engine) as s:
             book = s.get(Book, book_id)
@@ -431,7 +431,7 @@ class TestSessionBookkeeping:
     ) -> None:
         """A link change is sent by the flush that carries it only: unlinked meanwhile by
         someone else, a later flush of this session does not bring it back."""
-        # Kills: Session._relationships_flushed without `self._links.clear()`.
+        # Kills: SessionContext.forget_relationship_changes without `self.links.clear()`.
         _, (book_id,) = _shelf(engine, "a")
         with Session(engine) as s:
             label = Label(text="l")
@@ -472,7 +472,7 @@ class TestSessionBookkeeping:
 
     def test_rollback_forgets_pending_deletes(self, engine: Engine) -> None:
         """After rollback a deleted object is no longer marked, and the next commit keeps it."""
-        # Kills: Session.rollback without `self._deleted.clear()`, or without resetting
+        # Kills: Session.rollback without `ctx.deleted.clear()`, or without resetting
         # each state's deleted mark.
         shelf_id, (book_id,) = _shelf(engine, "a")
         with Session(engine) as s:

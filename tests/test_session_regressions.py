@@ -253,16 +253,17 @@ def _snapshot(s: Session, objs: list[Any]) -> dict[str, Any]:
             for key in st.mapper.relationships
             if key in d
         }
+        held = st.session is s._context
         per_object.append(
-            (id(obj), st.status, st.session is s, st.deleted, fields, sorted(st.modified), rels)
+            (id(obj), st.status, held, st.deleted, fields, sorted(st.modified), rels)
         )
     return {
         "new": sorted(id(o) for o in s.new),
         "dirty": sorted(id(o) for o in s.dirty),
         "deleted": sorted(id(o) for o in s.deleted),
         "objects": per_object,
-        "orphans": sorted(s._orphans),
-        "links": [(id(o), p.key, id(i), a) for o, p, i, a in s._links],
+        "orphans": sorted(s._context.orphans),
+        "links": [(id(o), p.key, id(i), a) for o, p, i, a in s._context.links],
     }
 
 
