@@ -30,6 +30,7 @@ except ModuleNotFoundError:  # plain `pytest` from a checkout that is not pip-in
     import redmap
 
 from redmap.dialects._server import ServerProcess
+from redmap.engine import EngineBase
 from redmap.testing.assertions import count_round_trips
 from redmap.testing.servers import start_standalone
 
@@ -114,7 +115,7 @@ RawCost = tuple[int, int]
 
 def _measure(
     benchmark: Any,
-    engine: redmap.Engine,
+    engine: EngineBase,
     *,
     name: str,
     n: int,

@@ -20,6 +20,7 @@ from redmap.dialects._server import ServerProcess, find_redis_server, server_ver
 from redmap.exc import RedmapConnectionError
 from redmap.testing import servers
 from redmap.testing.servers import ClusterProcesses
+from tests._async_driver import DRIVER_ENV, make_engine
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -105,10 +106,20 @@ def cluster_client(cluster: ClusterProcesses) -> Iterator[RedisCluster]:
 # --- engine fixtures (added by the lead) ---
 
 
+@pytest.fixture(params=["sync", "async"])
+def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test twice: engines made by `make_engine` (the `engine`/`sengine` fixtures,
+    and worker processes, which inherit the variable) use the sync driver, then the
+    asyncio one. Request it before `engine` (or with `usefixtures`)."""
+    monkeypatch.setenv(DRIVER_ENV, request.param)
+    driver: str = request.param
+    return driver
+
+
 @pytest.fixture
 def engine(clean_redis: None, redis_url: str) -> Iterator[redmap.Engine]:
     """A redmap engine on an empty standalone server."""
-    eng = redmap.create_engine(redis_url)
+    eng = make_engine(redis_url)
     try:
         yield eng
     finally:
@@ -128,7 +139,7 @@ def sengine(request: pytest.FixtureRequest) -> Iterator[redmap.Engine]:
         cluster: ClusterProcesses = request.getfixturevalue("cluster")
         request.getfixturevalue("cluster_client")
         url = cluster.url
-    eng = redmap.create_engine(url)
+    eng = make_engine(url)
     try:
         yield eng
     finally:

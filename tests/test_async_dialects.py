@@ -868,9 +868,15 @@ class TestKeyboardInterrupt:
         return info.value
 
     @pytest.fixture
-    def engine_with_tally(self, engine: redmap.Engine) -> redmap.Engine:
+    def engine_with_tally(self, clean_redis: None, redis_url: str) -> Iterator[redmap.Engine]:
+        """A *sync* engine whatever REDMAP_TEST_DRIVER says: these tests are of the sync
+        driver's KeyboardInterrupt handling."""
+        engine = redmap.create_engine(redis_url)
         _start_tally(engine)
-        return engine
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
     def test_interrupt_before_commit_is_sent(
         self, engine_with_tally: redmap.Engine, redis_url: str

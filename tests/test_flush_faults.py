@@ -17,16 +17,19 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-import redmap
 from redmap import PrimaryKey, Session, persistence, registry
 from redmap.attributes import state_of
 from redmap.engine import Engine
 from redmap.exc import OutcomeUnknownError, RedmapConnectionError
 from redmap.mapper import VERSION_FIELD, mapper_of
 from redmap.testing.assertions import RoundTripCounter, count_round_trips, dump_keys
-from redmap.testing.proxy import LoopbackProxy
+from tests._async_driver import make_engine
+from tests.proxy import LoopbackProxy
 
 reg = registry(prefix="faults")
+
+# Every test here runs on the sync driver, then on the asyncio one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("driver")
 
 
 @reg.mapped
@@ -81,7 +84,7 @@ def proxy(redis_client: redis.Redis, redis_url: str) -> Iterator[LoopbackProxy]:
 @pytest.fixture
 def proxy_engine(proxy: LoopbackProxy) -> Iterator[Engine]:
     """An engine reaching the server through the proxy, with a short socket timeout."""
-    eng = redmap.create_engine(proxy.url, socket_timeout=0.5)
+    eng = make_engine(proxy.url, socket_timeout=0.5)
     try:
         yield eng
     finally:
@@ -208,7 +211,7 @@ def test_unsettled_outcome_is_reported_unknown(
 ) -> None:
     """EXEC reply lost and the server unreachable for the read-back: OutcomeUnknownError."""
     url = f"redis://default:s3cret@127.0.0.1:{proxy.port}/0"  # the server accepts any password
-    eng = redmap.create_engine(url, socket_timeout=0.5)
+    eng = make_engine(url, socket_timeout=0.5)
     try:
         _create_counter(eng)
         with Session(eng) as s:
@@ -279,7 +282,7 @@ def test_read_back_after_token_expiry_is_reported_unknown(
     # A token that lives 0.2 s and a server that holds the read-back for 0.6 s stand for
     # any settle slower than the token's life (long socket timeouts, connect retries).
     monkeypatch.setattr(persistence, "TOKEN_TTL_MS", 200)
-    eng = redmap.create_engine(proxy.url, socket_timeout=5)
+    eng = make_engine(proxy.url, socket_timeout=5)
 
     def stall_settle(commands: Sequence[tuple[Any, ...]]) -> None:
         first = commands[0]
@@ -307,7 +310,7 @@ def test_read_back_after_token_expiry_is_reported_unknown(
 
 def test_dead_server_names_url_without_password() -> None:
     """Nothing listening: get and commit raise RedmapConnectionError naming the masked URL."""
-    eng = redmap.create_engine(DEAD_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
+    eng = make_engine(DEAD_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
         with Session(eng) as s:
             with pytest.raises(RedmapConnectionError) as got:
@@ -336,7 +339,7 @@ def _pause_run(
     exactly one for a normal return, none for a "nothing was written".
     """
     assert iterations >= 2 * len(PAUSE_BANDS)
-    eng = redmap.create_engine(proxy.url, socket_timeout=0.3)
+    eng = make_engine(proxy.url, socket_timeout=0.3)
     rng = random.Random(seed)
     steered = list(PAUSE_BANDS.values())
     outcomes: collections.Counter[str] = collections.Counter()

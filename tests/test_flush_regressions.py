@@ -31,7 +31,7 @@ from redmap.exc import (
 from redmap.mapper import mapper_of
 from redmap.session import run_in_transaction
 from redmap.testing.assertions import assert_round_trips, count_round_trips, dump_keys
-from redmap.testing.proxy import LoopbackProxy
+from tests.proxy import LoopbackProxy
 from tests.reliability._family import Kid, Tag
 
 reg = registry(prefix="fr")

@@ -41,6 +41,8 @@ STATS = Stats()
 the end; `MINIMUMS` per 100 examples must be reached."""
 
 MINIMUMS = {
+    "driver=sync": 10,
+    "driver=async": 10,
     "reload keeps old version (stale after expire)": 30,
     "stale after expire: flush refused": 40,
     "flushes refused: StaleDataError": 60,
@@ -164,8 +166,10 @@ class Tracked:
 class SessionHistories(RuleBasedStateMachine):
     """Two sessions (A autoflushes, B does not) and short-lived foreign writers on one Redis."""
 
-    # Set by the test function before the machine runs (state machines take no fixtures).
-    engine: Engine
+    # Set by the test function before the machine runs (state machines take no fixtures):
+    # an engine per driver, "sync" and "async" (tests/_async_driver.py); each example
+    # draws one.
+    engines: dict[str, Engine]
     client: redis.Redis
 
     def __init__(self) -> None:
@@ -178,10 +182,7 @@ class SessionHistories(RuleBasedStateMachine):
         self.seq = 0
         self.tick = 0
         self.queried: tuple[tuple[int, Row], ...] | None = None
-        self.sessions = {
-            "A": Tracked(Session(self.engine, autoflush=True), autoflush=True),
-            "B": Tracked(Session(self.engine, autoflush=False), autoflush=False),
-        }
+        self.sessions: dict[str, Tracked] = {}
 
     def teardown(self) -> None:
         """Close the two sessions (their objects stay in memory, detached)."""
@@ -310,9 +311,16 @@ class SessionHistories(RuleBasedStateMachine):
 
     # -- rules ------------------------------------------------------------------------
 
-    @initialize(rows=st.lists(ROWS, max_size=12))
-    def seed(self, rows: list[Row]) -> None:
-        """Start from up to 12 committed objects, so that ids reach two digits early."""
+    @initialize(rows=st.lists(ROWS, max_size=12), driver=st.sampled_from(("sync", "async")))
+    def seed(self, rows: list[Row], driver: str) -> None:
+        """Start from up to 12 committed objects, so that ids reach two digits early; the
+        sessions run on the drawn driver."""
+        self.engine = self.engines[driver]
+        STATS.bump(f"driver={driver}")
+        self.sessions = {
+            "A": Tracked(Session(self.engine, autoflush=True), autoflush=True),
+            "B": Tracked(Session(self.engine, autoflush=False), autoflush=False),
+        }
         taken: set[str | None] = {None}
         seeded = []
         for row in rows:
@@ -632,9 +640,11 @@ def decoded(reply: Any) -> Any:
 
 def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     """Run the state machine on the server at `redis_url` (FLUSHALLed at every example)."""
-    engine = create_engine(redis_url)
+    from tests._async_driver import LoopEngine
+
+    engines: dict[str, Engine] = {"sync": create_engine(redis_url), "async": LoopEngine(redis_url)}
     client = redis.Redis.from_url(redis_url)
-    SessionHistories.engine = engine
+    SessionHistories.engines = engines
     SessionHistories.client = client
     STATS.clear()
     t0 = time.perf_counter()
@@ -648,7 +658,8 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
         )
     finally:
         client.close()
-        engine.dispose()
+        for engine in engines.values():
+            engine.dispose()
     print(f"fields state machine: {STATS.get('examples', 0)} examples, "
           f"{STATS.get('steps', 0)} steps, {time.perf_counter() - t0:.0f}s; "
           f"counts: {dict(sorted(STATS.items()))}")

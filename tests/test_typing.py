@@ -8,6 +8,7 @@ the typing exists for.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import site
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import redmap
 from redmap import Session, select
+from redmap.asyncio import create_async_engine
 from tests.typed_app import todo
 from tests.typed_app.models import Tag, Todo, TodoList
 
@@ -114,6 +116,9 @@ select(Todo).where(col(Todo, "title") == "x")  # fine: a field without default, 
 Factory = sessionmaker(create_engine("redis://localhost"))
 reveal_type(Factory)
 reveal_type(col(Todo.due))
+from redmap.asyncio import async_sessionmaker, create_async_engine
+AsyncFactory = async_sessionmaker(create_async_engine("redis://localhost"))
+reveal_type(AsyncFactory)
 '''
 
 
@@ -146,6 +151,40 @@ def test_mypy_refuses_the_mistakes_typing_is_for(tmp_path: Path) -> None:
     assert by_name not in errors, errors[by_name]
     assert 'Revealed type is "redmap.session.sessionmaker[redmap.session.Session]"' in text
     assert 'Revealed type is "redmap.expression.ColumnOperators[datetime.date | None]"' in text
+    assert (
+        'Revealed type is "redmap.asyncio.session.async_sessionmaker['
+        'redmap.asyncio.session.AsyncSession]"'
+    ) in text
+
+
+def test_typed_async_app_runs(redis_url: str, clean_redis: None) -> None:
+    """The asyncio twin of the todo app (tests/typed_app/atodo.py, checked by mypy
+    --strict with the rest of the app in test_docs.py) runs: factory, begin(), queries,
+    get_one and run_in_transaction, inferred types only."""
+    from tests.typed_app import atodo
+
+    async def main() -> None:
+        engine = create_async_engine(redis_url)
+        try:
+            factory = atodo.make_factory(engine)
+            home = await atodo.create_list(factory, "home", ["taxes", "paint"])
+            async with factory() as s:
+                the_list = await s.get_one(TodoList, home)
+                await s.refresh(the_list, ["todos"])  # a lazy="select" list: load it first
+                todos = list(the_list.todos)
+                for t, (due, priority) in zip(
+                    todos, [(date(2026, 1, 31), 9), (date(2026, 3, 1), 2)], strict=True
+                ):
+                    t.due, t.priority = due, priority
+                await s.commit()
+                assert await atodo.titles_due_before(s, date(2026, 6, 1)) == ["taxes", "paint"]
+            first = todos[0].id
+            assert first is not None
+            assert await atodo.bump_priority(factory, first) == 10
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
 
 
 def test_the_editable_install_is_a_plain_path_entry() -> None:

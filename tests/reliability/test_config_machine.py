@@ -11,6 +11,8 @@ Each example here draws:
 - `Unique()` on `Player.email` or not; both models sharded by their own key or not
   (4 shards); ``cascade="all, delete-orphan"`` on `Team.players` or not; on the
   3-node cluster, `allow_cross_slot` on or off;
+- the driver of the two sessions: sync, or asyncio (`tests/_async_driver.py`: the
+  same `Session` API, every round trip awaited on `redis.asyncio` by `AsyncEngine`);
 
 and builds `Team` / `Player` in a fresh `registry()` under a prefix of its own
 (`tests/reliability/_models.py: config_models`). Two sessions, A and B (autoflush off),
@@ -142,6 +144,9 @@ class Config:
     sharded: bool
     orphans: bool
     cross_slot: bool = False
+    # Which driver sessions A and B run on: the sync Engine, or the asyncio driver
+    # behind the same Session API (tests/_async_driver.py: LoopEngine).
+    driver: str = "sync"
 
     @property
     def explicit(self) -> bool:
@@ -161,6 +166,7 @@ def configs(cluster: bool) -> st.SearchStrategy[Config]:
         sharded=st.booleans(),
         orphans=st.booleans(),
         cross_slot=st.booleans() if cluster else st.just(False),
+        driver=st.sampled_from(("sync", "async")),
     ).map(lambda c: dataclasses.replace(c, unique=c.unique and not c.sharded)).filter(wanted)
 
 
@@ -512,6 +518,13 @@ class ConfigHistories(RuleBasedStateMachine):
         bump(f"config {'delete-orphan' if cfg.orphans else 'save-update'}")
         if self.cluster:
             bump(f"config cross-slot {'on' if cfg.cross_slot else 'off'}")
+        bump(f"config driver={cfg.driver}")
+        if cfg.driver == "async":
+            from tests._async_driver import LoopEngine
+
+            for who in ("A", "B"):
+                self.engines[who].dispose()
+                self.engines[who] = LoopEngine(self.url)
         answer = self.worker.ask(op="config", url=self.url, prefix=prefix, **{
             k: getattr(cfg, k) for k in ("pk", "unique", "sharded", "orphans")
         })
@@ -1899,6 +1912,7 @@ MINIMUMS = {
     "commits refused: stale, same version of an earlier object of the key": 1,
     "worker applied": 50,
     **{f"config pk={k}": 1 for k in ("gen_int", "int", "str", "gen_uuid", "uuid")},
+    **{f"config driver={k}": 1 for k in ("sync", "async")},
 }
 
 

@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-import redmap
 from redmap import Session, keys
 from redmap import select as select_
 from redmap.attributes import state_of
@@ -41,7 +40,8 @@ from redmap.exc import (
 )
 from redmap.mapper import VERSION_FIELD, mapper_of
 from redmap.testing.assertions import count_round_trips, dump_keys
-from redmap.testing.proxy import LoopbackProxy
+from tests._async_driver import make_engine
+from tests.proxy import LoopbackProxy
 from tests.reliability._crash_worker import (
     INSERTS,
     OWN_BASE,
@@ -63,6 +63,9 @@ from tests.test_flush_faults import (
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = "tests.reliability._crash_worker"
+
+# Every test here runs on the sync driver, then on the asyncio one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("driver")
 
 
 def _audit_clean(raw: redis.Redis) -> str:
@@ -293,7 +296,7 @@ def _check_all_or_nothing(
 
 def _kill_run(redis_url: str, raw: redis.Redis, trials: int, seed: int, tmp: Path) -> str:
     rng = random.Random(seed)
-    engine = redmap.create_engine(redis_url)
+    engine = make_engine(redis_url)
     with Session(engine) as s:
         boxes = [Box(label=f"b{i}") for i in range(BOXES)]
         s.add_all(boxes)
@@ -469,7 +472,7 @@ def _lost_reply_run(n: int, proxy: LoopbackProxy, raw: redis.Redis, seed: int) -
     rng = random.Random(seed)
     schedule = [i < max(1, n // 5) for i in range(n)]
     rng.shuffle(schedule)
-    engine = redmap.create_engine(proxy.url, socket_timeout=0.5)
+    engine = make_engine(proxy.url, socket_timeout=0.5)
     applied_log = _AppliedLog()
     logger = logging.getLogger("redmap.engine")
     logger.addHandler(applied_log)
@@ -641,7 +644,7 @@ def test_wrong_type_index_keys(redis_url: str, redis_client: redis.Redis, seed: 
     type between the checks and EXEC: FlushError naming it, objects marked for refresh."""
     raw = redis_client
     rng = random.Random(seed)
-    engine = redmap.create_engine(redis_url)
+    engine = make_engine(redis_url)
     pre = collections.Counter[str]()
     inside = collections.Counter[str]()
     try:
@@ -734,7 +737,7 @@ def test_out_of_memory_flush_is_refused_and_retryable(
     the session's changes kept; the same commit succeeds once memory is raised."""
     raw = redis_client
     rng = random.Random(seed)
-    engine = redmap.create_engine(redis_url)
+    engine = make_engine(redis_url)
     policy = raw.config_get("maxmemory-policy")["maxmemory-policy"]
     paths = collections.Counter[str]()
     try:
@@ -804,7 +807,7 @@ def _restart_run(
     restarts: list[float] = []
     kills_at: list[float] = []
     try:
-        engine = redmap.create_engine(server.url)
+        engine = make_engine(server.url)
         with Session(engine) as s:
             s.add_all([Tally(id=i) for i in range(1, SHARED + 1)])
             s.add_all([Tally(id=OWN_BASE + w) for w in range(writers)])

@@ -188,14 +188,19 @@ class RelationshipHistories(RuleBasedStateMachine):
         self.next_handle = 0
         self.checked: tuple[Any, Any] | None = None
         self.steps = 0
+        bump("examples")
+
+    def _open_sessions(self, driver: str) -> None:
+        """Sessions A and B on the drawn driver: the sync engines, or the asyncio driver
+        behind the same Session API (tests/_async_driver.py)."""
         for who in ("A", "B"):
-            engine = self.engines[who]
+            engine = self.engines[who if driver == "sync" else f"{who}-async"]
             sv = SessionModel(who, Session(engine, autoflush=False), engine)
             self.sv[who] = sv
             listener = self._listener(sv)
             engine.add_listener(listener)
             self.listeners.append((engine, listener))
-        bump("examples")
+        bump(f"driver={driver}")
 
     def teardown(self) -> None:
         bump("full-length examples" if self.steps >= STEPS else "cut-short examples")
@@ -402,9 +407,14 @@ class RelationshipHistories(RuleBasedStateMachine):
         teams=st.integers(0, 2),
         tags=st.integers(0, 2),
         kids=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.booleans()), max_size=4),
+        driver=st.sampled_from(("sync", "async")),
     )
-    def seed(self, parents: int, teams: int, tags: int, kids: list[tuple[int, int, bool]]) -> None:
-        """Start from a few committed objects, some of them related."""
+    def seed(
+        self, parents: int, teams: int, tags: int, kids: list[tuple[int, int, bool]], driver: str
+    ) -> None:
+        """Start from a few committed objects, some of them related; open the sessions on
+        the drawn driver."""
+        self._open_sessions(driver)
         with Session(self.engines["check"]) as s:
             ps = [Parent(name=NAMES[i % 3]) for i in range(parents)]
             ts = [Team(name=NAMES[i % 3]) for i in range(teams)]
@@ -965,7 +975,10 @@ STEPS = 50
 
 
 def _run(redis_url: str, max_examples: int, test_id: str) -> None:
-    engines = {w: create_engine(redis_url) for w in ("A", "B", "check")}
+    from tests._async_driver import LoopEngine
+
+    engines: dict[str, Engine] = {w: create_engine(redis_url) for w in ("A", "B", "check")}
+    engines.update({f"{w}-async": LoopEngine(redis_url) for w in ("A", "B")})
     client = redis.Redis.from_url(redis_url)
     RelationshipHistories.engines = engines
     RelationshipHistories.client = client
@@ -1008,6 +1021,8 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
 # branch. "commits with net" is counted and printed but has no minimum: it ran 1 to 48
 # times in 200 examples over runs on 2026-12-06, too wide to bound.
 MINIMUMS = {
+    "driver=sync": 5,
+    "driver=async": 5,
     "commits applied": 100,
     "commits refused (stale)": 2,
     "stale: changed": 1,

@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from redmap import Session, create_engine, run_in_transaction, sessionmaker
+from redmap import Session, run_in_transaction, sessionmaker
 from redmap.audit import AuditReport
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, StaleDataError
 from redmap.mapper import INCARNATION_FIELD, VERSION_FIELD
 from redmap.testing.assertions import dump_keys
+from tests._async_driver import make_engine
 from tests.reliability._models import Badge, Player, Tally, Team
 
 CTX = multiprocessing.get_context("spawn")
@@ -44,6 +45,9 @@ BADGE_LINKS = BADGES + "#rel:players:"
 PLAYER_LINKS = PLAYERS + "#rel:badges:"
 
 AuditCheck = Callable[[], AuditReport]
+
+# Every test here runs on the sync driver, then on the asyncio one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("driver")
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -157,7 +161,7 @@ def _seed_world(engine: Engine, rng: random.Random) -> dict[str, Any]:
 
 def _bump(url: str, tally_id: int, commits: int, start: Any) -> dict[str, Any]:
     """`commits` read-modify-write increments of one Tally through run_in_transaction."""
-    engine = create_engine(url)
+    engine = make_engine(url)
     counts = Counter[str]()
 
     def on_round_trip(commands: Sequence[tuple[Any, ...]]) -> None:
@@ -474,7 +478,7 @@ def _claim(
     url: str, worker: int, rounds: int, team_id: int, badge_id: int, barrier: Any
 ) -> dict[str, Any]:
     """Each round, insert a player whose email every other worker inserts too."""
-    engine = create_engine(url)
+    engine = make_engine(url)
     won: list[int] = []
     lost = 0
     for r in range(rounds):
@@ -572,7 +576,7 @@ def _apply_update(s: Session, p: Player, spec: dict[str, Any]) -> None:
 def _contend(url: str, role: str, tasks: Any, loaded: Any, out: Any) -> None:
     """Serve trials until told to stop: load P at v1, wait for the other side, then
     delete it (role "delete") or apply the trial's update, and flush."""
-    engine = create_engine(url)
+    engine = make_engine(url)
     while True:
         task = tasks.get(timeout=RESULT_TIMEOUT)
         if task is None:
