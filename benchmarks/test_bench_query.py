@@ -21,8 +21,8 @@ import redis
 
 import redmap
 from redmap import Indexed, PrimaryKey, Sorted, registry, select
-from redmap.keys import escape
-from redmap.mapper import mapper_of
+from redmap.orm.keys import escape
+from redmap.orm.mapper import mapper_of
 
 reg = registry()
 

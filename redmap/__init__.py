@@ -8,23 +8,23 @@ from __future__ import annotations
 from .engine import Engine as Engine
 from .engine import configure as configure
 from .engine import create_engine as create_engine
-from .expression import and_ as and_
-from .expression import asc as asc
-from .expression import col as col
-from .expression import desc as desc
-from .expression import or_ as or_
-from .query import Select as Select
-from .query import select as select
-from .registry import registry as registry
-from .relationships import relationship as relationship
-from .schema import ForeignKey as ForeignKey
-from .schema import Indexed as Indexed
-from .schema import PrimaryKey as PrimaryKey
-from .schema import Sorted as Sorted
-from .schema import Unique as Unique
-from .session import Session as Session
-from .session import run_in_transaction as run_in_transaction
-from .session import sessionmaker as sessionmaker
+from .orm.registry import registry as registry
+from .orm.relationships import relationship as relationship
+from .orm.schema import ForeignKey as ForeignKey
+from .orm.schema import Indexed as Indexed
+from .orm.schema import PrimaryKey as PrimaryKey
+from .orm.schema import Sorted as Sorted
+from .orm.schema import Unique as Unique
+from .orm.session import Session as Session
+from .orm.session import run_in_transaction as run_in_transaction
+from .orm.session import sessionmaker as sessionmaker
+from .query.expression import and_ as and_
+from .query.expression import asc as asc
+from .query.expression import col as col
+from .query.expression import desc as desc
+from .query.expression import or_ as or_
+from .query.select import Select as Select
+from .query.select import select as select
 
 __version__ = "0.1.0"
 

@@ -21,11 +21,11 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from . import keys
 from .exc import DecodeError, RedmapError
-from .loading import decode_hash
-from .mapper import VERSION_FIELD, ColumnProperty, Mapper
-from .relationships import Direction
+from .orm import keys
+from .orm.loading import decode_hash
+from .orm.mapper import VERSION_FIELD, ColumnProperty, Mapper
+from .orm.relationships import Direction
 
 __all__ = ["AuditReport", "BrokenReference", "WrongType", "audit"]
 

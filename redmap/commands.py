@@ -66,7 +66,7 @@ class Transactions:
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """Run one flush: the driver drives `redmap.flushprotocol.FlushProtocol` for `job`
+    """Run one flush: the driver drives `redmap.orm.flushprotocol.FlushProtocol` for `job`
     (a `FlushJob`); the reply is None once it was applied, else the error is thrown."""
 
     job: Any

@@ -14,11 +14,11 @@ from typing import Annotated, Optional
 
 from .engine import Engine, create_engine, default_engine
 from .exc import StaleDataError
-from .expression import col
-from .query import select
-from .registry import registry
-from .schema import Indexed, PrimaryKey, Sorted
-from .session import Session, run_in_transaction, sessionmaker
+from .orm.registry import registry
+from .orm.schema import Indexed, PrimaryKey, Sorted
+from .orm.session import Session, run_in_transaction, sessionmaker
+from .query.expression import col
+from .query.select import select
 from .testing.assertions import count_round_trips
 
 __all__ = ["PREFIX", "Player", "run_demo"]

@@ -20,7 +20,7 @@ from .urls import safe_url
 
 if TYPE_CHECKING:
     from .dialects.base import Dialect
-    from .flushprotocol import FlushJob
+    from .orm.flushprotocol import FlushJob
 
 __all__ = ["Engine", "EngineBase", "configure", "create_engine", "default_engine"]
 
@@ -189,7 +189,7 @@ class Engine(EngineBase):
         return replies
 
     def flush(self, job: FlushJob) -> None:
-        """Run one flush atomically: the flush protocol (`redmap.flushprotocol`) driven by
+        """Run one flush atomically: the flush protocol (`redmap.orm.flushprotocol`) driven by
         the dialect; its INCRBYs go through `execute` (echoed like reads)."""
         self.dialect.execute_flush(job, execute=self.execute)
 

@@ -38,8 +38,8 @@ from redmap.asyncio import (
     create_async_engine,
     run_in_transaction,
 )
-from redmap.attributes import state_of
 from redmap.exc import InvalidRequestError, NoResultFound, StaleDataError
+from redmap.orm.attributes import state_of
 from redmap.testing.assertions import count_round_trips
 
 T = TypeVar("T")

@@ -23,7 +23,7 @@ import redmap
 from redmap import ForeignKey, Indexed, PrimaryKey, Session, Sorted, Unique, registry
 from redmap import relationship as rel
 from redmap.audit import AuditReport, audit
-from redmap.mapper import mapper_of
+from redmap.orm.mapper import mapper_of
 from redmap.testing.servers import ClusterProcesses
 
 ROOT = Path(__file__).resolve().parent.parent

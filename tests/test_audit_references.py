@@ -20,7 +20,7 @@ import redmap
 from redmap import ForeignKey, Indexed, PrimaryKey, Session, registry
 from redmap import relationship as rel
 from redmap.audit import AuditReport, BrokenReference, audit
-from redmap.mapper import mapper_of
+from redmap.orm.mapper import mapper_of
 from redmap.testing.servers import ClusterProcesses
 
 SHARDS = 4

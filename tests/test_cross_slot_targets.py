@@ -18,9 +18,9 @@ from redmap import Session, create_engine
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import CrossSlotError, IntegrityError, StaleDataError
-from redmap.flushplan import FlushPlan
-from redmap.mapper import mapper_of
-from redmap.unitofwork import UOWTransaction
+from redmap.orm.flushplan import FlushPlan
+from redmap.orm.mapper import mapper_of
+from redmap.orm.unitofwork import UOWTransaction
 from tests.reliability._models import config_models
 
 # Both models sharded by their own int key over 4 shards: an object with id n lives in

@@ -1,7 +1,7 @@
 """Expiry discards pending relationship changes, as it discards pending attribute values.
 
 The session records relationship changes apart from the attributes (its context's
-`orphans`, `links`, `rel_dirty`, consumed by `redmap.dependency.prepare`). A change stays
+`orphans`, `links`, `rel_dirty`, consumed by `redmap.orm.dependency.prepare`). A change stays
 pending only while a loaded attribute the flush reads it from still holds it:
 
 - a child released from a delete-orphan list is deleted by the flush as long as its own

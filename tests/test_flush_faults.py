@@ -17,11 +17,12 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from redmap import PrimaryKey, Session, persistence, registry
-from redmap.attributes import state_of
+from redmap import PrimaryKey, Session, registry
 from redmap.engine import Engine
 from redmap.exc import OutcomeUnknownError, RedmapConnectionError
-from redmap.mapper import VERSION_FIELD, mapper_of
+from redmap.orm import persistence
+from redmap.orm.attributes import state_of
+from redmap.orm.mapper import VERSION_FIELD, mapper_of
 from redmap.testing.assertions import RoundTripCounter, count_round_trips, dump_keys
 from tests._async_driver import make_engine
 from tests.proxy import LoopbackProxy

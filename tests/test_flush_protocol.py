@@ -1,6 +1,6 @@
 """The flush protocol driven by hand: chosen replies, no server, exact requests.
 
-`redmap.flushprotocol.FlushProtocol` is I/O-free: it yields requests and takes replies.
+`redmap.orm.flushprotocol.FlushProtocol` is I/O-free: it yields requests and takes replies.
 These tests walk its states (lost EXEC reply, reset connection, redirects, stale
 versions, aborted EXEC, refusals at queue time, refused INCRBY, ids taken) by answering
 each request themselves; the engine they plan with points at a port nothing listens on
@@ -25,7 +25,6 @@ import redis.exceptions as rex
 
 import redmap
 from redmap import PrimaryKey, Session, Unique, create_engine, registry
-from redmap.attributes import state_of
 from redmap.commands import Command
 from redmap.dialects.base import _is_redirect
 from redmap.engine import Engine
@@ -36,8 +35,9 @@ from redmap.exc import (
     RedmapConnectionError,
     StaleDataError,
 )
-from redmap.flushplan import FlushPlan
-from redmap.flushprotocol import (
+from redmap.orm.attributes import state_of
+from redmap.orm.flushplan import FlushPlan
+from redmap.orm.flushprotocol import (
     REDIRECT_RETRIES,
     ClientExecute,
     FlushProtocol,
@@ -48,8 +48,8 @@ from redmap.flushprotocol import (
     RoundTrip,
     Settle,
 )
-from redmap.persistence import InsertTask
-from redmap.unitofwork import UOWTransaction
+from redmap.orm.persistence import InsertTask
+from redmap.orm.unitofwork import UOWTransaction
 
 reg = registry(prefix="proto")
 
@@ -225,8 +225,9 @@ def test_core_imports_without_redis_py() -> None:
     engine is created)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(redmap.__file__)))
     code = (
-        "import sys, redmap, redmap.flushplan, redmap.persistence, redmap.flushprotocol, "
-        "redmap.commands, redmap.unitofwork, redmap.session\n"
+        "import sys, redmap, redmap.orm.flushplan, redmap.orm.persistence, "
+        "redmap.orm.flushprotocol, "
+        "redmap.commands, redmap.orm.unitofwork, redmap.orm.session\n"
         "bad = sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.'))\n"
         "assert not bad, bad\n"
     )
@@ -243,7 +244,7 @@ def test_core_imports_with_redis_blocked() -> None:
     code = (
         "import sys\n"
         "sys.modules['redis'] = None\n"
-        "import redmap.flushprotocol\n"
+        "import redmap.orm.flushprotocol\n"
         "try:\n"
         "    import redmap.dialects.base\n"
         "except ImportError:\n"

@@ -28,8 +28,8 @@ from redmap.exc import (
     RedmapConnectionError,
     StaleDataError,
 )
-from redmap.mapper import mapper_of
-from redmap.session import run_in_transaction
+from redmap.orm.mapper import mapper_of
+from redmap.orm.session import run_in_transaction
 from redmap.testing.assertions import assert_round_trips, count_round_trips, dump_keys
 from tests.proxy import LoopbackProxy
 from tests.reliability._family import Kid, Tag

@@ -1,11 +1,11 @@
-"""Tests for `redmap.keys`: escaping is injective and keys cannot escape their namespace."""
+"""Tests for `redmap.orm.keys`: escaping is injective and keys cannot escape their namespace."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redmap import keys
+from redmap.orm import keys
 
 HOSTILE = st.one_of(
     st.text(),

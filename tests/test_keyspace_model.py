@@ -1,7 +1,7 @@
 """The whole keyspace, compared exactly with an independent model of docs/key-layout.md.
 
 `audit()` rebuilds keys and scores with the writer's own helpers, so a bug shared by
-both would pass it. This test does not import `redmap.keys` or any helper of the
+both would pass it. This test does not import `redmap.orm.keys` or any helper of the
 writer: key names, escaping, stored forms, scores, versions and incarnations are rebuilt
 here by hand from the documentation (docs/key-layout.md, docs/mapping.md "Supported types and
 how they are stored", docs/relationships.md "Keys used" and "Cascades"), from a plain

@@ -4,7 +4,7 @@ Two rules, both read with `ast` (nothing is imported, so a cycle hidden under
 `TYPE_CHECKING` or inside a function counts as much as one at module level):
 
 - no module below the Session uses a private name of `Session`: the layers below it
-  receive its `redmap.context.SessionContext` and use that context's public names;
+  receive its `redmap.orm.context.SessionContext` and use that context's public names;
 - the import graph has no cycle beyond the mapping layer's own knot.
 """
 
@@ -18,22 +18,22 @@ PACKAGE = Path(__file__).resolve().parent.parent / "redmap"
 
 # The modules allowed to use the Session's private names: the Session's own module and
 # the layer above it (`AsyncSession` drives `sync_session._get_steps` and the like).
-SESSION_MODULE = "redmap.session"
+SESSION_MODULE = "redmap.orm.session"
 ABOVE_SESSION = ("redmap.asyncio",)
 
 # The mapping layer's knot (see the import-graph test for why these ten).
 KNOT = frozenset(
     {
-        "redmap.attributes",
-        "redmap.collections",
-        "redmap.context",
-        "redmap.expression",
-        "redmap.identity",
-        "redmap.mapper",
-        "redmap.registry",
-        "redmap.relationship_events",
-        "redmap.relationships",
-        "redmap.state",
+        "redmap.orm.attributes",
+        "redmap.orm.collections",
+        "redmap.orm.context",
+        "redmap.query.expression",
+        "redmap.orm.identity",
+        "redmap.orm.mapper",
+        "redmap.orm.registry",
+        "redmap.orm.relationship_events",
+        "redmap.orm.relationships",
+        "redmap.orm.state",
     }
 )
 
@@ -99,7 +99,7 @@ def private_uses(module: str, tree: ast.Module, names: set[str]) -> list[str]:
 
 
 def test_no_layer_below_the_session_uses_its_private_names() -> None:
-    """Modules below the Session use its context (`redmap.context`), never `Session._x`
+    """Modules below the Session use its context (`redmap.orm.context`), never `Session._x`
     (there were 81 such uses, of 21 names, in 9 modules)."""
     names = session_names()
     found = [
@@ -219,7 +219,7 @@ def test_import_graph_has_no_cycle_beyond_the_mapping_knot() -> None:
 
 def test_nothing_below_the_session_imports_it() -> None:
     """Only the package's public API (`redmap/__init__`), the demo and the layer above the
-    session (`redmap.asyncio`) import `redmap.session`, even for type checking."""
+    session (`redmap.asyncio`) import `redmap.orm.session`, even for type checking."""
     importers = {m for m, targets in import_graph().items() if SESSION_MODULE in targets}
     assert {m for m in importers if not m.startswith(ABOVE_SESSION)} <= {"redmap", "redmap.demo"}
 
@@ -227,5 +227,5 @@ def test_nothing_below_the_session_imports_it() -> None:
 def test_the_graph_sees_type_checking_and_function_imports() -> None:
     """Imports under TYPE_CHECKING and inside functions are edges too."""
     graph = import_graph()
-    assert "redmap.context" in graph["redmap.state"]  # under TYPE_CHECKING
-    assert "redmap.relationship_events" in graph["redmap.collections"]  # in a method
+    assert "redmap.orm.context" in graph["redmap.orm.state"]  # under TYPE_CHECKING
+    assert "redmap.orm.relationship_events" in graph["redmap.orm.collections"]  # in a method

@@ -1,4 +1,4 @@
-"""Tests for `redmap.registry` and `redmap.mapper`: declarations and their errors."""
+"""Tests for `redmap.orm.registry` and `redmap.orm.mapper`: declarations and their errors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from redmap import (
 )
 from redmap.engine import Engine
 from redmap.exc import InvalidRequestError, MappingError
-from redmap.mapper import mapper_of
+from redmap.orm.mapper import mapper_of
 
 
 def test_non_dataclass_is_mapping_error() -> None:

@@ -39,7 +39,7 @@ from redmap.exc import (
     StaleDataError,
     ValidationError,
 )
-from redmap.mapper import mapper_of
+from redmap.orm.mapper import mapper_of
 from redmap.testing.assertions import assert_round_trips, count_round_trips, dump_keys
 from redmap.testing.servers import ClusterProcesses
 

@@ -1,4 +1,4 @@
-"""Tests for `redmap.query`: index-backed select(), count() and index maintenance."""
+"""Tests for `redmap.query.select`: index-backed select(), count() and index maintenance."""
 
 from __future__ import annotations
 

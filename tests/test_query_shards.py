@@ -20,8 +20,8 @@ import pytest
 import redmap
 from redmap import Indexed, PrimaryKey, Session, Sorted, registry, select
 from redmap.exc import QueryError, RedmapError, ValidationError
-from redmap.expression import and_, or_
-from redmap.mapper import mapper_of
+from redmap.orm.mapper import mapper_of
+from redmap.query.expression import and_, or_
 from redmap.testing.assertions import count_round_trips
 
 SHARDS = 4

@@ -1,4 +1,4 @@
-"""Tests for `redmap.session`: identity map, dirty tracking, lifecycle and the flush."""
+"""Tests for `redmap.orm.session`: identity map, dirty tracking, lifecycle and the flush."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import pytest
 import redis
 
 from redmap import Session, create_engine, run_in_transaction, sessionmaker
-from redmap.attributes import state_of
-from redmap.base import ObjectStatus
 from redmap.engine import Engine
 from redmap.exc import (
     DecodeError,
@@ -24,6 +22,8 @@ from redmap.exc import (
     StaleDataError,
     ValidationError,
 )
+from redmap.orm.attributes import state_of
+from redmap.orm.base import ObjectStatus
 from redmap.testing.assertions import assert_round_trips, count_round_trips, dump_keys
 from tests._fixtures import Author, Color, Counter, Doc, Everything, Point, Token
 

@@ -26,7 +26,6 @@ from redmap import (
     select,
     sessionmaker,
 )
-from redmap.attributes import state_of
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import (
@@ -38,6 +37,7 @@ from redmap.exc import (
     StaleDataError,
     ValidationError,
 )
+from redmap.orm.attributes import state_of
 from tests._fixtures import Counter, Doc
 from tests.test_cluster import Note
 

@@ -14,7 +14,7 @@ import redmap
 from redmap import ForeignKey, Indexed, PrimaryKey, Session, Sorted, Unique, registry, select
 from redmap.audit import audit
 from redmap.exc import CrossSlotError, MappingError
-from redmap.mapper import mapper_of
+from redmap.orm.mapper import mapper_of
 from redmap.testing.assertions import count_round_trips
 from redmap.testing.servers import ClusterProcesses
 

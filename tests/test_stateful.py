@@ -31,7 +31,7 @@ from redmap import (
 )
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, StaleDataError
-from redmap.persistence import TOKEN_TTL_MS
+from redmap.orm.persistence import TOKEN_TTL_MS
 from tests.reliability._budget import Stats, check_minimums, examples_from_env, run_seeded
 
 reg = registry(prefix="sm")

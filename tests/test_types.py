@@ -1,4 +1,4 @@
-"""Tests for `redmap.types`."""
+"""Tests for `redmap.orm.types`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from redmap.exc import DecodeError, MappingError, ValidationError
-from redmap.types import Codec, compile_codec
+from redmap.orm.types import Codec, compile_codec
 
 
 class Color(enum.Enum):

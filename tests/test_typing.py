@@ -149,8 +149,10 @@ def test_mypy_refuses_the_mistakes_typing_is_for(tmp_path: Path) -> None:
     lines = MISTAKES.splitlines()
     by_name = next(i for i, line in enumerate(lines, 1) if 'col(Todo, "title")' in line)
     assert by_name not in errors, errors[by_name]
-    assert 'Revealed type is "redmap.session.sessionmaker[redmap.session.Session]"' in text
-    assert 'Revealed type is "redmap.expression.ColumnOperators[datetime.date | None]"' in text
+    assert 'Revealed type is "redmap.orm.session.sessionmaker[redmap.orm.session.Session]"' in text
+    assert (
+        'Revealed type is "redmap.query.expression.ColumnOperators[datetime.date | None]"'
+    ) in text
     assert (
         'Revealed type is "redmap.asyncio.session.async_sessionmaker['
         'redmap.asyncio.session.AsyncSession]"'

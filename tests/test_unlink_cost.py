@@ -1,4 +1,4 @@
-"""Tests for `redmap.dependency._unlink_hidden`: deleting the far end of a one-sided
+"""Tests for `redmap.orm.dependency._unlink_hidden`: deleting the far end of a one-sided
 many-to-many finds its owners through the hidden reverse set and loads them in one
 round trip, whatever their number (issue 11 item 16: it was one HGETALL per owner)."""
 

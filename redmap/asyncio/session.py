@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ..exc import StaleDataError
-from ..session import RETRIES, Session, backoff
+from ..orm.session import RETRIES, Session, backoff
 from .engine import AsyncEngine, default_async_engine
 
 if TYPE_CHECKING:
-    from ..identity import IdentitySet
-    from ..query import ScalarResult, Select
+    from ..orm.identity import IdentitySet
+    from ..query.select import ScalarResult, Select
 
 __all__ = ["AsyncSession", "async_sessionmaker", "run_in_transaction"]
 

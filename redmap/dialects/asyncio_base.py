@@ -5,7 +5,7 @@ The twin of `Dialect` on `redis.asyncio`, kept to moving bytes: the same `suppor
 flags, the same hook call before every round trip (so round-trip counts match the sync
 dialect's), the same read retry policy (`ReadRetry.acall`), the same error
 translation (`translate_errors`: redis.asyncio raises `redis.exceptions` too) and the
-same flush protocol (`redmap.flushprotocol`), driven by awaiting each request. What
+same flush protocol (`redmap.orm.flushprotocol`), driven by awaiting each request. What
 only asyncio has is cancellation, handled in `AsyncDialect.execute_flush`.
 """
 
@@ -21,7 +21,7 @@ import redis.asyncio
 import redis.exceptions as rex
 
 from ..commands import Command, RoundTripHook
-from ..flushprotocol import (
+from ..orm.flushprotocol import (
     ClientExecute,
     FlushProtocol,
     Lost,
@@ -44,8 +44,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..flushplan import FlushPlan
-    from ..flushprotocol import FlushJob
+    from ..orm.flushplan import FlushPlan
+    from ..orm.flushprotocol import FlushJob
 
 __all__ = ["AsyncDialect", "FlushConnection", "build_async_standalone_client", "send_and_read"]
 
@@ -233,7 +233,7 @@ class AsyncDialect:
         """Learn where keys live again after a redirect (nothing to learn here)."""
 
     async def execute_flush(self, job: FlushJob, *, execute: AsyncExecute | None = None) -> None:
-        """Drive the flush protocol (`redmap.flushprotocol`) on redis.asyncio connections.
+        """Drive the flush protocol (`redmap.orm.flushprotocol`) on redis.asyncio connections.
 
         The loop of `Dialect.execute_flush`, awaited: it checks out the flush connection,
         sends each request's commands, feeds replies back (a failed connection as

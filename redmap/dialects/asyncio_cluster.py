@@ -30,7 +30,7 @@ from .base import default_client_options, translate_errors
 from .cluster import _first_key, check_single_slot, parse_cluster_url
 
 if TYPE_CHECKING:
-    from ..flushplan import FlushPlan
+    from ..orm.flushplan import FlushPlan
 
 __all__ = ["AsyncClusterDialect"]
 

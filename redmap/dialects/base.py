@@ -2,7 +2,7 @@
 
 This module is the one place where redis-py errors become `redmap.exc` errors
 (`translate_errors`), and the sync driver of the flush protocol (`execute_flush`):
-the protocol (`redmap.flushprotocol`, I/O-free) decides, this module moves bytes.
+the protocol (`redmap.orm.flushprotocol`, I/O-free) decides, this module moves bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import redis.exceptions as rex
 
 from ..commands import Command, RoundTripHook
 from ..exc import FlushError, OutcomeUnknownError, RedmapConnectionError, RedmapError
-from ..flushprotocol import (
+from ..orm.flushprotocol import (
     ClientExecute,
     FlushProtocol,
     Lost,
@@ -49,8 +49,8 @@ _hiredis_pack = _find_hiredis_pack()
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
 
-    from ..flushplan import FlushPlan
-    from ..flushprotocol import FlushJob
+    from ..orm.flushplan import FlushPlan
+    from ..orm.flushprotocol import FlushJob
 
 __all__ = [
     "APPLIED_ATTR",
@@ -375,7 +375,7 @@ class Dialect:
     def execute_flush(
         self, job: FlushJob, *, execute: Callable[[Sequence[Command]], list[Any]] | None = None
     ) -> None:
-        """Drive the flush protocol (`redmap.flushprotocol`) on redis-py connections.
+        """Drive the flush protocol (`redmap.orm.flushprotocol`) on redis-py connections.
 
         This loop only moves bytes: it checks out the flush connection, sends each
         request's commands, feeds replies back (a failed connection as `Lost`, what

@@ -4,7 +4,7 @@ Routing, MOVED/ASK handling for reads and topology discovery are redis-py's. The
 flush is not: redis-py's cluster transaction re-sends MULTI...EXEC without the WATCH
 after a reconnect, which can lose a concurrent update. redmap runs its own
 WATCH / checks / MULTI / EXEC on one connection to the node owning the flush's slot:
-the same flush protocol as every deployment (`redmap.flushprotocol`, driven by
+the same flush protocol as every deployment (`redmap.orm.flushprotocol`, driven by
 `Dialect.execute_flush`). This dialect only says where the flush's slot lives
 (`_flush_pool`), refuses plans spanning slots (`check_plan`) and learns the topology
 again when the protocol reports a redirect (`refresh_topology`); the protocol starts
@@ -26,7 +26,7 @@ from .base import Command, Dialect, default_client_options, translate_errors
 if TYPE_CHECKING:
     from redis.connection import ConnectionPool
 
-    from ..flushplan import FlushPlan
+    from ..orm.flushplan import FlushPlan
 
 __all__ = ["ClusterDialect", "check_single_slot", "parse_cluster_url"]
 

@@ -33,10 +33,10 @@ import redis.exceptions as rex
 
 from alembic_like.messaging import Messaging, Progress
 
-from .. import keys
 from ..exc import MigrationError
-from ..mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty, Mapper
-from ..registry import registry as Registry  # noqa: N812 - a class named like SQLAlchemy's
+from ..orm import keys
+from ..orm.mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty, Mapper
+from ..orm.registry import registry as Registry  # noqa: N812 - a class named like SQLAlchemy's
 from . import layout as layout_mod
 from .ops import RedisOperation
 from .versioning import RedisVersionStore

@@ -27,8 +27,8 @@ from alembic_like.revision import MigrationStep
 
 from ..engine import Engine, create_engine
 from ..exc import MigrationError
-from ..registry import DEFAULT_PREFIX
-from ..registry import registry as Registry  # noqa: N812 - a class named like SQLAlchemy's
+from ..orm.registry import DEFAULT_PREFIX
+from ..orm.registry import registry as Registry  # noqa: N812 - a class named like SQLAlchemy's
 from . import autogenerate, layout
 from .batch import DEFAULT_BATCH_SIZE, MigrationRun
 from .ops import RedisOperations

@@ -18,11 +18,11 @@ from typing import Any
 from alembic_like.messaging import plural
 from alembic_like.operations import Operations
 
-from .. import keys
 from ..dialects.base import translate_errors
 from ..exc import DecodeError, MigrationError, ValidationError
-from ..mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
-from ..types import Codec, compile_codec
+from ..orm import keys
+from ..orm.mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
+from ..orm.types import Codec, compile_codec
 from .batch import (
     Change,
     Command,

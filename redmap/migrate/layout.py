@@ -14,10 +14,10 @@ import json
 import math
 from typing import Any
 
-from .. import keys
 from ..dialects.base import translate_errors
 from ..exc import MigrationError
-from ..registry import registry as Registry  # noqa: N812 - a class named like SQLAlchemy's
+from ..orm import keys
+from ..orm.registry import registry as Registry  # noqa: N812 - a class named like SQLAlchemy's
 
 __all__ = ["FORMAT", "Layout", "layout_key", "literal", "load", "record", "snapshot"]
 

@@ -16,8 +16,8 @@ from typing import Any, Literal, Protocol, get_args
 from alembic_like.exc import IrreversibleError
 from alembic_like.operations import MigrateOperation, Operations
 
-from .. import keys
 from ..exc import MigrationError
+from ..orm import keys
 
 __all__ = [
     "INDEX_KINDS",

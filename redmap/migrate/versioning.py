@@ -26,9 +26,9 @@ from typing import Any
 from alembic_like.exc import LockError
 from alembic_like.revision import Direction
 
-from .. import keys
 from ..dialects.base import translate_errors
 from ..exc import MigrationError
+from ..orm import keys
 
 __all__ = ["DEFAULT_LOCK_TTL", "LOG_LENGTH", "RedisVersionStore"]
 

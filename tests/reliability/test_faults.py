@@ -27,9 +27,8 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from redmap import Session, keys
+from redmap import Session
 from redmap import select as select_
-from redmap.attributes import state_of
 from redmap.audit import audit
 from redmap.dialects._server import ServerProcess
 from redmap.engine import Engine
@@ -38,7 +37,9 @@ from redmap.exc import (
     InvalidRequestError,
     OutcomeUnknownError,
 )
-from redmap.mapper import VERSION_FIELD, mapper_of
+from redmap.orm import keys
+from redmap.orm.attributes import state_of
+from redmap.orm.mapper import VERSION_FIELD, mapper_of
 from redmap.testing.assertions import count_round_trips, dump_keys
 from tests._async_driver import make_engine
 from tests.proxy import LoopbackProxy

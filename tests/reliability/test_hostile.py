@@ -32,11 +32,12 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from redmap import Indexed, PrimaryKey, Session, Sorted, Unique, keys, registry, select
+from redmap import Indexed, PrimaryKey, Session, Sorted, Unique, registry, select
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import DecodeError, RedmapError
-from redmap.types import Codec, compile_codec
+from redmap.orm import keys
+from redmap.orm.types import Codec, compile_codec
 
 reg = registry(prefix="hx")
 
@@ -358,7 +359,7 @@ def _id_round_trip(engine: Engine, client: redis.Redis, n: int) -> None:
 
 
 def mapper_keys(model: type[Any]) -> keys.KeySpace:
-    from redmap.mapper import mapper_of
+    from redmap.orm.mapper import mapper_of
 
     return mapper_of(model).keys
 
@@ -591,7 +592,7 @@ def _fuzz_decoders(n: int) -> None:
 
 
 def mapper_of_model(model: type[Any]) -> Any:
-    from redmap.mapper import mapper_of
+    from redmap.orm.mapper import mapper_of
 
     return mapper_of(model)
 

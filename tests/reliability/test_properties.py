@@ -308,7 +308,7 @@ class RelationshipHistories(RuleBasedStateMachine):
                 sv.lists[(h, rel)] = []
         return h
 
-    # -- in-memory effects of relationship changes (redmap.relationship_events) -----
+    # -- in-memory effects of relationship changes (redmap.orm.relationship_events) -----
 
     def _known_pk(self, h: H | None) -> int | None:
         return h[1] if isinstance(h, tuple) else None

@@ -26,7 +26,7 @@ from redmap import Session, run_in_transaction, sessionmaker
 from redmap.audit import AuditReport
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, StaleDataError
-from redmap.mapper import INCARNATION_FIELD, VERSION_FIELD
+from redmap.orm.mapper import INCARNATION_FIELD, VERSION_FIELD
 from redmap.testing.assertions import dump_keys
 from tests._async_driver import make_engine
 from tests.reliability._models import Badge, Player, Tally, Team

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..commands import Read, Steps
+from ..exc import InvalidRequestError
 from .collections import InstrumentedList
-from .commands import Read, Steps
-from .exc import InvalidRequestError
 from .loading import ensure_loaded, load_unloaded_steps
 from .mapper import mapper_of
 from .relationships import Direction

@@ -14,8 +14,8 @@ import uuid
 import zlib
 from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 
+from ..exc import DecodeError, MappingError, ValidationError
 from . import keys
-from .exc import DecodeError, MappingError, ValidationError
 from .relationships import RELATIONSHIP_KEY, RelationshipProperty
 from .schema import ForeignKey, Indexed, Marker, PrimaryKey, Sorted, Unique
 from .types import Codec, compile_codec
@@ -384,7 +384,7 @@ def mapper_of(cls: type[M]) -> Mapper[M]:
     """The mapper of a mapped class; configures its registry on first use."""
     mapper: Mapper[M] | None = cls.__dict__.get("__redmap_mapper__")
     if mapper is None:
-        from .exc import InvalidRequestError
+        from ..exc import InvalidRequestError
 
         raise InvalidRequestError(f"{cls.__name__} is not a mapped class (use @registry.mapped)")
     if not mapper.configured:

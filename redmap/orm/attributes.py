@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .expression import ColumnOperators
+from ..query.expression import ColumnOperators
 
 if TYPE_CHECKING:
     from .mapper import ColumnProperty, Mapper
@@ -160,7 +160,7 @@ class RelationshipAttribute:
 def _configured(prop: RelationshipProperty) -> bool:
     """Configure the registry on first use; False while its classes are still being defined."""
     if prop.target is None and prop.parent is not None:
-        from .exc import MappingError
+        from ..exc import MappingError
 
         try:
             prop.parent.registry.configure()

@@ -1,6 +1,6 @@
 """`InstrumentedList`: the list behind one-to-many and many-to-many attributes.
 
-Every add and remove is reported to `redmap.relationship_events`, which keeps the
+Every add and remove is reported to `redmap.orm.relationship_events`, which keeps the
 other side (`back_populates`) and the foreign key in step at once, before any flush,
 and records what the flush must write. Loading fills the list without events.
 """

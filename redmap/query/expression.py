@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, overload
 
-from .exc import QueryError
+from ..exc import QueryError
 
 if TYPE_CHECKING:
-    from .attributes import FieldAttribute
+    from ..orm.attributes import FieldAttribute
 
 __all__ = [
     "BinaryExpression",
@@ -140,7 +140,7 @@ def col(field: Any, name: str | None = None, /) -> ColumnOperators[Any]:
     `col(Tag, "name")`. At run time `col` returns the field's class attribute, so
     both spellings build the same condition as the bare `Player.score > 3`.
     """
-    from .attributes import FieldAttribute
+    from ..orm.attributes import FieldAttribute
 
     if name is not None:
         attr = getattr(field, name, None) if isinstance(field, type) else None

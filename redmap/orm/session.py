@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+from ..commands import Read, Steps
+from ..engine import Engine, default_engine
+from ..exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDataError
 from .attributes import STATE_ATTR, state_of
-from .commands import Read, Steps
 from .context import SessionContext
-from .engine import Engine, default_engine
-from .exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDataError
 from .identity import IdentitySet
 from .loading import ensure_loaded, load_instance, load_unloaded_steps, unloaded_pks
 from .mapper import mapper_of
@@ -27,8 +27,8 @@ from .state import InstanceState
 from .unitofwork import UOWTransaction, changed_fields
 
 if TYPE_CHECKING:
-    from .engine import EngineBase
-    from .query import ScalarResult, Select
+    from ..engine import EngineBase
+    from ..query.select import ScalarResult, Select
     from .relationships import RelationshipProperty
 
 __all__ = ["Session", "run_in_transaction", "sessionmaker"]
@@ -55,7 +55,7 @@ class Session:
         allow_cross_slot: bool = False,
     ):
         self._bind = bind
-        # What the layers below see of this session (`redmap.context`): the identity
+        # What the layers below see of this session (`redmap.orm.context`): the identity
         # map, the pending and deleted states, the relationship bookkeeping, and the
         # session's own operations they call back (installed here, bound methods).
         self._context = SessionContext(
@@ -635,14 +635,14 @@ class Session:
                 setattr(target, col.key, obj.__dict__[col.key])
         return target
 
-    # -- queries (see redmap.query) ------------------------------------------------------
+    # -- queries (see redmap.query.select) ------------------------------------------------------
 
     def scalars(self, stmt: Select[M]) -> ScalarResult[M]:
         """Run a `select()` and return its objects."""
         return self._run(self._scalars_steps(stmt))
 
     def _scalars_steps(self, stmt: Select[M]) -> Steps[ScalarResult[M]]:
-        from .query import execute_select
+        from ..query.select import execute_select
 
         yield from self._autoflush()
         return (yield from execute_select(self._context, stmt))
@@ -652,7 +652,7 @@ class Session:
         return self._run(self._count_steps(stmt))
 
     def _count_steps(self, stmt: Select[Any]) -> Steps[int]:
-        from .query import execute_count
+        from ..query.select import execute_count
 
         yield from self._autoflush()
         return (yield from execute_count(self._context, stmt))

@@ -18,17 +18,17 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import keys
-from .attributes import state_of
-from .commands import Flush, Steps
-from .dependency import RelationshipWork, prepare
-from .exc import (
+from ..commands import Flush, Steps
+from ..exc import (
     CrossSlotError,
     IntegrityError,
     InvalidRequestError,
     PartialCommitError,
     ValidationError,
 )
+from . import keys
+from .attributes import state_of
+from .dependency import RelationshipWork, prepare
 from .mapper import ColumnProperty, Mapper, mapper_of
 from .persistence import (
     PLACEHOLDER,
@@ -545,7 +545,7 @@ class UOWTransaction:
         return [parts[tag] for tag in order]
 
     def _run(self) -> Steps[None]:
-        """Run the flush protocol (`redmap.flushprotocol`) through the engine's driver,
+        """Run the flush protocol (`redmap.orm.flushprotocol`) through the engine's driver,
         then record what Redis now holds.
 
         Round trips with generated ids: 3 (WATCH + checks, INCRBY, MULTI/EXEC). The

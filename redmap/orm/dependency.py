@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from ..commands import Read, Steps
+from ..exc import InvalidRequestError, StaleDataError
 from .attributes import state_of
-from .commands import Read, Steps
-from .exc import InvalidRequestError, StaleDataError
 from .journal import FlushJournal
 from .loading import ensure_loaded
 from .mapper import mapper_of

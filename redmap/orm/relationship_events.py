@@ -4,7 +4,7 @@ Called by `InstrumentedList` (collection adds/removes) and by the relationship
 descriptor (scalar sets). `back_populates` is applied at once; foreign keys follow
 when the target's primary key is known (else at flush); new related objects join
 the session (save-update cascade); many-to-many link changes and delete-orphan
-candidates are recorded on the owning session's context (`redmap.context`);
+candidates are recorded on the owning session's context (`redmap.orm.context`);
 `discard_expired` forgets the records that an expiry (or refresh) took back.
 """
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..exc import DetachedInstanceError
 from .base import ObjectStatus
-from .exc import DetachedInstanceError
 
 if TYPE_CHECKING:
     from .context import SessionContext
@@ -42,7 +42,7 @@ class InstanceState:
     def __init__(self, obj: Any, mapper: Mapper[Any]):
         self.obj = obj
         self.mapper = mapper
-        # The context of the session holding the object (`redmap.context`), not the
+        # The context of the session holding the object (`redmap.orm.context`), not the
         # Session itself: the layers below the session know only its context.
         self.session: SessionContext | None = None
         # (class, primary key) once the object is persistent.

@@ -14,9 +14,9 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..commands import Command
+from ..exc import IntegrityError, ValidationError
 from . import keys
-from .commands import Command
-from .exc import IntegrityError, ValidationError
 from .flushplan import (
     TOKEN_TTL_MS,
     Check,

@@ -1,7 +1,7 @@
 """`relationship()` and `RelationshipProperty`; declared on mapped classes, configured by registry.
 
 What a relationship means once every class is known (target, direction, foreign key,
-reverse side, ordering) is resolved by `registry.configure()` (`redmap.registry`), which
+reverse side, ordering) is resolved by `registry.configure()` (`redmap.orm.registry`), which
 alone knows the classes by name.
 
 `relationship()` returns a `dataclasses.Field` (default None) carrying its
@@ -15,7 +15,7 @@ import dataclasses
 import enum
 from typing import TYPE_CHECKING, Any
 
-from .exc import MappingError
+from ..exc import MappingError
 
 if TYPE_CHECKING:
     from .mapper import Mapper

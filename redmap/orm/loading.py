@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..commands import FetchHashes, Read, Steps
+from ..exc import DecodeError, ObjectDeletedError, RedmapError
 from .attributes import STATE_ATTR
-from .commands import FetchHashes, Read, Steps
-from .exc import DecodeError, ObjectDeletedError, RedmapError
 from .mapper import INCARNATION_FIELD, VERSION_FIELD, Mapper
 from .state import InstanceState
 

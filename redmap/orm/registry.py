@@ -15,9 +15,9 @@ import threading
 import typing
 from typing import Any, TypeVar
 
+from ..exc import MappingError
 from . import keys
 from .attributes import instrument_class
-from .exc import MappingError
 from .mapper import Mapper, mapper_of_configured
 from .relationships import Direction, RelationshipProperty
 

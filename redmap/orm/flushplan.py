@@ -12,9 +12,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..commands import Command
+from ..exc import FlushError, IntegrityError, StaleDataError
 from . import keys
-from .commands import Command
-from .exc import FlushError, IntegrityError, StaleDataError
 from .keys import KeySpace
 
 if TYPE_CHECKING:

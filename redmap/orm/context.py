@@ -4,7 +4,7 @@ A session's identity map, its pending and deleted states, the relationship
 bookkeeping kept between flushes, and the operations that change them.
 `InstanceState.session` points at the context, not at the `Session`, and `state`,
 `attributes`, `relationship_events`, `journal`, `dependency`, `strategies`, `loading`,
-`query` and `unitofwork` receive a context: none of them imports `redmap.session`, so
+`query` and `unitofwork` receive a context: none of them imports `redmap.orm.session`, so
 imports point one way and the Session's private names stay its own
 (`tests/test_layers.py` checks both). Below the Session, a parameter or attribute
 named `session` is this context (`load_instance(session, ...)`, `UOWTransaction.session`).
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .identity import IdentityMap
 
 if TYPE_CHECKING:
-    from .commands import Steps
+    from ..commands import Steps
     from .relationships import RelationshipProperty
     from .state import InstanceState
 

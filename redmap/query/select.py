@@ -15,10 +15,8 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from . import keys
-from .attributes import FieldAttribute
-from .commands import Read, Steps, Transactions
-from .exc import (
+from ..commands import Read, Steps, Transactions
+from ..exc import (
     DecodeError,
     MultipleResultsFound,
     NoResultFound,
@@ -26,6 +24,11 @@ from .exc import (
     RedmapConnectionError,
     RedmapError,
 )
+from ..orm import keys
+from ..orm.attributes import FieldAttribute
+from ..orm.keys import KeySpace
+from ..orm.loading import ensure_loaded
+from ..orm.mapper import ColumnProperty, Mapper, mapper_of
 from .expression import (
     BinaryExpression,
     BooleanClauseList,
@@ -34,12 +37,9 @@ from .expression import (
     Ordering,
     asc,
 )
-from .keys import KeySpace
-from .loading import ensure_loaded
-from .mapper import ColumnProperty, Mapper, mapper_of
 
 if TYPE_CHECKING:
-    from .context import SessionContext
+    from ..orm.context import SessionContext
 
 __all__ = ["ScalarResult", "Select", "execute_count", "execute_select", "select"]
 
@@ -561,7 +561,7 @@ def _objects_for(session: SessionContext, mapper: Mapper[Any], pks: list[Any]) -
         if st is not None and not st.deleted:
             out.append(st.obj)
     if mapper.relationships:
-        from .strategies import selectin_for
+        from ..orm.strategies import selectin_for
 
         yield from selectin_for(session, out)
     return out

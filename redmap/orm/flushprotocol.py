@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
-from .commands import Command
-from .exc import (
+from ..commands import Command
+from ..exc import (
     FlushError,
     OutcomeUnknownError,
     RedmapConnectionError,
