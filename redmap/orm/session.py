@@ -506,18 +506,30 @@ class Session:
         1 round trip (after an autoflush of pending changes, if any), plus those of its
         lazy="selectin" relationships.
         """
+        answered, obj = self._get_without_io(model, pk)
+        if answered:
+            return obj
         return self._run(self._get_steps(model, pk))
 
-    def _get_steps(self, model: type[M], pk: Any) -> Steps[M | None]:
-        mapper = mapper_of(model)
-        mapper.validate_pk(pk)
+    def _get_without_io(self, model: type[M], pk: Any) -> tuple[bool, M | None]:
+        """(True, the object or None) when the identity map answers `get` alone (a loaded
+        or a deleted object), else (False, None). A plain call, not steps: `get` of a
+        loaded object is a hot loop in applications and needs no driver."""
+        mapper_of(model).validate_pk(pk)
         st = self._context.identity_map.get((model, pk))
         if st is not None:
             if st.deleted:
-                return None
+                return True, None
             if not st.unloaded():
                 obj: M = st.obj
-                return obj
+                return True, obj
+        return False, None
+
+    def _get_steps(self, model: type[M], pk: Any) -> Steps[M | None]:
+        answered, found_loaded = self._get_without_io(model, pk)
+        if answered:
+            return found_loaded
+        mapper = mapper_of(model)
         yield from self._autoflush()
         key = mapper.object_key(pk)
         (data,) = yield Read([("HGETALL", key)])
