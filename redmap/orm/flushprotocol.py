@@ -31,7 +31,8 @@ from ..exc import (
     RedmapConnectionError,
     StaleDataError,
 )
-from .flushplan import FlushPlan, IdsTaken
+from .flushplan import FlushPlan, IdsTaken, id_guard_key
+from .gcpause import paused_gc
 from .mapper import Mapper
 from .persistence import InsertTask, bind_placeholders
 
@@ -198,8 +199,17 @@ class FlushProtocol:
         plan: FlushPlan | None = None
         for attempt in range(ID_RETRIES):
             pending = [t for t in job.inserts if t.generated and t.pk is None]
-            plan = job.plan()
-            plan.moved_counters = self.moved
+            try:
+                plan = job.plan()
+                plan.moved_counters = self.moved
+                self.check_plan(plan)
+            except Exception:
+                # Refused before anything was sent (a unique value twice in the flush, a
+                # plan spanning slots): ids handed out already go back as after a refused
+                # check, so that a failed flush leaves the counters as they were.
+                if self.moved:
+                    yield from self._give_back_unsent()
+                raise
             try:
                 yield from self._send(plan, pending)
             except Replan:
@@ -226,7 +236,6 @@ class FlushProtocol:
 
     def _send(self, plan: FlushPlan, pending: list[InsertTask]) -> Generator[Request, Reply, None]:
         """One plan, started again after redirects while it wrote nothing."""
-        self.check_plan(plan)
         late = _LateIds(pending)
         for attempt in range(self.redirect_retries):
             if late.bound:
@@ -294,7 +303,8 @@ class FlushProtocol:
                     # MULTI on it, such as a query's, would fail).
                     yield from self._unwatch(route)
                     raise
-                plan.writes = bind_placeholders(plan.writes, late.ids())
+                with paused_gc(len(plan.writes)):
+                    plan.writes = bind_placeholders(plan.writes, late.ids())
                 late.bound = True
             sent_at = self.clock()
             replies = yield RoundTrip([("MULTI",), *plan.transaction, ("EXEC",)], route)
@@ -335,8 +345,24 @@ class FlushProtocol:
         if isinstance(reply, Lost):
             self.broken = True
 
+    def _give_back_unsent(self) -> Generator[Request, Reply, None]:
+        """Give back the ids of a flush refused before its checks were sent: as
+        `_give_back_ids`, watching the models' id guards itself (no flush WATCH holds
+        them), so that an explicit insert of one of these ids since makes it keep them."""
+        ranges = {key: (first, last) for key, first, last in self.moved}
+        guards = {
+            id_guard_key(t.ks if t.ks is not None else t.state.mapper.keys)
+            for t in self.job.inserts
+            if t.generated
+        }
+        yield from self._give_back_ids(ranges, next(iter(ranges)), also_watch=sorted(guards))
+
     def _give_back_ids(
-        self, ranges: dict[str, tuple[int, int]], route: str
+        self,
+        ranges: dict[str, tuple[int, int]],
+        route: str,
+        *,
+        also_watch: Sequence[str] = (),
     ) -> Generator[Request, Reply, None]:
         """Return the ids of a flush its checks refused, so that a refused flush leaves
         its counters as they were.
@@ -347,7 +373,9 @@ class FlushProtocol:
         doubt leaves the ids unused, a harmless gap. Two round trips, on refusal only.
         """
         keys_ = list(ranges)
-        replies = yield RoundTrip([("WATCH", *keys_), *[("GET", k) for k in keys_]], route)
+        replies = yield RoundTrip(
+            [("WATCH", *also_watch, *keys_), *[("GET", k) for k in keys_]], route
+        )
         if isinstance(replies, Lost):
             self.broken = True
             return

@@ -450,10 +450,19 @@ def bind_placeholders(writes: list[Command], ids: dict[str, str]) -> list[Comman
         return _PLACEHOLDER_RE.sub(lambda m: ids[m.group(0)], arg)
 
     # The test is inline: most arguments are encoded values (bytes), and a call per
-    # argument cost more than the rest of the binding.
-    return [
-        tuple([fix(a) if type(a) is str and PLACEHOLDER in a else a for a in cmd]) for cmd in writes
-    ]
+    # argument cost more than the rest of the binding. An HSET (one per insert) can hold
+    # a placeholder only in its key: its field names are column names (identifiers, or
+    # `#v`/`#i`) and its values encoded bytes.
+    out: list[Command] = []
+    for cmd in writes:
+        if cmd[0] == "HSET":
+            key = cmd[1]
+            if type(key) is str and PLACEHOLDER in key:
+                cmd = (cmd[0], fix(key), *cmd[2:])
+            out.append(cmd)
+        else:
+            out.append(tuple([fix(a) if type(a) is str and PLACEHOLDER in a else a for a in cmd]))
+    return out
 
 
 _VARIADIC = {"SADD": 1, "SREM": 1, "ZADD": 2, "ZREM": 1}

@@ -136,6 +136,12 @@ class Codec(abc.ABC):
             model=model, field=field, expected=expected, actual=actual, detail=detail
         )
 
+    def encode_valid(self, value: Any, *, model: str | None, field: str | None) -> bytes | None:
+        """`validate` then `encode` (None for None): the flush's call for every field it
+        writes. Codecs with a cheap check override it with a fast path."""
+        self.validate(value, model=model, field=field)
+        return None if value is None else self.encode(value)
+
     @abc.abstractmethod
     def encode(self, value: Any) -> bytes:
         """The stored form of a validated, non-None value."""
@@ -237,6 +243,19 @@ class _Scalar(Codec):
 
     def encode(self, value: Any) -> bytes:
         return self._encode(value)
+
+    def encode_valid(self, value: Any, *, model: str | None, field: str | None) -> bytes | None:
+        # The check of `_check` inline (a flush of 10,000 objects makes 20,000 of these
+        # calls); anything it refuses goes through `validate` for the full error.
+        if value is None:
+            if self.nullable:
+                return None
+        elif isinstance(value, self._types) and not isinstance(value, self._reject):
+            extra = self._extra
+            if extra is None or extra(value) is None:
+                return self.encode(value)
+        self.validate(value, model=model, field=field)
+        return self.encode(value)
 
     def decode(self, raw: bytes) -> Any:
         try:

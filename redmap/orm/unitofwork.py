@@ -29,6 +29,7 @@ from ..exc import (
 from . import keys
 from .attributes import state_of
 from .dependency import RelationshipWork, prepare
+from .gcpause import paused_gc
 from .mapper import ColumnProperty, Mapper, mapper_of
 from .persistence import (
     PLACEHOLDER,
@@ -50,8 +51,7 @@ __all__ = ["UOWTransaction", "changed_fields"]
 def _encode(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> bytes | None:
     codec = col.codec
     assert codec is not None
-    codec.validate(value, model=mapper.name, field=col.key)
-    return None if value is None else codec.encode(value)
+    return codec.encode_valid(value, model=mapper.name, field=col.key)
 
 
 def _same_as_loaded(st: InstanceState, name: str) -> bool:
@@ -144,6 +144,12 @@ class UOWTransaction:
     def collect(self) -> Steps[None]:
         s = self.session
         self.work = yield from prepare(s)
+        with paused_gc(len(s.new) + len(s.identity_map)):
+            self._collect_tasks()
+
+    def _collect_tasks(self) -> None:
+        """The tasks of the flush, from the session and the prepared relationship work."""
+        s = self.session
         # Indexed once: scanning the deferred list per object made a flush of N new
         # children of new parents quadratic.
         grouped: dict[int, set[str]] = {}
@@ -594,18 +600,19 @@ class UOWTransaction:
         Deferred keys wait only for ids handed out already (`ids_first`), or known
         without I/O (UUIDs). Pure: no I/O.
         """
-        self._bind_deferred()
-        return plan_flush(
-            self.inserts,
-            self.updates,
-            self.deletes,
-            token_key=self.token_key,
-            incarnation=self.incarnation,
-            work=self.work,
-            tag=self.tag,
-            targets=self.targets,
-            cross_slot_allowed=self.session.allow_cross_slot,
-        )
+        with paused_gc(len(self.inserts) + len(self.updates) + len(self.deletes)):
+            self._bind_deferred()
+            return plan_flush(
+                self.inserts,
+                self.updates,
+                self.deletes,
+                token_key=self.token_key,
+                incarnation=self.incarnation,
+                work=self.work,
+                tag=self.tag,
+                targets=self.targets,
+                cross_slot_allowed=self.session.allow_cross_slot,
+            )
 
     def ids_first(self) -> bool:
         """Whether generated ids must be handed out before the checks: when keys that
@@ -636,6 +643,10 @@ class UOWTransaction:
         (a session misused by two threads) differs from the value flushed and stays a
         pending change, so the next flush writes it instead of it being lost.
         """
+        with paused_gc(len(self.inserts) + len(self.updates) + len(self.deletes)):
+            self._record_written()
+
+    def _record_written(self) -> None:
         s = self.session
         # Foreign keys bound to new parents' ids: written by this flush, set below.
         deferred = {(id(dk.child), dk.column) for dk in self.work.deferred}
