@@ -436,3 +436,27 @@ class TestCancellation:
         assert seen.get("not applied", 0) >= 10
         assert seen.get("applied", 0) >= 10
         assert seen.get("applied then cancelled", 0) + seen.get("in doubt", 0) >= 1
+
+
+class TestEmbedded:
+    def test_async_session_on_the_embedded_server(self, tmp_path: Any) -> None:
+        """`create_async_engine("redis+embedded://...")` starts its server on first use in
+        a worker thread (the loop thread makes no blocking socket call), and the
+        AsyncSession API works on it."""
+        from redmap.dialects import _server
+
+        datadir = tmp_path / "data"
+        url = "redis+embedded://" + str(datadir)
+
+        async def fn(engine: AsyncEngine) -> list[str]:
+            async with async_sessionmaker(engine).begin() as s:
+                s.add_all(_players(3))
+            async with AsyncSession(engine) as s:
+                rows = await s.scalars(select(Player).order_by(col(Player.score)))
+                return [p.name for p in rows]
+
+        try:
+            with no_blocking_sockets():
+                assert arun(fn, url) == ["p0", "p1", "p2"]
+        finally:
+            assert _server.release_embedded(datadir.resolve())
