@@ -639,8 +639,31 @@ def test_refused_flush_gives_its_ids_back(offline: Engine) -> None:
     claim = ("GET", "{proto}:player:#uq:name:gen")
     replies[1 + plan.check_commands.index(claim)] = b"77"
     wire.answer(replies)
-    assert wire.request == RoundTrip([("WATCH", PLAYER_SEQ), ("GET", PLAYER_SEQ)], plan.token_key)
-    wire.answer([OK, b"2"])
+    probe = ("EXISTS", "{proto}:player:1", "{proto}:player:2")
+    assert wire.request == RoundTrip(
+        [("WATCH", PLAYER_SEQ), ("GET", PLAYER_SEQ), probe], plan.token_key
+    )
+    wire.answer([OK, b"2", 0])
     assert wire.request == RoundTrip([("MULTI",), ("DEL", PLAYER_SEQ), ("EXEC",)], plan.token_key)
     with pytest.raises(IntegrityError, match="already taken"):
         wire.answer([OK, QUEUED, [1]])
+
+
+def test_ids_taken_by_an_explicit_insert_are_not_given_back(offline: Engine) -> None:
+    """The same refusal, but a key of the range exists by now (an explicit insert took
+    that id between the INCRBY and the WATCH): the counter stays (a gap), or the id would
+    be handed out again to a flush that does not check it."""
+    s = Session(offline)
+    s.add(Player(name="gen"))
+    s.add(Player(name="exp", id=3))
+    job, wire = start(s)
+    wire.answer([2])
+    plan = job.plans[0]
+    replies = passing(plan)
+    claim = ("GET", "{proto}:player:#uq:name:gen")
+    replies[1 + plan.check_commands.index(claim)] = b"77"
+    wire.answer(replies)
+    wire.answer([OK, b"2", 1])  # one of player:1, player:2 exists
+    assert wire.request == RoundTrip([("UNWATCH",)], plan.token_key)
+    with pytest.raises(IntegrityError, match="already taken"):
+        wire.answer([OK])

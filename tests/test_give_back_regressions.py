@@ -64,3 +64,53 @@ def test_a_unique_value_twice_in_an_ids_first_flush_moves_no_counter(engine: Any
         s.commit()
         assert s.get(GPlayer, 2) is not None
     assert _counters(engine) == [b"1", b"2"]
+
+
+def test_ids_an_explicit_insert_took_meanwhile_are_not_handed_out_again(
+    engine: Any, redis_url: str
+) -> None:
+    """A refused ids-first flush must not give back a range in which an explicit insert
+    took an id between its INCRBY and its give-back: the id would be handed out again to
+    a generated insert, which does not check its new key and would overwrite that object.
+    The give-back now checks every key of the range under its WATCH."""
+    import redmap
+
+    other = redmap.create_engine(redis_url)
+    try:
+        with Session(engine) as s:
+            s.add(GPlayer(name="a", email="taken@x"))
+            s.commit()  # player counter at 1
+        fired: list[bool] = []
+
+        def explicit_insert_meanwhile(commands: Any) -> None:
+            # Just before the checks of the refused flush (its ids are handed out).
+            if commands and commands[0][0] == "WATCH" and not fired:
+                fired.append(True)
+                with Session(other) as o:
+                    # id 3: handed out to the flush but unused (the extra id its INCRBY
+                    # took because the flush also inserts an explicit id).
+                    o.add(GPlayer(name="explicit", email="e@x", id=3))
+                    o.commit()
+
+        engine.add_listener(explicit_insert_meanwhile)
+        try:
+            with Session(engine) as s:
+                # A new team makes the flush take its ids first; the email is taken. The
+                # explicit id 50 makes its INCRBY take 2 ids (2..3): 2 is used, 3 not.
+                s.add(GPlayer(name="b", email="taken@x", team=GTeam(name="t")))
+                s.add(GPlayer(name="c", email="c@x", id=50))
+                with pytest.raises(IntegrityError, match="already taken"):
+                    s.commit()
+        finally:
+            engine.remove_listener(explicit_insert_meanwhile)
+        assert fired
+        with Session(engine) as s:
+            s.add_all([GPlayer(name="g1", email="g1@x"), GPlayer(name="g2", email="g2@x")])
+            s.commit()
+        with Session(other) as o:
+            kept = o.get(GPlayer, 3)
+            assert kept is not None and kept.name == "explicit"
+            names = sorted(p.name for p in o.get_many(GPlayer, range(1, 8)) if p)
+            assert names == ["a", "explicit", "g1", "g2"]
+    finally:
+        other.dispose()

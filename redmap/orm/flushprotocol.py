@@ -370,19 +370,41 @@ class FlushProtocol:
         Still under the flush's WATCH (its id guards included): a counter is set back
         only if it still ends the range handed out (nobody took ids since) and EXEC
         finds nothing watched changed (no explicit insert took one of these ids). Any
-        doubt leaves the ids unused, a harmless gap. Two round trips, on refusal only.
+        doubt leaves the ids unused, a harmless gap. Two round trips, on refusal only; every
+        key of a range is probed (EXISTS), which costs its length, on refusal only.
         """
         keys_ = list(ranges)
+        # Every key of a range handed out must still be absent: an explicit insert may
+        # have taken one of these ids between the INCRBY and this WATCH (it then wrote
+        # the id guard, but before the WATCH saw it), and a counter set back would hand
+        # that id out again to a flush that does not check it. Keys of a sharded model
+        # cannot be listed (an id may live in any shard): its ids stay a gap.
+        by_seq = {t.state.mapper.keys.seq(): t.state.mapper for t in self.job.inserts}
+        probes: dict[str, Command] = {}
+        for seq, (first, last) in ranges.items():
+            mapper = by_seq.get(seq)
+            if mapper is not None and mapper.shard_key is None:
+                probes[seq] = (
+                    "EXISTS",
+                    *[mapper.keys.object(str(n)) for n in range(first, last + 1)],
+                )
         replies = yield RoundTrip(
-            [("WATCH", *also_watch, *keys_), *[("GET", k) for k in keys_]], route
+            [("WATCH", *also_watch, *keys_), *[("GET", k) for k in keys_], *probes.values()],
+            route,
         )
         if isinstance(replies, Lost):
             self.broken = True
             return
         assert replies is not None
+        absent = {
+            seq: reply == 0
+            for seq, reply in zip(probes, replies[1 + len(keys_) :], strict=True)
+        }
         undo: list[Command] = []
-        for key, reply in zip(keys_, replies[1:], strict=True):
+        for key, reply in zip(keys_, replies[1 : 1 + len(keys_)], strict=True):
             first, last = ranges[key]
+            if not absent.get(key, False):
+                continue
             if isinstance(reply, bytes) and reply.isdigit() and int(reply) == last:
                 undo.append(("SET", key, first - 1) if first > 1 else ("DEL", key))
         # EXEC, aborted or not, ends the WATCH.

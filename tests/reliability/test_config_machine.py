@@ -1906,7 +1906,8 @@ MINIMUMS = {
     "commits refused: IntegrityError": 1,
     "commits applied": 100,
     "interleaved commits refused: StaleDataError": 1,
-    "interleaved commits applied": 4,
+    # 6 to 86 per 200 examples seen once the driver is drawn too: about a tenth of the lowest.
+    "interleaved commits applied": 1,
     "near counter: the worker's explicit insert was applied": 0,
     "corrupt #v: 01": 2,
     "corrupt #v: missing": 2,
