@@ -152,9 +152,12 @@ def test_read_cut_mid_flight_is_sent_again(
     """A read whose connection is killed after it was sent succeeds on a new connection."""
     _seed(own_server)
     read = _reads(reader)[kind]
-    assert read() == EXPECTED[kind]
-    got, trips = _cut_mid_read(own_server, reader, read)
-    assert got == EXPECTED[kind]
+    for _ in range(5):  # a kill that lost the race with the reply shows nothing: again
+        assert read() == EXPECTED[kind]
+        got, trips = _cut_mid_read(own_server, reader, read)
+        assert got == EXPECTED[kind]
+        if len(trips) > 1:
+            break
     assert len(trips) == 2  # the cut round trip, then the one that was answered
 
 
@@ -174,8 +177,14 @@ def test_the_cut_is_real_without_retries(
     try:
         bare.dialect.read_retry = ReadRetry(retries=0)
         read = _reads(bare)[kind]
-        assert read() == EXPECTED[kind]
-        got, trips = _cut_mid_read(own_server, bare, read)
+        # When the server, resumed, writes the reply before it runs the CLIENT KILL (the
+        # two arrive in different event-loop turns, seen once in a CI run), the kill did
+        # not land mid-read and the attempt shows nothing: cut again, up to 5 times.
+        for _ in range(5):
+            assert read() == EXPECTED[kind]
+            got, trips = _cut_mid_read(own_server, bare, read)
+            if isinstance(got, Exception):
+                break
     finally:
         bare.dispose()
     assert isinstance(got, RedmapConnectionError), got
