@@ -1894,9 +1894,10 @@ STEPS = 30
 # down for smaller runs); a run where they did not is a failure, not a pass.
 MINIMUMS = {
     "reload keeps old version (stale after expire)": 5,
-    "merge refused: stale (changed)": 1,
-    # Seen 0 to 7 times per 200 examples since the driver is drawn too (a merged copy
-    # applies only when nothing changed it since it was taken): counted, no minimum.
+    # Both merge outcomes ran from 0-1 to 58 times per 200 examples once the driver is
+    # drawn too (Hypothesis sometimes spends a run elsewhere): counted, no minimum. Each is
+    # covered deterministically by tests/test_session_regressions.py::TestMergeVersion.
+    "merge refused: stale (changed)": 0,
     "merge applied": 0,
     "failed flush: IntegrityError": 1,
     "failed flush: StaleDataError": 5,
