@@ -377,17 +377,25 @@ class FlushProtocol:
         # Every key of a range handed out must still be absent: an explicit insert may
         # have taken one of these ids between the INCRBY and this WATCH (it then wrote
         # the id guard, but before the WATCH saw it), and a counter set back would hand
-        # that id out again to a flush that does not check it. Keys of a sharded model
-        # cannot be listed (an id may live in any shard): its ids stay a gap.
+        # that id out again to a flush that does not check it. An id of a sharded model
+        # may live in any shard: every shard's key is probed (on a cluster they span
+        # slots, Redis refuses the probe, and the ids stay a gap).
         by_seq = {t.state.mapper.keys.seq(): t.state.mapper for t in self.job.inserts}
         probes: dict[str, Command] = {}
         for seq, (first, last) in ranges.items():
             mapper = by_seq.get(seq)
-            if mapper is not None and mapper.shard_key is None:
-                probes[seq] = (
-                    "EXISTS",
-                    *[mapper.keys.object(str(n)) for n in range(first, last + 1)],
-                )
+            if mapper is None:
+                continue
+            ids = range(first, last + 1)
+            if mapper.shard_key is None:
+                keys = [mapper.keys.object(str(n)) for n in ids]
+            else:
+                keys = [
+                    ks.object(str(n if ks.shard is None else mapper.shard_id(n, ks.shard)))
+                    for ks in mapper.all_keyspaces()
+                    for n in ids
+                ]
+            probes[seq] = ("EXISTS", *keys)
         replies = yield RoundTrip(
             [("WATCH", *also_watch, *keys_), *[("GET", k) for k in keys_], *probes.values()],
             route,
