@@ -57,74 +57,64 @@ class ReadRetry:
         """`read()`, sent again as the policy allows; `read` must leave a failed
         connection disconnected (it may hold unread replies). `url` is shown in errors
         and must carry no password."""
-        cuts = 0
-        loading_since: float | None = None
+        attempts = _Attempts(self, url)
         while True:
             try:
                 return read()
-            except rex.BusyLoadingError:  # a ConnectionError subclass: test it first
-                now = time.monotonic()
-                if loading_since is None:
-                    loading_since = now
-                    log.info("Redis is loading its data set; waiting to read (%s)", url)
-                if now - loading_since >= self.loading_timeout:
-                    raise RedmapConnectionError(
-                        f"Redis was still loading its data set into memory after "
-                        f"{self.loading_timeout:g}s (it answers LOADING after a restart "
-                        f"until its AOF or RDB file is read); try again once INFO "
-                        f"persistence shows loading:0",
-                        url=url,
-                    ) from None
-                time.sleep(_LOADING_POLL)
-            except _FINAL:
-                raise  # asking again would meet the same slow server or the same refusal
-            except (rex.ConnectionError, OSError) as exc:
-                if cuts >= self.retries:
-                    raise
-                pause = _BACKOFF[min(cuts, len(_BACKOFF) - 1)]
-                cuts += 1
-                log.info(
-                    "read cut (%s); sending it again (%d/%d)",
-                    type(exc).__name__,
-                    cuts,
-                    self.retries,
-                )
-                time.sleep(pause)
+            except BaseException as exc:
+                time.sleep(attempts.pause_after(exc))
 
     async def acall(self, read: Callable[[], Awaitable[T]], *, url: str) -> T:
         """`await read()`, sent again exactly as `call` would send `read()` again; the
         pauses are `asyncio.sleep`, so other tasks run meanwhile. A cancellation is
         never retried: it is not an error of the connection but the caller's wish."""
-        cuts = 0
-        loading_since: float | None = None
+        attempts = _Attempts(self, url)
         while True:
             try:
                 return await read()
-            except rex.BusyLoadingError:  # a ConnectionError subclass: test it first
-                now = time.monotonic()
-                if loading_since is None:
-                    loading_since = now
-                    log.info("Redis is loading its data set; waiting to read (%s)", url)
-                if now - loading_since >= self.loading_timeout:
-                    raise RedmapConnectionError(
-                        f"Redis was still loading its data set into memory after "
-                        f"{self.loading_timeout:g}s (it answers LOADING after a restart "
-                        f"until its AOF or RDB file is read); try again once INFO "
-                        f"persistence shows loading:0",
-                        url=url,
-                    ) from None
-                await asyncio.sleep(_LOADING_POLL)
-            except _FINAL:
-                raise  # asking again would meet the same slow server or the same refusal
-            except (rex.ConnectionError, OSError) as exc:
-                if cuts >= self.retries:
-                    raise
-                pause = _BACKOFF[min(cuts, len(_BACKOFF) - 1)]
-                cuts += 1
-                log.info(
-                    "read cut (%s); sending it again (%d/%d)",
-                    type(exc).__name__,
-                    cuts,
-                    self.retries,
-                )
-                await asyncio.sleep(pause)
+            except BaseException as exc:
+                await asyncio.sleep(attempts.pause_after(exc))
+
+
+class _Attempts:
+    """The policy's decisions for one read, shared by `ReadRetry.call` and `acall`
+    (which differ only in how they wait): how long to pause before sending the read
+    again, or the error to raise."""
+
+    def __init__(self, policy: ReadRetry, url: str) -> None:
+        self.policy, self.url = policy, url
+        self.cuts = 0
+        self.loading_since: float | None = None
+
+    def pause_after(self, exc: BaseException) -> float:
+        """The pause before the next attempt after `exc`; raises when there is none."""
+        policy = self.policy
+        if isinstance(exc, rex.BusyLoadingError):  # a ConnectionError subclass: first
+            now = time.monotonic()
+            if self.loading_since is None:
+                self.loading_since = now
+                log.info("Redis is loading its data set; waiting to read (%s)", self.url)
+            if now - self.loading_since >= policy.loading_timeout:
+                raise RedmapConnectionError(
+                    f"Redis was still loading its data set into memory after "
+                    f"{policy.loading_timeout:g}s (it answers LOADING after a restart "
+                    f"until its AOF or RDB file is read); try again once INFO "
+                    f"persistence shows loading:0",
+                    url=self.url,
+                ) from None
+            return _LOADING_POLL
+        # A timeout or a refused login: asking again would meet the same slow server or
+        # the same refusal. Anything but a cut connection is not the policy's to retry.
+        if isinstance(exc, _FINAL) or not isinstance(exc, (rex.ConnectionError, OSError)):
+            raise exc
+        if self.cuts >= policy.retries:
+            raise exc
+        pause = _BACKOFF[min(self.cuts, len(_BACKOFF) - 1)]
+        self.cuts += 1
+        log.info(
+            "read cut (%s); sending it again (%d/%d)",
+            type(exc).__name__,
+            self.cuts,
+            policy.retries,
+        )
+        return pause
