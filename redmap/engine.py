@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 from . import dialects
 from .commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from .exc import InvalidRequestError
+from .orm.flushprotocol import SCRIPT_THRESHOLD
 from .urls import safe_url
 
 if TYPE_CHECKING:
@@ -81,10 +82,15 @@ class EngineBase:
     """What the sync `Engine` and `redmap.asyncio.AsyncEngine` share: the URL shown
     (without a password), `echo`, and the listeners called before every round trip."""
 
-    def __init__(self, url: str, *, echo: Echo = False):
+    def __init__(
+        self, url: str, *, echo: Echo = False, flush_script_threshold: int | None = SCRIPT_THRESHOLD
+    ):
         self.url = safe_url(url)
         self.echo = echo
         self._listeners: list[Listener] = []
+        # Flushes of more objects run as one script inside MULTI, in linear time
+        # (docs/design/flush-concurrency.md); None keeps every flush on WATCH + checks.
+        self.flush_script_threshold = flush_script_threshold
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url})"
@@ -126,8 +132,15 @@ class EngineBase:
 class Engine(EngineBase):
     """A configured way to reach Redis, shared by many sessions (thread-safe)."""
 
-    def __init__(self, url: str, *, echo: Echo = False, **client_options: Any):
-        super().__init__(url, echo=echo)
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: Echo = False,
+        flush_script_threshold: int | None = SCRIPT_THRESHOLD,
+        **client_options: Any,
+    ):
+        super().__init__(url, echo=echo, flush_script_threshold=flush_script_threshold)
         dialect_cls = dialects.load(url)
         self.dialect: Dialect = dialect_cls(url, hook=self._on_round_trip, **client_options)
 
@@ -191,7 +204,9 @@ class Engine(EngineBase):
     def flush(self, job: FlushJob) -> None:
         """Run one flush atomically: the flush protocol (`redmap.orm.flushprotocol`) driven by
         the dialect; its INCRBYs go through `execute` (echoed like reads)."""
-        self.dialect.execute_flush(job, execute=self.execute)
+        self.dialect.execute_flush(
+            job, execute=self.execute, script_threshold=self.flush_script_threshold
+        )
 
     def dispose(self) -> None:
         """Close pooled connections; the engine reconnects if used again."""
@@ -215,7 +230,13 @@ def _render(cmd: Command) -> str:
     return " ".join(parts)
 
 
-def create_engine(url: str, *, echo: Echo = False, **client_options: Any) -> Engine:
+def create_engine(
+    url: str,
+    *,
+    echo: Echo = False,
+    flush_script_threshold: int | None = SCRIPT_THRESHOLD,
+    **client_options: Any,
+) -> Engine:
     """An engine for `url` (`redis://`, `rediss://`, `unix://`, `redis+cluster://`,
     `redis+embedded://`); extra keyword arguments go to the redis-py client.
 
@@ -225,7 +246,9 @@ def create_engine(url: str, *, echo: Echo = False, **client_options: Any) -> Eng
     Nothing connects until the first command, except `redis+embedded://`, which starts
     (or joins) its server at once.
     """
-    return Engine(url, echo=echo, **client_options)
+    return Engine(
+        url, echo=echo, flush_script_threshold=flush_script_threshold, **client_options
+    )
 
 
 _default: Engine | None = None

@@ -24,12 +24,17 @@ __all__ = ["DRIVER_ENV", "LoopEngine", "make_engine"]
 #: `sync` (default) or `async`: the driver of the engines the suite's fixtures and
 #: workers create (`make_engine`); the `driver` fixture sets it per test.
 DRIVER_ENV = "REDMAP_TEST_DRIVER"
+# Flushes of more objects than this run as one script ("none": never; unset: the default).
+SCRIPT_ENV = "REDMAP_TEST_SCRIPT_THRESHOLD"
 
 
 def make_engine(url: str, **options: Any) -> Engine:
     """An engine on the driver `REDMAP_TEST_DRIVER` names: the sync `Engine`, or a
     `LoopEngine` (the same Session API on the asyncio driver). Worker processes inherit
     the variable, so a race test's writers use the driver of the test."""
+    threshold = os.environ.get(SCRIPT_ENV)
+    if threshold is not None and "flush_script_threshold" not in options:
+        options["flush_script_threshold"] = None if threshold == "none" else int(threshold)
     if os.environ.get(DRIVER_ENV, "sync") == "async":
         return LoopEngine(url, **options)
     return Engine(url, **options)
@@ -69,6 +74,14 @@ class LoopEngine(Engine):
         if self._raw is None:
             self._raw = Engine(self._args[0])
         return self._raw
+
+    @property  # type: ignore[override]
+    def flush_script_threshold(self) -> int | None:
+        return self.async_engine.flush_script_threshold
+
+    @flush_script_threshold.setter
+    def flush_script_threshold(self, value: int | None) -> None:
+        self.async_engine.flush_script_threshold = value
 
     # Listeners and echo live on the async engine (it calls them for every round trip).
     def add_listener(self, fn: Any) -> None:

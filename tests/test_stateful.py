@@ -43,6 +43,8 @@ the end; `MINIMUMS` per 100 examples must be reached."""
 MINIMUMS = {
     "driver=sync": 10,
     "driver=async": 10,
+    "flush=watch": 10,
+    "flush=script": 10,
     "reload keeps old version (stale after expire)": 30,
     "stale after expire: flush refused": 40,
     "flushes refused: StaleDataError": 60,
@@ -311,12 +313,19 @@ class SessionHistories(RuleBasedStateMachine):
 
     # -- rules ------------------------------------------------------------------------
 
-    @initialize(rows=st.lists(ROWS, max_size=12), driver=st.sampled_from(("sync", "async")))
-    def seed(self, rows: list[Row], driver: str) -> None:
+    @initialize(
+        rows=st.lists(ROWS, max_size=12),
+        driver=st.sampled_from(("sync", "async")),
+        flush=st.sampled_from(("watch", "script")),
+    )
+    def seed(self, rows: list[Row], driver: str, flush: str) -> None:
         """Start from up to 12 committed objects, so that ids reach two digits early; the
-        sessions run on the drawn driver."""
+        sessions run on the drawn driver and commit the drawn way (WATCH + checks, or
+        one script inside MULTI: issue 14)."""
         self.engine = self.engines[driver]
+        self.engine.flush_script_threshold = 0 if flush == "script" else None
         STATS.bump(f"driver={driver}")
+        STATS.bump(f"flush={flush}")
         self.sessions = {
             "A": Tracked(Session(self.engine, autoflush=True), autoflush=True),
             "B": Tracked(Session(self.engine, autoflush=False), autoflush=False),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import dialects
 from ..commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from ..engine import Echo, EngineBase
+from ..orm.flushprotocol import SCRIPT_THRESHOLD
 
 if TYPE_CHECKING:
     from ..dialects.asyncio_base import AsyncDialect
@@ -29,8 +30,15 @@ class AsyncEngine(EngineBase):
     of one event loop. Creating it does no I/O (an embedded server starts on first use).
     """
 
-    def __init__(self, url: str, *, echo: Echo = False, **client_options: Any):
-        super().__init__(url, echo=echo)
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: Echo = False,
+        flush_script_threshold: int | None = SCRIPT_THRESHOLD,
+        **client_options: Any,
+    ):
+        super().__init__(url, echo=echo, flush_script_threshold=flush_script_threshold)
         dialect_cls = dialects.load_async(url)
         self.dialect: AsyncDialect = dialect_cls(url, hook=self._on_round_trip, **client_options)
 
@@ -93,7 +101,9 @@ class AsyncEngine(EngineBase):
         """Run one flush: the same `FlushProtocol` as the sync engine, awaited. A
         cancellation after the EXEC may have been sent is settled like a lost reply
         before `asyncio.CancelledError` goes on (see `AsyncDialect.execute_flush`)."""
-        await self.dialect.execute_flush(job, execute=self.execute)
+        await self.dialect.execute_flush(
+            job, execute=self.execute, script_threshold=self.flush_script_threshold
+        )
 
     async def wait_until_loaded(self) -> None:
         """Return once the server has loaded its data set (see `Dialect.wait_until_loaded`)."""
@@ -104,12 +114,20 @@ class AsyncEngine(EngineBase):
         await self.dialect.dispose()
 
 
-def create_async_engine(url: str, *, echo: Echo = False, **client_options: Any) -> AsyncEngine:
+def create_async_engine(
+    url: str,
+    *,
+    echo: Echo = False,
+    flush_script_threshold: int | None = SCRIPT_THRESHOLD,
+    **client_options: Any,
+) -> AsyncEngine:
     """An asyncio engine for `url`: every scheme of `create_engine` (`redis://`,
     `rediss://`, `unix://`, `redis+cluster://`, `redis+embedded://`); extra keyword
     arguments go to the `redis.asyncio` client. Nothing connects (and no embedded
     server starts) until the first command."""
-    return AsyncEngine(url, echo=echo, **client_options)
+    return AsyncEngine(
+        url, echo=echo, flush_script_threshold=flush_script_threshold, **client_options
+    )
 
 
 _default: AsyncEngine | None = None

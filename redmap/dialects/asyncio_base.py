@@ -22,6 +22,7 @@ import redis.exceptions as rex
 
 from ..commands import Command, RoundTripHook
 from ..orm.flushprotocol import (
+    SCRIPT_THRESHOLD,
     ClientExecute,
     FlushProtocol,
     Lost,
@@ -261,7 +262,13 @@ class AsyncDialect:
     async def refresh_topology(self) -> None:
         """Learn where keys live again after a redirect (nothing to learn here)."""
 
-    async def execute_flush(self, job: FlushJob, *, execute: AsyncExecute | None = None) -> None:
+    async def execute_flush(
+        self,
+        job: FlushJob,
+        *,
+        execute: AsyncExecute | None = None,
+        script_threshold: int | None = SCRIPT_THRESHOLD,
+    ) -> None:
         """Drive the flush protocol (`redmap.orm.flushprotocol`) on redis.asyncio connections.
 
         The loop of `Dialect.execute_flush`, awaited: it checks out the flush connection,
@@ -283,7 +290,11 @@ class AsyncDialect:
         (none are, in practice) are answered `Lost` without I/O.
         """
         protocol = FlushProtocol(
-            job, url=self.safe_url, is_redirect=_is_redirect, check_plan=self.check_plan
+            job,
+            url=self.safe_url,
+            is_redirect=_is_redirect,
+            check_plan=self.check_plan,
+            script_threshold=script_threshold,
         )
         run_client = execute or self.execute
         cancels_before = _cancel_requests()

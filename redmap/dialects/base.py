@@ -21,6 +21,7 @@ import redis.exceptions as rex
 from ..commands import Command, RoundTripHook
 from ..exc import FlushError, OutcomeUnknownError, RedmapConnectionError, RedmapError
 from ..orm.flushprotocol import (
+    SCRIPT_THRESHOLD,
     ClientExecute,
     FlushProtocol,
     Lost,
@@ -373,7 +374,11 @@ class Dialect:
         """Learn where keys live again after a redirect (nothing to learn here)."""
 
     def execute_flush(
-        self, job: FlushJob, *, execute: Callable[[Sequence[Command]], list[Any]] | None = None
+        self,
+        job: FlushJob,
+        *,
+        execute: Callable[[Sequence[Command]], list[Any]] | None = None,
+        script_threshold: int | None = SCRIPT_THRESHOLD,
     ) -> None:
         """Drive the flush protocol (`redmap.orm.flushprotocol`) on redis-py connections.
 
@@ -391,7 +396,11 @@ class Dialect:
         during the settle makes the settle `Lost` (outcome unknown).
         """
         protocol = FlushProtocol(
-            job, url=self.safe_url, is_redirect=_is_redirect, check_plan=self.check_plan
+            job,
+            url=self.safe_url,
+            is_redirect=_is_redirect,
+            check_plan=self.check_plan,
+            script_threshold=script_threshold,
         )
         run_client = execute or self.execute
         steps = protocol.run()

@@ -173,6 +173,11 @@ class FlushPlan:
         StaleDataError (retryable) whatever else failed, since the other failures may
         be consequences of the same concurrent change.
         """
+        return self.evaluate_pairs(list(zip(self.checks, replies, strict=True)))
+
+    def evaluate_pairs(self, pairs: Sequence[tuple[Check, Any]]) -> Exception | None:
+        """`evaluate` over some checks and their replies (a scripted flush reports the
+        checks of its refusing invocations only: a check that held adds nothing)."""
         stale: list[Check] = []
         refused: Exception | None = None  # an error reply: the key cannot be used
         conflict: Exception | None = None  # a taken primary key or unique value
@@ -180,7 +185,7 @@ class FlushPlan:
         taken: list[str] = []  # generated ids held by explicit inserts
         self.extra_writes = []
         self.ids_taken = False
-        for check, reply in zip(self.checks, replies, strict=True):
+        for check, reply in pairs:
             if isinstance(reply, Exception):
                 if refused is None:
                     refused = FlushError(

@@ -31,6 +31,7 @@ from ..exc import (
     RedmapConnectionError,
     StaleDataError,
 )
+from . import flushscript
 from .flushplan import FlushPlan, IdsTaken, id_guard_key
 from .gcpause import paused_gc
 from .mapper import Mapper
@@ -39,6 +40,7 @@ from .persistence import InsertTask, bind_placeholders
 __all__ = [
     "ID_RETRIES",
     "REDIRECT_RETRIES",
+    "SCRIPT_THRESHOLD",
     "WATCH_RETRIES",
     "ClientExecute",
     "FlushJob",
@@ -64,6 +66,9 @@ ID_RETRIES = 5
 # How many times one plan is started again after redirects (a slot migration in
 # progress answers TRYAGAIN until its keys have moved).
 REDIRECT_RETRIES = 50
+# Flushes of more objects than this run as one script inside MULTI (`flushscript`):
+# WATCH of every key they check would cost O(N^2) in the server.
+SCRIPT_THRESHOLD = 64
 
 
 # -- requests (what a driver is asked to do) ---------------------------------------------
@@ -135,6 +140,11 @@ class FlushJob(Protocol):
         """Whether generated ids must be handed out before the checks."""
         ...
 
+    @property
+    def size(self) -> int:
+        """How many objects the flush writes (it picks the commit strategy)."""
+        ...
+
     def plan(self) -> FlushPlan:
         """A plan of the flush with the ids handed out so far (placeholders for the
         others)."""
@@ -149,6 +159,14 @@ class Replan(Exception):
 
 class _Redirected(Exception):
     """A reply said the slot lives elsewhere: nothing was written."""
+
+
+def _no_script(reply: Any) -> bool:
+    """Whether an EXEC reply says the server does not know the script (redis-py
+    parses `NOSCRIPT` into `NoScriptError` and drops the prefix from its text)."""
+    return isinstance(reply, Exception) and (
+        type(reply).__name__ == "NoScriptError" or str(reply).startswith("NOSCRIPT")
+    )
 
 
 def _no_check(plan: FlushPlan) -> None:
@@ -176,6 +194,7 @@ class FlushProtocol:
         check_plan: Callable[[FlushPlan], None] = _no_check,
         clock: Callable[[], float] = time.monotonic,
         redirect_retries: int = REDIRECT_RETRIES,
+        script_threshold: int | None = SCRIPT_THRESHOLD,
     ):
         self.job = job
         self.url = url
@@ -188,13 +207,20 @@ class FlushProtocol:
         self.broken = False
         # Counters moved for this flush: (counter key, first id, last id), oldest first.
         self.moved: list[tuple[str, int, int]] = []
+        # Checks and writes run as one script inside MULTI instead of WATCH + checks
+        # (`flushscript`): flushes of more than `script_threshold` objects (None: never).
+        self.scripted = script_threshold is not None and job.size > script_threshold
 
     # -- the whole flush ----------------------------------------------------------
 
     def run(self) -> Generator[Request, Reply, None]:
         """Hand out ids, plan, check and commit; plan again while the protocol says so."""
         job = self.job
-        if job.ids_first():
+        if self.scripted:
+            # The script checks the ids' own keys at the commit point: ids come first.
+            if any(t.generated for t in job.inserts):
+                yield from self._hand_out_ids()
+        elif job.ids_first():
             yield from self._hand_out_ids()
         plan: FlushPlan | None = None
         for attempt in range(ID_RETRIES):
@@ -241,7 +267,10 @@ class FlushProtocol:
             if late.bound:
                 raise Replan()  # sent before (a redirect): plan again with the ids
             try:
-                yield from self._transaction(plan, late)
+                if self.scripted:
+                    yield from self._scripted(plan)
+                else:
+                    yield from self._transaction(plan, late)
                 return
             except _Redirected:
                 # The slot moved or is migrating: nothing was written. The driver
@@ -331,6 +360,68 @@ class FlushProtocol:
             "watched keys kept changing during the flush; nothing was written",
             objects=[s.obj for s in plan.states],
             keys=list(plan.watch),
+        )
+
+    def _scripted(self, plan: FlushPlan) -> Generator[Request, Reply, None]:
+        """`WATCH token`, MULTI, the plan's script invocations, EXEC: one round trip
+        (plus `SCRIPT LOAD` when the server does not know the script).
+
+        The script checks every precondition at the commit point and writes only when
+        all hold (docs/design/flush-concurrency.md); the token is written by it, so a
+        lost reply is settled as for the classic flush.
+        """
+        route = plan.token_key
+        with paused_gc(len(plan.writes)):
+            invocations = flushscript.encode(plan)
+            evals: list[Command] = [
+                ("EVALSHA", flushscript.SCRIPT_SHA, 1, plan.token_key, *inv.args)
+                for inv in invocations
+            ]
+        load = False
+        for _ in range(WATCH_RETRIES):
+            head: list[Command] = [("SCRIPT", "LOAD", flushscript.SCRIPT)] if load else []
+            sent_at = self.clock()
+            replies = yield RoundTrip(
+                [*head, ("WATCH", plan.token_key), ("MULTI",), *evals, ("EXEC",)], route
+            )
+            if isinstance(replies, Lost):
+                self.broken = True
+                yield from self._after_lost_exec(plan, replies, sent_at)
+                return
+            assert replies is not None
+            replies = replies[len(head) :]
+            if self._redirected(replies):
+                raise _Redirected()
+            if isinstance(replies[0], Exception):
+                yield from self._unwatch(route)
+                raise FlushError(
+                    f"Redis refused WATCH ({replies[0]}); nothing was written",
+                    errors=[str(replies[0])],
+                )
+            exec_reply = replies[-1]
+            if exec_reply is None:
+                continue  # the token changed under the WATCH: nothing ran
+            if isinstance(exec_reply, Exception):
+                queued = [str(r) for r in replies[2:-1] if isinstance(r, Exception)]
+                raise plan.refused_at_queue(queued or [str(exec_reply)], len(replies) - 3)
+            if any(_no_script(r) for r in exec_reply):
+                load = True  # nothing ran (a restart or failover emptied the cache)
+                continue
+            result = flushscript.outcome(plan, invocations, list(exec_reply))
+            if result.error is None:
+                return
+            if result.partial:
+                for st in plan.states:
+                    st.in_doubt = True
+            elif result.by_checks and plan.give_back():
+                # As after refusing checks on the classic path; a refused write (out of
+                # memory) leaves the ids unused, as an EXEC refused at queue time does.
+                yield from self._give_back_unsent()
+            raise result.error
+        raise StaleDataError(
+            "the flush token kept changing during the flush; nothing was written",
+            objects=[s.obj for s in plan.states],
+            keys=[plan.token_key],
         )
 
     def _lost_before_sent(self, lost: Lost) -> RedmapConnectionError:

@@ -614,6 +614,11 @@ class UOWTransaction:
                 cross_slot_allowed=self.session.allow_cross_slot,
             )
 
+    @property
+    def size(self) -> int:
+        """How many objects the flush writes (the protocol picks its strategy by it)."""
+        return len(self.inserts) + len(self.updates) + len(self.deletes)
+
     def ids_first(self) -> bool:
         """Whether generated ids must be handed out before the checks: when keys that
         need checking carry them (a new parent's children zset, a new object's link

@@ -147,6 +147,9 @@ class Config:
     # Which driver sessions A and B run on: the sync Engine, or the asyncio driver
     # behind the same Session API (tests/_async_driver.py: LoopEngine).
     driver: str = "sync"
+    # How sessions A, B and the worker commit (issue 14): "watch" (WATCH + checks, then
+    # MULTI/EXEC) or "script" (one script inside MULTI), whatever the flush's size.
+    flush: str = "watch"
 
     @property
     def explicit(self) -> bool:
@@ -167,6 +170,7 @@ def configs(cluster: bool) -> st.SearchStrategy[Config]:
         orphans=st.booleans(),
         cross_slot=st.booleans() if cluster else st.just(False),
         driver=st.sampled_from(("sync", "async")),
+        flush=st.sampled_from(("watch", "script")),
     ).map(lambda c: dataclasses.replace(c, unique=c.unique and not c.sharded)).filter(wanted)
 
 
@@ -265,7 +269,10 @@ def worker_main() -> None:
                 shards.seed(1)
                 if engine is not None:
                     engine.dispose()
-                engine = create_engine(msg["url"])
+                engine = create_engine(
+                    msg["url"],
+                    flush_script_threshold=0 if msg.get("flush") == "script" else None,
+                )
                 _, team, player = config_models(
                     msg["prefix"],
                     pk=msg["pk"],
@@ -525,8 +532,11 @@ class ConfigHistories(RuleBasedStateMachine):
             for who in ("A", "B"):
                 self.engines[who].dispose()
                 self.engines[who] = LoopEngine(self.url)
+        bump(f"config flush={cfg.flush}")
+        for who in ("A", "B"):
+            self.engines[who].flush_script_threshold = 0 if cfg.flush == "script" else None
         answer = self.worker.ask(op="config", url=self.url, prefix=prefix, **{
-            k: getattr(cfg, k) for k in ("pk", "unique", "sharded", "orphans")
+            k: getattr(cfg, k) for k in ("pk", "unique", "sharded", "orphans", "flush")
         })
         assert answer == {"ok": True}, answer
         for who in ("A", "B"):
@@ -1906,7 +1916,11 @@ MINIMUMS = {
     "stale after expire: commit refused": 5,
     "commits refused: IntegrityError": 1,
     "commits applied": 100,
-    "interleaved commits refused: StaleDataError": 1,
+    # A scripted flush (half the examples since issue 14) has no round trip between its
+    # checks and its writes for the worker to write in, so interleaved writes mostly land
+    # before it (1 to 3 per 200 examples): counted, no minimum. tests/reliability/
+    # test_races.py refuses stale commits under real concurrency deterministically.
+    "interleaved commits refused: StaleDataError": 0,
     # 6 to 86 per 200 examples seen once the driver is drawn too: about a tenth of the lowest.
     "interleaved commits applied": 1,
     "near counter: the worker's explicit insert was applied": 0,
@@ -1917,6 +1931,7 @@ MINIMUMS = {
     "worker applied": 50,
     **{f"config pk={k}": 1 for k in ("gen_int", "int", "str", "gen_uuid", "uuid")},
     **{f"config driver={k}": 1 for k in ("sync", "async")},
+    **{f"config flush={k}": 1 for k in ("watch", "script")},
 }
 
 

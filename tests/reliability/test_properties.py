@@ -190,11 +190,14 @@ class RelationshipHistories(RuleBasedStateMachine):
         self.steps = 0
         bump("examples")
 
-    def _open_sessions(self, driver: str) -> None:
+    def _open_sessions(self, driver: str, flush: str) -> None:
         """Sessions A and B on the drawn driver: the sync engines, or the asyncio driver
-        behind the same Session API (tests/_async_driver.py)."""
+        behind the same Session API (tests/_async_driver.py); committing the drawn way
+        (WATCH + checks, or one script inside MULTI: issue 14)."""
+        bump(f"flush={flush}")
         for who in ("A", "B"):
             engine = self.engines[who if driver == "sync" else f"{who}-async"]
+            engine.flush_script_threshold = 0 if flush == "script" else None
             sv = SessionModel(who, Session(engine, autoflush=False), engine)
             self.sv[who] = sv
             listener = self._listener(sv)
@@ -408,13 +411,20 @@ class RelationshipHistories(RuleBasedStateMachine):
         tags=st.integers(0, 2),
         kids=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.booleans()), max_size=4),
         driver=st.sampled_from(("sync", "async")),
+        flush=st.sampled_from(("watch", "script")),
     )
     def seed(
-        self, parents: int, teams: int, tags: int, kids: list[tuple[int, int, bool]], driver: str
+        self,
+        parents: int,
+        teams: int,
+        tags: int,
+        kids: list[tuple[int, int, bool]],
+        driver: str,
+        flush: str,
     ) -> None:
         """Start from a few committed objects, some of them related; open the sessions on
-        the drawn driver."""
-        self._open_sessions(driver)
+        the drawn driver, committing the drawn way."""
+        self._open_sessions(driver, flush)
         with Session(self.engines["check"]) as s:
             ps = [Parent(name=NAMES[i % 3]) for i in range(parents)]
             ts = [Team(name=NAMES[i % 3]) for i in range(teams)]
@@ -1023,6 +1033,8 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
 MINIMUMS = {
     "driver=sync": 5,
     "driver=async": 5,
+    "flush=watch": 5,
+    "flush=script": 5,
     "commits applied": 100,
     "commits refused (stale)": 2,
     "stale: changed": 1,
