@@ -20,7 +20,7 @@ from redmap.dialects._server import ServerProcess, find_redis_server, server_ver
 from redmap.exc import RedmapConnectionError
 from redmap.testing import servers
 from redmap.testing.servers import ClusterProcesses
-from tests._async_driver import DRIVER_ENV, make_engine
+from tests._async_driver import DRIVER_ENV, SCRIPT_ENV, make_engine
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -106,12 +106,16 @@ def cluster_client(cluster: ClusterProcesses) -> Iterator[RedisCluster]:
 # --- engine fixtures (added by the lead) ---
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync", "async", "script"])
 def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test twice: engines made by `make_engine` (the `engine`/`sengine` fixtures,
-    and worker processes, which inherit the variable) use the sync driver, then the
-    asyncio one. Request it before `engine` (or with `usefixtures`)."""
-    monkeypatch.setenv(DRIVER_ENV, request.param)
+    """Run the test three times: engines made by `make_engine` (the `engine`/`sengine`
+    fixtures, and worker processes, which inherit the variables) use the sync driver,
+    then the asyncio one, then the sync one committing every flush as one script inside
+    MULTI (issue 14; the default does so only past 64 objects). Request it before
+    `engine` (or with `usefixtures`)."""
+    monkeypatch.setenv(DRIVER_ENV, "async" if request.param == "async" else "sync")
+    if request.param == "script":
+        monkeypatch.setenv(SCRIPT_ENV, "0")
     driver: str = request.param
     return driver
 

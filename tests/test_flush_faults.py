@@ -20,7 +20,7 @@ import redis
 from redmap import PrimaryKey, Session, registry
 from redmap.engine import Engine
 from redmap.exc import OutcomeUnknownError, RedmapConnectionError
-from redmap.orm import persistence
+from redmap.orm import flushscript, persistence
 from redmap.orm.attributes import state_of
 from redmap.orm.mapper import VERSION_FIELD, mapper_of
 from redmap.testing.assertions import RoundTripCounter, count_round_trips, dump_keys
@@ -140,6 +140,9 @@ def test_lost_exec_reply_is_settled_as_applied(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An EXEC applied whose reply is lost: commit() succeeds and applies exactly once."""
+    # A scripted flush meeting a server that never ran its script sends it again with
+    # SCRIPT LOAD (a second EXEC): loaded here, so that EXECs count flushes.
+    redis_client.script_load(flushscript.SCRIPT)
     _create_counter(proxy_engine)
     rounds = 50
     caplog.set_level(logging.WARNING, logger="redmap.engine")

@@ -35,6 +35,7 @@ import redis.connection
 import redmap
 from redmap import ForeignKey, Indexed, PrimaryKey, Session, Sorted, Unique, registry
 from redmap.exc import OutcomeUnknownError, RedmapConnectionError, StaleDataError
+from tests._async_driver import make_engine
 
 reg = registry(prefix="rfaults")
 
@@ -108,7 +109,9 @@ def _arm(engine: redmap.Engine, mode: str, rng: random.Random) -> None:
     armed = threading.Event()
 
     def listener(commands: Sequence[tuple[Any, ...]]) -> None:
-        if not commands or commands[0] != ("MULTI",) or commands[-1] != ("EXEC",):
+        # The transaction's batch: MULTI...EXEC, or a scripted flush's WATCH token,
+        # MULTI, EVALSHA..., EXEC (issue 14).
+        if not commands or commands[-1] != ("EXEC",) or ("MULTI",) not in commands[:3]:
             return
         if mode == "before_exec":
             _kill_self()
@@ -135,7 +138,7 @@ def run_trial(url: str, spec: dict[str, Any]) -> None:
     tag = spec["tag"]
     # Named connections: the test waits until the server has dropped them all, since
     # bytes a killed process had already sent are still run by the server afterwards.
-    engine = redmap.create_engine(url, client_name=f"crash-{tag}")
+    engine = make_engine(url, client_name=f"crash-{tag}")
     _arm(engine, spec["mode"], rng)
     boxes = spec["boxes"]
     with Session(engine) as s:
@@ -190,7 +193,7 @@ def zygote(url: str) -> None:
 
 def writer(url: str, w: int, seconds: float, out_path: str) -> None:
     """Commit `shared tally += 1, own tally += 1, new Receipt` until the time is up."""
-    engine = redmap.create_engine(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    engine = make_engine(url, socket_timeout=5.0, socket_connect_timeout=2.0)
     deadline = time.monotonic() + seconds
     seq = 0
     with open(out_path, "a", encoding="utf-8") as out:
