@@ -90,9 +90,7 @@ def listens_for(
     """
 
     def decorate(fn: F) -> F:
-        listen(
-            target, identifier, fn, propagate=propagate, retval=retval, once=once, insert=insert
-        )
+        listen(target, identifier, fn, propagate=propagate, retval=retval, once=once, insert=insert)
         return fn
 
     return decorate
@@ -139,7 +137,7 @@ def _remove_attribute_listener(target: FieldAttribute | RelationshipAttribute, f
 
 
 def _kind(target: Any, identifier: str) -> str:
-    """"mapper", "session" or "attribute": which events `target` has, `identifier`
+    """Which events `target` has ("mapper", "session" or "attribute"), `identifier`
     being one of them; InvalidRequestError otherwise."""
     if isinstance(target, (FieldAttribute, RelationshipAttribute)):
         kind, names = "attribute", _events.ATTRIBUTE_EVENTS

@@ -53,12 +53,8 @@ def inspect(  # type: ignore[overload-overlap]
 @overload
 def inspect(subject: M, raiseerr: Literal[True] = True) -> InstanceStateView[M]: ...
 @overload
-def inspect(
-    subject: Any, raiseerr: bool
-) -> MapperView[Any] | InstanceStateView[Any] | None: ...
-def inspect(
-    subject: Any, raiseerr: bool = True
-) -> MapperView[Any] | InstanceStateView[Any] | None:
+def inspect(subject: Any, raiseerr: bool) -> MapperView[Any] | InstanceStateView[Any] | None: ...
+def inspect(subject: Any, raiseerr: bool = True) -> MapperView[Any] | InstanceStateView[Any] | None:
     """A view of a mapped class (`MapperView`) or of an instance of one
     (`InstanceStateView`), as SQLAlchemy's `inspect()`.
 

@@ -189,9 +189,7 @@ def mapper_listeners(cls: type[Any], name: str) -> tuple[Listener, ...]:
 # Listeners by target (a session class, a session, a sessionmaker, an AsyncSession or
 # its class, an async_sessionmaker), then by event name. Weak keys: a session or a
 # sessionmaker that goes away takes its listeners with it.
-_session: weakref.WeakKeyDictionary[Any, dict[str, list[Listener]]] = (
-    weakref.WeakKeyDictionary()
-)
+_session: weakref.WeakKeyDictionary[Any, dict[str, list[Listener]]] = weakref.WeakKeyDictionary()
 
 
 def session_events_enabled() -> bool:
