@@ -5,9 +5,11 @@ Public names only; everything is defined in its own module.
 
 from __future__ import annotations
 
+from . import event as event
 from .engine import Engine as Engine
 from .engine import configure as configure
 from .engine import create_engine as create_engine
+from .inspection import inspect as inspect
 from .orm.registry import registry as registry
 from .orm.relationships import relationship as relationship
 from .orm.schema import ForeignKey as ForeignKey
@@ -18,6 +20,7 @@ from .orm.schema import Unique as Unique
 from .orm.session import Session as Session
 from .orm.session import run_in_transaction as run_in_transaction
 from .orm.session import sessionmaker as sessionmaker
+from .orm.validators import validates as validates
 from .query.expression import and_ as and_
 from .query.expression import asc as asc
 from .query.expression import col as col
@@ -43,10 +46,12 @@ __all__ = [
     "configure",
     "create_engine",
     "desc",
+    "inspect",
     "or_",
     "registry",
     "relationship",
     "run_in_transaction",
     "select",
     "sessionmaker",
+    "validates",
 ]

@@ -12,6 +12,7 @@ RedmapError
 ├── InvalidRequestError       the session was used in a way it does not allow
 │   ├── DetachedInstanceError an unloaded attribute of an object with no session
 │   ├── ObjectDeletedError    an expired object that Redis no longer holds
+│   ├── NoInspectionAvailable `redmap.inspect()` of something that is not mapped
 │   └── CrossSlotError        a cluster flush whose keys fall in several hash slots
 ├── QueryError                a query redmap cannot answer without scanning
 ├── MigrationError            a migration that cannot run or failed
@@ -40,6 +41,7 @@ __all__ = [
     "MappingError",
     "MigrationError",
     "MultipleResultsFound",
+    "NoInspectionAvailable",
     "NoResultFound",
     "ObjectDeletedError",
     "OutcomeUnknownError",
@@ -216,6 +218,20 @@ class DetachedInstanceError(InvalidRequestError):
     Loaded attributes stay readable after `close()` or `expunge()`; expired ones and
     unloaded relationships need a session to load from.
     """
+
+
+class NoInspectionAvailable(InvalidRequestError):
+    """Raised by `redmap.inspect(subject)` when `subject` is neither a mapped class nor
+    an instance of one (SQLAlchemy's name). `subject` holds what was passed."""
+
+    def __init__(self, subject: Any):
+        self.subject = subject
+        what = subject.__name__ if isinstance(subject, type) else type(subject).__name__
+        kind = "class" if isinstance(subject, type) else "object of type"
+        super().__init__(
+            f"no inspection is available for {kind} {what}: redmap.inspect() takes a "
+            f"mapped class or an instance of one"
+        )
 
 
 class CrossSlotError(InvalidRequestError):

@@ -40,7 +40,15 @@ class AsyncSession:
     `expire_on_commit` is False by default: after a commit the objects keep their
     values, since reloading them on access would need I/O. Not safe for concurrent use
     by several tasks; use one per task.
+
+    Session events (`redmap.event`) registered on `Session`, on `AsyncSession`, on this
+    session or on its `async_sessionmaker` fire for the flushes and commits of this
+    session, and their listeners receive `sync_session`, as in SQLAlchemy.
     """
+
+    # `redmap.event` accepts this class, its subclasses and their instances as targets of
+    # session events (the listeners receive the wrapped `sync_session`).
+    __redmap_events__ = "session"
 
     def __init__(
         self,
@@ -58,6 +66,7 @@ class AsyncSession:
             allow_cross_slot=allow_cross_slot,
         )
         self.sync_session._async_engine = self.bind
+        self.sync_session._event_owners = (self,)
 
     async def __aenter__(self: AS) -> AS:
         return self
@@ -184,10 +193,9 @@ class AsyncSession:
         await self.bind.run(self.sync_session._flush_steps())
 
     async def commit(self) -> None:
-        """Flush; then, only with expire_on_commit=True, expire every object."""
-        await self.flush()
-        if self.sync_session.expire_on_commit:
-            self.sync_session.expire_all()
+        """Flush; then, only with expire_on_commit=True, expire every object (the
+        before_commit and after_commit events around it, as `Session.commit`)."""
+        await self.bind.run(self.sync_session._commit_steps())
 
     async def rollback(self) -> None:
         """Discard pending changes: new objects are expunged, the others expired (reload
@@ -216,6 +224,9 @@ class async_sessionmaker(Generic[AS]):  # noqa: N801 - SQLAlchemy's name
     >>> async with Factory.begin() as s:
     ...     s.add(obj)
     """
+
+    # Session events registered here apply to the sessions it makes.
+    __redmap_events__ = "session"
 
     @overload
     def __init__(
@@ -256,7 +267,9 @@ class async_sessionmaker(Generic[AS]):  # noqa: N801 - SQLAlchemy's name
     def __call__(self, **overrides: Any) -> AS:
         kw = {**self.kw, **overrides}
         bind = kw.pop("bind", self.bind)
-        return self.class_(bind, **kw)
+        session = self.class_(bind, **kw)
+        session.sync_session._event_owners += (self,)
+        return session
 
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AS]:

@@ -8,16 +8,20 @@ query expressions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..query.expression import ColumnOperators
+from .base import NO_VALUE
+from .events import SetHooks
+from .validators import VALIDATES_ATTR
 
 if TYPE_CHECKING:
     from .mapper import ColumnProperty, Mapper
     from .relationships import RelationshipProperty
     from .state import InstanceState
 
-__all__ = ["STATE_ATTR", "FieldAttribute", "instrument_class", "state_of"]
+__all__ = ["STATE_ATTR", "FieldAttribute", "instrument_class", "set_quietly", "state_of"]
 
 # The instance __dict__ entry holding the InstanceState; not a valid field name clash
 # because dataclass fields cannot start with "_redmap_" by convention and we refuse it.
@@ -39,12 +43,15 @@ def state_of(obj: object) -> InstanceState | None:
 class FieldAttribute(ColumnOperators[Any]):
     """A stored field: plain reads and writes, with change tracking when persistent."""
 
-    __slots__ = ("column", "key", "mapper")
+    __slots__ = ("column", "hooks", "key", "mapper")
 
     def __init__(self, mapper: Mapper[Any], column: ColumnProperty):
         self.mapper = mapper
         self.column = column
         self.key = column.key
+        # The validator and "set" listeners (`redmap.orm.events.SetHooks`); None when
+        # there are none, so a plain assignment makes no extra call.
+        self.hooks: SetHooks | None = None
 
     def __repr__(self) -> str:
         return f"{self.mapper.name}.{self.key}"
@@ -66,6 +73,15 @@ class FieldAttribute(ColumnOperators[Any]):
         raise AttributeError(f"{self.mapper.name!s} object has no value for {self.key!r}")
 
     def __set__(self, obj: object, value: Any) -> None:
+        hooks = self.hooks
+        if hooks is not None:
+            value = hooks.run(obj, value, obj.__dict__.get(self.key, NO_VALUE), self)
+        self.set_tracked(obj, value)
+
+    def set_tracked(self, obj: object, value: Any) -> None:
+        """Store `value` with change tracking and without the hooks: the ORM's own
+        assignments (foreign keys kept in step with relationships), which SQLAlchemy
+        makes without events too."""
         st = state_of(obj)
         if st is not None and st.identity is not None:
             st.modified_attribute(self.key)
@@ -75,11 +91,13 @@ class FieldAttribute(ColumnOperators[Any]):
 class RelationshipAttribute:
     """A relationship attribute: loads on first access (per `lazy`), reports changes."""
 
-    __slots__ = ("key", "prop")
+    __slots__ = ("hooks", "key", "prop")
 
     def __init__(self, prop: RelationshipProperty):
         self.prop = prop
         self.key = prop.key
+        # The validator (many-to-one only) and "set" listeners, as on `FieldAttribute`.
+        self.hooks: SetHooks | None = None
 
     def __repr__(self) -> str:
         owner = self.prop.parent.name if self.prop.parent else "?"
@@ -118,6 +136,9 @@ class RelationshipAttribute:
         from .relationship_events import collection_added, collection_removed, scalar_set
 
         d = obj.__dict__
+        hooks = self.hooks
+        if hooks is not None:
+            value = hooks.run(obj, value, d.get(self.key, NO_VALUE), self)
         if self._uselist():
             if value is None:
                 value = []
@@ -177,10 +198,71 @@ def _unique(items: Any) -> list[Any]:
     return out
 
 
+def set_quietly(obj: object, name: str, value: Any) -> None:
+    """Assign a stored field as the ORM does: tracked as a change, but without the
+    validator and "set" listeners (`FieldAttribute.set_tracked`)."""
+    attr = getattr(type(obj), name)
+    if isinstance(attr, FieldAttribute):
+        attr.set_tracked(obj, value)
+    else:
+        setattr(obj, name, value)
+
+
 def instrument_class(mapper: Mapper[Any]) -> None:
-    """Install one descriptor per field and relationship on the mapped class."""
+    """Install one descriptor per field and relationship on the mapped class, with the
+    class's `@validates` methods as their validators."""
     cls = mapper.class_
+    validators = _validators(mapper)
     for col in mapper.columns.values():
-        setattr(cls, col.key, FieldAttribute(mapper, col))
+        attr = FieldAttribute(mapper, col)
+        if col.key in validators:
+            attr.hooks = SetHooks(col.key, validators[col.key])
+        setattr(cls, col.key, attr)
     for prop in mapper.relationships.values():
-        setattr(cls, prop.key, RelationshipAttribute(prop))
+        rel = RelationshipAttribute(prop)
+        if prop.key in validators:
+            if rel._uselist():
+                from ..exc import MappingError
+
+                raise MappingError(
+                    "@validates supports stored fields and many-to-one relationships; "
+                    "a list relationship's members are not validated one by one",
+                    model=mapper.name,
+                    field=prop.key,
+                )
+            rel.hooks = SetHooks(prop.key, validators[prop.key])
+        setattr(cls, prop.key, rel)
+    mapper.validators = validators
+
+
+def _validators(mapper: Mapper[Any]) -> dict[str, Callable[[Any, str, Any], Any]]:
+    """The `@validates` methods of the class and its bases, by the name they validate."""
+    from ..exc import MappingError
+
+    found: dict[str, Callable[[Any, str, Any], Any]] = {}
+    owners: dict[str, tuple[type[Any], str]] = {}
+    for klass in mapper.class_.__mro__:
+        for attr_name, fn in vars(klass).items():
+            names = getattr(fn, VALIDATES_ATTR, None)
+            if names is None or not callable(fn):
+                continue
+            for name in names:
+                if name not in mapper.columns and name not in mapper.relationships:
+                    raise MappingError(
+                        f"@validates names {name!r}, which is neither a field nor a "
+                        f"relationship",
+                        model=mapper.name,
+                        field=attr_name,
+                    )
+                if name in owners:
+                    owner, other = owners[name]
+                    if owner is klass:
+                        raise MappingError(
+                            f"two @validates methods for {name!r}: {other} and {attr_name}",
+                            model=mapper.name,
+                            field=name,
+                        )
+                    continue  # a base's validator, overridden by a subclass's own
+                owners[name] = (klass, attr_name)
+                found[name] = fn
+    return found

@@ -55,6 +55,7 @@ class SessionContext:
         "load_unloaded",
         "new",
         "orphans",
+        "owner",
         "rel_dirty",
         "supports_cluster",
     )
@@ -70,6 +71,7 @@ class SessionContext:
         load_relationship: Callable[[InstanceState, RelationshipProperty], None],
         supports_cluster: Callable[[], bool],
         allow_cross_slot: bool = False,
+        owner: object = None,
     ) -> None:
         # Persistent (and deleted, not yet flushed) states by identity, and the modified set.
         self.identity_map = IdentityMap()
@@ -105,6 +107,9 @@ class SessionContext:
         self.load_relationship = load_relationship
         # Whether the engine reaches a Redis Cluster (a flush may then be split by tag).
         self.supports_cluster = supports_cluster
+        # The public session object owning this context, opaque here: what
+        # `redmap.inspect(obj).session` answers (nothing below the session calls it).
+        self.owner = owner
 
     def __repr__(self) -> str:
         return f"<SessionContext {len(self.identity_map)} persistent, {len(self.new)} pending>"

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
-from .attributes import state_of
+from .attributes import set_quietly, state_of
 
 if TYPE_CHECKING:
     from .context import SessionContext
@@ -85,12 +85,13 @@ class FlushJournal:
         self.session.expunge(obj)
 
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
-        """`setattr(obj, name, value)` through the instrumented attribute, recorded."""
+        """`setattr(obj, name, value)` through the instrumented attribute (tracked, without
+        validators and "set" listeners: the ORM's own assignment), recorded."""
         self._remember(obj, name)
         st = state_of(obj)
         if st is not None:
             self._touch(st).names.add(name)
-        setattr(obj, name, value)
+        set_quietly(obj, name, value)
 
     def set_plain(self, obj: Any, name: str, value: Any) -> None:
         """`obj.__dict__[name] = value` (no events, no change tracking), recorded."""

@@ -12,6 +12,7 @@ import types
 import typing
 import uuid
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 
 from ..exc import DecodeError, MappingError, ValidationError
@@ -98,6 +99,8 @@ class Mapper(Generic[M]):
         self.indexed_columns: tuple[ColumnProperty, ...] = ()
         self.decode_plan: tuple[tuple[str, bytes, Codec], ...] = ()
         self._stored_columns: tuple[ColumnProperty, ...] | None = None
+        # The `@validates` methods by attribute name (`attributes.instrument_class`).
+        self.validators: dict[str, Callable[[Any, str, Any], Any]] = {}
 
     def __repr__(self) -> str:
         return f"<Mapper {self.name} keyspace={self.keyspace!r}>"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .attributes import state_of
+from .attributes import set_quietly, state_of
 from .relationships import Direction
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _mark_fk(child: Any, prop_fk: str, parent: Any) -> None:
         session.relationship_changed(child)
     value = None if parent is None else _known_pk(parent)
     if parent is None or value is not None:
-        setattr(child, prop_fk, value)
+        set_quietly(child, prop_fk, value)  # the ORM's own sync: no validator, no event
 
 
 def _known_pk(obj: Any) -> Any:

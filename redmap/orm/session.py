@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 from ..commands import Read, Steps
 from ..engine import Engine, default_engine
 from ..exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDataError
+from . import events
 from .attributes import STATE_ATTR, state_of
 from .context import SessionContext
 from .identity import IdentitySet
@@ -46,6 +47,10 @@ class Session:
     ...     s.commit()
     """
 
+    # `redmap.event` accepts this class, its subclasses and their instances as targets of
+    # session events.
+    __redmap_events__ = "session"
+
     def __init__(
         self,
         bind: Engine | None = None,
@@ -67,6 +72,7 @@ class Session:
             load_relationship=self._load_relationship,
             supports_cluster=self._supports_cluster,
             allow_cross_slot=allow_cross_slot,
+            owner=self,
         )
         self.autoflush = autoflush
         self.expire_on_commit = expire_on_commit
@@ -80,6 +86,9 @@ class Session:
         # flush is then driven by the AsyncSession (awaited), and anything that would
         # need blocking I/O here (a lazy load on attribute access) raises instead.
         self._async_engine: EngineBase | None = None
+        # What made or wraps this session (its sessionmaker; the AsyncSession driving it
+        # and that one's async_sessionmaker): their session-event listeners apply to it.
+        self._event_owners: tuple[object, ...] = ()
 
     @property
     def allow_cross_slot(self) -> bool:
@@ -344,14 +353,39 @@ class Session:
                     f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
                     f"call rollback() so they reload from what Redis holds"
                 )
+            # Session events fire only for a flush with something to write, as
+            # SQLAlchemy's (one dict test when no listener exists).
+            fire = events.session_events_enabled() and self._has_pending()
+            if fire:
+                self._dispatch("before_flush")
             self._flushing = True
             try:
                 yield from UOWTransaction(self._context).execute_steps()
             finally:
                 self._flushing = False
+            if fire:
+                self._dispatch("after_flush")
         finally:
             self._flush_thread = None
             self._flush_lock.release()
+
+    def _dispatch(self, name: str) -> None:
+        """Call the listeners of session event `name` with this session."""
+        for listener in events.session_listeners(name, self, self._event_owners):
+            listener.call(self)
+
+    def _has_pending(self) -> bool:
+        """Whether a flush may have something to write (what an autoflush checks)."""
+        ctx = self._context
+        return bool(
+            ctx.new
+            or ctx.deleted
+            or ctx.identity_map.modified
+            or ctx.rel_dirty
+            or ctx.links
+            or ctx.orphans
+            or any(st.mapper.mutable_columns for st in ctx.identity_map.states())
+        )
 
     def _autoflush(self) -> Steps[None]:
         """Flush pending changes before a read (unless autoflush is off); core steps."""
@@ -381,10 +415,22 @@ class Session:
             self._no_autoflush -= 1
 
     def commit(self) -> None:
-        """Flush, then (with expire_on_commit) expire every object so it reloads on access."""
-        self.flush()
+        """Flush, then (with expire_on_commit) expire every object so it reloads on access.
+
+        Session events: `before_commit` before the flush, `after_commit` once it was
+        applied (not when it raised).
+        """
+        self._run(self._commit_steps())
+
+    def _commit_steps(self) -> Steps[None]:
+        """`commit()` as core steps, for both drivers."""
+        if events.session_events_enabled():
+            self._dispatch("before_commit")
+        yield from self._flush_steps()
         if self.expire_on_commit:
             self.expire_all()
+        if events.session_events_enabled():
+            self._dispatch("after_commit")
 
     def rollback(self) -> None:
         """Discard pending changes: new objects are expunged, the others expired."""
@@ -401,6 +447,8 @@ class Session:
             st.in_doubt = False
             st.expire()
         ctx.identity_map.modified.clear()
+        if events.session_events_enabled():
+            self._dispatch("after_rollback")
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Session]:
@@ -678,6 +726,9 @@ class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name
     ...     s.add(obj)
     """
 
+    # Session events registered on a sessionmaker apply to the sessions it makes.
+    __redmap_events__ = "session"
+
     # Two signatures so that `sessionmaker(engine)` is a `sessionmaker[Session]` to type
     # checkers without an annotation, and `class_=MySession` a `sessionmaker[MySession]`.
     @overload
@@ -719,7 +770,9 @@ class sessionmaker(Generic[S]):  # noqa: N801 - SQLAlchemy's name
     def __call__(self, **overrides: Any) -> S:
         kw = {**self.kw, **overrides}
         bind = kw.pop("bind", self.bind)
-        return self.class_(bind, **kw)
+        session = self.class_(bind, **kw)
+        session._event_owners += (self,)
+        return session
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[S]:

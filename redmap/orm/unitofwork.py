@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..commands import Flush, Steps
@@ -26,7 +26,7 @@ from ..exc import (
     PartialCommitError,
     ValidationError,
 )
-from . import keys
+from . import events, keys
 from .attributes import state_of
 from .dependency import RelationshipWork, prepare
 from .gcpause import paused_gc
@@ -40,6 +40,7 @@ from .persistence import (
     UpdateTask,
     plan_flush,
 )
+from .relationships import Direction
 
 if TYPE_CHECKING:
     from .context import SessionContext
@@ -357,6 +358,8 @@ class UOWTransaction:
         """
         try:
             yield from self.collect()
+            if events.mapper_events_enabled() and self._before_events():
+                self._collect_again()
             if self.empty:
                 self._flushed()
                 return
@@ -369,6 +372,98 @@ class UOWTransaction:
         except BaseException:
             self.work.restore()
             raise
+        if events.mapper_events_enabled():
+            self._after_events()
+
+    # -- mapper events (redmap.event) -----------------------------------------------------
+
+    def _before_events(self) -> bool:
+        """Call the before_insert, before_update and before_delete listeners, once per
+        object, in flush order; True when any was called (the tasks are then collected
+        again, so what the listeners assigned goes into this flush)."""
+        called = self._dispatch("before_insert", self.inserts, parents_first=True)
+        called |= self._dispatch("before_update", self.updates, parents_first=True)
+        called |= self._dispatch("before_delete", self.deletes, parents_first=False)
+        return called
+
+    def _after_events(self) -> None:
+        """Call the after_ listeners once the flush was applied (never for a refused one)."""
+        self._dispatch("after_insert", self.inserts, parents_first=True)
+        self._dispatch("after_update", self.updates, parents_first=True)
+        self._dispatch("after_delete", self.deletes, parents_first=False)
+
+    def _collect_again(self) -> None:
+        """Build the tasks again from the session, after before_ listeners changed
+        attributes (the relationship work prepared before them stays as it is)."""
+        self.inserts.clear()
+        self.updates.clear()
+        self.deletes.clear()
+        self._tags = None
+        with paused_gc(len(self.session.new) + len(self.session.identity_map)):
+            self._collect_tasks()
+
+    def _dispatch(
+        self,
+        name: str,
+        tasks: Sequence[InsertTask | UpdateTask | DeleteTask],
+        *,
+        parents_first: bool,
+    ) -> bool:
+        """Call `name`'s listeners for the tasks' objects; parents before their children
+        (inserts, updates) or children before their parents (deletes)."""
+        if not any(events.mapper_listeners(t.state.mapper.class_, name) for t in tasks):
+            return False
+        for st in self._dependency_order([t.state for t in tasks], parents_first):
+            for listener in events.mapper_listeners(st.mapper.class_, name):
+                listener.call(st.obj)
+        return True
+
+    def _dependency_order(
+        self, states: list[InstanceState], parents_first: bool
+    ) -> list[InstanceState]:
+        """`states` with each many-to-one target before the objects pointing at it (or
+        after them), otherwise in the order given. A Redis transaction applies its
+        commands at once, so this order is the events' only: the one SQLAlchemy's unit
+        of work gives. Objects in a cycle keep the order given."""
+        index = {id(st): i for i, st in enumerate(states)}
+        by_identity = {st.identity: i for i, st in enumerate(states) if st.identity is not None}
+        parents: list[set[int]] = [set() for _ in states]
+        for i, st in enumerate(states):
+            d = st.obj.__dict__
+            for prop in st.mapper.relationships.values():
+                if prop.direction is not Direction.MANYTOONE:
+                    continue
+                target = d.get(prop.key)
+                j: int | None = None
+                if target is not None:
+                    tst = state_of(target)
+                    j = None if tst is None else index.get(id(tst))
+                elif d.get(prop.fk_column) is not None:
+                    j = by_identity.get((prop.target, d[prop.fk_column]))
+                if j is not None and j != i:
+                    parents[i].add(j)
+        for dk in self.work.deferred:
+            child, target = index.get(id(dk.child)), index.get(id(dk.target))
+            if child is not None and target is not None and child != target:
+                parents[child].add(target)
+        before = parents
+        if not parents_first:  # children first: each object waits for its children
+            before = [set() for _ in states]
+            for i, ps in enumerate(parents):
+                for p in ps:
+                    before[p].add(i)
+        order: list[int] = []
+        placed: set[int] = set()
+        left = list(range(len(states)))
+        while left:
+            ready = [i for i in left if before[i] <= placed]
+            if not ready:
+                order += left  # a cycle
+                break
+            order += ready
+            placed.update(ready)
+            left = [i for i in left if i not in placed]
+        return [states[i] for i in order]
 
     def _flushed(self, written: Callable[[Any], bool] | None = None) -> None:
         """Forget the relationship bookkeeping this flush consumed (see FlushJournal)."""
