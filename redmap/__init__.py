@@ -18,6 +18,11 @@ from .orm.schema import Unique as Unique
 from .orm.session import Session as Session
 from .orm.session import run_in_transaction as run_in_transaction
 from .orm.session import sessionmaker as sessionmaker
+from .orm.strategy_options import Load as Load
+from .orm.strategy_options import defaultload as defaultload
+from .orm.strategy_options import lazyload as lazyload
+from .orm.strategy_options import raiseload as raiseload
+from .orm.strategy_options import selectinload as selectinload
 from .query.expression import and_ as and_
 from .query.expression import asc as asc
 from .query.expression import col as col
@@ -32,6 +37,7 @@ __all__ = [
     "Engine",
     "ForeignKey",
     "Indexed",
+    "Load",
     "PrimaryKey",
     "Select",
     "Session",
@@ -42,11 +48,15 @@ __all__ = [
     "col",
     "configure",
     "create_engine",
+    "defaultload",
     "desc",
+    "lazyload",
     "or_",
+    "raiseload",
     "registry",
     "relationship",
     "run_in_transaction",
     "select",
+    "selectinload",
     "sessionmaker",
 ]

@@ -29,6 +29,7 @@ from ..orm.attributes import FieldAttribute
 from ..orm.keys import KeySpace
 from ..orm.loading import ensure_loaded
 from ..orm.mapper import ColumnProperty, Mapper, mapper_of
+from ..orm.strategy_options import Load, LoadTree, build_tree
 from .expression import (
     BinaryExpression,
     BooleanClauseList,
@@ -57,6 +58,7 @@ class Select(Generic[M]):
         self._order_by: tuple[Ordering, ...] = ()
         self._limit: int | None = None
         self._offset: int = 0
+        self._options: tuple[Load, ...] = ()
 
     def _copy(self) -> Select[M]:
         new: Select[M] = Select(self.model)
@@ -64,6 +66,7 @@ class Select(Generic[M]):
         new._order_by = self._order_by
         new._limit = self._limit
         new._offset = self._offset
+        new._options = self._options
         return new
 
     def where(self, *conditions: ColumnElement) -> Select[M]:
@@ -78,6 +81,14 @@ class Select(Generic[M]):
         """Order by a Sorted field (or the primary key); `col(Model.f).desc()` for descending."""
         new = self._copy()
         new._order_by = tuple(t if isinstance(t, Ordering) else asc(t) for t in terms)
+        return new
+
+    def options(self, *options: Load) -> Select[M]:
+        """Loader options for the objects this statement returns (`selectinload(A.b)`,
+        `lazyload`, `raiseload`, chained): they override the relationships' mapped
+        `lazy=` for these objects only; checked against the mapping when it runs."""
+        new = self._copy()
+        new._options = self._options + options
         return new
 
     def limit(self, n: int | None) -> Select[M]:
@@ -532,9 +543,10 @@ def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
 
 def execute_select(session: SessionContext, stmt: Select[M]) -> Steps[ScalarResult[M]]:
     """Ids in one round trip (per shard read, for a fan-out), then the objects in one."""
+    mapper = mapper_of(stmt.model)
+    tree = build_tree(mapper, stmt._options)
     if stmt._limit == 0:
         return ScalarResult([])
-    mapper = mapper_of(stmt.model)
     spaces = _target_shards(stmt, mapper)
     if not spaces:
         _validate(stmt, mapper)
@@ -550,10 +562,12 @@ def execute_select(session: SessionContext, stmt: Select[M]) -> Steps[ScalarResu
             raise
         source = _Compiler(mapper, spaces[0]).ordering(stmt)[0]
         pks = [mapper.pk_from_segment(i, source) for i in ids]
-    return ScalarResult((yield from _objects_for(session, mapper, pks)))
+    return ScalarResult((yield from _objects_for(session, mapper, pks, tree)))
 
 
-def _objects_for(session: SessionContext, mapper: Mapper[Any], pks: list[Any]) -> Steps[list[Any]]:
+def _objects_for(
+    session: SessionContext, mapper: Mapper[Any], pks: list[Any], tree: LoadTree
+) -> Steps[list[Any]]:
     yield from ensure_loaded(session, mapper, pks)
     out = []
     for pk in pks:
@@ -563,7 +577,7 @@ def _objects_for(session: SessionContext, mapper: Mapper[Any], pks: list[Any]) -
     if mapper.relationships:
         from ..orm.strategies import selectin_for
 
-        yield from selectin_for(session, out)
+        yield from selectin_for(session, out, tree, reset=True)
     return out
 
 
