@@ -7,6 +7,8 @@ ordering zset (the sorted index of the `order_by` field, or the model's id zset)
 and one ZRANGE reads the requested page. All of it runs in one MULTI/EXEC, so the
 temporary keys never outlive the round trip and the result is a consistent
 snapshot. A second round trip fetches the objects not already in the session.
+Several `order_by` terms page through the first one's zset the same way and sort only
+the tie groups the page touches by the others (`_ids_by_terms`, `query.ordering`).
 """
 
 from __future__ import annotations
