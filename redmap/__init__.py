@@ -20,6 +20,11 @@ from .orm.schema import Unique as Unique
 from .orm.session import Session as Session
 from .orm.session import run_in_transaction as run_in_transaction
 from .orm.session import sessionmaker as sessionmaker
+from .orm.strategy_options import Load as Load
+from .orm.strategy_options import defaultload as defaultload
+from .orm.strategy_options import lazyload as lazyload
+from .orm.strategy_options import raiseload as raiseload
+from .orm.strategy_options import selectinload as selectinload
 from .orm.validators import validates as validates
 from .query.expression import and_ as and_
 from .query.expression import asc as asc
@@ -35,6 +40,7 @@ __all__ = [
     "Engine",
     "ForeignKey",
     "Indexed",
+    "Load",
     "PrimaryKey",
     "Select",
     "Session",
@@ -45,13 +51,17 @@ __all__ = [
     "col",
     "configure",
     "create_engine",
+    "defaultload",
     "desc",
     "inspect",
+    "lazyload",
     "or_",
+    "raiseload",
     "registry",
     "relationship",
     "run_in_transaction",
     "select",
+    "selectinload",
     "sessionmaker",
     "validates",
 ]

@@ -207,8 +207,10 @@ class InvalidRequestError(RedmapError):
 
     Raised when: an object already belongs to another session, an object that is not
     in the session is refreshed or expunged, a mapped class is used before its
-    registry is configured, or a session is used after an unknown flush outcome
-    without a rollback.
+    registry is configured, a session is used after an unknown flush outcome
+    without a rollback, a relationship that is `lazy="raise"` (or `raiseload()` by the
+    statement that returned its object) is accessed unloaded, or a loader option's
+    path does not follow the mapping.
     """
 
 

@@ -21,6 +21,7 @@ from .engine import AsyncEngine, default_async_engine
 
 if TYPE_CHECKING:
     from ..orm.identity import IdentitySet
+    from ..orm.strategy_options import Load
     from ..query.select import ScalarResult, Select
 
 __all__ = ["AsyncSession", "async_sessionmaker", "run_in_transaction"]
@@ -154,13 +155,15 @@ class AsyncSession:
 
     # -- I/O ------------------------------------------------------------------------------
 
-    async def get(self, model: type[M], pk: Any) -> M | None:
-        """The object with this primary key, or None (round trips as `Session.get`)."""
-        return await self.bind.run(self.sync_session._get_steps(model, pk))
+    async def get(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M | None:
+        """The object with this primary key, or None (round trips as `Session.get`);
+        `options=[selectinload(Model.rel)]` loads relationships an AsyncSession could
+        not load on access."""
+        return await self.bind.run(self.sync_session._get_steps(model, pk, options))
 
-    async def get_one(self, model: type[M], pk: Any) -> M:
+    async def get_one(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M:
         """The object with this primary key; `NoResultFound` when there is none."""
-        return await self.bind.run(self.sync_session._get_one_steps(model, pk))
+        return await self.bind.run(self.sync_session._get_one_steps(model, pk, options))
 
     async def get_many(self, model: type[M], pks: Iterable[Any]) -> list[M | None]:
         """The objects for `pks`, in order, None where absent; 1 round trip at most."""

@@ -25,6 +25,8 @@ from .loading import ensure_loaded, load_instance, load_unloaded_steps, unloaded
 from .mapper import mapper_of
 from .relationship_events import discard_expired
 from .state import InstanceState
+from .strategies import selectin_for
+from .strategy_options import Load, build_tree
 from .unitofwork import UOWTransaction, changed_fields
 
 if TYPE_CHECKING:
@@ -238,7 +240,8 @@ class Session:
         owner = f"{st.mapper.name}.{name}"
         if relationship:
             ways = (
-                f"load it first with `await session.refresh(obj, [{name!r}])`, or give the "
+                f"load it first with `await session.refresh(obj, [{name!r}])`, load it in "
+                f"the statement with `.options(selectinload({owner}))`, or give the "
                 f'relationship lazy="selectin" so that gets and queries load it'
             )
         else:
@@ -547,17 +550,20 @@ class Session:
 
     # -- loading ----------------------------------------------------------------------------
 
-    def get(self, model: type[M], pk: Any) -> M | None:
+    def get(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M | None:
         """The object with this primary key, or None.
 
         No command when the object is already in the session and loaded; else
         1 round trip (after an autoflush of pending changes, if any), plus those of its
-        lazy="selectin" relationships.
+        lazy="selectin" relationships. `options` are loader options as in
+        `select().options()`; unlike SQLAlchemy they apply to an object found in the
+        identity map too (a `selectinload` of a relationship it has not loaded loads it).
         """
-        answered, obj = self._get_without_io(model, pk)
-        if answered:
-            return obj
-        return self._run(self._get_steps(model, pk))
+        if not options:
+            answered, obj = self._get_without_io(model, pk)
+            if answered:
+                return obj
+        return self._run(self._get_steps(model, pk, options))
 
     def _get_without_io(self, model: type[M], pk: Any) -> tuple[bool, M | None]:
         """(True, the object or None) when the identity map answers `get` alone (a loaded
@@ -573,31 +579,35 @@ class Session:
                 return True, obj
         return False, None
 
-    def _get_steps(self, model: type[M], pk: Any) -> Steps[M | None]:
-        answered, found_loaded = self._get_without_io(model, pk)
-        if answered:
-            return found_loaded
+    def _get_steps(
+        self, model: type[M], pk: Any, options: Sequence[Load] = ()
+    ) -> Steps[M | None]:
         mapper = mapper_of(model)
-        yield from self._autoflush()
-        key = mapper.object_key(pk)
-        (data,) = yield Read([("HGETALL", key)])
-        found: M | None = load_instance(self._context, mapper, pk, key, data)
-        if found is not None and mapper.relationships:
-            from .strategies import selectin_for
-
-            yield from selectin_for(self._context, [found])
+        tree = build_tree(mapper, options) if options else None
+        answered, found = self._get_without_io(model, pk)
+        if not answered:
+            yield from self._autoflush()
+            key = mapper.object_key(pk)
+            (data,) = yield Read([("HGETALL", key)])
+            found = load_instance(self._context, mapper, pk, key, data)
+            if found is not None and mapper.relationships:
+                yield from selectin_for(self._context, [found], tree)
+        elif found is not None and tree:
+            yield from selectin_for(self._context, [found], tree)
         return found
 
-    def get_one(self, model: type[M], pk: Any) -> M:
+    def get_one(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M:
         """The object with this primary key; `NoResultFound` when there is none.
 
         `get()` for when the object must exist: typed `M`, not `M | None`, so the
         result needs no None check (SQLAlchemy's `Session.get_one`).
         """
-        return self._run(self._get_one_steps(model, pk))
+        return self._run(self._get_one_steps(model, pk, options))
 
-    def _get_one_steps(self, model: type[M], pk: Any) -> Steps[M]:
-        obj = yield from self._get_steps(model, pk)
+    def _get_one_steps(
+        self, model: type[M], pk: Any, options: Sequence[Load] = ()
+    ) -> Steps[M]:
+        obj = yield from self._get_steps(model, pk, options)
         if obj is None:
             raise NoResultFound(f"no {mapper_of(model).name} with primary key {pk!r}")
         return obj
@@ -621,8 +631,6 @@ class Session:
             st = ctx.identity_map.get((model, pk))
             out.append(None if st is None or st.deleted else st.obj)
         if mapper.relationships:
-            from .strategies import selectin_for
-
             yield from selectin_for(ctx, [o for o in out if o is not None])
         return out
 

@@ -30,6 +30,7 @@ class InstanceState:
         "in_doubt",
         "incarnation",
         "key",
+        "load_options",
         "loaded",
         "mapper",
         "modified",
@@ -61,6 +62,10 @@ class InstanceState:
         self.deleted = False
         # The last flush's outcome is unknown for this object (lost EXEC reply).
         self.in_doubt = False
+        # Loader options of the statement that returned this object, by relationship
+        # name (`strategy_options.LoadNode`), for its unloaded relationships: a later
+        # lazy load follows them (raiseload, sub-options). None: the mapped `lazy=`.
+        self.load_options: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<InstanceState {self.mapper.name} {self.status.value} key={self.key!r}>"

@@ -1,5 +1,8 @@
 """Relationship loading: lazy "select" on first access, batched "selectin", and "raise".
 
+Which of them applies is the relationship's `lazy=` unless the statement that
+returned the object overrode it (`strategy_options`: selectinload, lazyload, raiseload).
+
 Called (with the session's `SessionContext`) by the lazy loader the Session
 installs in its context, by `Session.refresh`, by the flush's relationship work and
 after every batch load (get_many, queries). Costs, never a scan:
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from .context import SessionContext
     from .relationships import RelationshipProperty
     from .state import InstanceState
+    from .strategy_options import LoadNode, LoadTree
 
 __all__ = ["link_keys", "load_relationship_steps", "selectin_for", "selectin_load"]
 
@@ -70,16 +74,52 @@ def _ids(target_mapper: Any, reply: Any, key: str, prop: RelationshipProperty) -
 def load_relationship_steps(
     session: SessionContext, state: InstanceState, prop: RelationshipProperty
 ) -> Steps[None]:
-    """Fill one unloaded relationship attribute of a persistent object (core steps)."""
-    if prop.lazy == "raise":
-        raise InvalidRequestError(
-            f"{state.mapper.name}.{prop.key} is lazy='raise' and not loaded; load it with "
-            f"a selectin relationship or access it after loading"
-        )
-    if prop.direction is Direction.MANYTOONE and _target_in_session(session, state, prop):
-        return
-    yield from session.autoflush()
-    yield from selectin_load(session, [state], prop)
+    """Fill one unloaded relationship attribute of a persistent object (core steps).
+
+    The loader is the one the statement that returned the object asked for
+    (`state.load_options`), else the mapped `lazy=`; a lazy load then applies that
+    statement's sub-options to the objects it loads.
+    """
+    node: LoadNode | None = (state.load_options or {}).get(prop.key)
+    strategy = prop.lazy if node is None or node.strategy is None else node.strategy
+    if strategy == "raise":
+        if (
+            node is not None
+            and node.sql_only
+            and prop.direction is Direction.MANYTOONE
+            and _target_in_session(session, state, prop)
+        ):
+            return
+        raise _raise_error(state, prop, node)
+    if not (prop.direction is Direction.MANYTOONE and _target_in_session(session, state, prop)):
+        yield from session.autoflush()
+        yield from selectin_load(session, [state], prop)
+    if node is not None and node.children:
+        yield from selectin_for(session, _values(state, prop), node.children)
+
+
+def _raise_error(
+    state: InstanceState, prop: RelationshipProperty, node: LoadNode | None
+) -> InvalidRequestError:
+    name = f"{state.mapper.name}.{prop.key}"
+    ways = (
+        f"load it in the statement with `.options(selectinload({name}))`, or afterwards "
+        f"with `session.refresh(obj, [{prop.key!r}])`"
+    )
+    if node is None:
+        return InvalidRequestError(f"{name} is lazy='raise' and not loaded; {ways}")
+    return InvalidRequestError(
+        f"{name} is not loaded and the statement that loaded this {state.mapper.name} "
+        f"asked raiseload({name}): it raises instead of loading; {ways}"
+    )
+
+
+def _values(state: InstanceState, prop: RelationshipProperty) -> list[Any]:
+    """The objects a loaded relationship attribute holds (none when it is unloaded)."""
+    value = state.obj.__dict__.get(prop.key)
+    if isinstance(value, list):
+        return list(value)
+    return [] if value is None else [value]
 
 
 def _target_in_session(
@@ -164,8 +204,29 @@ def selectin_load(
         st.obj.__dict__[prop.key] = InstrumentedList(st.obj, prop, items)
 
 
-def selectin_for(session: SessionContext, objects: list[Any], depth: int = 0) -> Steps[None]:
-    """Run every lazy="selectin" relationship for a batch of freshly loaded objects."""
+def selectin_for(
+    session: SessionContext,
+    objects: list[Any],
+    options: LoadTree | None = None,
+    *,
+    reset: bool = False,
+    depth: int = 0,
+) -> Steps[None]:
+    """Load, for a batch of objects just returned, every relationship whose loader is
+    "selectin": the statement's option for it, else its mapped `lazy=`.
+
+    - `options` (`strategy_options.build_tree`) name relationships; each named one that
+      is unloaded remembers its option in `state.load_options`, so a later lazy load
+      follows it (raiseload raises; sub-options apply to what it loads). A relationship
+      already loaded is kept as it is, but the options below it still apply to the
+      objects it holds.
+    - `reset` (queries): an unloaded relationship the options do not name forgets what an
+      earlier statement asked for it, so its mapped `lazy=` applies again, as SQLAlchemy
+      resets the loaders of the unloaded attributes of the objects a query returns.
+
+    Cost: 2 round trips per relationship and level for the whole batch (0 when nothing
+    is left to load), whatever the number of objects.
+    """
     if not objects or depth > 8:
         return
     by_mapper: dict[Any, list[InstanceState]] = {}
@@ -173,17 +234,36 @@ def selectin_for(session: SessionContext, objects: list[Any], depth: int = 0) ->
         st = obj.__dict__.get("_redmap_state")
         if st is not None:
             by_mapper.setdefault(st.mapper, []).append(st)
+    tree: LoadTree = options or {}
     for mapper, states in by_mapper.items():
         for prop in mapper.relationships.values():
-            if prop.lazy != "selectin":
-                continue
+            node = tree.get(prop)
+            strategy = prop.lazy if node is None or node.strategy is None else node.strategy
             pending = [s for s in states if prop.key not in s.obj.__dict__]
-            yield from selectin_load(session, pending, prop)
-            loaded: list[Any] = []
-            for st in pending:
-                value = st.obj.__dict__.get(prop.key)
-                if isinstance(value, list):
-                    loaded.extend(value)
-                elif value is not None:
-                    loaded.append(value)
-            yield from selectin_for(session, loaded, depth + 1)
+            if node is not None or reset:
+                for st in pending:
+                    _remember(st, prop, node)
+            if strategy == "selectin":
+                yield from selectin_load(session, pending, prop)
+            if node is not None and node.children:
+                reached = [o for st in states for o in _values(st, prop)]
+                yield from selectin_for(
+                    session, reached, node.children, reset=reset, depth=depth + 1
+                )
+            elif strategy == "selectin":
+                reached = [o for st in pending for o in _values(st, prop)]
+                yield from selectin_for(
+                    session, reached, {} if options is not None else None, reset=reset,
+                    depth=depth + 1,
+                )
+
+
+def _remember(state: InstanceState, prop: RelationshipProperty, node: LoadNode | None) -> None:
+    """Record (or, with None, forget) the statement's option for an unloaded relationship."""
+    if node is None:
+        if state.load_options is not None:
+            state.load_options.pop(prop.key, None)
+        return
+    if state.load_options is None:
+        state.load_options = {}
+    state.load_options[prop.key] = node

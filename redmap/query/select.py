@@ -7,6 +7,8 @@ ordering zset (the sorted index of the `order_by` field, or the model's id zset)
 and one ZRANGE reads the requested page. All of it runs in one MULTI/EXEC, so the
 temporary keys never outlive the round trip and the result is a consistent
 snapshot. A second round trip fetches the objects not already in the session.
+Several `order_by` terms page through the first one's zset the same way and sort only
+the tie groups the page touches by the others (`_ids_by_terms`, `query.ordering`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..orm.attributes import FieldAttribute
 from ..orm.keys import KeySpace
 from ..orm.loading import ensure_loaded
 from ..orm.mapper import ColumnProperty, Mapper, mapper_of
+from ..orm.strategy_options import Load, LoadTree, build_tree
 from .expression import (
     BinaryExpression,
     BooleanClauseList,
@@ -37,6 +40,7 @@ from .expression import (
     Ordering,
     asc,
 )
+from .ordering import Candidate, Term, decode_values, score_text, secondary_terms, sort_candidates
 
 if TYPE_CHECKING:
     from ..orm.context import SessionContext
@@ -57,6 +61,7 @@ class Select(Generic[M]):
         self._order_by: tuple[Ordering, ...] = ()
         self._limit: int | None = None
         self._offset: int = 0
+        self._options: tuple[Load, ...] = ()
 
     def _copy(self) -> Select[M]:
         new: Select[M] = Select(self.model)
@@ -64,6 +69,7 @@ class Select(Generic[M]):
         new._order_by = self._order_by
         new._limit = self._limit
         new._offset = self._offset
+        new._options = self._options
         return new
 
     def where(self, *conditions: ColumnElement) -> Select[M]:
@@ -78,6 +84,14 @@ class Select(Generic[M]):
         """Order by a Sorted field (or the primary key); `col(Model.f).desc()` for descending."""
         new = self._copy()
         new._order_by = tuple(t if isinstance(t, Ordering) else asc(t) for t in terms)
+        return new
+
+    def options(self, *options: Load) -> Select[M]:
+        """Loader options for the objects this statement returns (`selectinload(A.b)`,
+        `lazyload`, `raiseload`, chained): they override the relationships' mapped
+        `lazy=` for these objects only; checked against the mapping when it runs."""
+        new = self._copy()
+        new._options = self._options + options
         return new
 
     def limit(self, n: int | None) -> Select[M]:
@@ -339,15 +353,13 @@ class _Compiler:
         return tmp
 
     def ordering(self, stmt: Select[Any]) -> tuple[str, bool]:
+        """The zset giving the first `order_by` term's order, and its direction; the
+        other terms are checked here and sorted by `query.ordering` (tie groups only)."""
         if not stmt._order_by:
             return self.ks.all(), False
-        if len(stmt._order_by) > 1:
-            raise QueryError(
-                "order_by takes one Sorted field (ties are ordered by the id's key text)",
-                model=self.mapper.name,
-            )
         term = stmt._order_by[0]
         col = self.column(term.attribute)
+        secondary_terms(self.mapper, stmt._order_by[1:])
         if col.primary_key:
             return self.ks.all(), term.descending
         if not col.sorted:
@@ -492,10 +504,14 @@ def _page(stmt: Select[Any], desc: bool, fanned: bool) -> tuple[int, int]:
     return start, -1 if stmt._limit is None else start + stmt._limit - 1
 
 
-def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
-    """The ids of the requested page: read from one keyspace, or merged across shards."""
-    fanned = len(spaces) > 1
-    scored = ("WITHSCORES",) if fanned else ()
+def _read_ranges(
+    stmt: Select[Any], spaces: list[KeySpace], start: int, stop: int, scored: bool
+) -> Steps[tuple[list[list[Any]], bool]]:
+    """Each keyspace's members at positions `start..stop` (-1: to the end) of the
+    statement's order (first term only), with their scores if `scored`; and whether
+    that order is descending. One round trip: a lone range on the ordering field reads
+    its zset directly, anything else runs in one MULTI/EXEC per keyspace."""
+    withscores = ("WITHSCORES",) if scored else ()
     direct = [_direct_range(stmt, ks) for ks in spaces]
     per_space: list[list[Any]] = []
     desc = False
@@ -504,23 +520,31 @@ def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
         for d in direct:
             assert d is not None
             key, low, high, desc = d
-            start, stop = _page(stmt, desc, fanned)
             count = -1 if stop == -1 else stop - start + 1
             by: tuple[Any, ...] = (high, low, "BYSCORE", "REV") if desc else (low, high, "BYSCORE")
-            cmds.append(("ZRANGE", key, *by, "LIMIT", start, count, *scored))
+            cmds.append(("ZRANGE", key, *by, "LIMIT", start, count, *withscores))
         replies = yield Read(cmds)
         for r in replies:
             if isinstance(r, Exception):
                 raise QueryError(f"Redis refused the query: {r}")
             per_space.append(list(r))
-    else:
-        groups = []
-        for ks in spaces:
-            c, final, desc = _compile(stmt, ks)
-            start, stop = _page(stmt, desc, fanned)
-            rng: tuple[Any, ...] = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
-            groups.append((c, [(*rng, *scored)]))
-        per_space = [tail[0] for tail in (yield from _run_all(groups))]
+        return per_space, desc
+    groups = []
+    for ks in spaces:
+        c, final, desc = _compile(stmt, ks)
+        rng: tuple[Any, ...] = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
+        groups.append((c, [(*rng, *withscores)]))
+    return [tail[0] for tail in (yield from _run_all(groups))], desc
+
+
+def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
+    """The ids of the requested page: read from one keyspace, or merged across shards."""
+    if len(stmt._order_by) > 1 and not _first_term_is_pk(stmt):
+        return (yield from _ids_by_terms(stmt, spaces))
+    fanned = len(spaces) > 1
+    desc = bool(stmt._order_by) and stmt._order_by[0].descending
+    start, stop = _page(stmt, desc, fanned)
+    per_space, desc = yield from _read_ranges(stmt, spaces, start, stop, fanned)
     if not fanned:
         return per_space[0]
     merged = [(float(score), member) for ids in per_space for member, score in ids]
@@ -530,11 +554,142 @@ def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
     return [member for _, member in merged[stmt._offset : end]]
 
 
+def _first_term_is_pk(stmt: Select[Any]) -> bool:
+    """Ordered first by the primary key, which is unique: later terms change nothing."""
+    attr = stmt._order_by[0].attribute
+    return isinstance(attr, FieldAttribute) and attr.column.primary_key
+
+
+# A tie group straddling a page edge is read in a second round trip; if a writer moved
+# the scores in between so that the page is no longer inside what was read, start over.
+_TERM_ATTEMPTS = 5
+
+
+def _ids_by_terms(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
+    """The page of a statement ordered by several terms (the first one a Sorted field).
+
+    1. One round trip reads the first term's order around the page, one member either
+       side, with scores (from position 0 on each shard of a fan-out).
+    2. When a tie group (members sharing the first term's score) straddles an edge of
+       the page, a second round trip reads, in one MULTI/EXEC per keyspace, how many
+       members come before the page's first score, every member from the first to the
+       last score of the page, and how many come after.
+    3. When the page holds ties, one round trip of HMGET reads the other terms' fields
+       of the tied members only; `query.ordering` sorts them.
+
+    Round trips: 1 to 3 whatever the model's size; the work grows with the page and the
+    tie groups it touches, not with the model.
+    """
+    mapper = mapper_of(stmt.model)
+    terms = secondary_terms(mapper, stmt._order_by[1:])
+    off = stmt._offset
+    end = None if stmt._limit is None else off + stmt._limit
+    fanned = len(spaces) > 1
+    for _ in range(_TERM_ATTEMPTS):
+        # (1) The page by first-term score, with a neighbour either side.
+        first = 0 if fanned else max(off - 1, 0)
+        stop = -1 if end is None else end
+        per_space, desc = yield from _read_ranges(stmt, spaces, first, stop, True)
+        ranked = sorted(
+            ((float(score), member) for ids in per_space for member, score in ids),
+            key=lambda x: x[0],
+            reverse=desc,
+        )
+        lo = off - first
+        if lo >= len(ranked):
+            return []
+        hi = len(ranked) if end is None else min(end - first, len(ranked))
+        s_first, s_last = ranked[lo][0], ranked[hi - 1][0]
+        clean_start = lo == 0 or ranked[lo - 1][0] != s_first
+        clean_end = hi == len(ranked) or ranked[hi][0] != s_last
+        if clean_start and clean_end:
+            before = off
+            group = [(member, score) for score, member in ranked[lo:hi]]
+        else:
+            # (2) The tie groups at the edges, whole, from one snapshot per keyspace.
+            read = yield from _read_score_span(stmt, spaces, s_first, s_last)
+            before, group, after = read
+            inside = before <= off < before + len(group)
+            if not inside or (end is not None and before + len(group) < end and after):
+                continue
+        ordered = yield from _sort_by_terms(mapper, group, desc, terms)
+        stop_at = None if end is None else end - before
+        return [c.member for c in ordered[off - before : stop_at]]
+    raise QueryError(
+        f"the order of {mapper.name} changed under the query {_TERM_ATTEMPTS} times in a "
+        "row (other clients writing its first order_by field); retry it"
+    )
+
+
+def _read_score_span(
+    stmt: Select[Any], spaces: list[KeySpace], s_first: float, s_last: float
+) -> Steps[tuple[int, list[tuple[bytes, float]], int]]:
+    """(members before `s_first`, every member from `s_first` to `s_last` with its score,
+    members after `s_last`) in the statement's order, summed over the keyspaces."""
+    mapper = mapper_of(stmt.model)
+    groups = []
+    desc = False
+    for ks in spaces:
+        d = _direct_range(stmt, ks)
+        if d is not None:
+            c = _Compiler(mapper, ks)
+            key, low, high, desc = d
+        else:
+            c, key, desc = _compile(stmt, ks)
+            low, high = "-inf", "+inf"
+        first, last = score_text(s_first), score_text(s_last)
+        if desc:
+            tail = [
+                ("ZCOUNT", key, score_text(s_first, True), high),
+                ("ZRANGE", key, first, last, "BYSCORE", "REV", "WITHSCORES"),
+                ("ZCOUNT", key, low, score_text(s_last, True)),
+            ]
+        else:
+            tail = [
+                ("ZCOUNT", key, low, score_text(s_first, True)),
+                ("ZRANGE", key, first, last, "BYSCORE", "WITHSCORES"),
+                ("ZCOUNT", key, score_text(s_last, True), high),
+            ]
+        groups.append((c, tail))
+    before = after = 0
+    span: list[tuple[bytes, float]] = []
+    for b, members, a in (yield from _run_all(groups)):
+        before += int(b)
+        after += int(a)
+        span.extend((member, float(score)) for member, score in members)
+    return before, span, after
+
+
+def _sort_by_terms(
+    mapper: Mapper[Any], group: list[tuple[bytes, float]], desc: bool, terms: list[Term]
+) -> Steps[list[Candidate]]:
+    """`group` in the statement's order; the fields of the other terms are read (one
+    round trip of HMGET) for the members that share their first-term score only."""
+    candidates = [
+        Candidate(member, score, mapper.pk_from_segment(member), [None] * len(terms))
+        for member, score in group
+    ]
+    per_score: dict[float, int] = {}
+    for c in candidates:
+        per_score[c.score] = per_score.get(c.score, 0) + 1
+    fields = [t.column.key for t in terms if t.stored]
+    tied = [c for c in candidates if per_score[c.score] > 1]
+    if tied and fields:
+        keys = [mapper.object_key(c.pk) for c in tied]
+        replies = yield Read([("HMGET", key, *fields) for key in keys])
+        for c, key, reply in zip(tied, keys, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise QueryError(f"Redis refused to read {key!r} for order_by: {reply}")
+            c.values = decode_values(mapper, terms, key, reply)
+    return sort_candidates(candidates, desc, terms)
+
+
 def execute_select(session: SessionContext, stmt: Select[M]) -> Steps[ScalarResult[M]]:
     """Ids in one round trip (per shard read, for a fan-out), then the objects in one."""
+    mapper = mapper_of(stmt.model)
+    tree = build_tree(mapper, stmt._options)
     if stmt._limit == 0:
         return ScalarResult([])
-    mapper = mapper_of(stmt.model)
     spaces = _target_shards(stmt, mapper)
     if not spaces:
         _validate(stmt, mapper)
@@ -550,10 +705,12 @@ def execute_select(session: SessionContext, stmt: Select[M]) -> Steps[ScalarResu
             raise
         source = _Compiler(mapper, spaces[0]).ordering(stmt)[0]
         pks = [mapper.pk_from_segment(i, source) for i in ids]
-    return ScalarResult((yield from _objects_for(session, mapper, pks)))
+    return ScalarResult((yield from _objects_for(session, mapper, pks, tree)))
 
 
-def _objects_for(session: SessionContext, mapper: Mapper[Any], pks: list[Any]) -> Steps[list[Any]]:
+def _objects_for(
+    session: SessionContext, mapper: Mapper[Any], pks: list[Any], tree: LoadTree
+) -> Steps[list[Any]]:
     yield from ensure_loaded(session, mapper, pks)
     out = []
     for pk in pks:
@@ -563,7 +720,7 @@ def _objects_for(session: SessionContext, mapper: Mapper[Any], pks: list[Any]) -
     if mapper.relationships:
         from ..orm.strategies import selectin_for
 
-        yield from selectin_for(session, out)
+        yield from selectin_for(session, out, tree, reset=True)
     return out
 
 
