@@ -32,6 +32,13 @@ from redmap.exc import InvalidRequestError, StaleDataError
 from redmap.orm import events as orm_events
 from redmap.testing.assertions import assert_round_trips, count_round_trips
 
+
+def _flush_round_trips(engine: Engine, classic: int) -> int:
+    """Round trips of a flush that checks before MULTI (`classic`), or one fewer when
+    the engine scripts every flush (the driver fixture's "script": checks and writes in
+    one round trip, issue 14)."""
+    return classic - 1 if engine.flush_script_threshold == 0 else classic
+
 reg = registry(prefix="ev")
 
 
@@ -195,13 +202,13 @@ class TestMapperEvents:
         with Session(engine, expire_on_commit=False) as s:
             p = Player(name="p")
             s.add(p)
-            with assert_round_trips(engine, 3):
+            with assert_round_trips(engine, _flush_round_trips(engine, 3)):
                 s.commit()
             key = inspect(p).redis_key
             assert key is not None
             assert redis_client.hget(key, "stamp") == b"stamped p"
             p.name = "q"
-            with assert_round_trips(engine, 2):
+            with assert_round_trips(engine, _flush_round_trips(engine, 2)):
                 s.commit()
             assert redis_client.hget(key, "stamp") == b"stamped q"
             assert redis_client.hget(key, "#v") == b"2"
@@ -385,7 +392,7 @@ class TestSessionEvents:
         with Session(engine, expire_on_commit=False) as s:
             p = Player(name="p")
             s.add(p)
-            with assert_round_trips(engine, 3):
+            with assert_round_trips(engine, _flush_round_trips(engine, 3)):
                 s.commit()
             note = s.get(Note, 1)
             assert note is not None and note.text == "1 new"
