@@ -226,7 +226,9 @@ def _render(cmd: Command) -> str:
             text = part[:60].decode("utf-8", "backslashreplace")
             parts.append(repr(text) + ("..." if len(part) > 60 else ""))
         else:
-            parts.append(str(part))
+            text = str(part)
+            # The flush script's body (SCRIPT LOAD) is not worth a screenful per flush.
+            parts.append(text if len(text) <= 200 else text[:60] + "...")
     return " ".join(parts)
 
 

@@ -8,12 +8,16 @@ query expressions.
 
 from __future__ import annotations
 
+import decimal
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..query.expression import ColumnOperators
+from ..exc import InvalidRequestError, ValidationError
+from ..query.expression import ColumnOperators, Increment
 from .base import NO_VALUE
 from .events import SetHooks
+from .types import increment_command
 from .validators import VALIDATES_ATTR
 
 if TYPE_CHECKING:
@@ -73,10 +77,61 @@ class FieldAttribute(ColumnOperators[Any]):
         raise AttributeError(f"{self.mapper.name!s} object has no value for {self.key!r}")
 
     def __set__(self, obj: object, value: Any) -> None:
+        if type(value) is Increment:
+            # Applied by Redis at flush: validators and "set" listeners see values, and
+            # this is not one (its result is known after the flush).
+            self._check_increment(obj, value)
+            self.set_tracked(obj, value)
+            return
         hooks = self.hooks
         if hooks is not None:
             value = hooks.run(obj, value, obj.__dict__.get(self.key, NO_VALUE), self)
         self.set_tracked(obj, value)
+
+    def _check_increment(self, obj: object, inc: Increment) -> None:
+        """Refuse an increment that the flush could not apply, at assignment."""
+        where = f"{self.mapper.name}.{self.key}"
+        other = inc.attribute
+        if other.key != self.key or not issubclass(self.mapper.class_, other.mapper.class_):
+            raise InvalidRequestError(
+                f"{where} = {other!r} + ...: an increment adds to the field it is assigned "
+                f"to; write {where} + n"
+            )
+        col = self.column
+        command = None if col.codec is None else increment_command(col.codec)
+        if command is None:
+            raise InvalidRequestError(
+                f"{where} cannot be incremented: increments apply to int, float and "
+                f"Decimal fields"
+            )
+        if col.primary_key or col.indexed or col.unique or col.foreign_key is not None:
+            raise InvalidRequestError(
+                f"{where} cannot be incremented: it is a primary key, a foreign key or "
+                f"Indexed/Unique, whose index entries need the new value before Redis "
+                f"computes it; assign the new value instead (Sorted() fields can be "
+                f"incremented)"
+            )
+        delta = inc.delta
+        whole = command == "HINCRBY"
+        numeric = (int,) if whole else (int, float, decimal.Decimal)
+        if (
+            not isinstance(delta, numeric)
+            or isinstance(delta, bool)
+            or (isinstance(delta, float | decimal.Decimal) and not math.isfinite(delta))
+        ):
+            raise ValidationError(
+                model=self.mapper.name,
+                field=self.key,
+                expected=f"a finite {'int' if whole else 'number'} to add",
+                actual=repr(delta),
+                detail="the delta of an increment",
+            )
+        st = state_of(obj)
+        if st is None or st.identity is None:
+            raise InvalidRequestError(
+                f"{where} + n is applied by Redis to a stored object; this "
+                f"{self.mapper.name} is not stored yet: assign it a value"
+            )
 
     def set_tracked(self, obj: object, value: Any) -> None:
         """Store `value` with change tracking and without the hooks: the ORM's own

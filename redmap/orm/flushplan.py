@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_DISTINCT_ERRORS",
     "TOKEN_TTL_MS",
+    "ZADD_INCREMENTED",
     "Check",
     "FlushPlan",
     "IdsTaken",
@@ -35,6 +36,11 @@ __all__ = [
 # socket timeout; a read-back that only succeeds after this long cannot tell "applied
 # and expired" from "never applied" and reports the outcome as unknown instead.
 TOKEN_TTL_MS = 120_000
+
+# A pseudo-command of a plan's writes, `(ZADD_INCREMENTED, zset, i, member)`: set the
+# member's score to the value the plan's i-th increment returned. Only the flush
+# script runs it (flushes with increments are always scripted).
+ZADD_INCREMENTED = "#ZADD-INCREMENTED"
 
 # How many distinct error texts a FlushError quotes (a refused transaction of N commands
 # can answer N copies of one error, e.g. out of memory).
@@ -126,6 +132,13 @@ class FlushPlan:
     # Planned for a session opened with allow_cross_slot=True (one part of a flush
     # split by hash tag): a refusal must not advise setting it.
     cross_slot_allowed: bool = False
+    # The plan's first writes are increments: the state and field (None: `#v`) of each,
+    # in order; once applied, `replies` holds what Redis computed for them (None when
+    # the reply was lost and the flush settled as applied: the values are unknown).
+    incremented: list[tuple[InstanceState, str | None]] = dataclasses.field(
+        default_factory=list
+    )
+    replies: list[Any] | None = None
 
     def give_back(self) -> dict[str, tuple[int, int]]:
         """The ids a refused flush may return to their counters: the last range handed
@@ -224,6 +237,9 @@ class FlushPlan:
                         value=check.value,
                         key=check.key,
                     )
+            elif check.kind == "incarnation":
+                if reply != check.expected:
+                    stale.append(check)
             elif check.kind in ("exists", "target"):
                 if not reply:
                     stale.append(check)

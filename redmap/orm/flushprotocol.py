@@ -145,6 +145,12 @@ class FlushJob(Protocol):
         """How many objects the flush writes (it picks the commit strategy)."""
         ...
 
+    @property
+    def has_increments(self) -> bool:
+        """Whether a field is incremented (`Model.field + n`): only the flush script
+        applies increments."""
+        ...
+
     def plan(self) -> FlushPlan:
         """A plan of the flush with the ids handed out so far (placeholders for the
         others)."""
@@ -209,7 +215,9 @@ class FlushProtocol:
         self.moved: list[tuple[str, int, int]] = []
         # Checks and writes run as one script inside MULTI instead of WATCH + checks
         # (`flushscript`): flushes of more than `script_threshold` objects (None: never).
-        self.scripted = script_threshold is not None and job.size > script_threshold
+        self.scripted = job.has_increments or (
+            script_threshold is not None and job.size > script_threshold
+        )
 
     # -- the whole flush ----------------------------------------------------------
 
@@ -409,6 +417,7 @@ class FlushProtocol:
                 continue
             result = flushscript.outcome(plan, invocations, list(exec_reply))
             if result.error is None:
+                plan.replies = result.wanted
                 return
             if result.partial:
                 for st in plan.states:

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..commands import Command
 from ..exc import FlushError
-from .flushplan import Check, FlushPlan, summarise_errors
+from .flushplan import ZADD_INCREMENTED, Check, FlushPlan, summarise_errors
 
 __all__ = [
     "MAX_ARGS",
@@ -113,6 +113,11 @@ for c = 1, nchecks do
       end
     end
     i = i + 5
+  elseif kind == 'n' then
+    -- incarnation: the object is still the one loaded (an increment needs no version).
+    r = redis.pcall('HGET', key, '#i')
+    good = (not err(r)) and r == a[i + 2]
+    i = i + 3
   elseif kind == 'e' or kind == 'a' then
     r = redis.pcall('EXISTS', key)
     if err(r) then good = false
@@ -187,7 +192,17 @@ end
 
 local wrote = 0
 local wanted = {}
+-- Increments come first; while nothing else was written, a refused one (a value that
+-- is not a number, an overflow) is undone by restoring the values they replaced.
+local undo = {}
 local function fail(r)
+  if wrote == #undo then
+    for j = #undo, 1, -1 do
+      local u = undo[j]
+      if u[3] then redis.call('HSET', u[1], u[2], u[3]) else redis.call('HDEL', u[1], u[2]) end
+    end
+    wrote = 0
+  end
   if wrote > 0 or not first then redis.pcall('SET', tok, 'failed', 'PX', ttl) end
   return {2, wrote, r}
 end
@@ -198,14 +213,28 @@ for _, cmd in ipairs(extra) do
 end
 local n = #a
 while i <= n do
-  local w = tonumber(a[i])
-  local want = w < 0
-  if want then w = -w end
-  local r = redis.pcall(unpack(a, i + 1, i + w))
-  if err(r) then return fail(r) end
-  wrote = wrote + 1
-  if want then wanted[#wanted + 1] = r end
-  i = i + w + 1
+  if a[i] == 'z' then
+    -- a Sorted score following an increment: the value Redis computed for it.
+    local r = redis.pcall('ZADD', a[i + 1], wanted[tonumber(a[i + 3])], a[i + 2])
+    if err(r) then return fail(r) end
+    wrote = wrote + 1
+    i = i + 4
+  else
+    local w = tonumber(a[i])
+    local want = w < 0
+    if want then
+      -- an increment: HINCRBY/HINCRBYFLOAT key field delta
+      w = -w
+      if wrote == #undo then
+        undo[#undo + 1] = {a[i + 2], a[i + 3], redis.call('HGET', a[i + 2], a[i + 3])}
+      end
+    end
+    local r = redis.pcall(unpack(a, i + 1, i + w))
+    if err(r) then return fail(r) end
+    wrote = wrote + 1
+    if want then wanted[#wanted + 1] = r end
+    i = i + w + 1
+  end
 end
 local r
 if last then
@@ -256,6 +285,8 @@ def _check_words(check: Check) -> list[Any]:
         ]
     if kind in ("exists", "target"):
         return ["e", check.key]
+    if kind == "incarnation":
+        return ["n", check.key, check.expected]
     if kind == "absent":
         return ["a", check.key]
     if kind == "fresh":
@@ -289,17 +320,17 @@ def _pieces(cmd: Command) -> Iterator[Command]:
         yield (*head, *items[start : start + step])
 
 
-def encode(plan: FlushPlan, wanted: Sequence[int] = ()) -> list[Invocation]:
+def encode(plan: FlushPlan) -> list[Invocation]:
     """The invocations that run `plan`: its checks (those reading counters last, so that
     their writes wait for every other check), then its writes, cut at `MAX_ARGS`.
 
-    `plan.writes` ends with the token's SET, which the script does itself. `wanted`:
-    indexes of writes whose replies the flush needs back (increments).
+    `plan.writes` ends with the token's SET, which the script does itself. The plan's
+    first writes are its increments, whose replies come back (`ScriptOutcome.wanted`).
     """
     token_set = plan.writes[-1]
     assert token_set[0] == "SET" and token_set[1] == plan.token_key
     checks = sorted(plan.checks, key=lambda c: c.kind == "seqmax")
-    want = set(wanted)
+    want = set(range(len(plan.incremented)))
     invocations: list[Invocation] = []
     current = Invocation([], [], 0)
     size = 0
@@ -318,6 +349,14 @@ def encode(plan: FlushPlan, wanted: Sequence[int] = ()) -> list[Invocation]:
         current.checks.append(check)
         size += len(words)
     for index, cmd in enumerate(plan.writes[:-1]):
+        if cmd[0] == ZADD_INCREMENTED:
+            _, zset, nth, member = cmd
+            if size and size + 4 > MAX_ARGS:
+                cut()
+            current.args.extend(("z", zset, member, nth + 1))
+            current.writes += 1
+            size += 4
+            continue
         for piece in _pieces(cmd):
             if size and size + len(piece) + 1 > MAX_ARGS:
                 cut()

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..commands import Command
 from ..exc import IntegrityError, ValidationError
+from ..query.expression import Increment
 from . import keys
 from .flushplan import (
     TOKEN_TTL_MS,
+    ZADD_INCREMENTED,
     Check,
     FlushPlan,
     IdsTaken,
@@ -28,6 +30,7 @@ from .flushplan import (
 )
 from .keys import KeySpace
 from .mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty, Mapper, mapper_of
+from .types import increment_command
 
 if TYPE_CHECKING:
     from .dependency import RelationshipWork
@@ -113,6 +116,12 @@ class _Builder:
         self.claims: dict[str, tuple[InstanceState, str, Any, str]] = {}
         # unique key -> segments releasing it in this flush
         self.releases: dict[str, set[str]] = {}
+        # Increments (HINCRBY/HINCRBYFLOAT), sent before every other write so that a
+        # refused one can be undone by the flush script; the state and field (None for
+        # `#v`) each reply belongs to; the Sorted scores that follow the new values.
+        self.increments: list[Command] = []
+        self.incremented: list[tuple[InstanceState, str | None]] = []
+        self.followups: list[Command] = []
 
     def expect_type(self, key: str, kind: str) -> None:
         if key not in self.typed:
@@ -269,10 +278,37 @@ def plan_flush(
         st = u.state
         mapper = st.mapper
         b.watch[u.key] = None
-        b.checks.extend(_version_checks(u.key, st))
+        incs = {n: v for n, (v, _) in u.changes.items() if type(v) is Increment}
+        # Only increments: they commute with every other write, so the object need only
+        # still be the same incarnation (API.md section 9: never stale).
+        only_incs = (
+            len(incs) == len(u.changes) and st.version is not None and st.incarnation is not None
+        )
+        if only_incs:
+            b.checks.append(
+                Check(
+                    "incarnation",
+                    u.key,
+                    ("HGET", u.key, INCARNATION_FIELD),
+                    expected=st.incarnation,
+                    state=st,
+                    value=st.pk,
+                )
+            )
+        else:
+            b.checks.extend(_version_checks(u.key, st))
+        for name, inc in incs.items():
+            _plan_increment(b, u, name, inc)
+        if only_incs:
+            b.increments.append(("HINCRBY", u.key, VERSION_FIELD, 1))
+            b.incremented.append((st, None))
+            _update_foreign_keys(b, u, new_keys)
+            continue
         sets: list[Any] = []
         dels: list[str] = []
         for name, (value, enc) in u.changes.items():
+            if name in incs:
+                continue
             if enc is None:
                 dels.append(name)
             else:
@@ -393,6 +429,8 @@ def plan_flush(
 
     b.watch[token_key] = None
     writes = [
+        *b.increments,
+        *b.followups,
         *_merge(b.removals),
         *_merge(b.additions),
         ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS),
@@ -406,7 +444,27 @@ def plan_flush(
         writes=writes,
         states=states,
         cross_slot_allowed=cross_slot_allowed,
+        incremented=b.incremented,
     )
+
+
+def _plan_increment(b: _Builder, u: UpdateTask, name: str, inc: Increment) -> None:
+    """`field = Model.field + delta`: HINCRBY (int) or HINCRBYFLOAT (float, Decimal), and
+    the field's Sorted score set to the value Redis computes (`ZADD_INCREMENTED`)."""
+    st = u.state
+    col = st.mapper.columns[name]
+    assert col.codec is not None
+    command = increment_command(col.codec)
+    assert command is not None  # refused at assignment (FieldAttribute._check_increment)
+    delta = inc.delta
+    text = repr(delta) if isinstance(delta, float) else str(delta)
+    index = len(b.increments)
+    b.increments.append((command, u.key, name, text))
+    b.incremented.append((st, name))
+    if col.sorted:
+        zs = _ks(u).sorted(name)
+        b.expect_type(zs, "zset")
+        b.followups.append((ZADD_INCREMENTED, zs, index, u.segment))
 
 
 def _version_checks(key: str, st: InstanceState) -> list[Check]:

@@ -816,6 +816,20 @@ def _dataclass(cls: type, seen: dict[type, _DataclassCodec]) -> Codec:
     return codec
 
 
+def increment_command(codec: Codec) -> str | None:
+    """The Redis command that adds to a field of this codec in place (`HINCRBY` for int,
+    `HINCRBYFLOAT` for float and Decimal, whose stored forms it reads and writes), or
+    None when the type cannot be incremented."""
+    if not isinstance(codec, _Scalar) or codec._types is bool:
+        return None
+    name = codec._name
+    if name == "int":
+        return "HINCRBY"
+    if name in ("float", "Decimal"):
+        return "HINCRBYFLOAT"
+    return None
+
+
 def compile_codec(tp: object, *, model: str, field: str) -> Codec:
     """The codec for a resolved field annotation; `MappingError` naming the type if none fits.
 

@@ -26,6 +26,7 @@ from ..exc import (
     PartialCommitError,
     ValidationError,
 )
+from ..query.expression import Increment
 from . import events, keys
 from .attributes import state_of
 from .dependency import RelationshipWork, prepare
@@ -106,6 +107,9 @@ def changed_fields(
                     f"the primary key of a persistent {mapper.name} cannot be changed "
                     f"({state.pk!r} -> {value!r}); delete it and add a new object"
                 )
+            continue
+        if type(value) is Increment:
+            out[name] = (value, None)  # applied by Redis (`persistence._plan_increment`)
             continue
         enc = _encode(mapper, col, value)
         if enc != state.loaded.get(name):
@@ -697,7 +701,7 @@ class UOWTransaction:
         """
         with paused_gc(len(self.inserts) + len(self.updates) + len(self.deletes)):
             self._bind_deferred()
-            return plan_flush(
+            self.last_plan = plan_flush(
                 self.inserts,
                 self.updates,
                 self.deletes,
@@ -708,11 +712,19 @@ class UOWTransaction:
                 targets=self.targets,
                 cross_slot_allowed=self.session.allow_cross_slot,
             )
+            return self.last_plan
 
     @property
     def size(self) -> int:
         """How many objects the flush writes (the protocol picks its strategy by it)."""
         return len(self.inserts) + len(self.updates) + len(self.deletes)
+
+    @property
+    def has_increments(self) -> bool:
+        """Whether a field is incremented (`Model.field + n`): a scripted flush then."""
+        return any(
+            type(value) is Increment for u in self.updates for value, _ in u.changes.values()
+        )
 
     def ids_first(self) -> bool:
         """Whether generated ids must be handed out before the checks: when keys that
@@ -746,23 +758,75 @@ class UOWTransaction:
         with paused_gc(len(self.inserts) + len(self.updates) + len(self.deletes)):
             self._record_written()
 
+    def _increment_results(self) -> tuple[dict[tuple[int, str | None], Any], bool]:
+        """What Redis computed for each increment of the flush, by (id(state), field;
+        None for `#v`), and whether the flush had increments whose replies were lost."""
+        plan = getattr(self, "last_plan", None)
+        if plan is None or not plan.incremented:
+            return {}, False
+        if plan.replies is None:
+            return {}, True
+        return {
+            (id(st), name): reply
+            for (st, name), reply in zip(plan.incremented, plan.replies, strict=True)
+        }, False
+
+    @staticmethod
+    def _record_increment(
+        st: InstanceState, name: str, inc: Increment, computed: dict[tuple[int, str | None], Any]
+    ) -> bool:
+        """The attribute takes the value Redis computed, unless it was assigned again
+        since the flush collected it (then that assignment stays pending: False)."""
+        now = st.obj.__dict__
+        reply = computed.get((id(st), name))
+        if reply is None:
+            st.loaded.pop(name, None)
+            if now.get(name) is inc:
+                del now[name]  # applied, value unknown: reloads on access
+                return True
+            return False
+        enc = b"%d" % reply if isinstance(reply, int) else bytes(reply)
+        st.loaded[name] = enc
+        if now.get(name) is inc:
+            col = st.mapper.columns[name]
+            assert col.codec is not None
+            now[name] = col.codec.decode(enc)
+            return True
+        return False
+
     def _record_written(self) -> None:
         s = self.session
         # Foreign keys bound to new parents' ids: written by this flush, set below.
         deferred = {(id(dk.child), dk.column) for dk in self.work.deferred}
         for d in self.deletes:
             s.forget_deleted(d.state)
+        computed, unknown = self._increment_results()
         for u in self.updates:
             st = u.state
-            for name, (_, enc) in u.changes.items():
-                st.loaded[name] = enc
-            if st.version is None:
-                st.incarnation = self.incarnation  # the update wrote a new one
-            st.version = (st.version or 0) + 1
             now = st.obj.__dict__
+            counted = False
+            settled: set[str] = set()  # incremented attributes that took Redis's value
+            for name, (value, enc) in u.changes.items():
+                if type(value) is Increment:
+                    counted = True
+                    if self._record_increment(st, name, value, computed):
+                        settled.add(name)
+                else:
+                    st.loaded[name] = enc
+            if counted and (id(st), None) in computed:
+                # Only increments: the version is the one Redis computed (`#v` + 1).
+                st.version = int(computed[(id(st), None)])
+            elif counted and unknown:
+                st.expire()  # applied, values unknown (lost reply): reload on access
+            else:
+                if st.version is None:
+                    st.incarnation = self.incarnation  # the update wrote a new one
+                st.version = (st.version or 0) + 1
             for name in list(st.modified):
                 flushed = u.changes.get(name)
-                if flushed is not None:
+                if name in settled:
+                    st.modified.discard(name)
+                elif flushed is not None:
                     if (id(st), name) in deferred or (name in now and now[name] is flushed[0]):
                         st.modified.discard(name)
                 elif _same_as_loaded(st, name):

@@ -22,6 +22,7 @@ __all__ = [
     "BooleanClauseList",
     "ColumnElement",
     "ColumnOperators",
+    "Increment",
     "Ordering",
     "and_",
     "asc",
@@ -77,6 +78,22 @@ class ColumnOperators(Generic[T]):
         """Within `[low, high]`, both ends included, as in SQL."""
         return self._expr("between", (low, high))
 
+    def __add__(self, delta: T) -> Increment:
+        """`Player.score + 5`: assigned to `p.score` (or given to `update().values()`),
+        the field is incremented in Redis at flush, atomically (API.md section 9)."""
+        return Increment(self, delta)  # type: ignore[arg-type]
+
+    def __sub__(self, delta: T) -> Increment:
+        """`Player.score - 5`: a decrement, as `+`."""
+        try:
+            negated = -delta  # type: ignore[operator]
+        except TypeError:
+            raise QueryError(
+                f"{self!r} - {delta!r}: an increment needs a number, not "
+                f"{type(delta).__name__}"
+            ) from None
+        return Increment(self, negated)  # type: ignore[arg-type]
+
     def desc(self) -> Ordering:
         """This field, largest first (an `order_by` term)."""
         return Ordering(self, descending=True)  # type: ignore[arg-type]
@@ -113,6 +130,24 @@ class BooleanClauseList:
 
     def __bool__(self) -> bool:
         raise TypeError(_NO_TRUTH)
+
+
+@dataclass(frozen=True, eq=False)
+class Increment:
+    """`attribute + delta`: a change applied by Redis at flush (HINCRBY, HINCRBYFLOAT),
+    so increments from many sessions commute and none is lost or stale."""
+
+    attribute: FieldAttribute
+    delta: Any
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "an increment (`Model.field + n`) has no truth value: assign it to the field "
+            "of a stored object, or pass it to update().values()"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self.attribute!r} + {self.delta!r}>"
 
 
 @dataclass(frozen=True, eq=False)
