@@ -1,0 +1,301 @@
+"""Atomic counters (issue 14 item 2): `p.score = Player.score + 5` is applied by Redis.
+
+At flush the increment becomes HINCRBY (int) or HINCRBYFLOAT (float, Decimal) inside
+the flush script, the field's Sorted score follows the value Redis computed, and the
+attribute holds that value afterwards. An update made only of increments checks the
+object's incarnation, not its version: increments from many sessions commute, none is
+lost and none is refused as stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Annotated
+
+import pytest
+import redis
+
+import redmap
+from redmap import (
+    ForeignKey,
+    Indexed,
+    PrimaryKey,
+    Session,
+    Sorted,
+    Unique,
+    col,
+    inspect,
+    registry,
+    select,
+)
+from redmap.asyncio import AsyncSession, create_async_engine
+from redmap.exc import FlushError, InvalidRequestError, StaleDataError, ValidationError
+from redmap.testing.assertions import count_round_trips, dump_keys
+from tests.proxy import LoopbackProxy
+
+creg = registry(prefix="ct")
+
+
+@creg.mapped
+@dataclass
+class Team:
+    name: str
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@creg.mapped
+@dataclass
+class Player:
+    name: Annotated[str, Indexed()]
+    score: Annotated[int, Sorted()] = 0
+    coins: int = 0
+    ratio: float = 0.0
+    balance: Decimal = Decimal("0")
+    email: Annotated[str | None, Unique()] = None
+    team_id: Annotated[int | None, ForeignKey("Team")] = None
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@pytest.fixture
+def player(engine: redmap.Engine) -> int:
+    with Session(engine) as s:
+        p = Player(name="p")
+        s.add(p)
+        s.commit()
+        assert p.id is not None
+        return p.id
+
+
+def test_increments_are_applied_by_redis_and_the_attribute_takes_its_value(
+    engine: redmap.Engine, redis_client: redis.Redis, player: int
+) -> None:
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 5
+        p.coins = Player.coins - 3
+        p.ratio = Player.ratio + 0.25
+        p.balance = Player.balance + Decimal("1.10")
+        with count_round_trips(engine) as rt:
+            s.commit()
+        # One round trip (the script was loaded by the fixture's... or SCRIPT LOAD first).
+        assert rt.command_names[-4:] == ["WATCH", "MULTI", "EVALSHA", "EXEC"]
+        assert "HGETALL" not in rt.command_names  # nothing read back
+        assert (p.score, p.coins, p.ratio, p.balance) == (5, -3, 0.25, Decimal("1.1"))
+        assert inspect(p).version == 2 and not s.dirty
+    key = f"{{ct}}:player:{player}"
+    assert redis_client.hmget(key, ["score", "coins", "ratio", "balance", "#v"]) == [
+        b"5", b"-3", b"0.25", b"1.1", b"2"
+    ]
+    assert redis_client.zscore("{ct}:player:#zs:score", str(player)) == 5
+    with Session(engine) as s:
+        fresh = s.get(Player, player)
+        assert fresh is not None and (fresh.score, fresh.balance) == (5, Decimal("1.1"))
+
+
+def test_the_sorted_index_follows_increments(engine: redmap.Engine) -> None:
+    with Session(engine) as s:
+        ps = [Player(name=f"p{i}", score=i * 10) for i in range(5)]
+        s.add_all(ps)
+        s.commit()
+        ps[0].score = Player.score + 100  # 0 -> 100: now first
+        ps[4].score = Player.score - 45  # 40 -> -5: now last
+        s.commit()
+        top = s.scalars(select(Player).order_by(col(Player.score).desc())).all()
+        assert [p.name for p in top] == ["p0", "p3", "p2", "p1", "p4"]
+        assert [p.name for p in s.scalars(select(Player).where(Player.score < 0))] == ["p4"]
+
+
+def test_increments_with_other_changes_of_the_same_object(
+    engine: redmap.Engine, player: int
+) -> None:
+    """An update with increments and plain changes checks the version as usual."""
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 1
+        p.name = "renamed"
+        s.commit()
+        assert (p.score, p.name, inspect(p).version) == (1, "renamed", 2)
+        assert [x.id for x in s.scalars(select(Player).where(Player.name == "renamed"))] == [
+            player
+        ]
+
+
+def test_increments_commute_but_a_stale_plain_update_is_refused(
+    engine: redmap.Engine, player: int
+) -> None:
+    with Session(engine) as a, Session(engine) as b:
+        pa, pb = a.get(Player, player), b.get(Player, player)
+        assert pa is not None and pb is not None
+        pa.score = Player.score + 1
+        a.commit()
+        pb.score = Player.score + 2  # loaded before a's commit: still applies
+        b.commit()
+        assert pb.score == 3
+        pa.name = "late"  # a plain change of an object that changed since: stale
+        with pytest.raises(StaleDataError):
+            a.commit()
+        a.rollback()
+        pa = a.get(Player, player)
+        assert pa is not None and pa.score == 3
+
+
+def test_an_increment_never_resurrects_a_deleted_object(
+    engine: redmap.Engine, redis_client: redis.Redis, player: int
+) -> None:
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 1
+        with Session(engine) as other:
+            victim = other.get(Player, player)
+            other.delete(victim)
+            other.commit()
+        before = dump_keys(redis_client)
+        with pytest.raises(StaleDataError):
+            s.commit()
+        assert dump_keys(redis_client) == before
+
+
+def test_a_refused_increment_undoes_the_ones_before_it(
+    engine: redmap.Engine, redis_client: redis.Redis
+) -> None:
+    """Increments are the flush's first writes; one Redis refuses (a corrupt value)
+    makes the script restore the ones it applied: nothing written."""
+    with Session(engine) as s:
+        ps = [Player(name=f"p{i}", coins=i) for i in range(3)]
+        s.add_all(ps)
+        s.commit()
+        for p in ps:
+            p.coins = Player.coins + 10
+        redis_client.hset(f"{{ct}}:player:{ps[2].id}", "coins", "not a number")
+        before = dump_keys(redis_client)
+        with pytest.raises(FlushError, match="nothing was written") as info:
+            s.commit()
+        assert "not an integer" in str(info.value)
+        assert dump_keys(redis_client) == before
+
+
+def test_increments_are_refused_where_they_cannot_apply(engine: redmap.Engine) -> None:
+    with Session(engine) as s:
+        p = Player(name="p")
+        with pytest.raises(InvalidRequestError, match="not stored yet"):
+            p.score = Player.score + 1
+        s.add(p)
+        s.commit()
+        with pytest.raises(InvalidRequestError, match="int, float and Decimal"):
+            p.name = Player.name + "x"
+        with pytest.raises(InvalidRequestError, match="Indexed/Unique"):
+            p.team_id = Player.team_id + 1  # type: ignore[operator]
+        with pytest.raises(InvalidRequestError, match="adds to the field it is assigned"):
+            p.score = Player.coins + 1
+        with pytest.raises(ValidationError):
+            p.score = Player.score + True
+        with pytest.raises(ValidationError):
+            p.score = Player.score + 0.5  # type: ignore[operator]
+        with pytest.raises(ValidationError):
+            p.ratio = Player.ratio + float("nan")
+        assert not s.dirty  # nothing was assigned
+
+
+def test_a_later_assignment_replaces_a_pending_increment(
+    engine: redmap.Engine, player: int
+) -> None:
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 5
+        p.score = 42
+        s.commit()
+        assert p.score == 42
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import redmap
+    from redmap import Session, run_in_transaction
+    from tests.test_counters import Player
+    engine = redmap.create_engine(sys.argv[1])
+    pk, n = int(sys.argv[2]), int(sys.argv[3])
+    calls = 0
+    def bump(s):
+        global calls
+        calls += 1
+        p = s.get(Player, pk)
+        p.score = Player.score + 1
+    for _ in range(n):
+        run_in_transaction(bump, lambda: Session(engine))
+    print(calls)
+    """
+)
+
+
+def test_increments_from_eight_processes_are_exact_with_no_retry(
+    engine: redmap.Engine, redis_url: str, player: int
+) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, redis_url, str(player), "150"],
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(8)
+    ]
+    calls = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert calls == [150] * 8  # no attempt was retried
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None and p.score == 8 * 150 and inspect(p).version == 1 + 8 * 150
+
+
+def test_async_session_increments(redis_url: str, player: int) -> None:
+    async def main() -> tuple[int, int]:
+        engine = create_async_engine(redis_url)
+        try:
+            async with AsyncSession(engine) as s:
+                p = await s.get(Player, player)
+                assert p is not None
+                p.score = Player.score + 7
+                await s.commit()
+                return p.score, (await s.count(select(Player).where(Player.score >= 7)))
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(main()) == (7, 1)
+
+
+@pytest.fixture
+def proxy(redis_client: redis.Redis, redis_url: str) -> Iterator[LoopbackProxy]:
+    host, _, port = redis_url.split("//")[1].split("/")[0].rpartition(":")
+    with LoopbackProxy(host, int(port)) as p:
+        yield p
+
+
+def test_a_lost_reply_leaves_the_incremented_field_to_reload(
+    engine: redmap.Engine, proxy: LoopbackProxy, player: int
+) -> None:
+    """Settled as applied after its reply was lost, a flush cannot say what Redis
+    computed: the object reloads on access, with the value applied once."""
+    eng = redmap.create_engine(proxy.url, socket_timeout=0.5)
+    try:
+        with Session(eng) as s:
+            p = s.get(Player, player)
+            assert p is not None
+            p.score = Player.score + 4
+            proxy.set_mode("drop_exec_reply", once=True)
+            s.commit()
+            assert proxy.exec_replies_dropped == 1
+            assert "score" not in p.__dict__  # unknown until reloaded
+            assert p.score == 4 and inspect(p).version == 2
+            p.score = Player.score + 1
+            s.commit()
+            assert p.score == 5
+    finally:
+        eng.dispose()
