@@ -26,6 +26,8 @@ from .orm.strategy_options import lazyload as lazyload
 from .orm.strategy_options import raiseload as raiseload
 from .orm.strategy_options import selectinload as selectinload
 from .orm.validators import validates as validates
+from .query.dml import delete as delete
+from .query.dml import update as update
 from .query.expression import and_ as and_
 from .query.expression import asc as asc
 from .query.expression import col as col
@@ -51,6 +53,7 @@ __all__ = [
     "col",
     "configure",
     "create_engine",
+    "delete",
     "defaultload",
     "desc",
     "inspect",
@@ -63,5 +66,6 @@ __all__ = [
     "select",
     "selectinload",
     "sessionmaker",
+    "update",
     "validates",
 ]

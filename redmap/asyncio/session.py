@@ -22,6 +22,7 @@ from .engine import AsyncEngine, default_async_engine
 if TYPE_CHECKING:
     from ..orm.identity import IdentitySet
     from ..orm.strategy_options import Load
+    from ..query.dml import Delete, Result, Update
     from ..query.select import ScalarResult, Select
 
 __all__ = ["AsyncSession", "async_sessionmaker", "run_in_transaction"]
@@ -176,6 +177,16 @@ class AsyncSession:
     async def count(self, stmt: Select[Any]) -> int:
         """How many objects `stmt` matches (limit/offset applied); 1 round trip."""
         return await self.bind.run(self.sync_session._count_steps(stmt))
+
+    async def replace_all(self, model: type[M], objects: Iterable[M]) -> None:
+        """Make `objects` the whole stored set of `model` at the next flush (as
+        `Session.replace_all`: the stored set is read now, replaced atomically then)."""
+        await self.bind.run(self.sync_session._replace_all_steps(model, objects))
+
+    async def execute(self, stmt: Update[Any] | Delete[Any]) -> Result:
+        """Run an `update()` or `delete()` statement in one atomic flush (as
+        `Session.execute`); `Result.rowcount` is the number of objects matched."""
+        return await self.bind.run(self.sync_session._execute_steps(stmt))
 
     async def refresh(self, obj: object, attribute_names: Sequence[str] | None = None) -> None:
         """Reload `obj`'s fields now; relationships named in `attribute_names` are loaded

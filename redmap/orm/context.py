@@ -57,6 +57,7 @@ class SessionContext:
         "orphans",
         "owner",
         "rel_dirty",
+        "replace_guards",
         "supports_cluster",
     )
 
@@ -86,6 +87,9 @@ class SessionContext:
         self.orphans: dict[int, tuple[Any, RelationshipProperty]] = {}
         # ... and many-to-many changes in order.
         self.links: list[Link] = []
+        # `Session.replace_all`: (id zset, its members as read, what it lists) that the
+        # next flush requires unchanged, so that it replaces exactly the set it read.
+        self.replace_guards: list[tuple[str, frozenset[bytes], str]] = []
         # True while a read's autoflush runs: it leaves persistent orphans for the flush
         # the user calls (see `dependency._orphans`).
         self.autoflushing = False

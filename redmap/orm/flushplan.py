@@ -286,11 +286,13 @@ class FlushPlan:
         objs = list({id(c.state): c.state.obj for c in stale if c.state is not None}.values())
         desc = ", ".join(
             dict.fromkeys(
-                f"the {c.expected}({c.value!r}) that {c.state.mapper.name}.{c.field} points at"
+                str(c.value)  # a replace_all guard: what it lists
+                if c.state is None
+                else f"the {c.expected}({c.value!r}) that {c.state.mapper.name}.{c.field} "
+                f"points at"
                 if c.kind == "target"
                 else f"{c.state.mapper.name}({c.value!r})"
                 for c in stale
-                if c.state is not None
             )
         )
         return StaleDataError(

@@ -229,6 +229,7 @@ def plan_flush(
     token_key: str,
     incarnation: bytes,
     work: RelationshipWork | None = None,
+    replace_guards: Sequence[tuple[str, frozenset[bytes], str]] = (),
     tag: str | None = None,
     targets: Sequence[TargetRef] = (),
     cross_slot_allowed: bool = False,
@@ -414,6 +415,12 @@ def plan_flush(
         _expect_target(b, ref.state, ref.column, ref.value, new_keys)
     if work is not None:
         _plan_relationships(b, work, segments, new_pks, spaces)
+    for key, members, what in replace_guards:
+        # `Session.replace_all`: the id zset still lists exactly what it read.
+        b.watch[key] = None
+        b.checks.append(
+            Check("members", key, ("ZRANGE", key, 0, -1), expected=set(members), value=what)
+        )
     b.checks.extend(seqmax.values())
     for guard, fresh_keys in fresh.items():
         b.watch[guard] = None

@@ -31,6 +31,7 @@ from .unitofwork import UOWTransaction, changed_fields
 
 if TYPE_CHECKING:
     from ..engine import EngineBase
+    from ..query.dml import Delete, Result, Update
     from ..query.select import ScalarResult, Select
     from .relationships import RelationshipProperty
 
@@ -91,6 +92,8 @@ class Session:
         # What made or wraps this session (its sessionmaker; the AsyncSession driving it
         # and that one's async_sessionmaker): their session-event listeners apply to it.
         self._event_owners: tuple[object, ...] = ()
+        # The unit of work of the last flush applied (what a statement synchronizes).
+        self._last_flush: UOWTransaction | None = None
 
     @property
     def allow_cross_slot(self) -> bool:
@@ -362,10 +365,12 @@ class Session:
             if fire:
                 self._dispatch("before_flush")
             self._flushing = True
+            uow = UOWTransaction(self._context)
             try:
-                yield from UOWTransaction(self._context).execute_steps()
+                yield from uow.execute_steps()
             finally:
                 self._flushing = False
+            self._last_flush = uow
             if fire:
                 self._dispatch("after_flush")
         finally:
@@ -702,6 +707,149 @@ class Session:
             if col.key in obj.__dict__:
                 setattr(target, col.key, obj.__dict__[col.key])
         return target
+
+    # -- statements (see redmap.query.dml) ----------------------------------------------------
+
+    def replace_all(self, model: type[M], objects: Iterable[M]) -> None:
+        """Make `objects` the whole stored set of `model` at the next flush: every stored
+        object not among them (by primary key) is deleted, with its cascades, and the
+        others are saved, in that flush's one transaction, so readers see the old set or
+        the new one, never a mix (API.md section 9).
+
+        Reads now (the stored ids, and the stored objects in one round trip each): an
+        object whose key is stored is copied onto the session's copy of it, as `merge`
+        does, so that only the fields that differ are written; new ones are added. The
+        flush then also checks that the stored set is still the one read here, and
+        raises StaleDataError (nothing written) if another client added or removed an
+        object of `model` since. Relationships of `objects` are not copied.
+        """
+        self._run(self._replace_all_steps(model, objects))
+
+    def _replace_all_steps(self, model: type[M], objects: Iterable[M]) -> Steps[None]:
+        mapper = mapper_of(model)
+        given = list(objects)
+        yield from self._autoflush()
+        spaces = mapper.all_keyspaces()
+        replies = yield Read([("ZRANGE", ks.all(), 0, -1) for ks in spaces])
+        stored: list[Any] = []
+        guards = []
+        for ks, members in zip(spaces, replies, strict=True):
+            if isinstance(members, Exception):
+                raise members
+            stored.extend(mapper.pk_from_segment(m, ks.all()) for m in members)
+            guards.append((ks.all(), frozenset(members), f"the stored {mapper.name} objects"))
+        loaded = yield from self._get_many_steps(model, stored)
+        by_pk: dict[Any, Any] = {
+            pk: o for pk, o in zip(stored, loaded, strict=True) if o is not None
+        }
+        pk_key = mapper.pk.key
+        kept: set[Any] = set()
+        columns = [c for c in mapper.stored_columns() if not c.primary_key]
+        for obj in given:
+            pk = obj.__dict__.get(pk_key)
+            target = by_pk.get(pk) if pk is not None else None
+            if target is None:
+                self.add(obj)
+            elif target is not obj:
+                src = obj.__dict__
+                for col in columns:
+                    if col.key in src and getattr(target, col.key) != src[col.key]:
+                        setattr(target, col.key, src[col.key])
+            if pk is not None:
+                kept.add(pk)
+        for pk, obj in by_pk.items():
+            if pk not in kept:
+                self.delete(obj)
+        self._context.replace_guards.extend(guards)
+
+    def execute(self, stmt: Update[Any] | Delete[Any]) -> Result:
+        """Run an `update()` or `delete()` statement: pending changes are flushed first,
+        then every matching object is updated (or deleted) in one atomic flush, with
+        every index, unique claim, relationship link and cascade kept as the unit of
+        work keeps them. Objects of this session take the new values (deleted ones
+        leave it). `Result.rowcount` is the number of objects matched.
+
+        Round trips: those of the query, one to load the matching objects, and the
+        flush's; none of them grows with the number of objects. A matched object that
+        another client changes before the flush makes it raise StaleDataError with
+        nothing written (retry with `run_in_transaction`).
+        """
+        return self._run(self._execute_steps(stmt))
+
+    def _execute_steps(self, stmt: Update[Any] | Delete[Any]) -> Steps[Result]:
+        from ..query.dml import Result, Update
+        from ..query.select import select
+
+        yield from self._flush_steps()
+        # The statement runs in a session of its own, so that a refused flush leaves
+        # this one as it was; its outcome is copied here once applied.
+        inner = Session(
+            None if self._async_engine is not None else self.bind,
+            autoflush=False,
+            expire_on_commit=False,
+            allow_cross_slot=self.allow_cross_slot,
+        )
+        inner._async_engine = self._async_engine
+        inner._event_owners = self._event_owners
+        try:
+            found = yield from inner._scalars_steps(select(stmt.model).where(*stmt.conditions))
+            objs = found.all()
+            if isinstance(stmt, Update):
+                for obj in objs:
+                    for name, value in stmt.values_.items():
+                        setattr(obj, name, value)
+            else:
+                for obj in objs:
+                    inner.delete(obj)
+            yield from inner._flush_steps()
+            if inner._last_flush is not None:
+                self._synchronize(inner._last_flush, stmt)
+        finally:
+            inner.close()
+        return Result(rowcount=len(objs))
+
+    def _synchronize(self, applied: UOWTransaction, stmt: Update[Any] | Delete[Any]) -> None:
+        """Make this session's objects show what a statement's flush wrote: updated ones
+        take the stored values (and version) of the statement's copies, deleted ones
+        (cascades included) leave the session, and loaded collections holding them or
+        many-to-ones whose foreign key changed are expired."""
+        ctx = self._context
+        imap = ctx.identity_map
+        # Models whose objects moved between parents or left: collections of them that
+        # this session loaded may be wrong now (cheap to expire, costly to patch).
+        moved: set[type] = set()
+        for u in applied.updates:
+            src = u.state
+            mine = imap.get((src.mapper.class_, src.pk))
+            if mine is None or mine is src:
+                continue
+            d, from_d = mine.obj.__dict__, src.obj.__dict__
+            for col in src.mapper.stored_columns():
+                if col.key in from_d:
+                    codec = col.codec
+                    value = from_d[col.key]
+                    d[col.key] = codec.copy_value(value) if codec is not None else value
+                else:
+                    d.pop(col.key, None)
+            mine.loaded = dict(src.loaded)
+            mine.version, mine.incarnation = src.version, src.incarnation
+            mine.modified.clear()
+            imap.modified.discard(mine)
+            for prop in src.mapper.relationships.values():
+                if prop.fk_column and prop.fk_column in u.changes:
+                    moved.add(src.mapper.class_)
+                    d.pop(prop.key, None)
+        for dt in applied.deletes:
+            moved.add(dt.state.mapper.class_)
+            mine = imap.get((dt.state.mapper.class_, dt.state.pk))
+            if mine is not None and mine is not dt.state:
+                ctx.detach(mine)
+        if moved:
+            for st in imap.states():
+                d = st.obj.__dict__
+                for name, prop in st.mapper.relationships.items():
+                    if name in d and prop.target in moved:
+                        del d[name]
 
     # -- queries (see redmap.query.select) ------------------------------------------------------
 

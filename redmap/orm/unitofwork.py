@@ -366,11 +366,13 @@ class UOWTransaction:
                 self._collect_again()
             if self.empty:
                 self._flushed()
+                self.session.replace_guards.clear()  # nothing replaced: nothing to guard
                 return
             if self.session.allow_cross_slot and self.session.supports_cluster():
                 groups = self._split_by_registry()
                 if len(groups) > 1:
                     yield from self._run_parts(groups)
+                    self.session.replace_guards.clear()
                     return
             yield from self._run()
         except BaseException:
@@ -708,6 +710,7 @@ class UOWTransaction:
                 token_key=self.token_key,
                 incarnation=self.incarnation,
                 work=self.work,
+                replace_guards=self._guards(),
                 tag=self.tag,
                 targets=self.targets,
                 cross_slot_allowed=self.session.allow_cross_slot,
@@ -748,6 +751,14 @@ class UOWTransaction:
             return True
         return any(t.generated and t.state.mapper.shard_key is not None for t in self.inserts)
 
+    def _guards(self) -> list[tuple[str, frozenset[bytes], str]]:
+        """The `replace_all` guards this flush (or this part of a cross-slot flush: those
+        of its hash tag) must check."""
+        guards = self.session.replace_guards
+        if self.tag is None:
+            return list(guards)
+        return [g for g in guards if g[0].startswith(self.tag)]
+
     def finalize(self) -> None:
         """Record what Redis now holds on each flushed object.
 
@@ -757,6 +768,8 @@ class UOWTransaction:
         """
         with paused_gc(len(self.inserts) + len(self.updates) + len(self.deletes)):
             self._record_written()
+        if self.tag is None:
+            self.session.replace_guards.clear()
 
     def _increment_results(self) -> tuple[dict[tuple[int, str | None], Any], bool]:
         """What Redis computed for each increment of the flush, by (id(state), field;
