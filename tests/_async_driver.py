@@ -32,12 +32,18 @@ def make_engine(url: str, **options: Any) -> Engine:
     """An engine on the driver `REDMAP_TEST_DRIVER` names: the sync `Engine`, or a
     `LoopEngine` (the same Session API on the asyncio driver). Worker processes inherit
     the variable, so a race test's writers use the driver of the test."""
-    threshold = os.environ.get(SCRIPT_ENV)
-    if threshold is not None and "flush_script_threshold" not in options:
-        options["flush_script_threshold"] = None if threshold == "none" else int(threshold)
+    options = {**script_option(), **options}
     if os.environ.get(DRIVER_ENV, "sync") == "async":
         return LoopEngine(url, **options)
     return Engine(url, **options)
+
+def script_option() -> dict[str, Any]:
+    """`flush_script_threshold` as `REDMAP_TEST_SCRIPT_THRESHOLD` says ({} when unset)."""
+    threshold = os.environ.get(SCRIPT_ENV)
+    if threshold is None:
+        return {}
+    return {"flush_script_threshold": None if threshold == "none" else int(threshold)}
+
 
 T = TypeVar("T")
 

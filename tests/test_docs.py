@@ -28,6 +28,7 @@ import pytest
 
 import redmap
 import redmap.engine
+from redmap.orm import events as orm_events
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -151,12 +152,26 @@ def test_examples_run(
     module = types.ModuleType(f"_redmap_docs_{page.stem.replace('-', '_').lower()}")
     module.__file__ = str(page)
     sys.modules[module.__name__] = module
+    # Listeners a page registers (docs/events.md) are global: removed after it, so that
+    # the event tests find the tables as a fresh process does.
+    mapper_before = {k: {n: list(v) for n, v in d.items()} for k, d in orm_events._mapper.items()}
+    session_before = {
+        k: {n: list(v) for n, v in d.items()} for k, d in orm_events._session.items()
+    }
     try:
         for block in blocks:
             # Pad with newlines so tracebacks point at the line in the Markdown file.
             code = compile("\n" * (block.line - 1) + block.source, str(page), "exec")
             exec(code, module.__dict__)
     finally:
+        orm_events._mapper.clear()
+        orm_events._mapper.update(mapper_before)
+        orm_events._mapper_cache.clear()
+        for target in list(orm_events._session.keys()):
+            if target in session_before:
+                orm_events._session[target] = session_before[target]
+            else:
+                del orm_events._session[target]
         del sys.modules[module.__name__]
         for value in list(module.__dict__.values()):
             if isinstance(value, redmap.Engine):

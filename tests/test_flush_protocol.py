@@ -103,6 +103,14 @@ class Job:
     def ids_first(self) -> bool:
         return self.uow.ids_first()
 
+    @property
+    def size(self) -> int:
+        return self.uow.size
+
+    @property
+    def has_increments(self) -> bool:
+        return self.uow.has_increments
+
     def plan(self) -> FlushPlan:
         plan = self.uow.plan()
         self.plans.append(plan)

@@ -250,11 +250,35 @@ def test_noscript_after_the_cache_was_flushed_loads_and_sends_again(
         with count_round_trips(engine) as rt:
             s.commit()
     names = [[c[0] for c in batch] for batch in rt.batches]
+    # The engine had run the script (the seed): EVALSHA, answered NOSCRIPT inside the
+    # EXEC with nothing run, then the same flush with the script's body (EVAL).
     assert names[-2:] == [
         ["WATCH", "MULTI", "EVALSHA", "EXEC"],
-        ["SCRIPT", "WATCH", "MULTI", "EVALSHA", "EXEC"],
+        ["WATCH", "MULTI", "EVAL", "EXEC"],
     ]
-    assert redis_client.exists("{fs}:member:4")
+    with Session(engine) as s:
+        s.add(Member(name="y", email="y@x", age=1))
+        with count_round_trips(engine) as rt:
+            s.commit()
+    assert [c[0] for c in rt.batches[-1]] == ["WATCH", "MULTI", "EVALSHA", "EXEC"]
+    assert redis_client.exists("{fs}:member:4") and redis_client.exists("{fs}:member:5")
+
+
+def test_the_first_scripted_flush_of_an_engine_carries_the_script(
+    redis_url: str, redis_client: redis.Redis, clean_redis: None
+) -> None:
+    """No NOSCRIPT round trip on a server that never saw the script: EVAL first."""
+    redis_client.script_flush()
+    engine = redmap.create_engine(redis_url, flush_script_threshold=0)
+    try:
+        with Session(engine) as s:
+            s.add(Member(name="x", email="x@x", age=1, id=1))
+            with count_round_trips(engine) as rt:
+                s.commit()
+        assert [[c[0] for c in b] for b in rt.batches] == [["WATCH", "MULTI", "EVAL", "EXEC"]]
+    finally:
+        engine.dispose()
+    assert redis_client.exists("{fs}:member:1")
 
 
 def _memory_sweep(engine: redmap.Engine, raw: redis.Redis) -> list[str]:

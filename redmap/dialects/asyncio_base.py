@@ -29,6 +29,7 @@ from ..orm.flushprotocol import (
     Reply,
     Request,
     RoundTrip,
+    ScriptCache,
     Settle,
 )
 from ..urls import safe_url
@@ -145,6 +146,8 @@ class AsyncDialect:
         self.url = url
         self.safe_url = safe_url(url)
         self._hook = hook
+        # Whether the server is known to hold the flush script (`FlushProtocol`).
+        self.script_cache = ScriptCache()
         # The redis.asyncio client; None until first use for the dialects that build it
         # late (`ready_client`).
         self.client: Any = self.create_client(url, **client_options)
@@ -295,6 +298,7 @@ class AsyncDialect:
             is_redirect=_is_redirect,
             check_plan=self.check_plan,
             script_threshold=script_threshold,
+            script_cache=self.script_cache,
         )
         run_client = execute or self.execute
         cancels_before = _cancel_requests()

@@ -8,7 +8,6 @@ the protocol (`redmap.orm.flushprotocol`, I/O-free) decides, this module moves b
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import inspect
 import random
@@ -29,6 +28,7 @@ from ..orm.flushprotocol import (
     Reply,
     Request,
     RoundTrip,
+    ScriptCache,
     Settle,
 )
 from ..urls import password_of as _password_of
@@ -142,16 +142,24 @@ def send_and_read(conn: Any, commands: Sequence[Command]) -> list[Any]:
     return replies
 
 
-@functools.cache
-def _wants_command_name(pool_class: Any) -> bool:
+_WANTS_COMMAND_NAME: dict[type, bool] = {}
+
+
+def _wants_command_name(pool_class: type) -> bool:
     """Whether `get_connection` of this pool class needs a command name (redis-py < 5.3;
-    later versions deprecate passing one). Cached: `inspect.signature` cost a tenth of
-    a one-object flush."""
+    later versions deprecate passing one). Cached per class: `inspect.signature` cost a
+    tenth of a one-object flush."""
+    known = _WANTS_COMMAND_NAME.get(pool_class)
+    if known is not None:
+        return known
     try:
-        param = inspect.signature(pool_class.get_connection).parameters.get("command_name")
+        get_connection: Any = getattr(pool_class, "get_connection", None)
+        param = inspect.signature(get_connection).parameters.get("command_name")
     except (TypeError, ValueError):
-        return False
-    return param is not None and param.default is inspect.Parameter.empty
+        param = None
+    wants = param is not None and param.default is inspect.Parameter.empty
+    _WANTS_COMMAND_NAME[pool_class] = wants
+    return wants
 
 
 def _checkout(pool: Any) -> Any:
@@ -268,6 +276,8 @@ class Dialect:
         self.url = url
         self.safe_url = safe_url(url)
         self._hook = hook
+        # Whether the server is known to hold the flush script (`FlushProtocol`).
+        self.script_cache = ScriptCache()
         self.client: Any = self.create_client(url, **client_options)
 
     def create_client(self, url: str, **options: Any) -> Any:
@@ -404,6 +414,7 @@ class Dialect:
             is_redirect=_is_redirect,
             check_plan=self.check_plan,
             script_threshold=script_threshold,
+            script_cache=self.script_cache,
         )
         run_client = execute or self.execute
         steps = protocol.run()

@@ -41,6 +41,7 @@ __all__ = [
     "ID_RETRIES",
     "REDIRECT_RETRIES",
     "SCRIPT_THRESHOLD",
+    "ScriptCache",
     "WATCH_RETRIES",
     "ClientExecute",
     "FlushJob",
@@ -157,6 +158,15 @@ class FlushJob(Protocol):
         ...
 
 
+@dataclasses.dataclass
+class ScriptCache:
+    """Whether the server(s) of an engine are known to hold the flush script: kept by
+    the driver across flushes; a NOSCRIPT reply (restart, failover, another node of a
+    cluster) is handled whatever it says."""
+
+    loaded: bool = False
+
+
 class Replan(Exception):
     """A flush whose generated ids were handed out after its checks must check again
     (EXEC aborted, or a redirect): its plan did not check the ids' own keys, so the
@@ -201,8 +211,10 @@ class FlushProtocol:
         clock: Callable[[], float] = time.monotonic,
         redirect_retries: int = REDIRECT_RETRIES,
         script_threshold: int | None = SCRIPT_THRESHOLD,
+        script_cache: ScriptCache | None = None,
     ):
         self.job = job
+        self.script_cache = script_cache if script_cache is not None else ScriptCache()
         self.url = url
         self.is_redirect = is_redirect
         self.check_plan = check_plan
@@ -385,19 +397,21 @@ class FlushProtocol:
                 ("EVALSHA", flushscript.SCRIPT_SHA, 1, plan.token_key, *inv.args)
                 for inv in invocations
             ]
-        load = False
+        # Until this engine saw the script run, the first invocation carries its body
+        # (EVAL caches it), so that the first scripted flush needs no NOSCRIPT round trip.
+        load = not self.script_cache.loaded
         for _ in range(WATCH_RETRIES):
-            head: list[Command] = [("SCRIPT", "LOAD", flushscript.SCRIPT)] if load else []
+            if load:
+                evals[0] = ("EVAL", flushscript.SCRIPT, *evals[0][2:])
             sent_at = self.clock()
             replies = yield RoundTrip(
-                [*head, ("WATCH", plan.token_key), ("MULTI",), *evals, ("EXEC",)], route
+                [("WATCH", plan.token_key), ("MULTI",), *evals, ("EXEC",)], route
             )
             if isinstance(replies, Lost):
                 self.broken = True
                 yield from self._after_lost_exec(plan, replies, sent_at)
                 return
             assert replies is not None
-            replies = replies[len(head) :]
             if self._redirected(replies):
                 raise _Redirected()
             if isinstance(replies[0], Exception):
@@ -415,6 +429,7 @@ class FlushProtocol:
             if any(_no_script(r) for r in exec_reply):
                 load = True  # nothing ran (a restart or failover emptied the cache)
                 continue
+            self.script_cache.loaded = True
             result = flushscript.outcome(plan, invocations, list(exec_reply))
             if result.error is None:
                 plan.replies = result.wanted

@@ -222,16 +222,18 @@ while i <= n do
   else
     local w = tonumber(a[i])
     local want = w < 0
+    local before = nil
     if want then
       -- an increment: HINCRBY/HINCRBYFLOAT key field delta
       w = -w
       if wrote == #undo then
-        undo[#undo + 1] = {a[i + 2], a[i + 3], redis.call('HGET', a[i + 2], a[i + 3])}
+        before = {a[i + 2], a[i + 3], redis.call('HGET', a[i + 2], a[i + 3])}
       end
     end
     local r = redis.pcall(unpack(a, i + 1, i + w))
     if err(r) then return fail(r) end
     wrote = wrote + 1
+    if before then undo[#undo + 1] = before end
     if want then wanted[#wanted + 1] = r end
     i = i + w + 1
   end

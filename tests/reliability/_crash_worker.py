@@ -35,7 +35,7 @@ import redis.connection
 import redmap
 from redmap import ForeignKey, Indexed, PrimaryKey, Session, Sorted, Unique, registry
 from redmap.exc import OutcomeUnknownError, RedmapConnectionError, StaleDataError
-from tests._async_driver import make_engine
+from tests._async_driver import script_option
 
 reg = registry(prefix="rfaults")
 
@@ -138,7 +138,9 @@ def run_trial(url: str, spec: dict[str, Any]) -> None:
     tag = spec["tag"]
     # Named connections: the test waits until the server has dropped them all, since
     # bytes a killed process had already sent are still run by the server afterwards.
-    engine = make_engine(url, client_name=f"crash-{tag}")
+    # The sync driver always (its sends are what `_arm` patches); the commit strategy
+    # of the test (`driver` fixture's "script").
+    engine = redmap.create_engine(url, client_name=f"crash-{tag}", **script_option())
     _arm(engine, spec["mode"], rng)
     boxes = spec["boxes"]
     with Session(engine) as s:
@@ -193,7 +195,9 @@ def zygote(url: str) -> None:
 
 def writer(url: str, w: int, seconds: float, out_path: str) -> None:
     """Commit `shared tally += 1, own tally += 1, new Receipt` until the time is up."""
-    engine = make_engine(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    engine = redmap.create_engine(
+        url, socket_timeout=5.0, socket_connect_timeout=2.0, **script_option()
+    )
     deadline = time.monotonic() + seconds
     seq = 0
     with open(out_path, "a", encoding="utf-8") as out:
