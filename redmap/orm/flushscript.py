@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # Arguments of one EVALSHA (Redis refuses more than 1,048,576 per command).
-MAX_ARGS = 200_000
+MAX_ARGS = 20_000
 # Words of one command the script runs (Lua's `unpack` fails near 8,000 values).
 MAX_WORDS = 4_000
 
