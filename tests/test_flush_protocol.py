@@ -35,6 +35,7 @@ from redmap.exc import (
     RedmapConnectionError,
     StaleDataError,
 )
+from redmap.orm import flushscript
 from redmap.orm.attributes import state_of
 from redmap.orm.flushplan import FlushPlan
 from redmap.orm.flushprotocol import (
@@ -46,6 +47,7 @@ from redmap.orm.flushprotocol import (
     Reply,
     Request,
     RoundTrip,
+    ScriptCache,
     Settle,
 )
 from redmap.orm.persistence import InsertTask
@@ -675,3 +677,90 @@ def test_ids_taken_by_an_explicit_insert_are_not_given_back(offline: Engine) -> 
     assert wire.request == RoundTrip([("UNWATCH",)], plan.token_key)
     with pytest.raises(IntegrityError, match="already taken"):
         wire.answer([OK])
+
+
+# -- the scripted flush (issue 14) -------------------------------------------------------
+
+
+def start_scripted(session: Session, clock: Clock | None = None) -> tuple[Job, Wire]:
+    """As `start`, for a protocol that scripts every flush (threshold 0) on an engine
+    known to hold the script (EVALSHA, not EVAL)."""
+    uow = UOWTransaction(session._context)
+    session.bind.run(uow.collect())
+    uow.start()
+    job = Job(uow)
+    protocol = FlushProtocol(
+        job,
+        url="redis://127.0.0.1:1/0",
+        is_redirect=_is_redirect,
+        clock=clock or Clock(),
+        script_threshold=0,
+        script_cache=ScriptCache(loaded=True),
+    )
+    return job, Wire(protocol)
+
+
+def _script_trip(wire: Wire) -> RoundTrip:
+    request = wire.request
+    assert isinstance(request, RoundTrip)
+    names = [c[0] for c in request.commands]
+    assert names[:2] == ["WATCH", "MULTI"] and names[-1] == "EXEC", names
+    return request
+
+
+def test_scripted_flush_is_one_round_trip(offline: Engine) -> None:
+    s, team = commit_team(offline)
+    team.title = "new"
+    job, wire = start_scripted(s)
+    request = _script_trip(wire)
+    assert [c[0] for c in request.commands] == ["WATCH", "MULTI", "EVALSHA", "EXEC"]
+    assert request.commands[2][1] == flushscript.SCRIPT_SHA
+    wire.answer([OK, OK, QUEUED, [[1, []]]])
+    assert wire.done
+
+
+def test_scripted_flush_refused_by_its_checks_is_stale(offline: Engine) -> None:
+    """The script answers the replies of its checks: the classic wording."""
+    s, team = commit_team(offline)
+    team.title = "new"
+    job, wire = start_scripted(s)
+    _script_trip(wire)
+    plan = job.plans[0]
+    stale = [[b"2", c.expected[1]] if c.kind == "version" else b"none" for c in plan.checks]
+    with pytest.raises(StaleDataError, match=r"Team\(7\)"):
+        wire.answer([OK, OK, QUEUED, [[0, stale]]])
+
+
+def test_scripted_flush_after_noscript_sends_the_body(offline: Engine) -> None:
+    s, team = commit_team(offline)
+    team.title = "new"
+    job, wire = start_scripted(s)
+    _script_trip(wire)
+    wire.answer([OK, OK, QUEUED, [rex.NoScriptError("No matching script.")]])
+    request = _script_trip(wire)
+    assert request.commands[2][:2] == ("EVAL", flushscript.SCRIPT)
+    wire.answer([OK, OK, QUEUED, [[1, []]]])
+    assert wire.done and wire.protocol.script_cache.loaded
+
+
+def test_scripted_flush_with_watch_refused_reads_the_exec_reply(offline: Engine) -> None:
+    """MULTI and the script go with the WATCH: a refused WATCH (say an ACL) does not mean
+    nothing ran. The EXEC reply decides: here the script ran and the flush applied."""
+    s, team = commit_team(offline)
+    team.title = "new"
+    job, wire = start_scripted(s)
+    _script_trip(wire)
+    wire.answer([rex.ResponseError("NOPERM no WATCH for you"), OK, QUEUED, [[1, []]]])
+    assert wire.done
+
+
+def test_scripted_flush_lost_reply_is_settled(offline: Engine) -> None:
+    s, team = commit_team(offline)
+    team.title = "new"
+    job, wire = start_scripted(s)
+    _script_trip(wire)
+    wire.answer(Lost("ConnectionError"))
+    assert isinstance(wire.request, Settle)
+    assert wire.request.commands[0][:3] == ("SET", job.plans[0].token_key, b"settled")
+    wire.answer([None])  # the token was there: applied
+    assert wire.done

@@ -414,12 +414,8 @@ class FlushProtocol:
             assert replies is not None
             if self._redirected(replies):
                 raise _Redirected()
-            if isinstance(replies[0], Exception):
-                yield from self._unwatch(route)
-                raise FlushError(
-                    f"Redis refused WATCH ({replies[0]}); nothing was written",
-                    errors=[str(replies[0])],
-                )
+            # A refused WATCH does not stop the MULTI sent with it: the EXEC reply says
+            # what happened (the script checks the token itself).
             exec_reply = replies[-1]
             if exec_reply is None:
                 continue  # the token changed under the WATCH: nothing ran
