@@ -36,6 +36,7 @@ from redmap import (
 )
 from redmap.asyncio import AsyncSession, create_async_engine
 from redmap.exc import FlushError, InvalidRequestError, StaleDataError, ValidationError
+from redmap.orm.state import InstanceState
 from redmap.testing.assertions import count_round_trips, dump_keys
 from tests.proxy import LoopbackProxy
 
@@ -301,5 +302,203 @@ def test_a_lost_reply_leaves_the_incremented_field_to_reload(
             p.score = Player.score + 1
             s.commit()
             assert p.score == 5
+    finally:
+        eng.dispose()
+
+
+# -- the increments-only path (`IncrementFlush`) ------------------------------------------
+
+
+def state_of(obj: object) -> InstanceState:
+    from redmap.orm.attributes import state_of as of
+
+    st = of(obj)
+    assert st is not None
+    return st
+
+
+def _last_flush(s: Session) -> type:
+    flush = s._last_flush
+    assert flush is not None
+    return type(flush)
+
+
+def test_increments_only_take_the_increment_path_with_the_general_plan(
+    engine: redmap.Engine, player: int
+) -> None:
+    """A flush of increments only skips the general collection, not its plan: the plan
+    is the one `plan_flush` builds for the same updates."""
+    from redmap.orm.persistence import plan_flush
+    from redmap.orm.unitofwork import IncrementFlush, UOWTransaction
+
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 2
+        p.coins = Player.coins + 7
+        fast = IncrementFlush.collect_increments(s._context)
+        assert fast is not None
+        fast.token_key = "{ct}:#flush:x"
+        general = UOWTransaction(s._context)
+        general._collect_tasks()
+        ours = fast.plan()
+        theirs = plan_flush(
+            [], general.updates, [], token_key="{ct}:#flush:x", incarnation=b"i"
+        )
+        assert ours.writes == theirs.writes
+        assert ours.watch == theirs.watch
+        assert [(c.kind, c.command, c.expected) for c in ours.checks] == [
+            (c.kind, c.command, c.expected) for c in theirs.checks
+        ]
+        assert ours.incremented == theirs.incremented
+        s.commit()
+        assert _last_flush(s) is IncrementFlush
+        assert (p.score, p.coins, inspect(p).version) == (2, 7, 2) and not s.dirty
+
+
+def test_a_refused_increment_on_the_increment_path_leaves_the_session_as_it_was(
+    engine: redmap.Engine, redis_client: redis.Redis, player: int
+) -> None:
+    from redmap.query.expression import Increment
+
+    key = f"{{ct}}:player:{player}"
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 1
+        p.coins = Player.coins + 1
+        redis_client.hset(key, "coins", "not a number")
+        before = dump_keys(redis_client)
+        with pytest.raises(FlushError, match="nothing was written"):
+            s.commit()
+        assert dump_keys(redis_client) == before
+        st = state_of(p)
+        assert st.modified == {"score", "coins"} and p in s.dirty
+        assert type(p.__dict__["score"]) is Increment and st.version == 1
+        assert not st.in_doubt
+        redis_client.hset(key, "coins", "0")
+        s.commit()  # the same pending increments, applied once
+        assert (p.score, p.coins, st.version) == (1, 1, 2)
+    assert redis_client.hmget(key, ["score", "coins"]) == [b"1", b"1"]
+
+
+def test_a_stale_incarnation_is_refused_on_the_increment_path(
+    engine: redmap.Engine, redis_client: redis.Redis, player: int
+) -> None:
+    """Deleted and inserted again under the same id: not the object loaded."""
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 1
+        with Session(engine) as other:
+            other.delete(other.get(Player, player))
+            other.commit()
+            other.add(Player(name="again", id=player))
+            other.commit()
+        before = dump_keys(redis_client)
+        with pytest.raises(StaleDataError):
+            s.commit()
+        assert dump_keys(redis_client) == before
+        assert state_of(p).modified == {"score"}
+
+
+def test_increments_mixed_with_other_changes_take_the_general_path(
+    engine: redmap.Engine, player: int
+) -> None:
+    from redmap.orm.unitofwork import IncrementFlush, UOWTransaction
+
+    with Session(engine) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 1
+        p.coins = 5  # a plain value beside the increment
+        s.commit()
+        assert _last_flush(s) is UOWTransaction
+        p.score = Player.score + 1
+        s.add(Player(name="new"))  # a new object in the same flush
+        s.commit()
+        assert _last_flush(s) is UOWTransaction
+        p.score = Player.score + 1
+        s.commit()
+        assert _last_flush(s) is IncrementFlush
+        assert (p.score, p.coins) == (3, 5)
+
+
+def test_listeners_make_increments_take_the_general_path(
+    engine: redmap.Engine, player: int
+) -> None:
+    from redmap.orm.unitofwork import UOWTransaction
+
+    seen: list[str] = []
+
+    def before_update(obj: Player) -> None:
+        seen.append("mapper")
+
+    def before_flush(session: Session) -> None:
+        seen.append("session")
+
+    for target, name, fn in (
+        (Player, "before_update", before_update),
+        (Session, "before_flush", before_flush),
+    ):
+        redmap.event.listen(target, name, fn)
+        try:
+            with Session(engine) as s:
+                p = s.get(Player, player)
+                assert p is not None
+                p.score = Player.score + 1
+                s.commit()
+                assert _last_flush(s) is UOWTransaction
+        finally:
+            redmap.event.remove(target, name, fn)
+    assert seen == ["mapper", "session"]
+
+
+def test_a_lost_reply_on_the_increment_path_is_settled(
+    engine: redmap.Engine, proxy: LoopbackProxy, player: int
+) -> None:
+    """The increment path's reply lost: settled as applied (once), then the object is
+    in doubt only if the settle fails too (here the read-back succeeds)."""
+    from redmap.orm.unitofwork import IncrementFlush
+
+    eng = redmap.create_engine(proxy.url, socket_timeout=0.5)
+    try:
+        with Session(eng, expire_on_commit=False) as s:
+            p = s.get(Player, player)
+            assert p is not None
+            for _ in range(3):
+                p.score = Player.score + 1
+                s.commit()
+            proxy.set_mode("drop_exec_reply", once=True)
+            p.score = Player.score + 10
+            s.commit()
+            assert proxy.exec_replies_dropped == 1
+            assert _last_flush(s) is IncrementFlush
+            assert "score" not in p.__dict__ and not inspect(p).in_doubt
+            assert p.score == 13 and inspect(p).version == 5
+    finally:
+        eng.dispose()
+
+
+def test_an_unsettled_lost_reply_on_the_increment_path_marks_the_object_in_doubt(
+    engine: redmap.Engine, proxy: LoopbackProxy, player: int
+) -> None:
+    from redmap.exc import OutcomeUnknownError
+
+    eng = redmap.create_engine(proxy.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        with Session(eng) as s:
+            p = s.get(Player, player)
+            assert p is not None
+            p.score = Player.score + 1
+            proxy.set_mode("drop_exec_reply", once=True, then="reset")
+            with pytest.raises(OutcomeUnknownError):
+                s.commit()
+            assert inspect(p).in_doubt
+            proxy.set_mode("pass")
+            with pytest.raises(InvalidRequestError, match="rollback"):
+                s.commit()
+            s.rollback()
+            assert s.get(Player, player).score == 1  # type: ignore[union-attr]
     finally:
         eng.dispose()

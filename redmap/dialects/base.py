@@ -72,6 +72,18 @@ __all__ = [
 @contextlib.contextmanager
 def translate_errors(url: str) -> Iterator[None]:
     """Turn redis-py errors into `redmap.exc` errors that name the URL without a password."""
+    # The URL without its password is worked out only when an error is translated:
+    # every round trip enters this block, and parsing the URL cost microseconds each.
+    try:
+        yield
+    except RedmapError:
+        raise
+    except (rex.RedisError, OSError) as exc:
+        _translate(url, exc)
+
+
+def _translate(url: str, error: BaseException) -> NoReturn:
+    """Raise the `redmap.exc` error for a redis-py error of a round trip to `url`."""
     shown = safe_url(url)
     secret = _password_of(url)
 
@@ -80,9 +92,7 @@ def translate_errors(url: str) -> Iterator[None]:
         return text.replace(secret, "***") if secret else text
 
     try:
-        yield
-    except RedmapError:
-        raise
+        raise error
     except rex.AuthenticationError as exc:
         if secret is None:  # Redis answers HELLO or AUTH text that does not say this
             raise RedmapConnectionError(

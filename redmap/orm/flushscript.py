@@ -331,23 +331,28 @@ def encode(plan: FlushPlan) -> list[Invocation]:
     """
     token_set = plan.writes[-1]
     assert token_set[0] == "SET" and token_set[1] == plan.token_key
-    checks = sorted(plan.checks, key=lambda c: c.kind == "seqmax")
-    want = set(range(len(plan.incremented)))
+    checks = plan.checks
+    if any(c.kind == "seqmax" for c in checks):
+        checks = sorted(checks, key=lambda c: c.kind == "seqmax")
+    # The first writes are the increments, whose replies are wanted.
+    wanted = len(plan.incremented)
     invocations: list[Invocation] = []
     current = Invocation([], [], 0)
+    args = current.args
     size = 0
 
     def cut() -> None:
-        nonlocal current, size
+        nonlocal current, args, size
         invocations.append(current)
         current = Invocation([], [], 0)
+        args = current.args
         size = 0
 
     for check in checks:
         words = _check_words(check)
         if size and size + len(words) > MAX_ARGS:
             cut()
-        current.args.extend(words)
+        args.extend(words)
         current.checks.append(check)
         size += len(words)
     for index, cmd in enumerate(plan.writes[:-1]):
@@ -355,15 +360,16 @@ def encode(plan: FlushPlan) -> list[Invocation]:
             _, zset, nth, member = cmd
             if size and size + 4 > MAX_ARGS:
                 cut()
-            current.args.extend(("z", zset, member, nth + 1))
+            args.extend(("z", zset, member, nth + 1))
             current.writes += 1
             size += 4
             continue
-        for piece in _pieces(cmd):
+        # A command of at most MAX_WORDS words (nearly all) goes as it is.
+        for piece in (cmd,) if len(cmd) <= MAX_WORDS else _pieces(cmd):
             if size and size + len(piece) + 1 > MAX_ARGS:
                 cut()
-            current.args.append(-len(piece) if index in want else len(piece))
-            current.args.extend(piece)
+            args.append(-len(piece) if index < wanted else len(piece))
+            args.extend(piece)
             current.writes += 1
             size += len(piece) + 1
     invocations.append(current)

@@ -49,6 +49,7 @@ __all__ = [
     "bind_placeholders",
     "id_guard_key",
     "plan_flush",
+    "plan_increments",
     "summarise_errors",
 ]
 
@@ -450,6 +451,47 @@ def plan_flush(
         checks=b.checks,
         writes=writes,
         states=states,
+        cross_slot_allowed=cross_slot_allowed,
+        incremented=b.incremented,
+    )
+
+
+def plan_increments(
+    updates: Sequence[UpdateTask], *, token_key: str, cross_slot_allowed: bool = False
+) -> FlushPlan:
+    """The plan of a flush made only of increments (`Model.field + n`) of persistent
+    objects whose version and incarnation are known (`unitofwork.IncrementFlush`).
+
+    The very plan `plan_flush` builds for such updates (its `only_incs` branch: an
+    incarnation check, the increments, `#v` + 1, the Sorted scores, the token), without
+    the bookkeeping of every other kind of change; tests/test_counters.py compares them.
+    """
+    b = _Builder()
+    for u in updates:
+        st = u.state
+        b.watch[u.key] = None
+        b.checks.append(
+            Check(
+                "incarnation",
+                u.key,
+                ("HGET", u.key, INCARNATION_FIELD),
+                expected=st.incarnation,
+                state=st,
+                value=st.pk,
+            )
+        )
+        for name, (inc, _) in u.changes.items():
+            _plan_increment(b, u, name, inc)
+        b.increments.append(("HINCRBY", u.key, VERSION_FIELD, 1))
+        b.incremented.append((st, None))
+    b.watch[token_key] = None
+    return FlushPlan(
+        token_key=token_key,
+        token_ttl_ms=TOKEN_TTL_MS,
+        watch=list(b.watch),
+        checks=b.checks,
+        writes=[*b.increments, *b.followups, ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS)],
+        states=[u.state for u in updates],
         cross_slot_allowed=cross_slot_allowed,
         incremented=b.incremented,
     )

@@ -27,7 +27,7 @@ from .relationship_events import discard_expired
 from .state import InstanceState
 from .strategies import selectin_for
 from .strategy_options import Load, build_tree
-from .unitofwork import UOWTransaction, changed_fields
+from .unitofwork import IncrementFlush, UOWTransaction, changed_fields
 
 if TYPE_CHECKING:
     from ..engine import EngineBase
@@ -359,13 +359,16 @@ class Session:
                     f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
                     f"call rollback() so they reload from what Redis holds"
                 )
+            # Only increments (a counter's commit, no listener): the general unit of
+            # work without its collection, same protocol and outcome (`IncrementFlush`).
+            fast = IncrementFlush.collect_increments(ctx)
             # Session events fire only for a flush with something to write, as
             # SQLAlchemy's (one dict test when no listener exists).
-            fire = events.session_events_enabled() and self._has_pending()
+            fire = fast is None and events.session_events_enabled() and self._has_pending()
             if fire:
                 self._dispatch("before_flush")
             self._flushing = True
-            uow = UOWTransaction(self._context)
+            uow = fast if fast is not None else UOWTransaction(self._context)
             try:
                 yield from uow.execute_steps()
             finally:

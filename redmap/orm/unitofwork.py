@@ -12,8 +12,8 @@ pending changes, so the flush can be retried.
 
 from __future__ import annotations
 
+import os
 import random
-import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ from .persistence import (
     TargetRef,
     UpdateTask,
     plan_flush,
+    plan_increments,
 )
 from .relationships import Direction
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from .context import SessionContext
     from .state import InstanceState
 
-__all__ = ["UOWTransaction", "changed_fields"]
+__all__ = ["IncrementFlush", "UOWTransaction", "changed_fields"]
 
 
 def _encode(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> bytes | None:
@@ -677,10 +678,13 @@ class UOWTransaction:
         Separate from `_run` so that tests can drive the flush protocol by hand
         (tests/test_flush_protocol.py).
         """
-        token = uuid.uuid4().hex
+        # 128 random bits (as uuid4, without its fixed bits: one read of the OS's
+        # random source for both values, which `uuid4()` and `secrets` read apart).
+        rand = os.urandom(24).hex()
+        token = rand[:32]
         # 64 random bits for every hash this flush inserts (no flush inserts one key
         # twice): a key deleted and inserted again never gets the `#i` it had.
-        self.incarnation = secrets.token_hex(8).encode()
+        self.incarnation = rand[32:].encode()
         tasks: list[InsertTask | UpdateTask | DeleteTask] = [
             *self.inserts,
             *self.updates,
@@ -869,3 +873,89 @@ class UOWTransaction:
         for dk in self.work.deferred:
             dk.child.obj.__dict__[dk.column] = dk.target.pk
         self._flushed()
+
+
+class IncrementFlush(UOWTransaction):
+    """A flush made only of increments of persistent objects (a hot counter's commit).
+
+    What the general unit of work would do for it, without its general collection:
+    there is no relationship work to prepare, nothing to insert or delete, no value to
+    encode or compare, and its plan is `plan_increments` (the one `plan_flush` builds
+    for such updates). It runs through the same flush protocol (the flush script, the
+    incarnation checks, the token, a lost reply settled, objects in doubt) and records
+    its outcome with `UOWTransaction.finalize`, as the general path does.
+    """
+
+    @classmethod
+    def collect_increments(cls, session: SessionContext) -> IncrementFlush | None:
+        """The flush, if everything pending is increments this path takes; else None
+        (the general unit of work then runs). No I/O, nothing in the session changes.
+
+        Refused here: new or deleted objects, relationship bookkeeping, `replace_all`
+        guards, mapper or session listeners, objects in doubt or loaded without `#v`
+        or `#i`, an attribute that is not an increment (or an increment of a column
+        ordering a foreign key's list), objects with mutable (JSON) fields in the
+        session, and objects under several hash tags.
+        """
+        if (
+            session.new
+            or session.deleted
+            or session.rel_dirty
+            or session.links
+            or session.orphans
+            or session.replace_guards
+            or events.mapper_events_enabled()
+            or events.session_events_enabled()
+        ):
+            return None
+        modified = session.identity_map.modified
+        if not modified:
+            return None
+        updates: list[UpdateTask] = []
+        tag: str | None = None
+        for st in modified:
+            mapper = st.mapper
+            if (
+                st.deleted
+                or st.in_doubt
+                or st.identity is None
+                or st.version is None
+                or st.incarnation is None
+                or st.key is None
+                or st.session is not session
+                or not st.modified
+            ):
+                return None
+            d = st.obj.__dict__
+            changes: dict[str, tuple[Any, bytes | None]] = {}
+            for name in st.modified:
+                value = d.get(name)
+                if type(value) is not Increment:
+                    return None
+                changes[name] = (value, None)
+            if any(col.order_column in changes for col in mapper.indexed_columns):
+                return None  # a list's order moves: `plan_flush` keeps it
+            ks = mapper.keys_for_pk(st.pk)
+            if tag is None:
+                tag = ks.tag
+            elif ks.tag != tag:
+                return None
+            updates.append(UpdateTask(st, mapper.pk_segment(st.pk), st.key, changes, ks))
+        if any(st.mapper.mutable_columns for st in session.identity_map.states()):
+            return None
+        flush = cls(session)
+        flush.updates = updates
+        return flush
+
+    def execute_steps(self) -> Steps[None]:
+        """Run the flush; a failed one leaves the session as it was (nothing was
+        collected into it: `finalize` runs only once the flush was applied)."""
+        yield from self._run()
+
+    def plan(self) -> FlushPlan:
+        self.last_plan = plan_increments(
+            self.updates,
+            token_key=self.token_key,
+            cross_slot_allowed=self.session.allow_cross_slot,
+        )
+        return self.last_plan
