@@ -287,25 +287,12 @@ def plan_flush(
             len(incs) == len(u.changes) and st.version is not None and st.incarnation is not None
         )
         if only_incs:
-            b.checks.append(
-                Check(
-                    "incarnation",
-                    u.key,
-                    ("HGET", u.key, INCARNATION_FIELD),
-                    expected=st.incarnation,
-                    state=st,
-                    value=st.pk,
-                )
-            )
-        else:
-            b.checks.extend(_version_checks(u.key, st))
-        for name, inc in incs.items():
-            _plan_increment(b, u, name, inc)
-        if only_incs:
-            b.increments.append(("HINCRBY", u.key, VERSION_FIELD, 1))
-            b.incremented.append((st, None))
+            _plan_increments_only(b, u)
             _update_foreign_keys(b, u, new_keys)
             continue
+        b.checks.extend(_version_checks(u.key, st))
+        for name, inc in incs.items():
+            _plan_increment(b, u, name, inc)
         sets: list[Any] = []
         dels: list[str] = []
         for name, (value, enc) in u.changes.items():
@@ -468,22 +455,8 @@ def plan_increments(
     """
     b = _Builder()
     for u in updates:
-        st = u.state
         b.watch[u.key] = None
-        b.checks.append(
-            Check(
-                "incarnation",
-                u.key,
-                ("HGET", u.key, INCARNATION_FIELD),
-                expected=st.incarnation,
-                state=st,
-                value=st.pk,
-            )
-        )
-        for name, (inc, _) in u.changes.items():
-            _plan_increment(b, u, name, inc)
-        b.increments.append(("HINCRBY", u.key, VERSION_FIELD, 1))
-        b.incremented.append((st, None))
+        _plan_increments_only(b, u)
     b.watch[token_key] = None
     return FlushPlan(
         token_key=token_key,
@@ -495,6 +468,27 @@ def plan_increments(
         cross_slot_allowed=cross_slot_allowed,
         incremented=b.incremented,
     )
+
+
+def _plan_increments_only(b: _Builder, u: UpdateTask) -> None:
+    """An update made only of increments: they commute with every other write, so the
+    object need only still be the same incarnation (API.md section 9: never stale);
+    its version moves by `HINCRBY`, whose reply the session records."""
+    st = u.state
+    b.checks.append(
+        Check(
+            "incarnation",
+            u.key,
+            ("HGET", u.key, INCARNATION_FIELD),
+            expected=st.incarnation,
+            state=st,
+            value=st.pk,
+        )
+    )
+    for name, (inc, _) in u.changes.items():
+        _plan_increment(b, u, name, inc)
+    b.increments.append(("HINCRBY", u.key, VERSION_FIELD, 1))
+    b.incremented.append((st, None))
 
 
 def _plan_increment(b: _Builder, u: UpdateTask, name: str, inc: Increment) -> None:
