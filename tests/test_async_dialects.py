@@ -373,7 +373,13 @@ class TestStandalone:
                 os.kill(pid, signal.SIGCONT)
                 await d.dispose()
 
-        first, again, trips = asyncio.run(main())
+        # The kill and the server's reply race (they leave in different event-loop turns
+        # of the server): when the reply was written first, the attempt shows nothing
+        # either way. Cut again, up to 5 times, as tests/test_connection_regressions.py.
+        for _ in range(5):
+            first, again, trips = asyncio.run(main())
+            if len(trips) == 2 or isinstance(again, RedmapConnectionError):
+                break
         if retries:
             assert repr(again) == repr(first)
             assert len(trips) == 2 and trips[0] == trips[1]
