@@ -37,7 +37,7 @@ from redmap import (
     update,
 )
 from redmap.asyncio import AsyncSession, create_async_engine
-from redmap.exc import IntegrityError, InvalidRequestError, StaleDataError
+from redmap.exc import IntegrityError, InvalidRequestError, RedmapError, StaleDataError
 from redmap.testing.assertions import count_round_trips, dump_keys
 
 treg = registry(prefix="st")
@@ -372,3 +372,12 @@ def test_replace_all_is_seen_whole_by_a_reader(
     with Session(engine) as s:
         assert s.count(select(Hero).where(Hero.gen == 2)) == n
         assert s.count(select(Hero)) == n
+
+
+def test_replace_all_of_a_corrupt_id_zset_is_a_redmap_error(
+    engine: redmap.Engine, redis_client: redis.Redis
+) -> None:
+    """A refused read names the key in a `redmap.exc` error, not redis-py's."""
+    redis_client.set("{st}:hero:#all", "not a zset")
+    with Session(engine) as s, pytest.raises(RedmapError, match=r"\{st\}:hero:#all"):
+        s.replace_all(Hero, [])

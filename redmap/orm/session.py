@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ..commands import Read, Steps
 from ..engine import Engine, default_engine
-from ..exc import InvalidRequestError, NoResultFound, ObjectDeletedError, StaleDataError
+from ..exc import (
+    InvalidRequestError,
+    NoResultFound,
+    ObjectDeletedError,
+    RedmapError,
+    StaleDataError,
+)
 from . import events
 from .attributes import STATE_ATTR, state_of
 from .context import SessionContext
@@ -738,7 +744,9 @@ class Session:
         guards = []
         for ks, members in zip(spaces, replies, strict=True):
             if isinstance(members, Exception):
-                raise members
+                raise RedmapError(
+                    f"Redis refused to read {ks.all()!r} ({members}); nothing was replaced"
+                )
             stored.extend(mapper.pk_from_segment(m, ks.all()) for m in members)
             guards.append((ks.all(), frozenset(members), f"the stored {mapper.name} objects"))
         loaded = yield from self._get_many_steps(model, stored)
