@@ -712,9 +712,7 @@ class Session:
                     objects=[obj],
                     keys=[current.key] if current.key else [],
                 )
-        for col in mapper.stored_columns():
-            if col.key in obj.__dict__:
-                setattr(target, col.key, obj.__dict__[col.key])
+        _copy_fields(obj, target)
         return target
 
     # -- statements (see redmap.query.dml) ----------------------------------------------------
@@ -755,17 +753,14 @@ class Session:
         }
         pk_key = mapper.pk.key
         kept: set[Any] = set()
-        columns = [c for c in mapper.stored_columns() if not c.primary_key]
         for obj in given:
             pk = obj.__dict__.get(pk_key)
             target = by_pk.get(pk) if pk is not None else None
             if target is None:
                 self.add(obj)
             elif target is not obj:
-                src = obj.__dict__
-                for col in columns:
-                    if col.key in src and getattr(target, col.key) != src[col.key]:
-                        setattr(target, col.key, src[col.key])
+                # As `merge`: dirty tracking then writes only the fields that differ.
+                _copy_fields(obj, target)
             if pk is not None:
                 kept.add(pk)
         for pk, obj in by_pk.items():
@@ -998,3 +993,13 @@ def run_in_transaction(
                     raise
         attempt += 1
         time.sleep(backoff(attempt))
+
+
+def _copy_fields(source: object, target: object) -> None:
+    """Assign `source`'s stored field values to `target` (its session's copy of the same
+    object), as `merge` and `replace_all` do: through the attributes, so dirty tracking
+    keeps only the values that differ from what the target loaded."""
+    d = source.__dict__
+    for col in mapper_of(type(target)).stored_columns():
+        if col.key in d:
+            setattr(target, col.key, d[col.key])
