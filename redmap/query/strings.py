@@ -1,0 +1,311 @@
+"""String conditions and string order for `select()`: `startswith`, `endswith`, `match`,
+ranges and `order_by` on a `Sorted()` str/Enum field; called by `query.select`.
+
+Every condition becomes a temporary zset of ids, as the numeric ones do, so it takes part
+in the same set algebra (`and`, `or_`, `!=`). A lexicographic range of an ordered or
+suffix index (`orm.textindex`) holds members, not ids: `textindex.CONVERT_SCRIPT` turns
+it into an id zset inside the query's MULTI, scored by rank in the range (equal values
+share a score), which also serves as the order of `order_by(field)`. A word condition is
+the intersection of its words' id sets.
+
+Cost per condition (N objects, R members in the range, W words):
+- a range or `startswith` on an ordered index, `endswith`: O(log N + R);
+- `match`: Redis' ZINTERSTORE of W sets, O(W * size of the smallest set) at worst;
+- `order_by(field)` alone or with one range/`startswith` on that same field: read
+  straight from the index, O(log N + offset + limit), no temporary key; with other
+  conditions, the order costs O(R) for the field's first range condition in `where`
+  (the whole index without one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..commands import Read, Steps
+from ..exc import QueryError
+from ..orm import keys
+from ..orm.keys import KeySpace
+from ..orm.mapper import ColumnProperty, Mapper, mapper_of
+from ..orm.textindex import (
+    CONVERT_SCRIPT,
+    NULL_MAX,
+    NULL_MIN,
+    id_of_member,
+    prefix_bounds,
+    range_bounds,
+    words,
+)
+from .expression import BinaryExpression
+
+if TYPE_CHECKING:
+    from .select import Select, _Compiler
+
+__all__ = ["count_command", "handles", "leaf", "lex_ordered", "ordering", "page_ids"]
+
+_STRING_OPS = {"startswith", "endswith", "match"}
+_LEX_OPS = {"<", "<=", ">", ">=", "between", "==", "!=", "in"}
+# Script turning a page of an id zset into the ordered-index members of its ids (for a
+# fan-out, whose shards' pages merge by member bytes). KEYS: the id zset, the hash of
+# members by id written by CONVERT_SCRIPT; ARGV: start, stop, "1" for descending.
+_PAGE_SCRIPT = r"""
+local ids
+if ARGV[3] == '1' then
+  ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'REV')
+else
+  ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
+end
+if #ids == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(ids))
+"""
+# CONVERT_SCRIPT, also keeping a hash id -> member (KEYS[3]) for `_PAGE_SCRIPT`.
+_CONVERT_WITH_MEMBERS = CONVERT_SCRIPT.replace(
+    "  batch[#batch + 1] = string.sub(member, cut + 1)\n",
+    "  batch[#batch + 1] = string.sub(member, cut + 1)\n"
+    "  redis.call('HSET', KEYS[3], string.sub(member, cut + 1), member)\n",
+)
+
+
+def handles(col: ColumnProperty, op: str) -> bool:
+    """Whether this module answers `op` on `col` (else the numeric/equality compiler)."""
+    if op in _STRING_OPS:
+        return True
+    if not col.lexical or op not in _LEX_OPS:
+        return False
+    # An equality index answers ==, != and in_ with no conversion.
+    return not (op in ("==", "!=", "in") and (col.indexed or col.unique))
+
+
+def _text(c: _Compiler, col: ColumnProperty, value: Any, op: str) -> str:
+    """The indexed text of a compared value (an Enum's name), validated as the field is."""
+    if value is None:
+        raise QueryError(
+            f"{c.mapper.name}.{col.key} {op} None: compare with a string "
+            f"(`== None` finds objects without a value)",
+            model=c.mapper.name,
+            field=col.key,
+        )
+    codec = col.codec
+    assert codec is not None
+    if op in _STRING_OPS:
+        if not isinstance(value, str):
+            raise QueryError(
+                f"{c.mapper.name}.{col.key}.{op}() takes a str, not {type(value).__name__}",
+                model=c.mapper.name,
+                field=col.key,
+            )
+        return value
+    codec.validate(value, model=c.mapper.name, field=col.key)
+    return codec.encode(value).decode("utf-8")
+
+
+def _need(c: _Compiler, col: ColumnProperty, marker: str, op: str) -> QueryError:
+    what = "a str field" if marker in ("Text()", "Suffix()") else "a str or Enum field"
+    return QueryError(
+        f"{c.mapper.name}.{col.key} {op} ... needs {marker} on {what}: mark the field "
+        f"Annotated[str, {marker}] (redmap never scans the keyspace)",
+        model=c.mapper.name,
+        field=col.key,
+    )
+
+
+def lex_bounds(c: _Compiler, col: ColumnProperty, op: str, value: Any) -> tuple[bytes, bytes]:
+    """BYLEX bounds on the ordered index of `col` for one condition (not `in`/`!=`)."""
+    if op == "startswith":
+        if not col.lexical:
+            raise _need(c, col, "Sorted()", "startswith()")
+        return prefix_bounds(_text(c, col, value, op))
+    if op == "==" and value is None:
+        return NULL_MIN, NULL_MAX
+    if op == "between":
+        low, high = value
+        return range_bounds(op, (_text(c, col, low, op), _text(c, col, high, op)))
+    return range_bounds(op, _text(c, col, value, op))
+
+
+def _convert(c: _Compiler, src: str, low: bytes, high: bytes) -> str:
+    """A temporary id zset of the members of `src` within `low..high` (rank scores)."""
+    cache: dict[tuple[str, bytes, bytes], str] = c.lex_temps
+    found = cache.get((src, low, high))
+    if found is not None:
+        return found
+    tmp = c.temp()
+    # A DEL first: a cluster routes a query's transaction by its first command's key.
+    c.commands.append(("DEL", tmp))
+    c.commands.append(("EVAL", CONVERT_SCRIPT, 2, src, tmp, low, high))
+    cache[(src, low, high)] = tmp
+    return tmp
+
+
+def leaf(c: _Compiler, col: ColumnProperty, op: str, value: Any) -> tuple[str, bool]:
+    """The temporary (or stored) id set of one string condition, and whether negated."""
+    if op == "match":
+        if not col.text:
+            raise _need(c, col, "Text()", "match()")
+        found = words(_text(c, col, value, op))
+        if not found:
+            raise QueryError(
+                f"{c.mapper.name}.{col.key}.match({value!r}) holds no word: give at least "
+                "one word (letters or digits)",
+                model=c.mapper.name,
+                field=col.key,
+            )
+        sets = [c.ks.word(col.key, keys.escape(w.encode("utf-8"))) for w in found]
+        if len(sets) == 1:
+            return sets[0], False
+        tmp = c.temp()
+        c.commands.append(("ZINTERSTORE", tmp, len(sets), *sets, "WEIGHTS", *([0] * len(sets))))
+        return tmp, False
+    if op == "endswith":
+        if not col.suffix:
+            raise _need(c, col, "Suffix()", "endswith()")
+        low, high = prefix_bounds(_text(c, col, value, op)[::-1])
+        return _convert(c, c.ks.suffix(col.key), low, high), False
+    if op == "in":
+        values = tuple(value)
+        parts = [_convert(c, c.ks.lexical(col.key), *lex_bounds(c, col, "==", v)) for v in values]
+        if len(parts) == 1:
+            return parts[0], False
+        tmp = c.temp()
+        if parts:
+            c.commands.append(
+                ("ZUNIONSTORE", tmp, len(parts), *parts, "WEIGHTS", *([0] * len(parts)))
+            )
+        else:
+            c.commands.append(("DEL", tmp))
+        return tmp, False
+    negated = op == "!="
+    low, high = lex_bounds(c, col, "==" if negated else op, value)
+    return _convert(c, c.ks.lexical(col.key), low, high), negated
+
+
+def _order_range(c: _Compiler, stmt: Select[Any], col: ColumnProperty) -> tuple[bytes, bytes]:
+    """The range of the ordered index the order of `col` needs: that of the first
+    top-level range condition on `col` (the rest of `where` filters it further), else
+    the whole index."""
+    for cond in stmt._where:
+        if (
+            isinstance(cond, BinaryExpression)
+            and cond.op in ("startswith", "<", "<=", ">", ">=", "between", "==")
+            and getattr(cond.attribute, "column", None) is col
+            and handles(col, cond.op)
+        ):
+            return lex_bounds(c, col, cond.op, cond.value)
+    return b"-", b"+"
+
+
+def ordering(c: _Compiler, stmt: Select[Any], col: ColumnProperty) -> str:
+    """A temporary id zset scored in the order of `col`'s ordered index."""
+    return _convert(c, c.ks.lexical(col.key), *_order_range(c, stmt, col))
+
+
+def lex_ordered(stmt: Select[Any]) -> ColumnProperty | None:
+    """The column of the first `order_by` term when it is an ordered string field."""
+    if not stmt._order_by:
+        return None
+    col = getattr(stmt._order_by[0].attribute, "column", None)
+    if isinstance(col, ColumnProperty) and col.lexical:
+        return col
+    return None
+
+
+def _direct(
+    stmt: Select[Any], mapper: Mapper[Any], col: ColumnProperty
+) -> tuple[bytes, bytes] | None:
+    """BYLEX bounds when the page can be read straight from the ordered index: no
+    condition, or one range/`startswith` on the ordering field itself."""
+    from .select import _Compiler
+
+    if not stmt._where:
+        return b"-", b"+"
+    if len(stmt._where) != 1:
+        return None
+    cond = stmt._where[0]
+    if (
+        isinstance(cond, BinaryExpression)
+        and cond.op in ("startswith", "<", "<=", ">", ">=", "between", "==")
+        and getattr(cond.attribute, "column", None) is col
+        and handles(col, cond.op)
+    ):
+        return lex_bounds(_Compiler(mapper, mapper.keys), col, cond.op, cond.value)
+    return None
+
+
+def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]]:
+    """The ids of the requested page of a statement ordered by one ordered string field.
+
+    One round trip. Read straight from the index when `_direct` allows; else the
+    statement's id zset is intersected with the field's rank zset in one MULTI/EXEC per
+    keyspace. A fan-out reads each shard's first offset+limit as index members and
+    merges them by their bytes (the order one index would give)."""
+    from .select import _compile, _run_all
+
+    mapper = mapper_of(stmt.model)
+    col = lex_ordered(stmt)
+    assert col is not None
+    desc = stmt._order_by[0].descending
+    fanned = len(spaces) > 1
+    start = 0 if fanned else stmt._offset
+    count = -1 if stmt._limit is None else stmt._limit + (stmt._offset if fanned else 0)
+    bounds = _direct(stmt, mapper, col)
+    members: list[bytes] = []
+    if bounds is not None:
+        low, high = bounds
+        cmds = []
+        for ks in spaces:
+            by = (high, low, "BYLEX", "REV") if desc else (low, high, "BYLEX")
+            cmds.append(("ZRANGE", ks.lexical(col.key), *by, "LIMIT", start, count))
+        replies = yield Read(cmds)
+        for r in replies:
+            if isinstance(r, Exception):
+                raise QueryError(f"Redis refused the query: {r}")
+            members.extend(r)
+        if not fanned:
+            return [id_of_member(m) for m in members]
+    else:
+        stop = -1 if count == -1 else start + count - 1
+        groups = []
+        for ks in spaces:
+            c, final, _ = _compile(stmt, ks)
+            if not fanned:
+                rng = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
+                groups.append((c, [rng]))
+                continue
+            # The shard's order as members: convert again keeping each id's member.
+            low, high = _order_range(c, stmt, col)
+            ranked, by_id = c.temp(), c.temp()
+            c.commands.append(("DEL", ranked, by_id))
+            c.commands.append(
+                ("EVAL", _CONVERT_WITH_MEMBERS, 3, ks.lexical(col.key), ranked, by_id, low, high)
+            )
+            page = c.temp()
+            c.commands.append(("ZINTERSTORE", page, 2, ranked, final, "WEIGHTS", 1, 0))
+            groups.append(
+                (c, [("EVAL", _PAGE_SCRIPT, 2, page, by_id, 0, stop, "1" if desc else "0")])
+            )
+        tails = yield from _run_all(groups)
+        if not fanned:
+            return list(tails[0][0])
+        for tail in tails:
+            members.extend(tail[0])
+    members.sort(reverse=desc)
+    end = None if stmt._limit is None else stmt._offset + stmt._limit
+    return [id_of_member(m) for m in members[stmt._offset : end]]
+
+
+def count_command(c: _Compiler, cond: BinaryExpression) -> tuple[Any, ...] | None:
+    """ZLEXCOUNT / SCARD for a lone string condition: no temporary keys."""
+    col = c.column(cond.attribute)
+    if not handles(col, cond.op) or cond.op in ("!=", "in"):
+        return None
+    if cond.op == "match":
+        found = words(_text(c, col, cond.value, "match")) if col.text else []
+        if len(found) != 1:
+            return None  # compiled: the error, or an intersection
+        return ("SCARD", c.ks.word(col.key, keys.escape(found[0].encode("utf-8"))))
+    if cond.op == "endswith":
+        if not col.suffix:
+            return None
+        low, high = prefix_bounds(_text(c, col, cond.value, "endswith")[::-1])
+        return ("ZLEXCOUNT", c.ks.suffix(col.key), low, high)
+    return ("ZLEXCOUNT", c.ks.lexical(col.key), *lex_bounds(c, col, cond.op, cond.value))
