@@ -546,6 +546,9 @@ def _read_ranges(
 
 def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
     """The ids of the requested page: read from one keyspace, or merged across shards."""
+    every = yield from strings.all_ids(stmt, spaces)
+    if every is not None:
+        return every
     if strings.lex_ordered(stmt) is not None and (len(stmt._order_by) == 1 or len(spaces) > 1):
         if len(stmt._order_by) > 1:
             raise QueryError(

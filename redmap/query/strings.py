@@ -41,7 +41,7 @@ from .expression import BinaryExpression
 if TYPE_CHECKING:
     from .select import Select, _Compiler
 
-__all__ = ["count_command", "handles", "leaf", "lex_ordered", "ordering", "page_ids"]
+__all__ = ["all_ids", "count_command", "handles", "leaf", "lex_ordered", "ordering", "page_ids"]
 
 _STRING_OPS = {"startswith", "endswith", "match"}
 _LEX_OPS = {"<", "<=", ">", ">=", "between", "==", "!=", "in"}
@@ -291,6 +291,53 @@ def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]
     members.sort(reverse=desc)
     end = None if stmt._limit is None else stmt._offset + stmt._limit
     return [id_of_member(m) for m in members[stmt._offset : end]]
+
+
+def all_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes] | None]:
+    """Every match of a lone string condition, in id order, read with one command and
+    no transaction (None: not such a statement).
+
+    Only when every match is returned (no `order_by`, `limit` or `offset`, one
+    keyspace): the objects are then all loaded anyway, so reading their ids from the
+    index and putting them in the id zset's order (integer ids by value, others by
+    their bytes) costs no more than the loading, and skips the conversion script."""
+    if stmt._order_by or stmt._limit is not None or stmt._offset or len(spaces) != 1:
+        return None
+    if len(stmt._where) != 1 or not isinstance(stmt._where[0], BinaryExpression):
+        return None
+    from .select import _Compiler
+
+    cond = stmt._where[0]
+    mapper = mapper_of(stmt.model)
+    c = _Compiler(mapper, spaces[0])
+    col = c.column(cond.attribute)
+    if not handles(col, cond.op) or cond.op in ("!=", "in"):
+        return None
+    if cond.op == "match":
+        key, _ = leaf(c, col, "match", cond.value)
+        if c.commands:  # several words: `leaf` intersected their sets
+            inter = c.commands[0]
+            cmd: tuple[Any, ...] = ("SINTER", *inter[3 : 3 + int(inter[2])])
+        else:
+            cmd = ("SMEMBERS", key)
+        bylex = False
+    elif cond.op == "endswith":
+        if not col.suffix:
+            return None
+        low, high = prefix_bounds(_text(c, col, cond.value, "endswith")[::-1])
+        cmd, bylex = ("ZRANGE", c.ks.suffix(col.key), low, high, "BYLEX"), True
+    else:
+        low, high = lex_bounds(c, col, cond.op, cond.value)
+        cmd, bylex = ("ZRANGE", c.ks.lexical(col.key), low, high, "BYLEX"), True
+    (reply,) = yield Read([cmd])
+    if isinstance(reply, Exception):
+        raise QueryError(f"Redis refused the query: {reply}")
+    ids = [id_of_member(m) for m in reply] if bylex else list(reply)
+    if mapper.pk.codec is not None and "int" in mapper.pk.codec.expected:
+        ids.sort(key=int)
+    else:
+        ids.sort()
+    return ids
 
 
 def count_command(c: _Compiler, cond: BinaryExpression) -> tuple[Any, ...] | None:
