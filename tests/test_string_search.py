@@ -62,7 +62,25 @@ class Card:
 
 # Characters that stress the encoding: NUL, the escape byte, "#" (placeholders), the
 # separator, non-ASCII (2, 3 and 4 UTF-8 bytes), case and casefolding ("ß" -> "ss").
-ALPHABET = ["a", "b", "0", "1", "A", "\x00", "\x01", "#", " ", "é", "ß", "S", "語", "😀", "n", "e", "w"]
+ALPHABET = [
+    "a",
+    "b",
+    "0",
+    "1",
+    "A",
+    "\x00",
+    "\x01",
+    "#",
+    " ",
+    "é",
+    "ß",
+    "S",
+    "語",
+    "😀",
+    "n",
+    "e",
+    "w",
+]
 TEXT = st.text(alphabet=st.sampled_from(ALPHABET), max_size=6)
 # Few distinct values, so that many objects share one.
 POOL = st.lists(TEXT, min_size=1, max_size=4, unique=True)
@@ -380,3 +398,18 @@ def test_values_spelling_placeholders(driver: str, engine: redmap.Engine) -> Non
         got = s.scalars(select(Doc).where(col(Doc.title).startswith("#new")).order_by(Doc.title))
         assert [(d.id, d.title) for d in got] == [(i, f"#new{n}") for n, i in enumerate(ids)]
         assert s.count(select(Doc).where(col(Doc.email).endswith("new1"))) == 1
+
+
+def test_audit_checks_string_indexes(engine: redmap.Engine) -> None:
+    """The audit is clean over string indexes, and reports a missing member."""
+    from redmap.audit import audit
+
+    with Session(engine) as s:
+        s.add_all([Doc(title="a\x00b", body="one two", email="x@y"), Doc(title=None)])
+        s.commit()
+    client = engine.dialect.client
+    assert audit(client, reg).ok
+    client.zrem("{strs}:doc:#lx:title", member("a\x00b", "1"))
+    report = audit(client, reg)
+    assert not report.ok
+    assert any("#lx:title" in m for m in report.mismatches)

@@ -82,6 +82,15 @@ class ColumnProperty:
     def has_string_index(self) -> bool:
         return self.lexical or self.text or self.suffix
 
+    @property
+    def index_kinds(self) -> list[str]:
+        """The migration index kinds of this field (`op.create_index(..., kind=)`); an
+        ordered string is "sorted", like a numeric one."""
+        kinds = [k for k in ("indexed", "unique") if getattr(self, k)]
+        if self.sorted or self.lexical:
+            kinds.append("sorted")
+        return kinds + [k for k in ("text", "suffix") if getattr(self, k)]
+
 
 class Mapper(Generic[M]):
     """Everything redmap knows about one mapped class."""
