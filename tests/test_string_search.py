@@ -185,17 +185,37 @@ def _check(
         assert [d.id for d in s.scalars(stmt)] == _ref_order(want, desc)[off:end], cond
 
 
-@settings(
-    max_examples=12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(data=st.data())
-def test_string_operators_match_reference(
-    driver: str, engine: redmap.Engine, data: st.DataObject
-) -> None:
+def _run_reference(engine: redmap.Engine, max_examples: int) -> None:
+    """`_reference_example` for `max_examples` random histories."""
+
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        _reference_example(engine, data)
+
+    run()
+
+
+def test_string_operators_match_reference(driver: str, engine: redmap.Engine) -> None:
     """Every string operator, alone, and-ed and or-ed, ordered and paged, agrees with Python
     over random values and random updates (through the driver and flush of `driver`)."""
+    _run_reference(engine, 40)
+
+
+@pytest.mark.soak
+def test_string_operators_match_reference_soak(driver: str, engine: redmap.Engine) -> None:
+    """The same comparison over 500 random histories per driver."""
+    _run_reference(engine, 500)
+
+
+def _reference_example(engine: redmap.Engine, data: st.DataObject) -> None:
+    """One random history: rows, rounds of updates, deletes and inserts, and after each
+    round random conditions checked by `_check`."""
     pool = data.draw(POOL, label="pool")
     values = st.one_of(st.none(), st.sampled_from(pool))
     row = st.fixed_dictionaries(
@@ -413,3 +433,26 @@ def test_audit_checks_string_indexes(engine: redmap.Engine) -> None:
     report = audit(client, reg)
     assert not report.ok
     assert any("#lx:title" in m for m in report.mismatches)
+
+
+def test_ordered_walk_crosses_chunks(engine: redmap.Engine) -> None:
+    """`order_by(title)` under another condition walks the index in chunks (256 members):
+    pages past the first chunk, ascending and descending, equal to the reference."""
+    with Session(engine) as s:
+        s.add_all(Doc(title=f"t{(i * 7) % 700:03}", group=i % 3) for i in range(700))
+        s.commit()
+    with Session(engine) as s:
+        titles = sorted(f"t{(i * 7) % 700:03}" for i in range(700) if i % 3 == 1)
+        t = col(Doc.title)
+        for off, lim in ((0, 5), (250, 20), (100, None), (230, 3)):
+            end = None if lim is None else off + lim
+            stmt = select(Doc).where(col(Doc.group) == 1).offset(off).limit(lim)
+            assert [d.title for d in s.scalars(stmt.order_by(t))] == titles[off:end]
+            assert [d.title for d in s.scalars(stmt.order_by(t.desc()))] == titles[::-1][off:end]
+        every = sorted(f"t{(i * 7) % 700:03}" for i in range(700))
+        stmt = select(Doc).where(col(Doc.group) != 5).order_by(t).offset(250).limit(300)
+        assert [d.title for d in s.scalars(stmt)] == every[250:550]
+        stmt = select(Doc).where(col(Doc.group) != 5).order_by(t.desc()).offset(250).limit(300)
+        assert [d.title for d in s.scalars(stmt)] == every[::-1][250:550]
+        stmt = select(Doc).where(col(Doc.group) == 1, t >= "t300").order_by(t).limit(4)
+        assert [d.title for d in s.scalars(stmt)] == [x for x in titles if x >= "t300"][:4]

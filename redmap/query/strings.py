@@ -13,8 +13,8 @@ Cost per condition (N objects, R members in the range, W words):
 - `match`: Redis' ZINTERSTORE of W sets, O(W * size of the smallest set) at worst;
 - `order_by(field)` alone or with one range/`startswith` on that same field: read
   straight from the index, O(log N + offset + limit), no temporary key; with other
-  conditions, the order costs O(R) for the field's first range condition in `where`
-  (the whole index without one).
+  conditions, a walk of the index in order (within the field's first range condition,
+  if any) until the page is complete: O(log N + members walked), at most O(R).
 """
 
 from __future__ import annotations
@@ -45,25 +45,49 @@ __all__ = ["all_ids", "count_command", "handles", "leaf", "lex_ordered", "orderi
 
 _STRING_OPS = {"startswith", "endswith", "match"}
 _LEX_OPS = {"<", "<=", ">", ">=", "between", "==", "!=", "in"}
-# Script turning a page of an id zset into the ordered-index members of its ids (for a
-# fan-out, whose shards' pages merge by member bytes). KEYS: the id zset, the hash of
-# members by id written by CONVERT_SCRIPT; ARGV: start, stop, "1" for descending.
-_PAGE_SCRIPT = r"""
-local ids
-if ARGV[3] == '1' then
-  ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'REV')
-else
-  ids = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
+# Walks an ordered index in order and keeps the members whose id the statement matched:
+# the page of `order_by(field)` under other conditions, read without converting the
+# whole range. KEYS: the index, the statement's ids (a zset or a set); ARGV: min, max
+# (BYLEX), "1" for descending, members to skip, members to return (-1: all). Chunks
+# move their bound past the last member read, so each costs O(log N + chunk).
+_WALK_SCRIPT = r"""
+if redis.call('EXISTS', KEYS[2]) == 0 then return {} end
+local isset = redis.call('TYPE', KEYS[2]).ok == 'set'
+local desc = ARGV[3] == '1'
+local skip = tonumber(ARGV[4])
+local want = tonumber(ARGV[5])
+local lo, hi = ARGV[1], ARGV[2]
+local out = {}
+local chunk = 256
+while want ~= 0 do
+  local page
+  if desc then
+    page = redis.call('ZREVRANGEBYLEX', KEYS[1], hi, lo, 'LIMIT', 0, chunk)
+  else
+    page = redis.call('ZRANGEBYLEX', KEYS[1], lo, hi, 'LIMIT', 0, chunk)
+  end
+  for _, m in ipairs(page) do
+    local id = string.sub(m, string.find(m, '%z[^%z]*$') + 1)
+    local hit
+    if isset then hit = redis.call('SISMEMBER', KEYS[2], id) == 1
+    else hit = redis.call('ZSCORE', KEYS[2], id) ~= false end
+    if hit then
+      if skip > 0 then
+        skip = skip - 1
+      else
+        out[#out + 1] = m
+        if want > 0 then
+          want = want - 1
+          if want == 0 then break end
+        end
+      end
+    end
+  end
+  if #page < chunk then break end
+  if desc then hi = '(' .. page[#page] else lo = '(' .. page[#page] end
 end
-if #ids == 0 then return {} end
-return redis.call('HMGET', KEYS[2], unpack(ids))
+return out
 """
-# CONVERT_SCRIPT, also keeping a hash id -> member (KEYS[3]) for `_PAGE_SCRIPT`.
-_CONVERT_WITH_MEMBERS = CONVERT_SCRIPT.replace(
-    "  batch[#batch + 1] = string.sub(member, cut + 1)\n",
-    "  batch[#batch + 1] = string.sub(member, cut + 1)\n"
-    "  redis.call('HSET', KEYS[3], string.sub(member, cut + 1), member)\n",
-)
 
 
 def handles(col: ColumnProperty, op: str) -> bool:
@@ -179,10 +203,9 @@ def leaf(c: _Compiler, col: ColumnProperty, op: str, value: Any) -> tuple[str, b
     return _convert(c, c.ks.lexical(col.key), low, high), negated
 
 
-def _order_range(c: _Compiler, stmt: Select[Any], col: ColumnProperty) -> tuple[bytes, bytes]:
-    """The range of the ordered index the order of `col` needs: that of the first
-    top-level range condition on `col` (the rest of `where` filters it further), else
-    the whole index."""
+def _order_condition(stmt: Select[Any], col: ColumnProperty) -> BinaryExpression | None:
+    """The first top-level range/`startswith`/`==` condition on `col`: it bounds the part
+    of the ordered index the order of `col` needs (the rest of `where` filters it)."""
     for cond in stmt._where:
         if (
             isinstance(cond, BinaryExpression)
@@ -190,8 +213,17 @@ def _order_range(c: _Compiler, stmt: Select[Any], col: ColumnProperty) -> tuple[
             and getattr(cond.attribute, "column", None) is col
             and handles(col, cond.op)
         ):
-            return lex_bounds(c, col, cond.op, cond.value)
-    return b"-", b"+"
+            return cond
+    return None
+
+
+def _order_range(c: _Compiler, stmt: Select[Any], col: ColumnProperty) -> tuple[bytes, bytes]:
+    """The range of the ordered index the order of `col` reads (the whole index when
+    `where` has no range on `col`)."""
+    cond = _order_condition(stmt, col)
+    if cond is None:
+        return b"-", b"+"
+    return lex_bounds(c, col, cond.op, cond.value)
 
 
 def ordering(c: _Compiler, stmt: Select[Any], col: ColumnProperty) -> str:
@@ -234,12 +266,11 @@ def _direct(
 def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]]:
     """The ids of the requested page of a statement ordered by one ordered string field.
 
-    One round trip. Read straight from the index when `_direct` allows; else the
-    statement's id zset is intersected with the field's rank zset in one MULTI/EXEC per
-    keyspace. A fan-out reads each shard's first offset+limit as index members and
-    merges them by their bytes (the order one index would give)."""
-    from .select import _compile, _run_all
-
+    One round trip. Read straight from the index when `_direct` allows; else, in one
+    MULTI/EXEC per keyspace, the statement's ids are computed and `_WALK_SCRIPT` walks
+    the index in order (within the field's first range condition) until it has the
+    page: O(log N + members walked). A fan-out reads each shard's first offset+limit
+    members and merges them by their bytes (the order one index would give)."""
     mapper = mapper_of(stmt.model)
     col = lex_ordered(stmt)
     assert col is not None
@@ -263,31 +294,26 @@ def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]
         if not fanned:
             return [id_of_member(m) for m in members]
     else:
-        stop = -1 if count == -1 else start + count - 1
+        from .select import _Compiler, _run_all
+
         groups = []
         for ks in spaces:
-            c, final, _ = _compile(stmt, ks)
-            if not fanned:
-                rng = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
-                groups.append((c, [rng]))
-                continue
-            # The shard's order as members: convert again keeping each id's member.
+            c = _Compiler(mapper, ks)
+            # First: a cluster routes a query's transaction by its first command's key.
+            c.commands.append(("EXISTS", ks.lexical(col.key)))
+            # The walk stays within the range condition on the field: the others filter.
+            bound = _order_condition(stmt, col)
+            rest = tuple(w for w in stmt._where if w is not bound)
+            base = c.conjunction(rest) if rest else ks.all()
             low, high = _order_range(c, stmt, col)
-            ranked, by_id = c.temp(), c.temp()
-            c.commands.append(("DEL", ranked, by_id))
-            c.commands.append(
-                ("EVAL", _CONVERT_WITH_MEMBERS, 3, ks.lexical(col.key), ranked, by_id, low, high)
-            )
-            page = c.temp()
-            c.commands.append(("ZINTERSTORE", page, 2, ranked, final, "WEIGHTS", 1, 0))
-            groups.append(
-                (c, [("EVAL", _PAGE_SCRIPT, 2, page, by_id, 0, stop, "1" if desc else "0")])
-            )
+            index = ks.lexical(col.key)
+            walk = ("EVAL", _WALK_SCRIPT, 2, index, base, low, high, int(desc), start, count)
+            groups.append((c, [walk]))
         tails = yield from _run_all(groups)
-        if not fanned:
-            return list(tails[0][0])
         for tail in tails:
             members.extend(tail[0])
+        if not fanned:
+            return [id_of_member(m) for m in members]
     members.sort(reverse=desc)
     end = None if stmt._limit is None else stmt._offset + stmt._limit
     return [id_of_member(m) for m in members[stmt._offset : end]]
