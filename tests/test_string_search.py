@@ -18,7 +18,7 @@ import redmap
 from redmap import Indexed, PrimaryKey, Session, Sorted, Suffix, Text, registry, select
 from redmap.exc import MappingError, QueryError
 from redmap.orm.textindex import code, member, words
-from redmap.query.dml import delete
+from redmap.query.dml import delete, update
 from redmap.query.expression import and_, col, or_
 from redmap.testing.assertions import count_round_trips
 
@@ -456,3 +456,40 @@ def test_ordered_walk_crosses_chunks(engine: redmap.Engine) -> None:
         assert [d.title for d in s.scalars(stmt)] == every[::-1][250:550]
         stmt = select(Doc).where(col(Doc.group) == 1, t >= "t300").order_by(t).limit(4)
         assert [d.title for d in s.scalars(stmt)] == [x for x in titles if x >= "t300"][:4]
+
+
+def test_statements_and_both_deployments(sengine: redmap.Engine) -> None:
+    """update()/delete() statements keep the string indexes, on standalone and cluster."""
+    with Session(sengine) as s:
+        s.add_all(
+            Doc(title=f"{p}{i}", body=f"{p} word{i}", email=f"u{i}@{p}.org", group=i % 2)
+            for i in range(6)
+            for p in ("ab", "cd")
+        )
+        s.commit()
+    with Session(sengine) as s:
+        r = s.execute(update(Doc).where(col(Doc.title).startswith("ab")).values(title="zz"))
+        assert r.rowcount == 6
+        s.execute(delete(Doc).where(col(Doc.email).endswith("@cd.org"), col(Doc.group) == 1))
+        s.commit()
+    with Session(sengine) as s:
+        t = col(Doc.title)
+        assert s.count(select(Doc).where(t.startswith("ab"))) == 0
+        assert s.count(select(Doc).where(t == "zz")) == 6
+        got = s.scalars(select(Doc).where(col(Doc.body).match("CD")).order_by(t.desc()))
+        assert [d.title for d in got] == ["cd4", "cd2", "cd0"]
+        got = s.scalars(select(Doc).where(col(Doc.group) == 0).order_by(t).limit(2))
+        assert [d.title for d in got] == ["cd0", "cd2"]
+
+
+def test_count_ignores_string_order(engine: redmap.Engine) -> None:
+    """count() of a statement ordered by a str field runs no ordering script."""
+    with Session(engine) as s:
+        s.add_all(Doc(title=f"t{i}", group=i % 2) for i in range(10))
+        s.commit()
+    t = col(Doc.title)
+    with Session(engine) as s, count_round_trips(engine) as rt:
+        assert s.count(select(Doc).where(col(Doc.group) == 1).order_by(t).limit(3)) == 3
+        assert s.count(select(Doc).where(col(Doc.group) == 1, t > "t3").order_by(t)) == 3
+    assert rt.round_trips == 2
+    assert sum(1 for name in rt.command_names if name == "EVAL") == 1  # the `t > "t3"` range

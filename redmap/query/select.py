@@ -762,6 +762,7 @@ def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | 
 def execute_count(session: SessionContext, stmt: Select[Any]) -> Steps[int]:
     """The number of matches after offset/limit: one round trip (per shard read)."""
     mapper = mapper_of(stmt.model)
+    stmt = strings.unordered_for_count(stmt, mapper)
     spaces = _target_shards(stmt, mapper)
     if not spaces:
         _validate(stmt, mapper)

@@ -41,7 +41,16 @@ from .expression import BinaryExpression
 if TYPE_CHECKING:
     from .select import Select, _Compiler
 
-__all__ = ["all_ids", "count_command", "handles", "leaf", "lex_ordered", "ordering", "page_ids"]
+__all__ = [
+    "all_ids",
+    "count_command",
+    "unordered_for_count",
+    "handles",
+    "leaf",
+    "lex_ordered",
+    "ordering",
+    "page_ids",
+]
 
 _STRING_OPS = {"startswith", "endswith", "match"}
 _LEX_OPS = {"<", "<=", ">", ">=", "between", "==", "!=", "in"}
@@ -364,6 +373,18 @@ def all_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes] 
     else:
         ids.sort()
     return ids
+
+
+def unordered_for_count(stmt: Select[Any], mapper: Mapper[Any]) -> Select[Any]:
+    """`stmt` without its order when it is ordered by a string field: a count needs no
+    order, and that order would cost a conversion of the field's range. The order is
+    still checked (a bad term raises as it would for the rows)."""
+    if lex_ordered(stmt) is None:
+        return stmt
+    from .select import _Compiler
+
+    _Compiler(mapper, mapper.keys).ordering(stmt)
+    return stmt.order_by()
 
 
 def count_command(c: _Compiler, cond: BinaryExpression) -> tuple[Any, ...] | None:

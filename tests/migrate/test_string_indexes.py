@@ -78,3 +78,16 @@ def test_autogenerate_sees_string_markers(project: Project) -> None:
     text = "".join(p.read_text() for p in (project.root / "migrations" / "versions").glob("*.py"))
     for line in CREATE.strip().splitlines():
         assert line in text, (line, out)
+
+
+def test_autogenerate_sees_removed_string_markers(project: Project) -> None:
+    """Removing Sorted()/Suffix()/Text() from str fields autogenerates their drop_index."""
+    project.write_models(_models(STRINGS))
+    project.write_revision("r1", None, CREATE)
+    project.ok("upgrade", "head")
+    project.write_models(_models(PLAIN))
+    out = project.ok("revision", "-m", "plain", "--autogenerate")
+    versions = project.root / "migrations" / "versions"
+    text = "".join(p.read_text() for p in versions.glob("*.py") if p.name != "r1.py")
+    for line in CREATE.strip().splitlines():
+        assert line.replace("create_index", "drop_index") in text, (line, out)
