@@ -493,3 +493,13 @@ def test_count_ignores_string_order(engine: redmap.Engine) -> None:
         assert s.count(select(Doc).where(col(Doc.group) == 1, t > "t3").order_by(t)) == 3
     assert rt.round_trips == 2
     assert sum(1 for name in rt.command_names if name == "EVAL") == 1  # the `t > "t3"` range
+
+
+def test_inspect_lists_string_indexes() -> None:
+    """inspect() shows each string index with the keys it lives in."""
+    from redmap import inspect
+
+    found = {(i.field, i.kind): i.keys for i in inspect(Doc).indexes}
+    assert found[("title", "sorted")] == ("{strs}:doc:#lx:title",)
+    assert found[("body", "text")] == ("{strs}:doc:#tx:body:<word>",)
+    assert found[("email", "suffix")] == ("{strs}:doc:#sx:email",)

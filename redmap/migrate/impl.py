@@ -165,19 +165,21 @@ def drop_field(operations: Operations, op: DropField) -> None:
 
 def _index_families(ks: keys.KeySpace, name: str) -> list[tuple[str, Callable[[str, str], str]]]:
     """(key prefix, builder) of each per-value index family of field `name`."""
-    return [(build(name, ""), build) for build in (ks.index, ks.unique, ks.foreign)]
+    return [(build(name, ""), build) for build in (ks.index, ks.unique, ks.foreign, ks.word)]
 
 
 def _index_moves(
     run: MigrationRun, target: Target, old: str, new: str
 ) -> Iterable[list[tuple[str, str]]]:
-    """Batches of (key, renamed key) for the index keys of field `old` (all four families)."""
+    """Batches of (key, renamed key) for the index keys of field `old`: the per-value
+    families and the one-key indexes (sorted, ordered string, suffix), whose members
+    do not name the field."""
     ks = target.keys
     families = _index_families(ks, old)
-    sorted_old = ks.sorted(old)
-    common = os.path.commonprefix([p for p, _ in families] + [sorted_old])
+    singles = {build(old): build(new) for build in (ks.sorted, ks.lexical, ks.suffix)}
+    common = os.path.commonprefix([p for p, _ in families] + list(singles))
     for batch in run.scan(common):
-        moves = [(sorted_old, ks.sorted(new))] if sorted_old in batch else []
+        moves = [(key, singles[key]) for key in batch if key in singles]
         for key in batch:
             for prefix, build in families:
                 if key.startswith(prefix):

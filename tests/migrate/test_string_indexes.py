@@ -91,3 +91,33 @@ def test_autogenerate_sees_removed_string_markers(project: Project) -> None:
     text = "".join(p.read_text() for p in versions.glob("*.py") if p.name != "r1.py")
     for line in CREATE.strip().splitlines():
         assert line.replace("create_index", "drop_index") in text, (line, out)
+
+
+def test_rename_field_moves_string_indexes(project: Project) -> None:
+    """rename_field moves the ordered, suffix and word index keys with the field."""
+    _seed(project, STRINGS, "app")
+    before = stored(project.client, "{app}:author:*")
+    renamed = (
+        STRINGS.replace("name:", "title:").replace("email:", "mail:").replace("bio:", "about:")
+    )
+    project.write_models(_models(renamed))
+    project.write_revision(
+        "r1",
+        None,
+        'op.rename_field("Author", "name", "title")\n'
+        'op.rename_field("Author", "email", "mail")\n'
+        'op.rename_field("Author", "bio", "about")',
+    )
+    project.ok("upgrade", "head")
+    author = project.models().Author
+    with redmap.Session(project.engine) as s:
+        assert s.count(select(author).where(col(author.title).startswith("n\x001"))) == 4
+        assert s.count(select(author).where(col(author.mail).endswith("@d1.org"))) == 8
+        assert s.count(select(author).where(col(author.about).match("word2 COMMON"))) == 4
+        first = s.scalars(select(author).order_by(col(author.title)).limit(1)).one()
+        assert first.title == "n\x000é"
+    after = stored(project.client, "{app}:author:*")
+    assert not any(b"#lx:name" in k or b"#sx:email" in k or b"#tx:bio:" in k for k in after)
+    assert len([k for k in after if b"#tx:about:" in k]) == len(
+        [k for k in before if b"#tx:bio:" in k]
+    )
