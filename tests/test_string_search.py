@@ -275,7 +275,7 @@ def _reference_example(engine: redmap.Engine, data: st.DataObject) -> None:
 
 
 @settings(
-    max_examples=8,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -296,7 +296,10 @@ def test_sharded_fan_out_merges_in_exact_order(sengine: redmap.Engine, data: st.
         ]
         s.add_all(cards)
         s.commit()
-        rows = [{"id": c.id, "title": c.title, "body": c.body, "email": c.email} for c in cards]
+        rows = [
+            {"id": c.id, "title": c.title, "body": c.body, "email": c.email, "group": c.group}
+            for c in cards
+        ]
     v = data.draw(st.sampled_from(pool))
     conds: list[tuple[Any, Callable[[Row], bool]]] = [
         (None, lambda r: True),
@@ -321,6 +324,17 @@ def test_sharded_fan_out_merges_in_exact_order(sengine: redmap.Engine, data: st.
                 if cond is not None:
                     stmt = stmt.where(cond)
                 assert [c.id for c in s.scalars(stmt)] == _ref_order(want, desc)[off:end], cond
+                # Then by group, descending: tie groups sorted across shards.
+                g = col(Card.group).desc()
+                stmt = select(Card).order_by(t.desc() if desc else t, g).offset(off).limit(lim)
+                if cond is not None:
+                    stmt = stmt.where(cond)
+                ref = sorted(sorted(want, key=lambda r: r["id"]), key=lambda r: -r["group"])
+                ref = sorted(
+                    ref, key=lambda r: (r["title"] is not None, r["title"] or ""), reverse=desc
+                )
+                got = [c.id for c in s.scalars(stmt)]
+                assert got == [r["id"] for r in ref][off:end], (cond, desc)
             count_stmt = select(Card) if cond is None else select(Card).where(cond)
             assert s.count(count_stmt) == len(want)
 
@@ -503,3 +517,25 @@ def test_inspect_lists_string_indexes() -> None:
     assert found[("title", "sorted")] == ("{strs}:doc:#lx:title",)
     assert found[("body", "text")] == ("{strs}:doc:#tx:body:<word>",)
     assert found[("email", "suffix")] == ("{strs}:doc:#sx:email",)
+
+
+def test_several_terms_after_a_string_field(engine: redmap.Engine) -> None:
+    """order_by(title, group.desc()): ties of the string field ordered by the next term,
+    then by id, across page edges."""
+    with Session(engine) as s:
+        s.add_all(Doc(title=f"v{i % 4}" if i % 5 else None, group=i % 3) for i in range(30))
+        s.commit()
+        rows = [(d.title, d.group, d.id) for d in s.scalars(select(Doc))]
+    ref = sorted(rows, key=lambda r: (r[2],))
+    ref = sorted(ref, key=lambda r: -r[1])
+    ref = sorted(ref, key=lambda r: (r[0] is not None, r[0] or ""))
+    t = col(Doc.title)
+    with Session(engine) as s:
+        for off, lim in ((0, None), (3, 7), (11, 5), (20, 20)):
+            stmt = select(Doc).order_by(t, col(Doc.group).desc()).offset(off).limit(lim)
+            end = None if lim is None else off + lim
+            assert [d.id for d in s.scalars(stmt)] == [r[2] for r in ref][off:end], (off, lim)
+            cond = select(Doc).where(col(Doc.group) != 1, t >= "v1")
+            want = [r[2] for r in ref if r[1] != 1 and r[0] is not None and r[0] >= "v1"]
+            stmt = cond.order_by(t, col(Doc.group).desc()).offset(off).limit(lim)
+            assert [d.id for d in s.scalars(stmt)] == want[off:end], (off, lim)

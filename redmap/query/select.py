@@ -550,12 +550,6 @@ def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
     if every is not None:
         return every
     if strings.lex_ordered(stmt) is not None and (len(stmt._order_by) == 1 or len(spaces) > 1):
-        if len(stmt._order_by) > 1:
-            raise QueryError(
-                f"order_by with several terms, the first on the ordered string field "
-                f"{stmt._order_by[0].attribute!r}, is not supported on a sharded model: "
-                "order by that field alone"
-            )
         return (yield from strings.page_ids(stmt, spaces))
     if len(stmt._order_by) > 1 and not _first_term_is_pk(stmt):
         return (yield from _ids_by_terms(stmt, spaces))

@@ -5,8 +5,9 @@ Every condition becomes a temporary zset of ids, as the numeric ones do, so it t
 in the same set algebra (`and`, `or_`, `!=`). A lexicographic range of an ordered or
 suffix index (`orm.textindex`) holds members, not ids: `textindex.CONVERT_SCRIPT` turns
 it into an id zset inside the query's MULTI, scored by rank in the range (equal values
-share a score), which also serves as the order of `order_by(field)`. A word condition is
-the intersection of its words' id sets.
+share a score; `_ids_by_terms` pages several `order_by` terms through such scores). A
+word condition is the intersection of its words' id sets. A page ordered by one string
+field is read from the index itself (`page_ids`): directly, or by walking it in order.
 
 Cost per condition (N objects, R members in the range, W words):
 - a range or `startswith` on an ordered index, `endswith`: O(log N + R);
@@ -44,12 +45,12 @@ if TYPE_CHECKING:
 __all__ = [
     "all_ids",
     "count_command",
-    "unordered_for_count",
     "handles",
     "leaf",
     "lex_ordered",
     "ordering",
     "page_ids",
+    "unordered_for_count",
 ]
 
 _STRING_OPS = {"startswith", "endswith", "match"}
@@ -57,18 +58,23 @@ _LEX_OPS = {"<", "<=", ">", ">=", "between", "==", "!=", "in"}
 # Walks an ordered index in order and keeps the members whose id the statement matched:
 # the page of `order_by(field)` under other conditions, read without converting the
 # whole range. KEYS: the index, the statement's ids (a zset or a set); ARGV: min, max
-# (BYLEX), "1" for descending, members to skip, members to return (-1: all). Chunks
-# move their bound past the last member read, so each costs O(log N + chunk).
+# (BYLEX), "1" for descending, members to skip, members to return (-1: all), "1" to go
+# on past the last one wanted while the value stays the same (a whole tie group, for
+# the next `order_by` terms). Chunks move their bound past the last member read, so
+# each costs O(log N + chunk).
 _WALK_SCRIPT = r"""
 if redis.call('EXISTS', KEYS[2]) == 0 then return {} end
 local isset = redis.call('TYPE', KEYS[2]).ok == 'set'
 local desc = ARGV[3] == '1'
 local skip = tonumber(ARGV[4])
 local want = tonumber(ARGV[5])
+local ties = ARGV[6] == '1'
 local lo, hi = ARGV[1], ARGV[2]
 local out = {}
 local chunk = 256
-while want ~= 0 do
+local last = nil
+local done = false
+while not done do
   local page
   if desc then
     page = redis.call('ZREVRANGEBYLEX', KEYS[1], hi, lo, 'LIMIT', 0, chunk)
@@ -76,7 +82,12 @@ while want ~= 0 do
     page = redis.call('ZRANGEBYLEX', KEYS[1], lo, hi, 'LIMIT', 0, chunk)
   end
   for _, m in ipairs(page) do
-    local id = string.sub(m, string.find(m, '%z[^%z]*$') + 1)
+    local cut = string.find(m, '%z[^%z]*$')
+    if last ~= nil and string.sub(m, 1, cut) ~= last then
+      done = true
+      break
+    end
+    local id = string.sub(m, cut + 1)
     local hit
     if isset then hit = redis.call('SISMEMBER', KEYS[2], id) == 1
     else hit = redis.call('ZSCORE', KEYS[2], id) ~= false end
@@ -87,7 +98,14 @@ while want ~= 0 do
         out[#out + 1] = m
         if want > 0 then
           want = want - 1
-          if want == 0 then break end
+          if want == 0 then
+            if ties then
+              last = string.sub(m, 1, cut)
+            else
+              done = true
+              break
+            end
+          end
         end
       end
     end
@@ -259,17 +277,10 @@ def _direct(
 
     if not stmt._where:
         return b"-", b"+"
-    if len(stmt._where) != 1:
+    cond = _order_condition(stmt, col)
+    if len(stmt._where) != 1 or cond is None:
         return None
-    cond = stmt._where[0]
-    if (
-        isinstance(cond, BinaryExpression)
-        and cond.op in ("startswith", "<", "<=", ">", ">=", "between", "==")
-        and getattr(cond.attribute, "column", None) is col
-        and handles(col, cond.op)
-    ):
-        return lex_bounds(_Compiler(mapper, mapper.keys), col, cond.op, cond.value)
-    return None
+    return lex_bounds(_Compiler(mapper, mapper.keys), col, cond.op, cond.value)
 
 
 def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]]:
@@ -287,7 +298,10 @@ def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]
     fanned = len(spaces) > 1
     start = 0 if fanned else stmt._offset
     count = -1 if stmt._limit is None else stmt._limit + (stmt._offset if fanned else 0)
-    bounds = _direct(stmt, mapper, col)
+    # Several terms (on a fan-out only: one keyspace pages them by rank scores in
+    # `select._ids_by_terms`): each shard's walk completes its last tie group.
+    ties = len(stmt._order_by) > 1
+    bounds = None if ties else _direct(stmt, mapper, col)
     members: list[bytes] = []
     if bounds is not None:
         low, high = bounds
@@ -316,7 +330,19 @@ def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]
             base = c.conjunction(rest) if rest else ks.all()
             low, high = _order_range(c, stmt, col)
             index = ks.lexical(col.key)
-            walk = ("EVAL", _WALK_SCRIPT, 2, index, base, low, high, int(desc), start, count)
+            walk = (
+                "EVAL",
+                _WALK_SCRIPT,
+                2,
+                index,
+                base,
+                low,
+                high,
+                int(desc),
+                start,
+                count,
+                int(ties),
+            )
             groups.append((c, [walk]))
         tails = yield from _run_all(groups)
         for tail in tails:
@@ -325,7 +351,40 @@ def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]
             return [id_of_member(m) for m in members]
     members.sort(reverse=desc)
     end = None if stmt._limit is None else stmt._offset + stmt._limit
+    if ties:
+        return (yield from _by_terms(stmt, mapper, members, desc, end))
     return [id_of_member(m) for m in members[stmt._offset : end]]
+
+
+def _value_of(member: bytes) -> bytes:
+    """The value part of an ordered-index member (through its NUL)."""
+    return member[: member.rindex(b"\x00") + 1]
+
+
+def _by_terms(
+    stmt: Select[Any], mapper: Mapper[Any], members: list[bytes], desc: bool, end: int | None
+) -> Steps[list[bytes]]:
+    """The page of a fan-out ordered by a string field, then other terms: `members` are
+    every shard's first `end` matches in the field's order plus the rest of each
+    shard's last tie group, merged. Every match of a value before the page end's value
+    is among them (fewer than `end` precede it in all), and so is every match of that
+    value; the tie groups are sorted by the other terms (`select._sort_by_terms`)."""
+    from .ordering import secondary_terms
+    from .select import _sort_by_terms
+
+    terms = secondary_terms(mapper, stmt._order_by[1:])
+    if end is not None and len(members) > end:
+        edge = _value_of(members[end - 1])
+        stop = end
+        while stop < len(members) and _value_of(members[stop]) == edge:
+            stop += 1
+        members = members[:stop]
+    ranks: dict[bytes, float] = {}
+    for value in sorted({_value_of(m) for m in members}):
+        ranks[value] = float(len(ranks))
+    group = [(id_of_member(m), ranks[_value_of(m)]) for m in members]
+    ordered = yield from _sort_by_terms(mapper, group, desc, terms)
+    return [c.member for c in ordered[stmt._offset : end]]
 
 
 def all_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes] | None]:
