@@ -447,6 +447,10 @@ def test_audit_checks_string_indexes(engine: redmap.Engine) -> None:
     report = audit(client, reg)
     assert not report.ok
     assert any("#lx:title" in m for m in report.mismatches)
+    client.zadd("{strs}:doc:#lx:title", {member("a\x00b", "1"): 0})
+    client.sadd("{strs}:doc:#tx:body:bogus", "1")
+    report = audit(client, reg)
+    assert report.unexplained == ["{strs}:doc:#tx:body:bogus"] and not report.mismatches
 
 
 def test_ordered_walk_crosses_chunks(engine: redmap.Engine) -> None:
