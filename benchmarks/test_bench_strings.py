@@ -175,9 +175,9 @@ def test_rom_same_queries(
         want = _raw(kind, raw)
         assert len(ask()) == want, kind
 
-        def ours(stmt: Any = stmt) -> None:
+        def ours(stmt: Any = stmt, want: int = want) -> None:
             with redmap.Session(engine) as s:
-                s.scalars(stmt).all()
+                assert len(s.scalars(stmt).all()) == want
 
         def theirs(ask: Callable[[], Any] = ask) -> None:
             ask()
