@@ -16,6 +16,8 @@ from .orm.schema import ForeignKey as ForeignKey
 from .orm.schema import Indexed as Indexed
 from .orm.schema import PrimaryKey as PrimaryKey
 from .orm.schema import Sorted as Sorted
+from .orm.schema import Suffix as Suffix
+from .orm.schema import Text as Text
 from .orm.schema import Unique as Unique
 from .orm.session import Session as Session
 from .orm.session import run_in_transaction as run_in_transaction
@@ -47,6 +49,8 @@ __all__ = [
     "Select",
     "Session",
     "Sorted",
+    "Suffix",
+    "Text",
     "Unique",
     "and_",
     "asc",

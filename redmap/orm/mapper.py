@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 from ..exc import DecodeError, MappingError, ValidationError
 from . import keys
 from .relationships import RELATIONSHIP_KEY, RelationshipProperty
-from .schema import ForeignKey, Indexed, Marker, PrimaryKey, Sorted, Unique
+from .schema import ForeignKey, Indexed, Marker, PrimaryKey, Sorted, Suffix, Text, Unique
+from .textindex import is_string_type
 from .types import Codec, compile_codec
 
 if TYPE_CHECKING:
@@ -53,6 +54,11 @@ class ColumnProperty:
     indexed: bool = False
     unique: bool = False
     sorted: bool = False
+    # String indexes (`textindex`): `Sorted()` on a str/Enum field sets `lexical`, not
+    # `sorted` (which stays the numeric score index); `Text()` and `Suffix()`.
+    lexical: bool = False
+    text: bool = False
+    suffix: bool = False
     foreign_key: ForeignKey | None = None
     # An int primary key that is None at flush gets its value from the model's counter.
     generated: bool = False
@@ -64,7 +70,26 @@ class ColumnProperty:
 
     @property
     def has_index(self) -> bool:
-        return self.indexed or self.unique or self.sorted or self.foreign_key is not None
+        return (
+            self.indexed
+            or self.unique
+            or self.sorted
+            or self.foreign_key is not None
+            or self.has_string_index
+        )
+
+    @property
+    def has_string_index(self) -> bool:
+        return self.lexical or self.text or self.suffix
+
+    @property
+    def index_kinds(self) -> list[str]:
+        """The migration index kinds of this field (`op.create_index(..., kind=)`); an
+        ordered string is "sorted", like a numeric one."""
+        kinds = [k for k in ("indexed", "unique") if getattr(self, k)]
+        if self.sorted or self.lexical:
+            kinds.append("sorted")
+        return kinds + [k for k in ("text", "suffix") if getattr(self, k)]
 
 
 class Mapper(Generic[M]):
@@ -237,7 +262,21 @@ class Mapper(Generic[M]):
                 col.sorted = True
             elif isinstance(m, ForeignKey):
                 col.foreign_key = m
+            elif isinstance(m, Text):
+                col.text = True
+            elif isinstance(m, Suffix):
+                col.suffix = True
         codec = compile_codec(base, model=self.name, field=col.key)
+        inner = _strip_optional(base)
+        if col.sorted and is_string_type(inner):
+            col.sorted, col.lexical = False, True
+        if (col.text or col.suffix) and inner is not str:
+            marker = "Text()" if col.text else "Suffix()"
+            raise MappingError(
+                f"{marker} needs a str field, not {codec.expected}",
+                model=self.name,
+                field=col.key,
+            )
         col.codec = codec
         if col.primary_key:
             inner = _strip_optional(base)
@@ -262,7 +301,7 @@ class Mapper(Generic[M]):
             )
         if col.sorted and not codec.sortable:
             raise MappingError(
-                f"Sorted() needs an int, float, Decimal, bool, date or datetime field, "
+                f"Sorted() needs an int, float, Decimal, bool, date, datetime, str or Enum field, "
                 f"not {codec.expected}",
                 model=self.name,
                 field=col.key,
