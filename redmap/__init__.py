@@ -12,11 +12,14 @@ from .engine import create_engine as create_engine
 from .inspection import inspect as inspect
 from .orm.registry import registry as registry
 from .orm.relationships import relationship as relationship
+from .orm.schema import CreatedAt as CreatedAt
+from .orm.schema import ExpiresAt as ExpiresAt
 from .orm.schema import ForeignKey as ForeignKey
 from .orm.schema import Indexed as Indexed
 from .orm.schema import PrimaryKey as PrimaryKey
 from .orm.schema import Sorted as Sorted
 from .orm.schema import Unique as Unique
+from .orm.schema import UpdatedAt as UpdatedAt
 from .orm.session import Session as Session
 from .orm.session import run_in_transaction as run_in_transaction
 from .orm.session import sessionmaker as sessionmaker
@@ -39,7 +42,9 @@ from .query.select import select as select
 __version__ = "0.1.0"
 
 __all__ = [
+    "CreatedAt",
     "Engine",
+    "ExpiresAt",
     "ForeignKey",
     "Indexed",
     "Load",
@@ -48,6 +53,7 @@ __all__ = [
     "Session",
     "Sorted",
     "Unique",
+    "UpdatedAt",
     "and_",
     "asc",
     "col",

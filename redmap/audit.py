@@ -23,6 +23,7 @@ from typing import Any
 
 from .exc import DecodeError, RedmapError
 from .orm import keys
+from .orm.expiry import expect_deadlines
 from .orm.loading import decode_hash
 from .orm.mapper import VERSION_FIELD, ColumnProperty, Mapper
 from .orm.relationships import Direction
@@ -205,6 +206,8 @@ def audit(client: Any, reg: Any) -> AuditReport:
         objects[mapper.keyspace] = objs
         report.objects += len(objs)
         _expect_indexes(run, mapper, objs, expected, hints)
+        if mapper.expiry.tracked:
+            explained.update(expect_deadlines(mapper, objs, expected, hints))
     links = _read_links(run, by_space, all_keys)
     explained.update(_check_references(run, by_space, objects, links))
     _compare(run, expected, hints)
@@ -234,6 +237,8 @@ _ROLES = {
     "#fk:": ("zset", "a zset of ids"),
     "#rel:": ("zset", "a zset (many-to-many links)"),
     "#all": ("zset", "a zset of ids"),
+    "#dl": ("zset", "a zset of ids scored by their deadline"),
+    "#dv": ("hash", "a hash of the keys the sweep cleans"),
     "#seq": ("string", "a string holding an integer (the id counter)"),
 }
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..commands import FetchHashes, Read, Steps
 from ..exc import DecodeError, ObjectDeletedError, RedmapError
+from . import expiry
 from .attributes import STATE_ATTR
 from .mapper import INCARNATION_FIELD, VERSION_FIELD, Mapper
 from .state import InstanceState
@@ -100,8 +101,17 @@ def load_instance(
     data: Any,
     *,
     refresh: bool = False,
+    include_deleted: bool = False,
 ) -> Any:
-    """The session's object for `pk` populated from `data`, or None when the hash is absent."""
+    """The session's object for `pk` populated from `data`, or None when the hash is absent
+    (or stands for no object: expired, or soft-deleted unless `include_deleted`)."""
+    if (
+        mapper.expiry.tracked
+        and data
+        and isinstance(data, dict)
+        and expiry.hidden(mapper, data, expiry.now_ms(), deleted=include_deleted)
+    ):
+        return None
     decoded = decode_hash(mapper, key, data)
     if decoded is None:
         return None

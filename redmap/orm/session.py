@@ -23,7 +23,7 @@ from ..exc import (
     RedmapError,
     StaleDataError,
 )
-from . import events
+from . import events, expiry
 from .attributes import STATE_ATTR, state_of
 from .context import SessionContext
 from .identity import IdentitySet
@@ -586,7 +586,7 @@ class Session:
         mapper_of(model).validate_pk(pk)
         st = self._context.identity_map.get((model, pk))
         if st is not None:
-            if st.deleted:
+            if st.deleted or expiry.gone(st):
                 return True, None
             if not st.unloaded():
                 obj: M = st.obj
@@ -643,7 +643,7 @@ class Session:
         out: list[M | None] = []
         for pk in pks:
             st = ctx.identity_map.get((model, pk))
-            out.append(None if st is None or st.deleted else st.obj)
+            out.append(None if st is None or st.deleted or expiry.gone(st) else st.obj)
         if mapper.relationships:
             yield from selectin_for(ctx, [o for o in out if o is not None])
         return out

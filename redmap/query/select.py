@@ -26,12 +26,13 @@ from ..exc import (
     RedmapConnectionError,
     RedmapError,
 )
-from ..orm import keys
+from ..orm import expiry, keys
 from ..orm.attributes import FieldAttribute
 from ..orm.keys import KeySpace
 from ..orm.loading import ensure_loaded
 from ..orm.mapper import ColumnProperty, Mapper, mapper_of
 from ..orm.strategy_options import Load, LoadTree, build_tree
+from . import deadlines
 from .expression import (
     BinaryExpression,
     BooleanClauseList,
@@ -448,7 +449,7 @@ def _direct_range(stmt: Select[Any], ks: KeySpace) -> tuple[str, str, str, bool]
     """A lone range condition on the ordering field reads its zset directly:
     `ZRANGE key low high BYSCORE LIMIT`, cost O(log N + page) whatever the matches."""
     cond = _single_condition(stmt)
-    if cond is None or cond.op not in _RANGE_OPS:
+    if cond is None or cond.op not in _RANGE_OPS or _expiring(stmt):
         return None
     c = _Compiler(mapper_of(stmt.model), ks)
     col = c.column(cond.attribute)
@@ -511,6 +512,8 @@ def _read_ranges(
     statement's order (first term only), with their scores if `scored`; and whether
     that order is descending. One round trip: a lone range on the ordering field reads
     its zset directly, anything else runs in one MULTI/EXEC per keyspace."""
+    if _expiring(stmt):
+        return (yield from _read_live_ranges(stmt, spaces, start, stop, scored))
     withscores = ("WITHSCORES",) if scored else ()
     direct = [_direct_range(stmt, ks) for ks in spaces]
     per_space: list[list[Any]] = []
@@ -535,6 +538,47 @@ def _read_ranges(
         rng: tuple[Any, ...] = ("ZRANGE", final, start, stop, *(("REV",) if desc else ()))
         groups.append((c, [(*rng, *withscores)]))
     return [tail[0] for tail in (yield from _run_all(groups))], desc
+
+
+def _expiring(stmt: Select[Any]) -> bool:
+    """Whether the model has an ExpiresAt field: its expired ids are left out
+    server-side (`query.deadlines`)."""
+    return mapper_of(stmt.model).expiry.expires is not None
+
+
+def _read_live_ranges(
+    stmt: Select[Any], spaces: list[KeySpace], start: int, stop: int, scored: bool
+) -> Steps[tuple[list[list[Any]], bool]]:
+    """`_read_ranges` for a model with ExpiresAt: the same positions of the order of
+    its live matches (`query.deadlines`). One round trip, two when more ids expired
+    than the window allowed for."""
+    mapper = mapper_of(stmt.model)
+    now = expiry.now_ms()
+    allowance = deadlines.guess(mapper)
+    while True:
+        groups = []
+        desc = False
+        for ks in spaces:
+            c, final, desc = _compile(stmt, ks)
+            expired = deadlines.exclude(c, final, now)
+            rev = ("REV",) if desc else ()
+            last = deadlines.widen(stop, allowance)
+            groups.append(
+                (
+                    c,
+                    [
+                        ("ZRANGE", expired, 0, -1, "WITHSCORES"),
+                        ("ZRANGE", final, start, last, *rev, "WITHSCORES"),
+                    ],
+                )
+            )
+        tails = yield from _run_all(groups)
+        pages = [deadlines.page(g, w, start, stop, desc, allowance) for g, w in tails]
+        if all(p is not None for p in pages):
+            break
+        allowance = deadlines.note(mapper, max(len(g) for g, _ in tails))
+    out = [p if scored else [m for m, _ in p] for p in pages if p is not None]
+    return out, desc
 
 
 def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
@@ -637,6 +681,8 @@ def _read_score_span(
         else:
             c, key, desc = _compile(stmt, ks)
             low, high = "-inf", "+inf"
+            if _expiring(stmt):
+                key = deadlines.without_expired(c, key, expiry.now_ms())
         first, last = score_text(s_first), score_text(s_last)
         if desc:
             tail = [
@@ -715,7 +761,7 @@ def _objects_for(
     out = []
     for pk in pks:
         st = session.identity_map.get((mapper.class_, pk))
-        if st is not None and not st.deleted:
+        if st is not None and not st.deleted and not expiry.gone(st):
             out.append(st.obj)
     if mapper.relationships:
         from ..orm.strategies import selectin_for
@@ -747,7 +793,15 @@ def execute_count(session: SessionContext, stmt: Select[Any]) -> Steps[int]:
         _validate(stmt, mapper)
         return 0
     direct = [_direct_count_command(stmt, ks) for ks in spaces]
-    if all(d is not None for d in direct):
+    if _expiring(stmt):
+        now = expiry.now_ms()
+        groups = []
+        for ks in spaces:
+            c, final, _ = _compile(stmt, ks)
+            expired = deadlines.exclude(c, final, now)
+            groups.append((c, [("ZCARD", final), ("ZCARD", expired)]))
+        card = sum(int(t[0]) - int(t[1]) for t in (yield from _run_all(groups)))
+    elif all(d is not None for d in direct):
         replies = yield Read([d for d in direct if d is not None])
         for r in replies:
             if isinstance(r, Exception):
