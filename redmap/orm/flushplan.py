@@ -262,7 +262,10 @@ class FlushPlan:
                         key=check.key,
                     )
             elif check.kind == "unswept":
-                if reply is not None and conflict is None:
+                # Says more than the "already exists" of the same key's absence check.
+                if reply is not None and (
+                    conflict is None or getattr(conflict, "key", None) == check.key
+                ):
                     st = check.state
                     name = st.mapper.name if st else "?"
                     conflict = IntegrityError(

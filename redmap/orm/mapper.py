@@ -260,8 +260,8 @@ class Mapper(Generic[M]):
         col.codec = codec
         if col.role is not None and (_strip_optional(base) is not datetime or not codec.nullable):
             raise MappingError(
-                f"a {col.role} timestamp field must be Optional[datetime] (it is None until "
-                f"set), not {codec.expected}",
+                f"a field marked {_MARKER_NAMES[col.role]}() must be Optional[datetime] "
+                f"(it is None until set), not {codec.expected}",
                 model=self.name,
                 field=col.key,
             )
@@ -409,6 +409,7 @@ _ROLES: dict[type[Marker], str] = {
     CreatedAt: "created",
     UpdatedAt: "updated",
 }
+_MARKER_NAMES = {role: marker.__name__ for marker, role in _ROLES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
