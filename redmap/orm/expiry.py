@@ -29,9 +29,11 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..commands import Command, Read, Steps
-from ..exc import RedmapError, StaleDataError, ValidationError
+from ..exc import MappingError, RedmapError, StaleDataError, ValidationError
 from . import keys
 from .keys import KeySpace
+from .mapper import INCARNATION_FIELD, VERSION_FIELD, mapper_of
+from .relationships import Direction
 
 if TYPE_CHECKING:
     from .mapper import Mapper
@@ -159,8 +161,11 @@ def hidden(mapper: Mapper[Any], data: Mapping[bytes, bytes], now: int, *, delete
             ms = _decode_ms(raw)
             if ms is not None and ms <= now:
                 return True
-    if info.soft_delete_ms is not None and not deleted:
-        return _SOFT in data
+    if info.soft_delete_ms is not None:
+        soft = data.get(_SOFT)
+        if soft is not None:
+            # Past its grace period a soft-deleted object is gone like an expired one.
+            return not deleted or (soft.isdigit() and int(soft) + info.soft_delete_ms <= now)
     return False
 
 
@@ -229,7 +234,7 @@ def _value_deadline(mapper: Mapper[Any], value: Any) -> int | None:
     return to_ms(value, model=mapper.name, field=field)
 
 
-def _track(b: _Builder, ks: KeySpace, key: str, segment: str, deadline: int, data: bytes) -> None:
+def track(b: _Builder, ks: KeySpace, key: str, segment: str, deadline: int, data: bytes) -> None:
     b.expect_type(ks.deadlines(), "zset")
     b.expect_type(ks.sweep_data(), "hash")
     b.additions.append(("PEXPIREAT", key, deadline + MARGIN_MS))
@@ -264,7 +269,7 @@ def plan_insert(
         return
     deadline = _value_deadline(mapper, values.get(info.expires))
     if deadline is not None:
-        _track(b, ks, key, segment, deadline, sweep_keys(mapper, ks, encoded))
+        track(b, ks, key, segment, deadline, sweep_keys(mapper, ks, encoded))
 
 
 def plan_update(
@@ -299,7 +304,7 @@ def plan_update(
             if old is not None:
                 _untrack(b, ks, key, segment)
             return
-        _track(b, ks, key, segment, new, sweep_keys(mapper, ks, merged))
+        track(b, ks, key, segment, new, sweep_keys(mapper, ks, merged))
         return
     if old is not None and any(mapper.columns[n].has_index for n in changes):
         b.additions.append(("hset", ks.sweep_data(), segment, sweep_keys(mapper, ks, merged)))
@@ -310,6 +315,68 @@ def plan_delete(b: _Builder, st: InstanceState, ks: KeySpace, segment: str) -> N
     the delete's DEL)."""
     if deadline_of(st.mapper, st.loaded) is not None:
         _untrack(b, ks, None, segment)
+
+
+def check_cascades(mapper: Mapper[Any]) -> None:
+    """A soft-delete model's delete cascade soft-deletes the children, so their model must
+    be restorable too (raised at configure, naming what to add)."""
+    if mapper.expiry.soft_delete_ms is None:
+        return
+    for prop in mapper.relationships.values():
+        if prop.direction is not Direction.ONETOMANY or "delete" not in prop.cascade:
+            continue
+        target = mapper_of(prop.target)
+        if getattr(target.class_, "__soft_delete__", None) is None:
+            raise MappingError(
+                f"{mapper.name}.{prop.key} cascades deletes to {target.name}, which has no "
+                f"__soft_delete__: a soft-deleted {mapper.name} soft-deletes its children, "
+                f"so give {target.name} a __soft_delete__ grace period too",
+                model=mapper.name,
+                field=prop.key,
+            )
+
+
+def cascade_children(mapper: Mapper[Any]) -> list[Any]:
+    """The one-to-many relationships whose children a soft delete takes along."""
+    return [
+        p
+        for p in mapper.relationships.values()
+        if p.direction is Direction.ONETOMANY and "delete" in p.cascade
+    ]
+
+
+def plan_soft_delete(
+    b: _Builder,
+    st: InstanceState,
+    ks: KeySpace,
+    key: str,
+    segment: str,
+    now: int,
+    incarnation: bytes,
+) -> None:
+    """The writes of a soft delete (after the version check `plan_flush` adds)."""
+    mapper = st.mapper
+    info = mapper.expiry
+    assert info.soft_delete_ms is not None
+    b.expect_type(ks.all(), "zset")
+    b.removals.append(("ZREM", ks.all(), segment))
+    for col in mapper.indexed_columns:
+        enc = st.loaded.get(col.key)
+        if col.indexed or col.unique:
+            ix = ks.index(col.key, keys.NULL_SEGMENT if enc is None else keys.escape(enc))
+            b.expect_type(ix, "set")
+            b.removals.append(("SREM", ix, segment))
+        if col.sorted:
+            zs = ks.sorted(col.key)
+            b.expect_type(zs, "zset")
+            b.removals.append(("ZREM", zs, segment))
+    fields: list[Any] = [SOFT_FIELD, str(now), VERSION_FIELD, str((st.version or 0) + 1)]
+    if st.version is None:
+        fields.extend((INCARNATION_FIELD, incarnation))
+    b.additions.append(("HSET", key, *fields))
+    deadline = deadline_of(mapper, {**st.loaded, SOFT_FIELD: str(now).encode()})
+    assert deadline is not None
+    track(b, ks, key, segment, deadline, sweep_keys(mapper, ks, st.loaded))
 
 
 def takeover(mapper: Mapper[Any], ks: KeySpace, now: int) -> tuple[str, int] | None:
@@ -401,8 +468,6 @@ def sweep_args(mapper: Mapper[Any], ks: KeySpace, now: int, limit: int) -> list[
 def _link_prefixes(mapper: Mapper[Any], ks: KeySpace, prop: Any) -> tuple[str | None, str | None]:
     """The prefixes (`...#rel:<name>:`) of this side's and the far side's link zsets of a
     many-to-many relationship, when the far side shares `ks`'s hash tag."""
-    from .mapper import mapper_of
-
     if prop.parent is mapper:
         name, far_name, far = prop.link_name, prop.reverse_link_name, mapper_of(prop.target)
     else:  # a hidden link: another model's relationship pointing here
@@ -458,20 +523,60 @@ def expect_deadlines(
     info = mapper.expiry
     explained: list[str] = []
     for seg, (pk, values) in objs.items():
-        if info.expires is None:
-            continue
-        value = values.get(info.expires)
-        if not isinstance(value, datetime):
-            continue
         ks = mapper.keys_for_pk(pk)
+        soft = values.get(SOFT_FIELD)
+        if soft is not None:
+            _expect_soft_deleted(mapper, ks, seg, pk, values, expected, hints)
+        deadlines: list[int] = []
+        value = values.get(info.expires) if info.expires is not None else None
+        if isinstance(value, datetime):
+            deadlines.append(int(value.timestamp() * 1000))
+        if soft is not None and info.soft_delete_ms is not None:
+            deadlines.append(int(soft) + info.soft_delete_ms)
+        if not deadlines:
+            continue
         key = ks.deadlines()
-        expected.setdefault(key, {})[seg] = float(int(value.timestamp() * 1000))
+        expected.setdefault(key, {})[seg] = float(min(deadlines))
         hints[key] = (
             f"ZADD {key} <deadline in ms> <id> for each object with a deadline, ZREM the "
             f"others (or run `redmap sweep` if their objects are gone)"
         )
         explained.append(ks.sweep_data())
     return explained
+
+
+def _expect_soft_deleted(
+    mapper: Mapper[Any],
+    ks: KeySpace,
+    seg: str,
+    pk: Any,
+    values: Mapping[str, Any],
+    expected: dict[str, Any],
+    hints: dict[str, str],
+) -> None:
+    """A soft-deleted object keeps its unique claims and its foreign-key entries (and its
+    links, which the audit checks from the link zsets); it is in no query index."""
+    for col in mapper.indexed_columns:
+        value = values.get(col.key)
+        if value is None or col.codec is None:
+            continue
+        vseg = keys.escape(col.codec.encode(value))
+        if col.unique:
+            key = ks.unique(col.key, vseg)
+            expected.setdefault(key, seg)
+            hints[key] = f"SET {key} {seg} (a soft-deleted object keeps its unique values)"
+        if col.foreign_key is not None:
+            key = ks.foreign(col.key, vseg)
+            order = col.order_column
+            if order is not None:
+                ocol = mapper.columns[order]
+                ovalue = values.get(order)
+                assert ocol.codec is not None
+                score = float("-inf") if ovalue is None else ocol.codec.to_score(ovalue)
+            else:
+                score = float(pk) if isinstance(pk, int) else 0.0
+            expected.setdefault(key, {})[seg] = score
+            hints[key] = f"ZADD {key} <score> {seg} (its children, soft-deleted ones too)"
 
 
 def registry_mappers(registry: Any) -> list[Mapper[Any]]:

@@ -268,6 +268,10 @@ def plan_flush(
         ks = _ks(d)
         b.watch[d.key] = None
         b.checks.extend(_version_checks(d.key, st))
+        if mapper.expiry.soft_delete_ms is not None:
+            tracked[ks.deadlines()] = (mapper, ks)
+            expiry.plan_soft_delete(b, st, ks, d.key, d.segment, now, incarnation)
+            continue
         b.removals.append(("DEL", d.key))
         b.removals.append(("ZREM", ks.all(), d.segment))
         b.expect_type(ks.all(), "zset")

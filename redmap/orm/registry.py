@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from ..exc import MappingError
 from . import keys
 from .attributes import instrument_class
+from .expiry import check_cascades
 from .mapper import Mapper, mapper_of_configured
 from .relationships import Direction, RelationshipProperty
 
@@ -100,6 +101,8 @@ class registry:  # noqa: N801 - lowercase like SQLAlchemy's registry
             for mapper in self.mappers.values():
                 mapper._configure()
             _configure_relationships(self)
+            for mapper in self.mappers.values():
+                check_cascades(mapper)
             self._configured = True
 
     def _lookup(self, target: Any, *, model: str, field: str) -> type[Any]:
