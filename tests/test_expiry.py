@@ -145,6 +145,13 @@ class TestReads:
             ranged = s.scalars(select(Token).where(Token.rank.between(1, 6)).limit(2))
             assert [t.rank for t in ranged] == [2, 4]
             assert s.count(select(Token).limit(3).offset(6)) == 2
+            # A lone range on the ordering field reads the sorted zset directly.
+            up = select(Token).where(Token.rank >= 1).order_by(Token.rank).offset(1).limit(3)
+            assert [t.rank for t in s.scalars(up)] == [4, 5, 6]
+            down = select(Token).where(Token.rank <= 8).order_by(Token.rank.desc()).offset(2)
+            assert [t.rank for t in s.scalars(down.limit(3))] == [6, 5, 4]
+            assert [t.rank for t in s.scalars(down)] == [6, 5, 4, 2, 0]
+            assert s.count(select(Token).where(Token.rank > 0)) == 7
             assert s.scalars(select(Token).where(Token.value == "v1")).all() == []
 
     def test_many_expired_beyond_the_window_guess(self, eng: Engine, clock: Clock) -> None:

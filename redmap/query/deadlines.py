@@ -4,21 +4,25 @@ An object whose deadline passed stays in its indexes until the sweep removes it,
 query must leave it out itself, before paging: counts, `limit` and `offset` are exact
 whether or not a sweep ran. Inside the query's MULTI (`query.select`):
 
-1. `ZRANGESTORE E #dl -inf <now> BYSCORE`: the ids whose deadline passed (k of them,
-   few when sweeps run; O(log N + k)).
-2. `ZINTERSTORE G 2 S E WEIGHTS 1 0`: those among the query's matches S, with S's scores
-   (Redis walks the smaller input: O(k)).
-3. `ZRANGE G 0 -1 WITHSCORES` and `ZRANGE S start stop+guess WITHSCORES`: the expired
-   matches and a window of S widened by `guess` members.
+**Pages** (`live_window`): the query's order is read into a window W of its first
+`stop + 1 + allowance` members (`ZRANGESTORE`, from the ordering zset directly for a
+lone range, else from the query's result zset S); `ZINTERSTORE X 2 W #dl WEIGHTS 0 1`
+gives the window's members that have a deadline, scored by it; `ZREMRANGEBYSCORE X
+(now +inf` keeps the expired ones; `ZDIFFSTORE L 2 W X` leaves the live ones, and the
+page is `ZRANGE L start stop`. Every step is linear in the window, never in the model:
+O(log N + offset + limit + allowance), against O(log N + limit) without deadlines. When
+the window was full and held fewer live members than the page needs (more than
+`allowance` of them had expired), the query runs again with a larger allowance (one
+more round trip; the allowance is remembered per model).
 
-The page is then cut from the window here: the expired matches ranked before the
-window's first member (j of them) shift it, so the page starts at the j-th live member
-of the window. The window holds the page whenever guess >= k; otherwise the query runs
-again with guess = k (one more round trip, and the guess is remembered per model). The
-cost over the same query on a model without deadlines is O(log N + k) and k more
-members read: nothing grows with the model. Counts subtract ZCARD G. Queries ordered by
-several terms read whole tie groups by score (`_read_score_span`), from S minus E
-(`ZDIFFSTORE`, linear in the matches, as the intersection that built S).
+**Counts** (`exclude`): `ZRANGESTORE E #dl -inf now BYSCORE` (the k expired ids,
+O(log N + k)), `ZINTERSTORE G 2 S E` (those among the matches: Redis walks the smaller
+input, O(k)), and the count is ZCARD S - ZCARD G (ZCOUNT for a lone range). k is small
+when sweeps run; it is the whole unswept backlog otherwise.
+
+Queries ordered by several terms read whole tie groups by score (`_read_score_span`),
+from S minus E (`without_expired`, linear in the matches, as the intersection that
+built S).
 
 "Now" is the client clock (`redmap.orm.expiry.now_ms`), as for every other decision
 about deadlines (docs/expiry.md).
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
     from ..orm.mapper import Mapper
     from .select import _Compiler
 
-__all__ = ["exclude", "guess", "note", "page", "widen", "without_expired"]
+__all__ = ["exclude", "guess", "live_window", "note", "short", "without_expired"]
 
 _GUESS = 8
 _guesses: dict[str, int] = {}
@@ -62,45 +66,34 @@ def without_expired(c: _Compiler, source: str, now: int) -> str:
     return out
 
 
+def live_window(
+    c: _Compiler, window: tuple[Any, ...], now: int
+) -> tuple[str, list[tuple[Any, ...]]]:
+    """Commands storing the query's window (`ZRANGESTORE <dst> *window`) without its
+    expired members; returns the key of the live members and the tail whose replies
+    `short` reads (the window's size, its expired members' count)."""
+    w, x, live = c.temp(), c.temp(), c.temp()
+    c.commands.append(("ZRANGESTORE", w, *window))
+    c.commands.append(("ZINTERSTORE", x, 2, w, c.ks.deadlines(), "WEIGHTS", 0, 1))
+    c.commands.append(("ZREMRANGEBYSCORE", x, f"({now}", "+inf"))
+    c.commands.append(("ZDIFFSTORE", live, 2, w, x))
+    return live, [("ZCARD", w), ("ZCARD", x)]
+
+
+def short(replies: Sequence[Any], size: int, stop: int) -> bool:
+    """Whether a window (its ZCARD, and its expired members' ZCARD) came up short: full,
+    yet with fewer live members than the page needs."""
+    held, expired = int(replies[0]), int(replies[1])
+    return stop != -1 and held == size and held - expired < stop + 1
+
+
 def guess(mapper: Mapper[Any]) -> int:
-    """How many expired matches the window allows for (the last count seen, at least 8)."""
+    """How many expired members a window allows for (as many as last needed, at least 8)."""
     return _guesses.get(mapper.keyspace, _GUESS)
 
 
-def note(mapper: Mapper[Any], seen: int) -> int:
-    """Remember `seen` expired matches for the next query of the model; the new guess."""
-    value = max(_GUESS, seen)
+def note(mapper: Mapper[Any], allowance: int) -> int:
+    """A window of `mapper` came up short with `allowance`: the next, doubled, is kept."""
+    value = 2 * allowance
     _guesses[mapper.keyspace] = value
     return value
-
-
-def widen(stop: int, allowance: int) -> int:
-    """The last position of the window read for a page ending at `stop` (-1: the end)."""
-    return -1 if stop == -1 else stop + allowance
-
-
-def page(
-    expired: Sequence[tuple[bytes, Any]],
-    window: Sequence[tuple[bytes, Any]],
-    start: int,
-    stop: int,
-    desc: bool,
-    allowance: int,
-) -> list[tuple[bytes, Any]] | None:
-    """The live members at positions `start..stop` (-1: to the end) of the query's order,
-    cut from `window` (its members from position `start` on, `allowance` more than the
-    page), or None when more members expired than the window allows for."""
-    if stop != -1 and len(expired) > allowance:
-        return None
-    if not window:
-        return []
-    gone = {m for m, _ in expired}
-    first = (float(window[0][1]), window[0][0])
-    if desc:
-        j = sum(1 for m, s in expired if (float(s), m) > first)
-    else:
-        j = sum(1 for m, s in expired if (float(s), m) < first)
-    live = [w for w in window if w[0] not in gone]
-    if stop == -1:
-        return live[j:]
-    return live[j : j + stop - start + 1]

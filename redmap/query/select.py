@@ -445,11 +445,14 @@ def _validate(stmt: Select[Any], mapper: Mapper[Any]) -> None:
     _compile(stmt, mapper.all_keyspaces()[0])
 
 
-def _direct_range(stmt: Select[Any], ks: KeySpace) -> tuple[str, str, str, bool] | None:
+def _direct_range(
+    stmt: Select[Any], ks: KeySpace, *, expiring_ok: bool = False
+) -> tuple[str, str, str, bool] | None:
     """A lone range condition on the ordering field reads its zset directly:
-    `ZRANGE key low high BYSCORE LIMIT`, cost O(log N + page) whatever the matches."""
+    `ZRANGE key low high BYSCORE LIMIT`, cost O(log N + page) whatever the matches.
+    (A model with ExpiresAt reads it so only through `_read_live_ranges`.)"""
     cond = _single_condition(stmt)
-    if cond is None or cond.op not in _RANGE_OPS or _expiring(stmt):
+    if cond is None or cond.op not in _RANGE_OPS or (_expiring(stmt) and not expiring_ok):
         return None
     c = _Compiler(mapper_of(stmt.model), ks)
     col = c.column(cond.attribute)
@@ -549,35 +552,38 @@ def _expiring(stmt: Select[Any]) -> bool:
 def _read_live_ranges(
     stmt: Select[Any], spaces: list[KeySpace], start: int, stop: int, scored: bool
 ) -> Steps[tuple[list[list[Any]], bool]]:
-    """`_read_ranges` for a model with ExpiresAt: the same positions of the order of
-    its live matches (`query.deadlines`). One round trip, two when more ids expired
-    than the window allowed for."""
+    """`_read_ranges` for a model with ExpiresAt: the same positions of the order of its
+    live matches (`query.deadlines`). One round trip; one more each time more ids of the
+    window had expired than it allowed for."""
     mapper = mapper_of(stmt.model)
     now = expiry.now_ms()
     allowance = deadlines.guess(mapper)
     while True:
         groups = []
         desc = False
+        size = -1 if stop == -1 else stop + 1 + allowance
         for ks in spaces:
-            c, final, desc = _compile(stmt, ks)
-            expired = deadlines.exclude(c, final, now)
-            rev = ("REV",) if desc else ()
-            last = deadlines.widen(stop, allowance)
-            groups.append(
-                (
-                    c,
-                    [
-                        ("ZRANGE", expired, 0, -1, "WITHSCORES"),
-                        ("ZRANGE", final, start, last, *rev, "WITHSCORES"),
-                    ],
+            direct = _direct_range(stmt, ks, expiring_ok=True)
+            if direct is not None:
+                # A lone range on the ordering zset: the window is read from it directly.
+                c = _Compiler(mapper, ks)
+                key, low, high, desc = direct
+                by: tuple[Any, ...] = (
+                    (high, low, "BYSCORE", "REV") if desc else (low, high, "BYSCORE")
                 )
-            )
+                window: tuple[Any, ...] = (key, *by, "LIMIT", 0, size)
+            else:
+                c, final, desc = _compile(stmt, ks)
+                window = (final, 0, size - 1 if size > 0 else -1, *(("REV",) if desc else ()))
+            live, tail = deadlines.live_window(c, window, now)
+            rng = ("ZRANGE", live, start, stop, *(("REV",) if desc else ()), "WITHSCORES")
+            groups.append((c, [rng, *tail]))
         tails = yield from _run_all(groups)
-        pages = [deadlines.page(g, w, start, stop, desc, allowance) for g, w in tails]
-        if all(p is not None for p in pages):
+        short = [deadlines.short(t[1:], size, stop) for t in tails]
+        if not any(short):
             break
-        allowance = deadlines.note(mapper, max(len(g) for g, _ in tails))
-    out = [p if scored else [m for m, _ in p] for p in pages if p is not None]
+        allowance = deadlines.note(mapper, allowance)
+    out = [list(t[0]) if scored else [m for m, _ in t[0]] for t in tails]
     return out, desc
 
 
@@ -796,7 +802,14 @@ def execute_count(session: SessionContext, stmt: Select[Any]) -> Steps[int]:
     if _expiring(stmt):
         now = expiry.now_ms()
         groups = []
-        for ks in spaces:
+        for ks, d in zip(spaces, direct, strict=True):
+            if d is not None:
+                # ZCOUNT / SCARD, less the expired ids among what it counts (O(k)).
+                c = _Compiler(mapper, ks)
+                expired = deadlines.exclude(c, d[1], now)
+                less = ("ZCOUNT", expired, *d[2:]) if d[0] == "ZCOUNT" else ("ZCARD", expired)
+                groups.append((c, [d, less]))
+                continue
             c, final, _ = _compile(stmt, ks)
             expired = deadlines.exclude(c, final, now)
             groups.append((c, [("ZCARD", final), ("ZCARD", expired)]))
