@@ -122,6 +122,11 @@ def _decode_ms(raw: bytes) -> int | None:
     return int(value.timestamp() * 1000)
 
 
+def decode_deadline(raw: bytes) -> int | None:
+    """A stored ExpiresAt value as ms since the epoch (None if it is not a datetime)."""
+    return _decode_ms(raw)
+
+
 def deadline_of(mapper: Mapper[Any], loaded: Mapping[str, bytes | None]) -> int | None:
     """The deadline (ms) an object's stored fields give: its ExpiresAt moment, or the end
     of its soft delete's grace period, whichever comes first; None: none."""
