@@ -167,6 +167,34 @@ class TestReads:
             last = s.scalars(select(Token).order_by(Token.rank.desc()).offset(8).limit(5))
             assert [t.rank for t in last] == [51, 50]
 
+    def test_pages_with_a_large_backlog_and_a_lost_script_cache(
+        self, eng: Engine, clock: Clock
+    ) -> None:
+        """More expired ids than the plain-read path takes (64), deep offsets, and a
+        SCRIPT FLUSH (as after a restart): every page equals the reference."""
+        with Session(eng) as s:
+            for i in range(400):
+                gone = i % 4 != 0  # 300 expired, 100 live
+                s.add(Token(value=f"b{i}", rank=i, expires=clock.at(1) if gone else None))
+            s.commit()
+        clock.now = T0 + 2
+        live = list(range(0, 400, 4))
+        cases = [(0, 10, False), (5, 7, True), (90, 20, False), (30, None, True), (300, 5, False)]
+        for n, (offset, limit, desc) in enumerate(cases):
+            if n == 2:
+                raw(eng).script_flush()
+            order = Token.rank.desc() if desc else Token.rank
+            stmt = select(Token).where(Token.rank >= 0).order_by(order).offset(offset)
+            stmt = stmt.limit(limit)
+            want = (live[::-1] if desc else live)[
+                offset : None if limit is None else offset + limit
+            ]
+            with Session(eng) as s:
+                assert [t.rank for t in s.scalars(stmt)] == want, (offset, limit, desc)
+                no_cond = select(Token).order_by(order).offset(offset).limit(limit)
+                assert [t.rank for t in s.scalars(no_cond)] == want
+                assert s.count(select(Token).where(Token.rank >= 0)) == 100
+
     def test_object_in_the_session_expires(self, eng: Engine, clock: Clock) -> None:
         _tokens(eng, clock, 4)
         with Session(eng) as s:

@@ -4,16 +4,16 @@ An object whose deadline passed stays in its indexes until the sweep removes it,
 query must leave it out itself, before paging: counts, `limit` and `offset` are exact
 whether or not a sweep ran. Inside the query's MULTI (`query.select`):
 
-**Pages** (`live_window`): the query's order is read into a window W of its first
-`stop + 1 + allowance` members (`ZRANGESTORE`, from the ordering zset directly for a
-lone range, else from the query's result zset S); `ZINTERSTORE X 2 W #dl WEIGHTS 0 1`
-gives the window's members that have a deadline, scored by it; `ZREMRANGEBYSCORE X
-(now +inf` keeps the expired ones; `ZDIFFSTORE L 2 W X` leaves the live ones, and the
-page is `ZRANGE L start stop`. Every step is linear in the window, never in the model:
-O(log N + offset + limit + allowance), against O(log N + limit) without deadlines. When
-the window was full and held fewer live members than the page needs (more than
-`allowance` of them had expired), the query runs again with a larger allowance (one
-more round trip; the allowance is remembered per model).
+**Pages** (`page_command`, one read-only script, `PAGE_SCRIPT`): the query's order is
+read as a window of its first `stop + 1 + allowance` members (`ZRANGE ... BYSCORE LIMIT`,
+from the ordering zset directly for a lone range or no condition, else from the query's
+result zset S built in the same MULTI), `ZMSCORE #dl` gives the window's deadlines, and
+the members whose deadline is at or before now are dropped before the page is cut.
+Every step is linear in the window, never in the model: O(log N + offset + limit +
+allowance), against O(log N + limit) without deadlines. When the window was full and
+held fewer live members than the page needs (more than `allowance` of them had
+expired), the query runs again with a doubled allowance (one more round trip; the
+allowance is remembered per model).
 
 **Counts** (`exclude`): `ZRANGESTORE E #dl -inf now BYSCORE` (the k expired ids,
 O(log N + k)), `ZINTERSTORE G 2 S E` (those among the matches: Redis walks the smaller
@@ -30,14 +30,23 @@ about deadlines (docs/expiry.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..orm.mapper import Mapper
     from .select import _Compiler
 
-__all__ = ["exclude", "guess", "live_window", "note", "short", "without_expired"]
+__all__ = [
+    "PAGE_SCRIPT",
+    "exclude",
+    "guess",
+    "note",
+    "page_command",
+    "no_script",
+    "read_page",
+    "without_expired",
+]
 
 _GUESS = 8
 _guesses: dict[str, int] = {}
@@ -66,25 +75,164 @@ def without_expired(c: _Compiler, source: str, now: int) -> str:
     return out
 
 
-def live_window(
-    c: _Compiler, window: tuple[Any, ...], now: int
-) -> tuple[str, list[tuple[Any, ...]]]:
-    """Commands storing the query's window (`ZRANGESTORE <dst> *window`) without its
-    expired members; returns the key of the live members and the tail whose replies
-    `short` reads (the window's size, its expired members' count)."""
-    w, x, live = c.temp(), c.temp(), c.temp()
-    c.commands.append(("ZRANGESTORE", w, *window))
-    c.commands.append(("ZINTERSTORE", x, 2, w, c.ks.deadlines(), "WEIGHTS", 0, 1))
-    c.commands.append(("ZREMRANGEBYSCORE", x, f"({now}", "+inf"))
-    c.commands.append(("ZDIFFSTORE", live, 2, w, x))
-    return live, [("ZCARD", w), ("ZCARD", x)]
+PAGE_SCRIPT = r"""
+-- redmap query page (redmap/query/deadlines.py): the live members of a window.
+-- KEYS[1] the query's ordering (a sorted index, the id zset, or the query's result zset),
+-- KEYS[2] the model's deadline zset. ARGV: min, max (BYSCORE bounds), '1' for descending,
+-- start, stop (-1: to the end) of the page among the live members, allowance, now (ms),
+-- '1' to return scores. Reply: {page (members, with scores when asked), window size,
+-- expired members in the window}.
+local zs, dl = KEYS[1], KEYS[2]
+local a = ARGV
+local rev = a[3] == '1'
+local start, stop, allow = tonumber(a[4]), tonumber(a[5]), tonumber(a[6])
+local now, scored = tonumber(a[7]), a[8] == '1'
+local size = -1
+if stop >= 0 then size = stop + 1 + allow end
+local w
+if rev then
+  w = redis.call('ZRANGE', zs, a[2], a[1], 'BYSCORE', 'REV', 'LIMIT', 0, size, 'WITHSCORES')
+else
+  w = redis.call('ZRANGE', zs, a[1], a[2], 'BYSCORE', 'LIMIT', 0, size, 'WITHSCORES')
+end
+local n = #w / 2
+local out = {}
+local live, expired = 0, 0
+local i = 1
+while i <= n do
+  local j = math.min(i + 3999, n)
+  local members = {}
+  for k = i, j do members[#members + 1] = w[2 * k - 1] end
+  local deadlines = redis.call('ZMSCORE', dl, unpack(members))
+  for k = i, j do
+    local d = deadlines[k - i + 1]
+    if d and tonumber(d) <= now then
+      expired = expired + 1
+    else
+      if live >= start and (stop < 0 or live <= stop) then
+        out[#out + 1] = w[2 * k - 1]
+        if scored then out[#out + 1] = w[2 * k] end
+      end
+      live = live + 1
+    end
+  end
+  i = j + 1
+end
+return {out, n, expired}
+"""
+
+PAGE_SHA = hashlib.sha1(PAGE_SCRIPT.encode()).hexdigest()
 
 
-def short(replies: Sequence[Any], size: int, stop: int) -> bool:
-    """Whether a window (its ZCARD, and its expired members' ZCARD) came up short: full,
-    yet with fewer live members than the page needs."""
-    held, expired = int(replies[0]), int(replies[1])
-    return stop != -1 and held == size and held - expired < stop + 1
+def page_command(
+    key: str,
+    deadlines: str,
+    bounds: tuple[Any, Any],
+    desc: bool,
+    start: int,
+    stop: int,
+    allowance: int,
+    now: int,
+    scored: bool,
+    *,
+    load: bool = False,
+) -> tuple[Any, ...]:
+    """The EVALSHA (EVAL until this process saw the script run) reading one page of the
+    live members of `key` (in BYSCORE `bounds`); with `load`, always EVAL (inside a
+    MULTI, where a NOSCRIPT would fail the whole query)."""
+    low, high = bounds
+    head = ("EVALSHA", PAGE_SHA) if _Loaded.page and not load else ("EVAL", PAGE_SCRIPT)
+    return (
+        *head,
+        2,
+        key,
+        deadlines,
+        low,
+        high,
+        "1" if desc else "0",
+        start,
+        stop,
+        allowance,
+        now,
+        "1" if scored else "0",
+    )
+
+
+# A lone range whose page starts this close to the beginning of its order, on a model
+# with at most `CAP` expired ids waiting for the sweep, is read with plain commands: the
+# window from position 0 and the expired ids (`ZRANGE #dl -inf now BYSCORE LIMIT 0
+# CAP+1`), filtered here. Otherwise (or once more than CAP were found, for `BACKOFF_MS`)
+# the page script reads it.
+PIPELINE_MAX_START = 256
+CAP = 64
+BACKOFF_MS = 10_000
+_backlog: dict[str, int] = {}
+BACKLOG: Any = object()
+
+
+def pipelined(mapper: Mapper[Any], start: int, now: int) -> bool:
+    """Whether a lone-range page of `mapper` starting at `start` is read with plain
+    commands (see `PIPELINE_MAX_START`)."""
+    return start <= PIPELINE_MAX_START and _backlog.get(mapper.keyspace, 0) <= now
+
+
+def expired_ids(ks: Any, now: int) -> tuple[Any, ...]:
+    """The ids of `ks` whose deadline passed, at most CAP + 1 of them."""
+    return ("ZRANGE", ks.deadlines(), "-inf", now, "BYSCORE", "LIMIT", 0, CAP + 1)
+
+
+def cut(
+    mapper: Mapper[Any],
+    window: Any,
+    expired: Any,
+    start: int,
+    stop: int,
+    size: int,
+    scored: bool,
+    now: int,
+) -> list[Any] | None:
+    """The page from a window read from position 0 (with scores) and the expired ids;
+    None when the window came up short; BACKLOG when more than CAP ids had expired."""
+    if len(expired) > CAP:
+        _backlog[mapper.keyspace] = now + BACKOFF_MS
+        return BACKLOG  # type: ignore[no-any-return]
+    dropped = set(expired)
+    live = [(m, float(s)) for m, s in window if m not in dropped]
+    if stop != -1 and len(window) == size and len(live) < stop + 1:
+        return None
+    page = live[start:] if stop == -1 else live[start : stop + 1]
+    return page if scored else [m for m, _ in page]
+
+
+class _Loaded:
+    """Whether this process saw the page script run (then EVALSHA is sent)."""
+
+    page = False
+
+
+def no_script(reply: Any) -> bool:
+    """Whether a reply says the server does not know the script (restart, failover):
+    the query is sent again with the script's body."""
+    if isinstance(reply, Exception) and "NOSCRIPT" in (type(reply).__name__ + str(reply)):
+        _Loaded.page = False
+        return True
+    if isinstance(reply, Exception) and type(reply).__name__ == "NoScriptError":
+        _Loaded.page = False
+        return True
+    return False
+
+
+def read_page(reply: Any, stop: int, allowance: int, scored: bool) -> list[Any] | None:
+    """The page a `page_command` answered (members, or (member, score) pairs), or None
+    when its window came up short: full, yet holding fewer live members than the page
+    needs (more than `allowance` of them had expired)."""
+    _Loaded.page = True
+    page, held, expired = reply[0], int(reply[1]), int(reply[2])
+    if stop != -1 and held == stop + 1 + allowance and held - expired < stop + 1:
+        return None
+    if not scored:
+        return list(page)
+    return [(page[i], float(page[i + 1])) for i in range(0, len(page), 2)]
 
 
 def guess(mapper: Mapper[Any]) -> int:

@@ -553,38 +553,101 @@ def _read_live_ranges(
     stmt: Select[Any], spaces: list[KeySpace], start: int, stop: int, scored: bool
 ) -> Steps[tuple[list[list[Any]], bool]]:
     """`_read_ranges` for a model with ExpiresAt: the same positions of the order of its
-    live matches (`query.deadlines`). One round trip; one more each time more ids of the
-    window had expired than it allowed for."""
+    live matches (`query.deadlines`). One round trip (a plain read for a lone range, else
+    the query's MULTI); one more each time more ids of the window had expired than it
+    allowed for."""
     mapper = mapper_of(stmt.model)
     now = expiry.now_ms()
     allowance = deadlines.guess(mapper)
     while True:
-        groups = []
+        direct = [_direct_range(stmt, ks, expiring_ok=True) for ks in spaces]
         desc = False
-        size = -1 if stop == -1 else stop + 1 + allowance
-        for ks in spaces:
-            direct = _direct_range(stmt, ks, expiring_ok=True)
-            if direct is not None:
-                # A lone range on the ordering zset: the window is read from it directly.
-                c = _Compiler(mapper, ks)
-                key, low, high, desc = direct
+        replies: list[Any]
+        if all(d is not None for d in direct) and deadlines.pipelined(mapper, start, now):
+            # A lone range, near the start of the order, and few expired ids in all:
+            # plain reads, the expired ids dropped here (no script).
+            cmds = []
+            size = -1 if stop == -1 else stop + 1 + allowance
+            for ks, d in zip(spaces, direct, strict=True):
+                assert d is not None
+                key, low, high, desc = d
                 by: tuple[Any, ...] = (
                     (high, low, "BYSCORE", "REV") if desc else (low, high, "BYSCORE")
                 )
-                window: tuple[Any, ...] = (key, *by, "LIMIT", 0, size)
-            else:
+                cmds.append(("ZRANGE", key, *by, "LIMIT", 0, size, "WITHSCORES"))
+                cmds.append(deadlines.expired_ids(ks, now))
+            replies = yield Read(cmds)
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise QueryError(f"Redis refused the query: {r}")
+            cut = [
+                deadlines.cut(mapper, replies[i], replies[i + 1], start, stop, size, scored, now)
+                for i in range(0, len(replies), 2)
+            ]
+            if any(p is deadlines.BACKLOG for p in cut):
+                continue  # too many expired ids to read: the script path (next turn)
+            if all(isinstance(p, list) for p in cut):
+                return [p for p in cut if isinstance(p, list)], desc
+            allowance = deadlines.note(mapper, allowance)
+        elif all(d is not None for d in direct):
+            cmds = []
+            for ks, d in zip(spaces, direct, strict=True):
+                assert d is not None
+                key, low, high, desc = d
+                cmds.append(
+                    deadlines.page_command(
+                        key, ks.deadlines(), (low, high), desc, start, stop, allowance, now, scored
+                    )
+                )
+            replies = yield Read(cmds)
+            if any(deadlines.no_script(r) for r in replies):
+                continue  # sent again with the script's body
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise QueryError(f"Redis refused the query: {r}")
+        elif stop == -1:
+            # No limit: every match is read anyway; the expired ones (found from the
+            # deadline zset, O(k)) are dropped here.
+            groups = []
+            for ks in spaces:
                 c, final, desc = _compile(stmt, ks)
-                window = (final, 0, size - 1 if size > 0 else -1, *(("REV",) if desc else ()))
-            live, tail = deadlines.live_window(c, window, now)
-            rng = ("ZRANGE", live, start, stop, *(("REV",) if desc else ()), "WITHSCORES")
-            groups.append((c, [rng, *tail]))
-        tails = yield from _run_all(groups)
-        short = [deadlines.short(t[1:], size, stop) for t in tails]
-        if not any(short):
-            break
+                expired = deadlines.exclude(c, final, now)
+                rev = ("REV",) if desc else ()
+                withscores = ("WITHSCORES",) if scored else ()
+                groups.append(
+                    (
+                        c,
+                        [("ZRANGE", final, 0, -1, *rev, *withscores), ("ZRANGE", expired, 0, -1)],
+                    )
+                )
+            out = []
+            for everything, gone in (yield from _run_all(groups)):
+                dropped = set(gone)
+                if scored:
+                    live = [(m, float(sc)) for m, sc in everything if m not in dropped]
+                else:
+                    live = [m for m in everything if m not in dropped]
+                out.append(live[start:])
+            return out, desc
+        else:
+            groups = []
+            for ks in spaces:
+                c, final, desc = _compile(stmt, ks)
+                page = deadlines.page_command(
+                    final, ks.deadlines(), ("-inf", "+inf"), desc, start, stop, allowance, now,
+                    scored, load=True,
+                )
+                groups.append((c, [page]))
+            replies = [t[0] for t in (yield from _run_all(groups))]
+            if any(deadlines.no_script(r) for r in replies):
+                continue  # sent again with the script's body
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise QueryError(f"Redis refused the query: {r}")
+        pages = [deadlines.read_page(r, stop, allowance, scored) for r in replies]
+        if all(p is not None for p in pages):
+            return [p for p in pages if p is not None], desc
         allowance = deadlines.note(mapper, allowance)
-    out = [list(t[0]) if scored else [m for m, _ in t[0]] for t in tails]
-    return out, desc
 
 
 def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
@@ -765,9 +828,10 @@ def _objects_for(
 ) -> Steps[list[Any]]:
     yield from ensure_loaded(session, mapper, pks)
     out = []
+    now = expiry.now_ms() if mapper.expiry.expires is not None else None
     for pk in pks:
         st = session.identity_map.get((mapper.class_, pk))
-        if st is not None and not st.deleted and not expiry.gone(st):
+        if st is not None and not st.deleted and (now is None or not expiry.gone(st, now)):
             out.append(st.obj)
     if mapper.relationships:
         from ..orm.strategies import selectin_for
