@@ -64,11 +64,11 @@ STATS = Stats()
 MINIMUMS = {
     "insert applied": 100,
     "insert refused: taken": 10,
-    "insert took over an expired holder": 5,
-    "expired by the clock": 50,
+    "insert took over an expired holder": 10,
+    "expired by the clock": 25,
     "restore applied": 5,
     "restore refused": 5,
-    "gone objects swept": 20,
+    "gone objects swept": 10,
     "moved expiry": 20,
     "cancelled expiry": 10,
 }
@@ -140,6 +140,9 @@ class ExpiryMachine(RuleBasedStateMachine):
     def insert(self, code: str, kind: str, rank: int, life: float | None) -> None:
         """life None: the __ttl__ default; -1: no expiry at all (set after the insert)."""
         STATS.bump("rule insert")
+        self._insert(code, kind, rank, life)
+
+    def _insert(self, code: str, kind: str, rank: int, life: float | None) -> None:
         holder = self.holder(code)
         with expiry.use_clock(self.clock), Session(self.engine) as s:
             expires = None if life is None or life < 0 else self.at(life)
@@ -166,6 +169,19 @@ class ExpiryMachine(RuleBasedStateMachine):
             else (round(self.now + (TTL if life is None else life), 3))
         )
         self.ref[obj.id] = Ref(code, kind, rank, deadline)
+        self._tick()
+
+    @rule(data=st.data())
+    def reclaim(self, data: st.DataObject) -> None:
+        """Claim the unique value of a gone (unswept) object: taken over."""
+        free = sorted(
+            {r.code for r in self.ref.values() if self.gone(r)}
+            - {r.code for r in self.ref.values() if not self.gone(r)}
+        )
+        if not free:
+            return
+        code = data.draw(st.sampled_from(free))
+        self._insert(code, "a", 0, -1.0)
 
     @rule(data=st.data(), life=st.one_of(st.none(), st.floats(0.5, 100)))
     def move_expiry(self, data: st.DataObject, life: float | None) -> None:
@@ -180,6 +196,7 @@ class ExpiryMachine(RuleBasedStateMachine):
             s.commit()
         self.ref[pk].deadline = None if life is None else round(self.now + life, 3)
         STATS.bump("cancelled expiry" if life is None else "moved expiry")
+        self._tick()
 
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
@@ -194,12 +211,15 @@ class ExpiryMachine(RuleBasedStateMachine):
             s.commit()
         self.ref[pk].deleted_at = self.now
         STATS.bump("soft deleted")
+        self._tick()
 
     @rule(data=st.data())
     def restore(self, data: st.DataObject) -> None:
         if not self.ref:
             return
-        pk = data.draw(st.sampled_from(sorted(self.ref)))
+        deleted = sorted(pk for pk, r in self.ref.items() if r.deleted_at is not None)
+        pool = deleted if deleted and data.draw(st.booleans()) else sorted(self.ref)
+        pk = data.draw(st.sampled_from(pool))
         r = self.ref[pk]
         ok = r.deleted_at is not None and not self.gone(r)
         with expiry.use_clock(self.clock), Session(self.engine) as s:
@@ -215,10 +235,17 @@ class ExpiryMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.floats(0.1, 15))
     def advance(self, seconds: float) -> None:
+        self._advance(seconds)
+
+    def _advance(self, seconds: float) -> None:
         before = {pk for pk, r in self.ref.items() if not self.gone(r)}
         self.now += seconds
         after = {pk for pk, r in self.ref.items() if not self.gone(r)}
         STATS.bump("expired by the clock", len(before - after))
+
+    def _tick(self) -> None:
+        """Time passes a little with every write (swarm testing may disable `advance`)."""
+        self._advance(1.5)
 
     @rule()
     def sweep(self) -> None:
@@ -267,7 +294,7 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
             "expiry state machine",
             ExpiryMachine,
             max_examples=max_examples,
-            steps=40,
+            steps=50,
             test_id=test_id,
         )
     finally:
