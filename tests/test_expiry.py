@@ -481,3 +481,41 @@ def test_mapping_errors() -> None:
 
     with pytest.raises(MappingError, match="timedelta"):
         bad3.configure()
+
+
+@pytest.mark.usefixtures("clean_redis")
+def test_asyncio_api(redis_url: str, clock: Clock) -> None:
+    """AsyncSession and AsyncEngine.sweep: the same rules through `redmap.asyncio`."""
+    import asyncio
+
+    from redmap.asyncio import AsyncSession, create_async_engine
+
+    async def main() -> None:
+        engine = create_async_engine(redis_url)
+        try:
+            async with AsyncSession(engine) as s:
+                s.add(Token(value="a", expires=clock.at(10)))
+                s.add(Token(value="b", expires=None))
+                await s.commit()
+            clock.now = T0 + 11
+            async with AsyncSession(engine) as s:
+                assert await s.get(Token, 1) is None
+                assert await s.count(select(Token)) == 1
+                s.add(Token(value="a"))  # taken over
+                await s.commit()
+            assert await engine.sweep(reg) >= 0
+            async with AsyncSession(engine) as s:
+                assert sorted(t.value for t in (await s.scalars(select(Token))).all()) == [
+                    "a",
+                    "b",
+                ]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    client = redis.Redis.from_url(redis_url)
+    try:
+        report = audit(client, reg)
+        assert report.ok, report.mismatches + report.unexplained
+    finally:
+        client.close()

@@ -219,3 +219,37 @@ def test_cascade_to_a_model_without_soft_delete_is_refused() -> None:
 
     with pytest.raises(MappingError, match="give Kid a __soft_delete__"):
         bad.configure()
+
+
+@pytest.mark.usefixtures("clean_redis")
+def test_asyncio_restore(redis_url: str, clock: Clock) -> None:
+    """`AsyncSession.get(..., include_deleted=True)` and `AsyncSession.restore`."""
+    import asyncio
+
+    from redmap.asyncio import AsyncSession, create_async_engine
+
+    async def main() -> None:
+        engine = create_async_engine(redis_url)
+        try:
+            async with AsyncSession(engine) as s:
+                d = Doc(title="t", slug="s")
+                s.add(d)
+                await s.commit()
+                await s.delete(d)
+                await s.commit()
+            async with AsyncSession(engine) as s:
+                assert await s.get(Doc, 1) is None
+                assert await s.get(Doc, 1, include_deleted=True) is not None
+            async with AsyncSession(engine) as s:
+                back = await s.restore(Doc, 1)
+                assert back.slug == "s"
+                assert await s.count(select(Doc)) == 1
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert audit(client, reg).ok
+    finally:
+        client.close()
