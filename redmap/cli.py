@@ -1,4 +1,4 @@
-"""The `redmap` console command: `demo`, `audit`, `migrate ...`, `--version`; the only printer.
+"""The `redmap` console command: `demo`, `audit`, `sweep`, `migrate ...`, `--version`.
 
 Every subcommand finds its database and models the same way (`resolve_url`,
 `resolve_models`): the `--url`/`--models` flags first, then `REDMAP_URL`, then the
