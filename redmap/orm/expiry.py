@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..commands import Command, Read, Steps
-from ..exc import MappingError, RedmapError, StaleDataError, ValidationError
+from ..exc import RedmapError, StaleDataError, ValidationError
 from . import keys
 from .keys import KeySpace
 from .mapper import INCARNATION_FIELD, VERSION_FIELD, mapper_of
@@ -320,25 +320,6 @@ def plan_delete(b: _Builder, st: InstanceState, ks: KeySpace, segment: str) -> N
     the delete's DEL)."""
     if deadline_of(st.mapper, st.loaded) is not None:
         _untrack(b, ks, None, segment)
-
-
-def check_cascades(mapper: Mapper[Any]) -> None:
-    """A soft-delete model's delete cascade soft-deletes the children, so their model must
-    be restorable too (raised at configure, naming what to add)."""
-    if mapper.expiry.soft_delete_ms is None:
-        return
-    for prop in mapper.relationships.values():
-        if prop.direction is not Direction.ONETOMANY or "delete" not in prop.cascade:
-            continue
-        target = mapper_of(prop.target)
-        if getattr(target.class_, "__soft_delete__", None) is None:
-            raise MappingError(
-                f"{mapper.name}.{prop.key} cascades deletes to {target.name}, which has no "
-                f"__soft_delete__: a soft-deleted {mapper.name} soft-deletes its children, "
-                f"so give {target.name} a __soft_delete__ grace period too",
-                model=mapper.name,
-                field=prop.key,
-            )
 
 
 def cascade_children(mapper: Mapper[Any]) -> list[Any]:

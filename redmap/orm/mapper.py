@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 
 from ..exc import DecodeError, MappingError, ValidationError
 from . import keys
-from .relationships import RELATIONSHIP_KEY, RelationshipProperty
+from .relationships import RELATIONSHIP_KEY, Direction, RelationshipProperty
 from .schema import (
     CreatedAt,
     ExpiresAt,
@@ -395,6 +395,24 @@ class Mapper(Generic[M]):
 
     def object_key(self, pk: Any) -> str:
         return self.keys_for_pk(pk).object(self.pk_segment(pk))
+
+    def check_soft_delete_cascades(self) -> None:
+        """A soft-delete model's delete cascade soft-deletes the children, so their model
+        must be restorable too (raised at configure, naming what to add)."""
+        if self.expiry.soft_delete_ms is None:
+            return
+        for prop in self.relationships.values():
+            if prop.direction is not Direction.ONETOMANY or "delete" not in prop.cascade:
+                continue
+            target = mapper_of(prop.target)
+            if _duration(target, "__soft_delete__") is None:
+                raise MappingError(
+                    f"{self.name}.{prop.key} cascades deletes to {target.name}, which has no "
+                    f"__soft_delete__: a soft-deleted {self.name} soft-deletes its children, "
+                    f"so give {target.name} a __soft_delete__ grace period too",
+                    model=self.name,
+                    field=prop.key,
+                )
 
     def stored_columns(self) -> tuple[ColumnProperty, ...]:
         """Columns written as hash fields: every column but the primary key (a tuple

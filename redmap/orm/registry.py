@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 from ..exc import MappingError
 from . import keys
 from .attributes import instrument_class
-from .expiry import check_cascades
 from .mapper import Mapper, mapper_of_configured
 from .relationships import Direction, RelationshipProperty
 
@@ -102,7 +101,7 @@ class registry:  # noqa: N801 - lowercase like SQLAlchemy's registry
                 mapper._configure()
             _configure_relationships(self)
             for mapper in self.mappers.values():
-                check_cascades(mapper)
+                mapper.check_soft_delete_cascades()
             self._configured = True
 
     def _lookup(self, target: Any, *, model: str, field: str) -> type[Any]:
