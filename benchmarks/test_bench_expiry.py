@@ -29,6 +29,7 @@ import redmap
 from redmap import ExpiresAt, Indexed, PrimaryKey, Sorted, registry, select
 from redmap.audit import audit
 from redmap.orm import expiry
+from redmap.query import deadlines
 from redmap.testing.assertions import count_round_trips
 
 reg = registry(prefix="bx")
@@ -72,6 +73,7 @@ class Clock:
 @pytest.fixture
 def clock() -> Iterator[Clock]:
     c = Clock()
+    deadlines.forget_hints()  # a new data set: what the last one taught does not apply
     with expiry.use_clock(c):
         yield c
 

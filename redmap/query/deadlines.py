@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PAGE_SCRIPT",
     "exclude",
+    "forget_hints",
     "guess",
     "note",
     "page_command",
@@ -161,11 +162,11 @@ def page_command(
 # A lone range whose page starts this close to the beginning of its order, on a model
 # with at most `CAP` expired ids waiting for the sweep, is read with plain commands: the
 # window from position 0 and the expired ids (`ZRANGE #dl -inf now BYSCORE LIMIT 0
-# CAP+1`), filtered here. Otherwise (or once more than CAP were found, for `BACKOFF_MS`)
-# the page script reads it.
+# CAP+1`), filtered here. Otherwise (and for the next `BACKOFF` such queries of the
+# model once more than CAP were found) the page script reads it.
 PIPELINE_MAX_START = 256
 CAP = 64
-BACKOFF_MS = 10_000
+BACKOFF = 100
 _backlog: dict[str, int] = {}
 BACKLOG: Any = object()
 
@@ -173,7 +174,20 @@ BACKLOG: Any = object()
 def pipelined(mapper: Mapper[Any], start: int, now: int) -> bool:
     """Whether a lone-range page of `mapper` starting at `start` is read with plain
     commands (see `PIPELINE_MAX_START`)."""
-    return start <= PIPELINE_MAX_START and _backlog.get(mapper.keyspace, 0) <= now
+    if start > PIPELINE_MAX_START:
+        return False
+    left = _backlog.get(mapper.keyspace, 0)
+    if left > 0:
+        _backlog[mapper.keyspace] = left - 1
+        return False
+    return True
+
+
+def forget_hints() -> None:
+    """Drop what earlier queries taught (allowances, backlogs): for a process that
+    emptied or replaced its data set (tests, benchmarks)."""
+    _backlog.clear()
+    _guesses.clear()
 
 
 def expired_ids(ks: Any, now: int) -> tuple[Any, ...]:
@@ -194,7 +208,7 @@ def cut(
     """The page from a window read from position 0 (with scores) and the expired ids;
     None when the window came up short; BACKLOG when more than CAP ids had expired."""
     if len(expired) > CAP:
-        _backlog[mapper.keyspace] = now + BACKOFF_MS
+        _backlog[mapper.keyspace] = BACKOFF
         return BACKLOG  # type: ignore[no-any-return]
     dropped = set(expired)
     live = [(m, float(s)) for m, s in window if m not in dropped]
