@@ -589,22 +589,6 @@ def _read_live_ranges(
             if all(isinstance(p, list) for p in cut):
                 return [p for p in cut if isinstance(p, list)], desc
             allowance = deadlines.note(mapper, allowance)
-        elif all(d is not None for d in direct):
-            cmds = []
-            for ks, d in zip(spaces, direct, strict=True):
-                assert d is not None
-                key, low, high, desc = d
-                cmds.append(
-                    deadlines.page_command(
-                        key, ks.deadlines(), (low, high), desc, start, stop, allowance, now, scored
-                    )
-                )
-            replies = yield Read(cmds)
-            if any(deadlines.no_script(r) for r in replies):
-                continue  # sent again with the script's body
-            for r in replies:
-                if isinstance(r, Exception):
-                    raise QueryError(f"Redis refused the query: {r}")
         elif stop == -1:
             # No limit: every match is read anyway; the expired ones (found from the
             # deadline zset, O(k)) are dropped here.
@@ -629,6 +613,27 @@ def _read_live_ranges(
                     live = [m for m in everything if m not in dropped]
                 out.append(live[start:])
             return out, desc
+        elif all(d is not None for d in direct) or not _compile(stmt, spaces[0])[0].commands:
+            # The page script reads a stored zset (a lone range's sorted index, or the
+            # ordering zset of a query without conditions): a plain read, no MULTI.
+            cmds = []
+            for ks, d in zip(spaces, direct, strict=True):
+                if d is not None:
+                    key, low, high, desc = d
+                else:
+                    _, key, desc = _compile(stmt, ks)
+                    low, high = "-inf", "+inf"
+                cmds.append(
+                    deadlines.page_command(
+                        key, ks.deadlines(), (low, high), desc, start, stop, allowance, now, scored
+                    )
+                )
+            replies = yield Read(cmds)
+            if any(deadlines.no_script(r) for r in replies):
+                continue  # sent again with the script's body
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise QueryError(f"Redis refused the query: {r}")
         else:
             groups = []
             for ks in spaces:
