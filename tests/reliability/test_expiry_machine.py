@@ -62,15 +62,18 @@ CODES = [f"c{i}" for i in range(8)]
 KINDS = ["a", "b"]
 STATS = Stats()
 MINIMUMS = {
-    "insert applied": 100,
+    # Low on purpose: hypothesis's swarm testing switches rules off per example, so the
+    # counts vary a lot between seeds; these only catch a machine that stopped reaching
+    # its branches at all.
+    "insert applied": 50,
     "insert refused: taken": 10,
-    "insert took over an expired holder": 10,
-    "expired by the clock": 25,
-    "restore applied": 5,
+    "insert took over an expired holder": 3,
+    "expired by the clock": 20,
+    "restore applied": 3,
     "restore refused": 5,
-    "gone objects swept": 10,
-    "moved expiry": 20,
-    "cancelled expiry": 10,
+    "gone objects swept": 5,
+    "moved expiry": 5,
+    "cancelled expiry": 5,
 }
 
 
