@@ -2,7 +2,7 @@
 
 An object whose deadline passed stays in its indexes until the sweep removes it, so a
 query must leave it out itself, before paging: counts, `limit` and `offset` are exact
-whether or not a sweep ran. Inside the query's MULTI (`query.select`):
+whether or not a sweep ran, in the round trip the query makes anyway (`query.select`):
 
 **Pages** (`page_command`, one read-only script, `PAGE_SCRIPT`): the query's order is
 read as a window of its first `stop + 1 + allowance` members (`ZRANGE ... BYSCORE LIMIT`,
@@ -14,6 +14,16 @@ allowance), against O(log N + limit) without deadlines. When the window was full
 held fewer live members than the page needs (more than `allowance` of them had
 expired), the query runs again with a doubled allowance (one more round trip; the
 allowance is remembered per model).
+
+**Pages, the cheap path** (`pipelined`, `cut`): a lone range (the common `between()
+.order_by().limit()`) whose page starts near the beginning of its order, on a model with
+at most `CAP` expired ids waiting for the sweep, is read with two plain commands in one
+round trip: the window from position 0, and the expired ids themselves (`ZRANGE #dl
+-inf now BYSCORE LIMIT 0 CAP+1`); the page is cut here. No script, no temporary key: the
+cost over the same query without deadlines is one O(log N + CAP) command.
+
+**Queries without a limit** read every match anyway: the expired ones are found as for
+counts (below) and dropped here.
 
 **Counts** (`exclude`): `ZRANGESTORE E #dl -inf now BYSCORE` (the k expired ids,
 O(log N + k)), `ZINTERSTORE G 2 S E` (those among the matches: Redis walks the smaller
