@@ -12,6 +12,8 @@ from .engine import create_engine as create_engine
 from .inspection import inspect as inspect
 from .orm.registry import registry as registry
 from .orm.relationships import relationship as relationship
+from .orm.schema import CreatedAt as CreatedAt
+from .orm.schema import ExpiresAt as ExpiresAt
 from .orm.schema import ForeignKey as ForeignKey
 from .orm.schema import Indexed as Indexed
 from .orm.schema import PrimaryKey as PrimaryKey
@@ -19,6 +21,7 @@ from .orm.schema import Sorted as Sorted
 from .orm.schema import Suffix as Suffix
 from .orm.schema import Text as Text
 from .orm.schema import Unique as Unique
+from .orm.schema import UpdatedAt as UpdatedAt
 from .orm.session import Session as Session
 from .orm.session import run_in_transaction as run_in_transaction
 from .orm.session import sessionmaker as sessionmaker
@@ -41,7 +44,9 @@ from .query.select import select as select
 __version__ = "0.1.0"
 
 __all__ = [
+    "CreatedAt",
     "Engine",
+    "ExpiresAt",
     "ForeignKey",
     "Indexed",
     "Load",
@@ -52,6 +57,7 @@ __all__ = [
     "Suffix",
     "Text",
     "Unique",
+    "UpdatedAt",
     "and_",
     "asc",
     "col",

@@ -1,4 +1,4 @@
-"""The `redmap` console command: `demo`, `audit`, `migrate ...`, `--version`; the only printer.
+"""The `redmap` console command: `demo`, `audit`, `sweep`, `migrate ...`, `--version`.
 
 Every subcommand finds its database and models the same way (`resolve_url`,
 `resolve_models`): the `--url`/`--models` flags first, then `REDMAP_URL`, then the
@@ -116,6 +116,22 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .engine import create_engine
+    from .migrate.env import load_registry
+
+    spec, root = resolve_models(args.models, args.config)
+    reg = load_registry(spec, root)
+    url = resolve_url(args.url, args.config)
+    engine = create_engine(url)
+    try:
+        purged = engine.sweep(reg)
+    finally:
+        engine.dispose()
+    print(f"swept {purged} expired or purged object(s)")
+    return 0
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
@@ -159,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the models' registry as package.module:attribute, imported from the project "
         "folder (default: [tool.redmap] models)",
     )
+    swp = sub.add_parser(
+        "sweep",
+        help="purge the objects whose ExpiresAt moment or soft-delete grace period passed",
+        description="Remove every object whose deadline passed, with its index, unique "
+        "and link entries, found through each model's deadline zset (no SCAN). Queries "
+        "never need it to be correct; it gives memory back and leaves `redmap audit` "
+        "clean. Safe to run at any time, also from cron.",
+    )
+    _add_common(swp)
+    swp.add_argument(
+        "--models",
+        help="the models' registry as package.module:attribute, imported from the project "
+        "folder (default: [tool.redmap] models)",
+    )
     sub.add_parser(
         "migrate",
         help="versioned migrations of the stored data (redmap migrate --help)",
@@ -182,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage, --help or --version, printed by argparse
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
+        if args.command == "sweep":
+            return _sweep(args)
         return _demo(args) if args.command == "demo" else _audit(args)
     except RedmapError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)

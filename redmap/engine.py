@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 from . import dialects
 from .commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from .exc import InvalidRequestError
+from .orm.expiry import SWEEP_BATCH, registry_mappers, sweep_steps
 from .orm.flushprotocol import SCRIPT_THRESHOLD
 from .urls import safe_url
 
@@ -207,6 +208,13 @@ class Engine(EngineBase):
         self.dialect.execute_flush(
             job, execute=self.execute, script_threshold=self.flush_script_threshold
         )
+
+    def sweep(self, registry: Any, *, batch: int = SWEEP_BATCH) -> int:
+        """Purge every object of `registry` whose deadline passed (ExpiresAt, or a soft
+        delete's grace period): its hash and every index, unique and link entry, found
+        through the per-model deadline zsets, never by SCAN. Returns how many objects were
+        purged. Safe to run at any time, from any number of processes (docs/expiry.md)."""
+        return self.run(sweep_steps(registry_mappers(registry), batch=batch))
 
     def dispose(self) -> None:
         """Close pooled connections; the engine reconnects if used again."""

@@ -156,11 +156,25 @@ class AsyncSession:
 
     # -- I/O ------------------------------------------------------------------------------
 
-    async def get(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M | None:
+    async def get(
+        self,
+        model: type[M],
+        pk: Any,
+        *,
+        options: Sequence[Load] = (),
+        include_deleted: bool = False,
+    ) -> M | None:
         """The object with this primary key, or None (round trips as `Session.get`);
         `options=[selectinload(Model.rel)]` loads relationships an AsyncSession could
-        not load on access."""
-        return await self.bind.run(self.sync_session._get_steps(model, pk, options))
+        not load on access; `include_deleted` reads a soft-deleted one."""
+        return await self.bind.run(
+            self.sync_session._get_steps(model, pk, options, include_deleted)
+        )
+
+    async def restore(self, model: type[M], pk: Any) -> M:
+        """Bring back a soft-deleted object and its cascade, atomically (as
+        `Session.restore`)."""
+        return await self.bind.run(self.sync_session._restore_steps(model, pk))
 
     async def get_one(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M:
         """The object with this primary key; `NoResultFound` when there is none."""

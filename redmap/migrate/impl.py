@@ -24,6 +24,7 @@ from ..orm import keys
 from ..orm.mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
 from ..orm.textindex import index_commands
 from ..orm.types import Codec, compile_codec
+from . import deadlines
 from .batch import (
     Change,
     Command,
@@ -149,6 +150,7 @@ def add_field(operations: Operations, op: AddField) -> None:
         encoded = _encode_default(target, op.name, op.default)
         args = (op.name, encoded, *_bump_args())
         result = rewrite_by_script(run, target, op.summary(), _ADD_FIELD, args)
+        deadlines.track(run, target, op.name)  # an ExpiresAt field: its bookkeeping too
     _report(run, op, _changed(result))
 
 
@@ -160,6 +162,7 @@ def drop_field(operations: Operations, op: DropField) -> None:
         target = run.resolve(op.model)
         args = (op.name, *_bump_args())
         result = rewrite_by_script(run, target, op.summary(), _DROP_FIELD, args)
+        deadlines.untrack(run, target, op.name)  # it was the ExpiresAt field
     _report(run, op, _changed(result))
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..commands import Read, Steps
 from ..exc import InvalidRequestError, StaleDataError
+from . import expiry
 from .attributes import state_of
 from .journal import FlushJournal
 from .loading import ensure_loaded
@@ -155,6 +156,15 @@ def _cascade_deletes(session: SessionContext, work: RelationshipWork) -> Steps[N
             done.add(id(st))
             by_mapper.setdefault(st.mapper, []).append(st)
         for mapper, states in by_mapper.items():
+            if mapper.expiry.soft_delete_ms is not None:
+                # A soft delete keeps links and foreign keys (a restore needs them); its
+                # delete cascades soft-delete the children, with the same `#d`.
+                for prop in expiry.cascade_children(mapper):
+                    yield from selectin_load(session, states, prop)
+                    for st in states:
+                        for child in list(st.obj.__dict__.get(prop.key) or []):
+                            _journal(work).delete(child)
+                continue
             for prop in mapper.relationships.values():
                 if prop.direction is Direction.MANYTOONE:
                     continue

@@ -27,6 +27,7 @@ __all__ = [
     "Check",
     "FlushPlan",
     "IdsTaken",
+    "NeedsScript",
     "guard_write",
     "id_guard_key",
     "summarise_errors",
@@ -72,6 +73,12 @@ def summarise_errors(errors: Sequence[str]) -> tuple[str, list[str]]:
     return "; ".join(distinct) + more, distinct
 
 
+class NeedsScript(Exception):
+    """A unique value this flush claims is held by another object of a model with
+    deadlines: whether that holder is gone is read and acted on atomically by the flush
+    script, so the protocol sends the plan again as a script (docs/expiry.md)."""
+
+
 class IdsTaken(Exception):
     """Generated ids handed to this flush are held by objects someone inserted with
     those ids explicitly: the unit of work takes new ids and plans again."""
@@ -94,6 +101,10 @@ class Check:
     value: Any = None
     # seqmax: the id guard to write when an explicit id is at or below the counter.
     guard: str | None = None
+    # unique, on a model with deadlines: (the deadline zset, now in ms). A value held by
+    # an object whose deadline passed may be taken over; only the flush script decides
+    # that (`NeedsScript`), since it reads the holder's deadline at the commit point.
+    takeover: tuple[str, int] | None = None
 
 
 def _version_matches(reply: Any, expected: tuple[int | None, bytes | None]) -> bool:
@@ -139,6 +150,9 @@ class FlushPlan:
         default_factory=list
     )
     replies: list[Any] | None = None
+    # Bounded sweeps queued after the writes in the same MULTI (`expiry.piggyback`):
+    # their replies are not the flush's, and their failures never fail it.
+    sweep: list[Command] = dataclasses.field(default_factory=list)
 
     def give_back(self) -> dict[str, tuple[int, int]]:
         """The ids a refused flush may return to their counters: the last range handed
@@ -186,9 +200,11 @@ class FlushPlan:
         StaleDataError (retryable) whatever else failed, since the other failures may
         be consequences of the same concurrent change.
         """
-        return self.evaluate_pairs(list(zip(self.checks, replies, strict=True)))
+        return self.evaluate_pairs(list(zip(self.checks, replies, strict=True)), classic=True)
 
-    def evaluate_pairs(self, pairs: Sequence[tuple[Check, Any]]) -> Exception | None:
+    def evaluate_pairs(
+        self, pairs: Sequence[tuple[Check, Any]], *, classic: bool = False
+    ) -> Exception | None:
         """`evaluate` over some checks and their replies (a scripted flush reports the
         checks of its refusing invocations only: a check that held adds nothing)."""
         stale: list[Check] = []
@@ -196,6 +212,7 @@ class FlushPlan:
         conflict: Exception | None = None  # a taken primary key or unique value
         wrong_type: Exception | None = None
         taken: list[str] = []  # generated ids held by explicit inserts
+        maybe_gone = False  # a unique holder that may have passed its deadline
         self.extra_writes = []
         self.ids_taken = False
         for check, reply in pairs:
@@ -226,7 +243,14 @@ class FlushPlan:
                 if reply:
                     taken.append(check.key)
             elif check.kind == "unique":
-                if reply is not None and reply not in check.expected and conflict is None:
+                if (
+                    classic
+                    and check.takeover is not None
+                    and reply is not None
+                    and reply not in check.expected
+                ):
+                    maybe_gone = True
+                elif reply is not None and reply not in check.expected and conflict is None:
                     st = check.state
                     name = st.mapper.name if st else "?"
                     conflict = IntegrityError(
@@ -234,6 +258,22 @@ class FlushPlan:
                         f"nothing was written",
                         model=name,
                         field=check.field,
+                        value=check.value,
+                        key=check.key,
+                    )
+            elif check.kind == "unswept":
+                # Says more than the "already exists" of the same key's absence check.
+                if reply is not None and (
+                    conflict is None or getattr(conflict, "key", None) == check.key
+                ):
+                    st = check.state
+                    name = st.mapper.name if st else "?"
+                    conflict = IntegrityError(
+                        f"{name} with primary key {check.value!r} expired or was deleted, "
+                        f"and its index entries await the sweep: run `redmap sweep` (or "
+                        f"Engine.sweep) before inserting it again; nothing was written",
+                        model=name,
+                        field=st.mapper.pk.key if st else None,
                         value=check.value,
                         key=check.key,
                     )
@@ -277,6 +317,8 @@ class FlushPlan:
         for failure in (refused, conflict, wrong_type):
             if failure is not None:
                 return failure
+        if maybe_gone:
+            return NeedsScript()
         if taken:
             return IdsTaken(taken)
         return None

@@ -31,8 +31,8 @@ from ..exc import (
     RedmapConnectionError,
     StaleDataError,
 )
-from . import flushscript
-from .flushplan import FlushPlan, IdsTaken, id_guard_key
+from . import expiry, flushscript
+from .flushplan import FlushPlan, IdsTaken, NeedsScript, id_guard_key
 from .gcpause import paused_gc
 from .mapper import Mapper
 from .persistence import InsertTask, bind_placeholders
@@ -185,6 +185,16 @@ def _no_script(reply: Any) -> bool:
     )
 
 
+def _own_replies(plan: FlushPlan, replies: list[Any]) -> list[Any]:
+    """The EXEC replies of the flush's own commands; those of the sweeps queued after
+    them (`FlushPlan.sweep`) are only noted (`expiry.piggyback_replies`)."""
+    if not plan.sweep:
+        return replies
+    cut = len(replies) - len(plan.sweep)
+    expiry.piggyback_replies(replies[cut:])
+    return replies[:cut]
+
+
 def _no_check(plan: FlushPlan) -> None:
     """The default `check_plan`: every plan can be sent."""
 
@@ -292,6 +302,14 @@ class FlushProtocol:
                 else:
                     yield from self._transaction(plan, late)
                 return
+            except NeedsScript:
+                # A unique value is held by an object that may be gone: the script reads
+                # its deadline and takes the value over at the commit point.
+                self.scripted = True
+                if late.pending and not late.bound:
+                    yield from self._hand_out_ids()
+                    raise Replan() from None
+                continue
             except _Redirected:
                 # The slot moved or is migrating: nothing was written. The driver
                 # releases the connection and learns the new owner.
@@ -332,6 +350,9 @@ class FlushProtocol:
                     errors=[str(replies[0])],
                 )
             failure = plan.evaluate(replies[1:])
+            if isinstance(failure, NeedsScript):
+                yield from self._unwatch(route)
+                raise failure
             if failure is not None:
                 give_back = plan.give_back()
                 if give_back:
@@ -356,7 +377,9 @@ class FlushProtocol:
                     plan.writes = bind_placeholders(plan.writes, late.ids())
                 late.bound = True
             sent_at = self.clock()
-            replies = yield RoundTrip([("MULTI",), *plan.transaction, ("EXEC",)], route)
+            replies = yield RoundTrip(
+                [("MULTI",), *plan.transaction, *plan.sweep, ("EXEC",)], route
+            )
             if isinstance(replies, Lost):
                 self.broken = True
                 yield from self._after_lost_exec(plan, replies, sent_at)
@@ -374,7 +397,7 @@ class FlushProtocol:
                     raise _Redirected()
                 queued = [str(r) for r in replies[1:-1] if isinstance(r, Exception)]
                 raise plan.refused_at_queue(queued or [str(exec_reply)], len(replies) - 2)
-            plan.check_exec_reply(list(exec_reply))
+            plan.check_exec_reply(_own_replies(plan, list(exec_reply)))
             return
         raise StaleDataError(
             "watched keys kept changing during the flush; nothing was written",
@@ -405,7 +428,7 @@ class FlushProtocol:
                 evals[0] = ("EVAL", flushscript.SCRIPT, *evals[0][2:])
             sent_at = self.clock()
             replies = yield RoundTrip(
-                [("WATCH", plan.token_key), ("MULTI",), *evals, ("EXEC",)], route
+                [("WATCH", plan.token_key), ("MULTI",), *evals, *plan.sweep, ("EXEC",)], route
             )
             if isinstance(replies, Lost):
                 self.broken = True
@@ -422,11 +445,12 @@ class FlushProtocol:
             if isinstance(exec_reply, Exception):
                 queued = [str(r) for r in replies[2:-1] if isinstance(r, Exception)]
                 raise plan.refused_at_queue(queued or [str(exec_reply)], len(replies) - 3)
-            if any(_no_script(r) for r in exec_reply):
+            own = _own_replies(plan, list(exec_reply))
+            if any(_no_script(r) for r in own):
                 load = True  # nothing ran (a restart or failover emptied the cache)
                 continue
             self.script_cache.loaded = True
-            result = flushscript.outcome(plan, invocations, list(exec_reply))
+            result = flushscript.outcome(plan, invocations, own)
             if result.error is None:
                 plan.replies = result.wanted
                 return

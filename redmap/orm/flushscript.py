@@ -153,6 +153,30 @@ for c = 1, nchecks do
       end
     end
     i = i + 3 + n
+  elseif kind == 'U' then
+    -- unique on a model with deadlines: a holder whose deadline (ms) is at or before
+    -- now (ARGV) is gone, and its value is taken over (the claim's SET follows).
+    local n = tonumber(a[i + 4])
+    local set = {}
+    for j = i + 5, i + 4 + n do set[a[j]] = true end
+    r = redis.pcall('GET', key)
+    if err(r) then good = false
+    elseif r == false or set[r] == true then good = true
+    else
+      local sc = redis.pcall('ZSCORE', a[i + 2], r)
+      if (not err(sc)) and sc and tonumber(sc) <= tonumber(a[i + 3]) then
+        good = true
+        r = false
+      else
+        good = false
+      end
+    end
+    i = i + 5 + n
+  elseif kind == 'x' then
+    -- unswept: an explicit id must not wait in the deadline zset for the sweep.
+    r = redis.pcall('ZSCORE', key, a[i + 2])
+    good = (not err(r)) and r == false
+    i = i + 3
   elseif kind == 't' then
     r = redis.pcall('TYPE', key)
     if err(r) then good = false else
@@ -294,6 +318,12 @@ def _check_words(check: Check) -> list[Any]:
     if kind == "fresh":
         keys = list(check.command[1:])
         return ["f", len(keys), *keys]
+    if kind == "unique" and check.takeover is not None:
+        items = list(check.expected)
+        deadlines, now = check.takeover
+        return ["U", check.key, deadlines, now, len(items), *items]
+    if kind == "unswept":
+        return ["x", check.command[1], check.command[2]]
     if kind in ("unique", "members"):
         items = list(check.expected)
         return ["u" if kind == "unique" else "m", check.key, len(items), *items]

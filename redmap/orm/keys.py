@@ -15,6 +15,8 @@ Layout (documented in `docs/key-layout.md`):
 {P}:K:#tx:<field>:<word>   word index: set of ids whose field contains the word
 {P}:K:#fk:<field>:<id>     zset of the ids whose foreign key <field> holds <id> (one-to-many)
 {P}:K:#rel:<name>:<id>     zset of the ids linked to one object by many-to-many <name>
+{P}:K:#dl                  zset of the ids with a deadline (expiry, soft-delete purge), score ms
+{P}:K:#dv                  hash: id -> the index keys the sweep cleans when the deadline passes
 {P}:#flush:<token>         short-lived marker written by each flush, read back after a lost reply
 {P}:#meta:<name>           registry-wide bookkeeping (migrations)
 ```
@@ -138,6 +140,18 @@ class KeySpace:
     def all(self) -> str:
         """The zset of every id of the model (score: the id when it is an int, else 0)."""
         return self._base + _SIGIL + "all"
+
+    def deadlines(self) -> str:
+        """The zset of the ids that have a deadline (an ExpiresAt moment, or the end of a
+        soft delete's grace period), scored by it in ms since the epoch: what queries
+        subtract and what the sweep walks (`redmap.orm.expiry`)."""
+        return self._base + _SIGIL + "dl"
+
+    def sweep_data(self) -> str:
+        """The hash of what the sweep must clean for each id in `deadlines()`: the index,
+        unique and foreign-key keys holding it ("\\n"-joined), readable after Redis
+        removed the object's hash itself."""
+        return self._base + _SIGIL + "dv"
 
     def index(self, field: str, value_segment: str) -> str:
         """The set of ids whose `field` equals the encoded value."""

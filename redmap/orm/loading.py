@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..commands import FetchHashes, Read, Steps
 from ..exc import DecodeError, ObjectDeletedError, RedmapError
+from . import expiry
 from .attributes import STATE_ATTR
 from .mapper import INCARNATION_FIELD, VERSION_FIELD, Mapper
 from .state import InstanceState
@@ -100,8 +101,20 @@ def load_instance(
     data: Any,
     *,
     refresh: bool = False,
+    include_deleted: bool = False,
+    now: int | None = None,
 ) -> Any:
-    """The session's object for `pk` populated from `data`, or None when the hash is absent."""
+    """The session's object for `pk` populated from `data`, or None when the hash is absent
+    (or stands for no object: expired, or soft-deleted unless `include_deleted`)."""
+    if (
+        mapper.expiry.tracked
+        and data
+        and isinstance(data, dict)
+        and expiry.hidden(
+            mapper, data, expiry.now_ms() if now is None else now, deleted=include_deleted
+        )
+    ):
+        return None
     decoded = decode_hash(mapper, key, data)
     if decoded is None:
         return None
@@ -171,8 +184,9 @@ def load_many(session: SessionContext, mapper: Mapper[Any], pks: Iterable[Any]) 
     pks = list(pks)
     keys = [mapper.object_key(pk) for pk in pks]
     replies = yield FetchHashes(keys)
+    now = expiry.now_ms() if mapper.expiry.tracked else None  # one moment for the batch
     return [
-        load_instance(session, mapper, pk, key, data)
+        load_instance(session, mapper, pk, key, data, now=now)
         for pk, key, data in zip(pks, keys, replies, strict=True)
     ]
 

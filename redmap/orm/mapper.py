@@ -13,12 +13,25 @@ import typing
 import uuid
 import zlib
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar, Union
 
 from ..exc import DecodeError, MappingError, ValidationError
 from . import keys
-from .relationships import RELATIONSHIP_KEY, RelationshipProperty
-from .schema import ForeignKey, Indexed, Marker, PrimaryKey, Sorted, Suffix, Text, Unique
+from .relationships import RELATIONSHIP_KEY, Direction, RelationshipProperty
+from .schema import (
+    CreatedAt,
+    ExpiresAt,
+    ForeignKey,
+    Indexed,
+    Marker,
+    PrimaryKey,
+    Sorted,
+    Suffix,
+    Text,
+    Unique,
+    UpdatedAt,
+)
 from .textindex import is_string_type
 from .types import Codec, compile_codec
 
@@ -67,6 +80,9 @@ class ColumnProperty:
     # A foreign key's per-parent zset is scored by this Sorted field of the same model
     # (set by a one-to-many relationship's order_by); None scores by primary key.
     order_column: str | None = None
+    # "expires", "created" or "updated": an ExpiresAt/CreatedAt/UpdatedAt field
+    # (`redmap.orm.expiry`).
+    role: str | None = None
 
     @property
     def has_index(self) -> bool:
@@ -124,6 +140,9 @@ class Mapper(Generic[M]):
         self.indexed_columns: tuple[ColumnProperty, ...] = ()
         self.decode_plan: tuple[tuple[str, bytes, Codec], ...] = ()
         self._stored_columns: tuple[ColumnProperty, ...] | None = None
+        # ExpiresAt / CreatedAt / UpdatedAt fields, `__ttl__`, `__soft_delete__`
+        # (`redmap.orm.expiry`); set at configure.
+        self.expiry: ExpiryInfo = ExpiryInfo()
         # The `@validates` methods by attribute name (`attributes.instrument_class`).
         self.validators: dict[str, Callable[[Any, str, Any], Any]] = {}
 
@@ -266,6 +285,8 @@ class Mapper(Generic[M]):
                 col.text = True
             elif isinstance(m, Suffix):
                 col.suffix = True
+            elif isinstance(m, ExpiresAt | CreatedAt | UpdatedAt):
+                col.role = _ROLES[type(m)]
         codec = compile_codec(base, model=self.name, field=col.key)
         inner = _strip_optional(base)
         if col.sorted and is_string_type(inner):
@@ -278,6 +299,13 @@ class Mapper(Generic[M]):
                 field=col.key,
             )
         col.codec = codec
+        if col.role is not None and (_strip_optional(base) is not datetime or not codec.nullable):
+            raise MappingError(
+                f"a field marked {_MARKER_NAMES[col.role]}() must be Optional[datetime] "
+                f"(it is None until set), not {codec.expected}",
+                model=self.name,
+                field=col.key,
+            )
         if col.primary_key:
             inner = _strip_optional(base)
             if inner not in _PK_TYPES:
@@ -351,6 +379,7 @@ class Mapper(Generic[M]):
         self.decode_plan = tuple(
             (c.key, c.key.encode(), self._codec(c)) for c in self.stored_columns()
         )
+        self.expiry = ExpiryInfo.of(self)
         self.configured = True
 
     # -- primary keys ----------------------------------------------------------------
@@ -408,12 +437,95 @@ class Mapper(Generic[M]):
     def object_key(self, pk: Any) -> str:
         return self.keys_for_pk(pk).object(self.pk_segment(pk))
 
+    def check_soft_delete_cascades(self) -> None:
+        """A soft-delete model's delete cascade soft-deletes the children, so their model
+        must be restorable too (raised at configure, naming what to add)."""
+        if self.expiry.soft_delete_ms is None:
+            return
+        for prop in self.relationships.values():
+            if prop.direction is not Direction.ONETOMANY or "delete" not in prop.cascade:
+                continue
+            target = mapper_of(prop.target)
+            if _duration(target, "__soft_delete__") is None:
+                raise MappingError(
+                    f"{self.name}.{prop.key} cascades deletes to {target.name}, which has no "
+                    f"__soft_delete__: a soft-deleted {self.name} soft-deletes its children, "
+                    f"so give {target.name} a __soft_delete__ grace period too",
+                    model=self.name,
+                    field=prop.key,
+                )
+
     def stored_columns(self) -> tuple[ColumnProperty, ...]:
         """Columns written as hash fields: every column but the primary key (a tuple
         kept from configure time: the flush asks for it several times per object)."""
         if self._stored_columns is not None:
             return self._stored_columns
         return tuple(c for c in self.columns.values() if not c.primary_key)
+
+
+_ROLES: dict[type[Marker], str] = {
+    ExpiresAt: "expires",
+    CreatedAt: "created",
+    UpdatedAt: "updated",
+}
+_MARKER_NAMES = {role: marker.__name__ for marker, role in _ROLES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpiryInfo:
+    """The time-related facts of a model, compiled at configure (`redmap.orm.expiry`)."""
+
+    expires: str | None = None  # the ExpiresAt field
+    created: str | None = None
+    updated: str | None = None
+    ttl_ms: int | None = None  # `__ttl__`: default lifetime of new objects
+    soft_delete_ms: int | None = None  # `__soft_delete__`: grace period of a delete
+
+    @property
+    def tracked(self) -> bool:
+        """Whether objects of the model can have a deadline (expiry or soft delete):
+        then the flush keeps the deadline zset and the sweep data."""
+        return self.expires is not None or self.soft_delete_ms is not None
+
+    @property
+    def stamped(self) -> bool:
+        return self.created is not None or self.updated is not None
+
+    @classmethod
+    def of(cls, mapper: Mapper[Any]) -> ExpiryInfo:
+        roles: dict[str, str] = {}
+        for col in mapper.columns.values():
+            if col.role is None:
+                continue
+            if col.role in roles:
+                raise MappingError(
+                    f"two {col.role} fields: {roles[col.role]} and {col.key}; keep one",
+                    model=mapper.name,
+                    field=col.key,
+                )
+            roles[col.role] = col.key
+        ttl = _duration(mapper, "__ttl__")
+        soft = _duration(mapper, "__soft_delete__")
+        if ttl is not None and "expires" not in roles:
+            raise MappingError(
+                "__ttl__ needs a field marked ExpiresAt() to hold each object's deadline",
+                model=mapper.name,
+            )
+        return cls(
+            roles.get("expires"), roles.get("created"), roles.get("updated"), ttl, soft
+        )
+
+
+def _duration(mapper: Mapper[Any], name: str) -> int | None:
+    """`__ttl__` / `__soft_delete__` as milliseconds, refused unless a positive timedelta."""
+    value = getattr(mapper.class_, name, None)
+    if value is None:
+        return None
+    if not isinstance(value, timedelta) or value <= timedelta(0):
+        raise MappingError(
+            f"{name} must be a positive datetime.timedelta, not {value!r}", model=mapper.name
+        )
+    return int(value / timedelta(milliseconds=1))
 
 
 def mapper_of_configured(cls: type[M]) -> Mapper[M]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..commands import Command
 from ..exc import IntegrityError, ValidationError
 from ..query.expression import Increment
-from . import keys
+from . import expiry, keys
 from .flushplan import (
     TOKEN_TTL_MS,
     ZADD_INCREMENTED,
@@ -114,8 +114,8 @@ class _Builder:
         self.removals: list[Command] = []
         self.additions: list[Command] = []
         self.typed: dict[str, str] = {}
-        # unique key -> (state, field, value, segment) claiming it in this flush
-        self.claims: dict[str, tuple[InstanceState, str, Any, str]] = {}
+        # unique key -> (state, field, value, segment, keyspace) claiming it in this flush
+        self.claims: dict[str, tuple[InstanceState, str, Any, str, KeySpace]] = {}
         # unique key -> segments releasing it in this flush
         self.releases: dict[str, set[str]] = {}
         # Increments (HINCRBY/HINCRBYFLOAT), sent before every other write so that a
@@ -159,7 +159,7 @@ class _Builder:
                     value=value,
                     key=uq,
                 )
-            self.claims[uq] = (state, col.key, value, segment)
+            self.claims[uq] = (state, col.key, value, segment, ks)
             self.additions.append(("SET", uq, segment))
         if col.sorted:
             # None is kept at -inf so that ordering includes it (first ascending);
@@ -281,6 +281,9 @@ def plan_flush(
     deleted_keys = {d.key for d in deletes}
     seqmax: dict[str, Check] = {}
     guards: set[str] = set()
+    now = expiry.now_ms()
+    # Keyspaces of models with deadlines this flush writes (a bounded sweep rides along).
+    tracked: dict[str, tuple[Mapper[Any], KeySpace]] = {}
 
     for d in deletes:
         st = d.state
@@ -288,6 +291,10 @@ def plan_flush(
         ks = _ks(d)
         b.watch[d.key] = None
         b.checks.extend(_version_checks(d.key, st))
+        if mapper.expiry.soft_delete_ms is not None:
+            tracked[ks.deadlines()] = (mapper, ks)
+            expiry.plan_soft_delete(b, st, ks, d.key, d.segment, now, incarnation)
+            continue
         b.removals.append(("DEL", d.key))
         b.removals.append(("ZREM", ks.all(), d.segment))
         b.expect_type(ks.all(), "zset")
@@ -298,6 +305,9 @@ def plan_flush(
             old_fk = st.loaded.get(col.key)
             if col.foreign_key is not None and old_fk is not None:
                 b.removals.append(("ZREM", ks.foreign(col.key, keys.escape(old_fk)), d.segment))
+        if mapper.expiry.tracked:
+            tracked[ks.deadlines()] = (mapper, ks)
+            expiry.plan_delete(b, st, ks, d.segment)
 
     for u in updates:
         st = u.state
@@ -309,6 +319,9 @@ def plan_flush(
         only_incs = (
             len(incs) == len(u.changes) and st.version is not None and st.incarnation is not None
         )
+        if mapper.expiry.tracked:
+            tracked[_ks(u).deadlines()] = (mapper, _ks(u))
+            expiry.plan_update(b, st, _ks(u), u.key, u.segment, u.changes, now)
         if only_incs:
             _plan_increments_only(b, u)
             _update_foreign_keys(b, u, new_keys)
@@ -393,6 +406,21 @@ def plan_flush(
         fields.extend((VERSION_FIELD, b"1", INCARNATION_FIELD, incarnation))
         b.additions.append(("HSET", ins.key, *fields))
         ks = _ks(ins)
+        if mapper.expiry.tracked:
+            tracked[ks.deadlines()] = (mapper, ks)
+            expiry.plan_insert(b, mapper, ks, ins.key, ins.segment, ins.values, ins.encoded)
+            if not ins.generated:
+                # An id whose object expired (or ended its grace period) and awaits the
+                # sweep is not free yet: its old index entries are still to be removed.
+                b.checks.append(
+                    Check(
+                        "unswept",
+                        ins.key,
+                        ("ZSCORE", ks.deadlines(), ins.segment),
+                        state=st,
+                        value=ins.pk,
+                    )
+                )
         b.expect_type(ks.all(), "zset")
         # A placeholder segment also stands in for its score: once the counter answers,
         # both become the same decimal text (see `bind_placeholders`).
@@ -438,11 +466,20 @@ def plan_flush(
         b.checks.append(Check("fresh", guard, ("EXISTS", *fresh_keys)))
     for guard in sorted(guards):
         b.additions.append(guard_write(guard))
-    for uq, (st, field, value, segment) in b.claims.items():
+    for uq, (st, field, value, segment, ks) in b.claims.items():
         b.watch[uq] = None
         allowed = {segment.encode()} | {s.encode() for s in b.releases.get(uq, ())}
         b.checks.append(
-            Check("unique", uq, ("GET", uq), expected=allowed, state=st, field=field, value=value)
+            Check(
+                "unique",
+                uq,
+                ("GET", uq),
+                expected=allowed,
+                state=st,
+                field=field,
+                value=value,
+                takeover=expiry.takeover(st.mapper, ks, now),
+            )
         )
 
     b.watch[token_key] = None
@@ -454,6 +491,7 @@ def plan_flush(
         ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS),
     ]
     states = [t.state for t in all_tasks]
+    tag = token_key.partition(":")[0]
     return FlushPlan(
         token_key=token_key,
         token_ttl_ms=TOKEN_TTL_MS,
@@ -463,6 +501,7 @@ def plan_flush(
         states=states,
         cross_slot_allowed=cross_slot_allowed,
         incremented=b.incremented,
+        sweep=expiry.piggyback([t for t in tracked.values() if t[1].tag == tag], now),
     )
 
 

@@ -100,6 +100,8 @@ class registry:  # noqa: N801 - lowercase like SQLAlchemy's registry
             for mapper in self.mappers.values():
                 mapper._configure()
             _configure_relationships(self)
+            for mapper in self.mappers.values():
+                mapper.check_soft_delete_cascades()
             self._configured = True
 
     def _lookup(self, target: Any, *, model: str, field: str) -> type[Any]:

@@ -12,7 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ForeignKey", "Indexed", "Marker", "PrimaryKey", "Sorted", "Suffix", "Text", "Unique"]
+__all__ = [
+    "CreatedAt",
+    "ExpiresAt",
+    "ForeignKey",
+    "Indexed",
+    "Marker",
+    "PrimaryKey",
+    "Sorted",
+    "Suffix",
+    "Text",
+    "Unique",
+    "UpdatedAt",
+]
 
 
 class Marker:
@@ -60,3 +72,20 @@ class ForeignKey(Marker):
     """
 
     target: Any
+
+
+@dataclass(frozen=True)
+class ExpiresAt(Marker):
+    """The moment (an aware `Optional[datetime]`) after which the object is gone for every
+    API; None never expires. Setting it moves the expiry (docs/expiry.md)."""
+
+
+@dataclass(frozen=True)
+class CreatedAt(Marker):
+    """An `Optional[datetime]` the flush sets (UTC, aware) when it inserts the object."""
+
+
+@dataclass(frozen=True)
+class UpdatedAt(Marker):
+    """An `Optional[datetime]` the flush sets (UTC, aware) on every write that changes the
+    object, its insert included."""

@@ -23,13 +23,14 @@ from ..exc import (
     RedmapError,
     StaleDataError,
 )
-from . import events
+from . import events, expiry
 from .attributes import STATE_ATTR, state_of
 from .context import SessionContext
 from .identity import IdentitySet
 from .loading import ensure_loaded, load_instance, load_unloaded_steps, unloaded_pks
 from .mapper import mapper_of
 from .relationship_events import discard_expired
+from .softdelete import restore_steps
 from .state import InstanceState
 from .strategies import selectin_for
 from .strategy_options import Load, build_tree
@@ -564,8 +565,16 @@ class Session:
 
     # -- loading ----------------------------------------------------------------------------
 
-    def get(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M | None:
-        """The object with this primary key, or None.
+    def get(
+        self,
+        model: type[M],
+        pk: Any,
+        *,
+        options: Sequence[Load] = (),
+        include_deleted: bool = False,
+    ) -> M | None:
+        """The object with this primary key, or None (also once it expired, or while it
+        is soft-deleted, unless `include_deleted`: docs/expiry.md).
 
         No command when the object is already in the session and loaded; else
         1 round trip (after an autoflush of pending changes, if any), plus those of its
@@ -575,9 +584,9 @@ class Session:
         """
         if not options:
             answered, obj = self._get_without_io(model, pk)
-            if answered:
+            if answered and (obj is not None or not include_deleted):
                 return obj
-        return self._run(self._get_steps(model, pk, options))
+        return self._run(self._get_steps(model, pk, options, include_deleted))
 
     def _get_without_io(self, model: type[M], pk: Any) -> tuple[bool, M | None]:
         """(True, the object or None) when the identity map answers `get` alone (a loaded
@@ -586,7 +595,7 @@ class Session:
         mapper_of(model).validate_pk(pk)
         st = self._context.identity_map.get((model, pk))
         if st is not None:
-            if st.deleted:
+            if st.deleted or expiry.gone(st):
                 return True, None
             if not st.unloaded():
                 obj: M = st.obj
@@ -594,21 +603,56 @@ class Session:
         return False, None
 
     def _get_steps(
-        self, model: type[M], pk: Any, options: Sequence[Load] = ()
+        self,
+        model: type[M],
+        pk: Any,
+        options: Sequence[Load] = (),
+        include_deleted: bool = False,
     ) -> Steps[M | None]:
         mapper = mapper_of(model)
         tree = build_tree(mapper, options) if options else None
         answered, found = self._get_without_io(model, pk)
+        if include_deleted and found is None:
+            answered = False  # a soft-deleted object is read from Redis
         if not answered:
             yield from self._autoflush()
             key = mapper.object_key(pk)
             (data,) = yield Read([("HGETALL", key)])
-            found = load_instance(self._context, mapper, pk, key, data)
+            found = load_instance(
+                self._context, mapper, pk, key, data, include_deleted=include_deleted
+            )
             if found is not None and mapper.relationships:
                 yield from selectin_for(self._context, [found], tree)
         elif found is not None and tree:
             yield from selectin_for(self._context, [found], tree)
         return found
+
+    def restore(self, model: type[M], pk: Any) -> M:
+        """Bring back a soft-deleted object (a model with `__soft_delete__`), its indexes
+        and links, and the children its delete cascade soft-deleted with it, atomically
+        and at once (not at the next flush); returns it. `NoResultFound` when there is no
+        such object to restore (never deleted, or its grace period ended).
+
+        Round trips: the object's read, one or two per level of cascaded children, and
+        the restore's own flush; then the object is loaded.
+        """
+        return self._run(self._restore_steps(model, pk))
+
+    def _restore_steps(self, model: type[M], pk: Any) -> Steps[M]:
+        mapper = mapper_of(model)
+        if mapper.expiry.soft_delete_ms is None:
+            raise InvalidRequestError(
+                f"{mapper.name} has no __soft_delete__: its deletes are final and there is "
+                f"nothing to restore"
+            )
+        yield from self._autoflush()
+        restored = yield from restore_steps(mapper, pk)
+        for m, p in restored:
+            st = self._context.identity_map.get((m.class_, p))
+            if st is not None:
+                st.expire()  # read as deleted: its version moved
+        obj = yield from self._get_one_steps(model, pk)
+        return obj
 
     def get_one(self, model: type[M], pk: Any, *, options: Sequence[Load] = ()) -> M:
         """The object with this primary key; `NoResultFound` when there is none.
@@ -643,7 +687,7 @@ class Session:
         out: list[M | None] = []
         for pk in pks:
             st = ctx.identity_map.get((model, pk))
-            out.append(None if st is None or st.deleted else st.obj)
+            out.append(None if st is None or st.deleted or expiry.gone(st) else st.obj)
         if mapper.relationships:
             yield from selectin_for(ctx, [o for o in out if o is not None])
         return out

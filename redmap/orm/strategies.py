@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..commands import Read, Steps
 from ..exc import InvalidRequestError
+from . import expiry
 from .collections import InstrumentedList
 from .loading import ensure_loaded, load_unloaded_steps
 from .mapper import mapper_of
@@ -141,7 +142,7 @@ def _target_in_session(
     target = session.identity_map.get((prop.target, fk))
     if target is None or target.unloaded():
         return False
-    d[prop.key] = None if target.deleted else target.obj
+    d[prop.key] = None if target.deleted or expiry.gone(target) else target.obj
     return True
 
 
@@ -167,7 +168,7 @@ def selectin_load(
             target = None
             if fk is not None:
                 tst = session.identity_map.get((prop.target, fk))
-                target = None if tst is None or tst.deleted else tst.obj
+                target = None if tst is None or tst.deleted or expiry.gone(tst) else tst.obj
             st.obj.__dict__[prop.key] = target
         return
     keys_per_state = [link_keys(st, prop) for st in states]
@@ -199,7 +200,7 @@ def selectin_load(
         items = []
         for pk in ids:
             tst = session.identity_map.get((prop.target, pk))
-            if tst is not None and not tst.deleted:
+            if tst is not None and not tst.deleted and not expiry.gone(tst):
                 items.append(tst.obj)
         st.obj.__dict__[prop.key] = InstrumentedList(st.obj, prop, items)
 

@@ -27,7 +27,7 @@ from ..exc import (
     ValidationError,
 )
 from ..query.expression import Increment
-from . import events, keys
+from . import events, expiry, keys
 from .attributes import state_of
 from .dependency import RelationshipWork, prepare
 from .gcpause import paused_gc
@@ -170,15 +170,23 @@ class UOWTransaction:
         candidates = s.dirty_candidates()
         known = {id(c) for c in candidates}
         candidates += [c for i, c in deferred_states.items() if i not in known]
+        stamp_at = expiry.now_datetime()
         for st in candidates:
             if st.deleted or st.identity is None:
                 continue
             changes = changed_fields(st, self._deferred_columns(st))
+            if changes and st.mapper.expiry.updated is not None:
+                # Every write that changes the object moves its UpdatedAt.
+                expiry.stamp(st, insert=False, now=stamp_at)
+                changes = changed_fields(st, self._deferred_columns(st))
             if changes:
                 assert st.key is not None
                 self.updates.append(UpdateTask(st, st.mapper.pk_segment(st.pk), st.key, changes))
         seen: dict[str, InstanceState] = {}
         for st in s.pending_states():
+            info = st.mapper.expiry
+            if info.stamped or info.ttl_ms is not None:
+                expiry.stamp(st, insert=True, now=stamp_at)
             self.inserts.append(self._insert_task(st))
         self._place_in_shards()
         for task in self.inserts:
@@ -935,6 +943,8 @@ class IncrementFlush(UOWTransaction):
                 changes[name] = (value, None)
             if any(col.order_column in changes for col in mapper.indexed_columns):
                 return None  # a list's order moves: `plan_flush` keeps it
+            if mapper.expiry.tracked or mapper.expiry.updated is not None:
+                return None  # deadlines and UpdatedAt: `plan_flush` keeps them
             ks = mapper.keys_for_pk(st.pk)
             if tag is None:
                 tag = ks.tag

@@ -26,13 +26,13 @@ from ..exc import (
     RedmapConnectionError,
     RedmapError,
 )
-from ..orm import keys
+from ..orm import expiry, keys
 from ..orm.attributes import FieldAttribute
 from ..orm.keys import KeySpace
 from ..orm.loading import ensure_loaded
 from ..orm.mapper import ColumnProperty, Mapper, mapper_of
 from ..orm.strategy_options import Load, LoadTree, build_tree
-from . import strings
+from . import deadlines, strings
 from .expression import (
     BinaryExpression,
     BooleanClauseList,
@@ -451,11 +451,14 @@ def _validate(stmt: Select[Any], mapper: Mapper[Any]) -> None:
     _compile(stmt, mapper.all_keyspaces()[0])
 
 
-def _direct_range(stmt: Select[Any], ks: KeySpace) -> tuple[str, str, str, bool] | None:
+def _direct_range(
+    stmt: Select[Any], ks: KeySpace, *, expiring_ok: bool = False
+) -> tuple[str, str, str, bool] | None:
     """A lone range condition on the ordering field reads its zset directly:
-    `ZRANGE key low high BYSCORE LIMIT`, cost O(log N + page) whatever the matches."""
+    `ZRANGE key low high BYSCORE LIMIT`, cost O(log N + page) whatever the matches.
+    (A model with ExpiresAt reads it so only through `_read_live_ranges`.)"""
     cond = _single_condition(stmt)
-    if cond is None or cond.op not in _RANGE_OPS:
+    if cond is None or cond.op not in _RANGE_OPS or (_expiring(stmt) and not expiring_ok):
         return None
     c = _Compiler(mapper_of(stmt.model), ks)
     col = c.column(cond.attribute)
@@ -518,6 +521,8 @@ def _read_ranges(
     statement's order (first term only), with their scores if `scored`; and whether
     that order is descending. One round trip: a lone range on the ordering field reads
     its zset directly, anything else runs in one MULTI/EXEC per keyspace."""
+    if _expiring(stmt):
+        return (yield from _read_live_ranges(stmt, spaces, start, stop, scored))
     withscores = ("WITHSCORES",) if scored else ()
     direct = [_direct_range(stmt, ks) for ks in spaces]
     per_space: list[list[Any]] = []
@@ -544,13 +549,130 @@ def _read_ranges(
     return [tail[0] for tail in (yield from _run_all(groups))], desc
 
 
+def _expiring(stmt: Select[Any]) -> bool:
+    """Whether the model has an ExpiresAt field: its expired ids are left out
+    server-side (`query.deadlines`)."""
+    return mapper_of(stmt.model).expiry.expires is not None
+
+
+def _read_live_ranges(
+    stmt: Select[Any], spaces: list[KeySpace], start: int, stop: int, scored: bool
+) -> Steps[tuple[list[list[Any]], bool]]:
+    """`_read_ranges` for a model with ExpiresAt: the same positions of the order of its
+    live matches (`query.deadlines`). One round trip (a plain read for a lone range, else
+    the query's MULTI); one more each time more ids of the window had expired than it
+    allowed for."""
+    mapper = mapper_of(stmt.model)
+    now = expiry.now_ms()
+    allowance = deadlines.guess(mapper)
+    while True:
+        direct = [_direct_range(stmt, ks, expiring_ok=True) for ks in spaces]
+        desc = False
+        replies: list[Any]
+        if all(d is not None for d in direct) and deadlines.pipelined(mapper, start, now):
+            # A lone range, near the start of the order, and few expired ids in all:
+            # plain reads, the expired ids dropped here (no script).
+            cmds = []
+            size = -1 if stop == -1 else stop + 1 + allowance
+            for ks, d in zip(spaces, direct, strict=True):
+                assert d is not None
+                key, low, high, desc = d
+                by: tuple[Any, ...] = (
+                    (high, low, "BYSCORE", "REV") if desc else (low, high, "BYSCORE")
+                )
+                cmds.append(("ZRANGE", key, *by, "LIMIT", 0, size, "WITHSCORES"))
+                cmds.append(deadlines.expired_ids(ks, now))
+            replies = yield Read(cmds)
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise QueryError(f"Redis refused the query: {r}")
+            cut = [
+                deadlines.cut(mapper, replies[i], replies[i + 1], start, stop, size, scored, now)
+                for i in range(0, len(replies), 2)
+            ]
+            if any(p is deadlines.BACKLOG for p in cut):
+                continue  # too many expired ids to read: the script path (next turn)
+            if all(isinstance(p, list) for p in cut):
+                return [p for p in cut if isinstance(p, list)], desc
+            allowance = deadlines.note(mapper, allowance)
+        elif stop == -1:
+            # No limit: every match is read anyway; the expired ones (found from the
+            # deadline zset, O(k)) are dropped here.
+            groups = []
+            for ks in spaces:
+                c, final, desc = _compile(stmt, ks)
+                expired = deadlines.exclude(c, final, now)
+                rev = ("REV",) if desc else ()
+                withscores = ("WITHSCORES",) if scored else ()
+                groups.append(
+                    (
+                        c,
+                        [("ZRANGE", final, 0, -1, *rev, *withscores), ("ZRANGE", expired, 0, -1)],
+                    )
+                )
+            out = []
+            for everything, gone in (yield from _run_all(groups)):
+                dropped = set(gone)
+                if scored:
+                    live = [(m, float(sc)) for m, sc in everything if m not in dropped]
+                else:
+                    live = [m for m in everything if m not in dropped]
+                out.append(live[start:])
+            return out, desc
+        elif all(d is not None for d in direct) or not _compile(stmt, spaces[0])[0].commands:
+            # The page script reads a stored zset (a lone range's sorted index, or the
+            # ordering zset of a query without conditions): a plain read, no MULTI.
+            cmds = []
+            for ks, d in zip(spaces, direct, strict=True):
+                if d is not None:
+                    key, low, high, desc = d
+                else:
+                    _, key, desc = _compile(stmt, ks)
+                    low, high = "-inf", "+inf"
+                cmds.append(
+                    deadlines.page_command(
+                        key, ks.deadlines(), (low, high), desc, start, stop, allowance, now, scored
+                    )
+                )
+            replies = yield Read(cmds)
+            if any(deadlines.no_script(r) for r in replies):
+                continue  # sent again with the script's body
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise QueryError(f"Redis refused the query: {r}")
+        else:
+            groups = []
+            for ks in spaces:
+                c, final, desc = _compile(stmt, ks)
+                page = deadlines.page_command(
+                    final, ks.deadlines(), ("-inf", "+inf"), desc, start, stop, allowance, now,
+                    scored, load=True,
+                )
+                groups.append((c, [page]))
+            replies = [t[0] for t in (yield from _run_all(groups))]
+            if any(deadlines.no_script(r) for r in replies):
+                continue  # sent again with the script's body
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise QueryError(f"Redis refused the query: {r}")
+        pages = [deadlines.read_page(r, stop, allowance, scored) for r in replies]
+        if all(p is not None for p in pages):
+            return [p for p in pages if p is not None], desc
+        allowance = deadlines.note(mapper, allowance)
+
+
 def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
     """The ids of the requested page: read from one keyspace, or merged across shards."""
-    every = yield from strings.all_ids(stmt, spaces)
-    if every is not None:
-        return every
-    if strings.lex_ordered(stmt) is not None and (len(stmt._order_by) == 1 or len(spaces) > 1):
-        return (yield from strings.page_ids(stmt, spaces))
+    # The string index's own paths read ids straight from the index; a model with
+    # ExpiresAt takes the general paths, which leave expired ids out server-side.
+    if not _expiring(stmt):
+        every = yield from strings.all_ids(stmt, spaces)
+        if every is not None:
+            return every
+        if strings.lex_ordered(stmt) is not None and (
+            len(stmt._order_by) == 1 or len(spaces) > 1
+        ):
+            return (yield from strings.page_ids(stmt, spaces))
     if len(stmt._order_by) > 1 and not _first_term_is_pk(stmt):
         return (yield from _ids_by_terms(stmt, spaces))
     fanned = len(spaces) > 1
@@ -649,6 +771,8 @@ def _read_score_span(
         else:
             c, key, desc = _compile(stmt, ks)
             low, high = "-inf", "+inf"
+            if _expiring(stmt):
+                key = deadlines.without_expired(c, key, expiry.now_ms())
         first, last = score_text(s_first), score_text(s_last)
         if desc:
             tail = [
@@ -725,9 +849,10 @@ def _objects_for(
 ) -> Steps[list[Any]]:
     yield from ensure_loaded(session, mapper, pks)
     out = []
+    now = expiry.now_ms() if mapper.expiry.expires is not None else None
     for pk in pks:
         st = session.identity_map.get((mapper.class_, pk))
-        if st is not None and not st.deleted:
+        if st is not None and not st.deleted and (now is None or not expiry.gone(st, now)):
             out.append(st.obj)
     if mapper.relationships:
         from ..orm.strategies import selectin_for
@@ -744,7 +869,9 @@ def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | 
     c = _Compiler(mapper_of(stmt.model), ks)
     col = c.column(cond.attribute)
     if strings.handles(col, cond.op):
-        return strings.count_command(c, cond)
+        # ZLEXCOUNT counts members, not ids: an ExpiresAt model's count is compiled
+        # (its expired ids are subtracted from an id zset).
+        return None if _expiring(stmt) else strings.count_command(c, cond)
     if cond.op in _RANGE_OPS:
         low, high = c.bounds(col, cond.op, cond.value)
         return ("ZCOUNT", c.range_source(col), low, high)
@@ -762,7 +889,22 @@ def execute_count(session: SessionContext, stmt: Select[Any]) -> Steps[int]:
         _validate(stmt, mapper)
         return 0
     direct = [_direct_count_command(stmt, ks) for ks in spaces]
-    if all(d is not None for d in direct):
+    if _expiring(stmt):
+        now = expiry.now_ms()
+        groups = []
+        for ks, d in zip(spaces, direct, strict=True):
+            if d is not None:
+                # ZCOUNT / SCARD, less the expired ids among what it counts (O(k)).
+                c = _Compiler(mapper, ks)
+                expired = deadlines.exclude(c, d[1], now)
+                less = ("ZCOUNT", expired, *d[2:]) if d[0] == "ZCOUNT" else ("ZCARD", expired)
+                groups.append((c, [d, less]))
+                continue
+            c, final, _ = _compile(stmt, ks)
+            expired = deadlines.exclude(c, final, now)
+            groups.append((c, [("ZCARD", final), ("ZCARD", expired)]))
+        card = sum(int(t[0]) - int(t[1]) for t in (yield from _run_all(groups)))
+    elif all(d is not None for d in direct):
         replies = yield Read([d for d in direct if d is not None])
         for r in replies:
             if isinstance(r, Exception):

@@ -1,0 +1,95 @@
+"""Issue 15 on Redis Cluster: deadlines per shard, queries fanned out over shards, the
+sweep and the audit, on one server and on a 3-node cluster (`sengine`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any
+
+import pytest
+
+import redmap
+from redmap import ExpiresAt, Indexed, PrimaryKey, Session, Sorted, Unique, registry, select
+from redmap.audit import audit
+from redmap.orm import expiry
+
+creg = registry(prefix="xc", shards=4)
+
+
+@creg.mapped
+@dataclass
+class Visit:
+    __shard_key__ = "site"
+    site: Annotated[int, Indexed()]
+    page: Annotated[str, Indexed()]
+    rank: Annotated[int, Sorted()] = 0
+    expires: Annotated[datetime | None, ExpiresAt()] = None
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@creg.mapped
+@dataclass
+class Invite:
+    __soft_delete__ = timedelta(seconds=10)
+    code: Annotated[str, Unique()]
+    expires: Annotated[datetime | None, ExpiresAt()] = None
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+T0 = 1_900_000_000.0
+
+
+class Clock:
+    now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    c = Clock()
+    with expiry.use_clock(c):
+        yield c
+
+
+def _at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(T0 + seconds, timezone.utc)
+
+
+def test_per_shard_deadlines(sengine: redmap.Engine, clock: Clock) -> None:
+    for site in range(8):
+        with Session(sengine) as s:
+            for i in range(5):
+                s.add(Visit(site=site, page=f"p{i % 2}", rank=10 * site + i, expires=_at(i)))
+            s.commit()
+    with Session(sengine) as s:
+        s.add(Invite(code="a", expires=_at(3)))
+        s.add(Invite(code="b"))
+        s.commit()
+    clock.now = T0 + 2.5  # i = 0, 1, 2 expired: 2 live visits per site
+    with Session(sengine) as s:
+        assert s.count(select(Visit)) == 16
+        assert s.count(select(Visit).where(Visit.page == "p1")) == 8
+        top = s.scalars(select(Visit).order_by(Visit.rank.desc()).limit(3)).all()
+        assert [v.rank for v in top] == [74, 73, 64]
+        page = s.scalars(select(Visit).where(Visit.site == 3).order_by(Visit.rank)).all()
+        assert [v.rank for v in page] == [33, 34]
+    clock.now = T0 + 4
+    with Session(sengine) as s:
+        inv = s.scalars(select(Invite).where(Invite.code == "b")).one()
+        s.delete(inv)
+        s.commit()
+        s.add(Invite(code="a"))  # "a" expired: taken over
+        s.commit()
+        assert s.count(select(Invite)) == 1
+    clock.now = T0 + 100  # the soft delete's grace period is over too
+    sengine.sweep(creg)
+    report = audit(sengine.dialect.client, creg)
+    assert report.ok, report.mismatches + report.unexplained
+    client: Any = sengine.dialect.client
+    keys = [k for k in client.keys("*") if b"#flush:" not in k and not k.endswith(b"#seq")]
+    # Left: the one live Invite ("a", inserted at T0+4 without an expiry).
+    assert all(b"xc}:invite" in k for k in keys), keys
