@@ -18,6 +18,8 @@ from .orm.schema import ForeignKey as ForeignKey
 from .orm.schema import Indexed as Indexed
 from .orm.schema import PrimaryKey as PrimaryKey
 from .orm.schema import Sorted as Sorted
+from .orm.schema import Suffix as Suffix
+from .orm.schema import Text as Text
 from .orm.schema import Unique as Unique
 from .orm.schema import UpdatedAt as UpdatedAt
 from .orm.session import Session as Session
@@ -52,6 +54,8 @@ __all__ = [
     "Select",
     "Session",
     "Sorted",
+    "Suffix",
+    "Text",
     "Unique",
     "UpdatedAt",
     "and_",

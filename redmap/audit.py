@@ -27,6 +27,7 @@ from .orm.expiry import SOFT_FIELD, expect_deadlines
 from .orm.loading import decode_hash
 from .orm.mapper import VERSION_FIELD, ColumnProperty, Mapper
 from .orm.relationships import Direction
+from .orm.textindex import index_commands
 
 __all__ = ["AuditReport", "BrokenReference", "WrongType", "audit"]
 
@@ -237,6 +238,9 @@ _ROLES = {
     "#ix:": ("set", "a set of ids"),
     "#uq:": ("string", "a string (the id owning the value)"),
     "#zs:": ("zset", "a zset of ids"),
+    "#lx:": ("zset", "a zset of ordered-string members (score 0)"),
+    "#sx:": ("zset", "a zset of reversed-string members (score 0)"),
+    "#tx:": ("set", "a set of ids (one word)"),
     "#fk:": ("zset", "a zset of ids"),
     "#rel:": ("zset", "a zset (many-to-many links)"),
     "#all": ("zset", "a zset of ids"),
@@ -424,6 +428,17 @@ def _expect_indexes(
                     )
                 expected.setdefault(key, seg)
                 hints[key] = _index_hint(mapper, col, kind, key)
+            if col.has_string_index:
+                raw = None if value is None else codec.encode(value)
+                for cmd in index_commands(
+                    ks, col.key, lexical=col.lexical, suffix=col.suffix, text=col.text,
+                    raw=raw, segment=seg, add=True,
+                ):  # fmt: skip
+                    if cmd[0] == "SADD":
+                        expected.setdefault(cmd[1], set()).add(seg)
+                    else:
+                        expected.setdefault(cmd[1], {})[cmd[3]] = 0.0
+                    hints[cmd[1]] = _rerun(cmd[1], "string index entries (textindex)")
             if col.sorted:
                 key = ks.sorted(col.key)
                 _expect_score(run, mapper, ks.object(seg), col.key, value, key, seg, expected)

@@ -36,7 +36,7 @@ __all__ = [
 
 M = TypeVar("M")
 
-IndexKind = Literal["indexed", "unique", "sorted", "foreign_key"]
+IndexKind = Literal["indexed", "unique", "sorted", "foreign_key", "text", "suffix"]
 
 # Placeholders in key patterns; "<" is never produced by escaping, so a pattern cannot be
 # mistaken for a real key.
@@ -446,6 +446,13 @@ class MapperView(Generic[M]):
             out.append(IndexInfo(col.key, "indexed", (self._pattern(ks.index(col.key, _VALUE)),)))
         if col.sorted:
             out.append(IndexInfo(col.key, "sorted", (self._pattern(ks.sorted(col.key)),)))
+        if col.lexical:  # an ordered str/Enum field (`orm.textindex`)
+            out.append(IndexInfo(col.key, "sorted", (self._pattern(ks.lexical(col.key)),)))
+        if col.text:
+            word = self._pattern(ks.word(col.key, "<word>"))
+            out.append(IndexInfo(col.key, "text", (word,)))
+        if col.suffix:
+            out.append(IndexInfo(col.key, "suffix", (self._pattern(ks.suffix(col.key)),)))
         if col.foreign_key is not None:
             parent = "<" + mapper_of(col.foreign_key.target).pk.key + ">"
             out.append(

@@ -25,6 +25,7 @@ from redmap import (
     PrimaryKey,
     Session,
     Sorted,
+    Text,
     Unique,
     UpdatedAt,
     registry,
@@ -540,3 +541,17 @@ def test_asyncio_api(redis_url: str, clock: Clock) -> None:
         assert report.ok, report.mismatches + report.unexplained
     finally:
         client.close()
+
+
+def test_string_indexes_refused_with_deadlines() -> None:
+    """Issue 16's string indexes are not kept by the sweep or soft deletes yet: refused."""
+    bad = registry(prefix="bad4")
+
+    @bad.mapped
+    @dataclass
+    class Note:
+        body: Annotated[str, Text()]
+        expires: Annotated[datetime | None, ExpiresAt()] = None
+
+    with pytest.raises(MappingError, match="not supported yet"):
+        bad.configure()

@@ -22,6 +22,7 @@ from ..dialects.base import translate_errors
 from ..exc import DecodeError, MigrationError, ValidationError
 from ..orm import keys
 from ..orm.mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
+from ..orm.textindex import index_commands
 from ..orm.types import Codec, compile_codec
 from . import deadlines
 from .batch import (
@@ -167,19 +168,21 @@ def drop_field(operations: Operations, op: DropField) -> None:
 
 def _index_families(ks: keys.KeySpace, name: str) -> list[tuple[str, Callable[[str, str], str]]]:
     """(key prefix, builder) of each per-value index family of field `name`."""
-    return [(build(name, ""), build) for build in (ks.index, ks.unique, ks.foreign)]
+    return [(build(name, ""), build) for build in (ks.index, ks.unique, ks.foreign, ks.word)]
 
 
 def _index_moves(
     run: MigrationRun, target: Target, old: str, new: str
 ) -> Iterable[list[tuple[str, str]]]:
-    """Batches of (key, renamed key) for the index keys of field `old` (all four families)."""
+    """Batches of (key, renamed key) for the index keys of field `old`: the per-value
+    families and the one-key indexes (sorted, ordered string, suffix), whose members
+    do not name the field."""
     ks = target.keys
     families = _index_families(ks, old)
-    sorted_old = ks.sorted(old)
-    common = os.path.commonprefix([p for p, _ in families] + [sorted_old])
+    singles = {build(old): build(new) for build in (ks.sorted, ks.lexical, ks.suffix)}
+    common = os.path.commonprefix([p for p, _ in families] + list(singles))
     for batch in run.scan(common):
-        moves = [(sorted_old, ks.sorted(new))] if sorted_old in batch else []
+        moves = [(key, singles[key]) for key in batch if key in singles]
         for key in batch:
             for prefix, build in families:
                 if key.startswith(prefix):
@@ -239,6 +242,27 @@ def _sorted_codec(target: Target, name: str) -> Codec:
     return col.codec
 
 
+def _string_kind(target: Target, name: str, kind: IndexKind) -> dict[str, bool] | None:
+    """Which string index (`orm.textindex`) `kind` is for this field, or None: "text",
+    "suffix", or "sorted" on a field the registry maps as str/Enum."""
+    if kind == "sorted":
+        col = target.column(name)
+        if col is None or not col.lexical:
+            return None
+    elif kind not in ("text", "suffix"):
+        return None
+    return {"lexical": kind == "sorted", "text": kind == "text", "suffix": kind == "suffix"}
+
+
+def _string_keys(target: Target, name: str, kind: IndexKind) -> list[str]:
+    """The single keys of a string index (word sets are found by prefix)."""
+    if kind == "suffix":
+        return [target.keys.suffix(name)]
+    if _string_kind(target, name, kind) is not None and kind == "sorted":
+        return [target.keys.lexical(name)]
+    return []
+
+
 def _add_entries(
     target: Target,
     name: str,
@@ -249,6 +273,10 @@ def _add_entries(
 ) -> Change:
     """The index commands (and unique claims) making the object findable by `raw`."""
     ks = target.keys
+    strings = _string_kind(target, name, kind)
+    if strings is not None:
+        commands = index_commands(ks, name, raw=raw, segment=segment, add=True, **strings)
+        return Change(commands, bump=False)
     if kind == "indexed":
         return Change([("SADD", ks.index(name, _value_segment(raw)), segment)], bump=False)
     if kind == "unique":  # as persistence: equality entries for every value, None included
@@ -266,6 +294,9 @@ def _remove_entries(
     target: Target, name: str, kind: IndexKind, raw: bytes | None, segment: str
 ) -> list[Command]:
     ks = target.keys
+    strings = _string_kind(target, name, kind)
+    if strings is not None:
+        return index_commands(ks, name, raw=raw, segment=segment, add=False, **strings)
     if kind in ("indexed", "unique"):
         removals: list[Command] = [("SREM", ks.index(name, _value_segment(raw)), segment)]
         if kind == "unique" and raw is not None:
@@ -309,7 +340,8 @@ def create_index(operations: Operations, op: CreateIndex) -> None:
     run = _run(operations)
     with translate_errors(run.url):
         target = run.resolve(op.model)
-        codec = _sorted_codec(target, op.field) if op.kind == "sorted" else None
+        lexical = _string_kind(target, op.field, op.kind) is not None
+        codec = _sorted_codec(target, op.field) if op.kind == "sorted" and not lexical else None
         if op.kind == "unique":
             dups = _duplicates(run, target, op.field)
             if dups:
@@ -336,6 +368,8 @@ def _index_prefixes(target: Target, name: str, kind: IndexKind) -> list[str]:
         return [ks.index(name, "")]
     if kind == "unique":  # a unique field's equality sets belong to its unique index
         return [ks.unique(name, ""), ks.index(name, "")]
+    if kind == "text":
+        return [ks.word_prefix(name)]
     return []
 
 
@@ -348,6 +382,7 @@ def drop_index(operations: Operations, op: DropIndex) -> None:
         target = run.resolve(op.model)
         if op.kind == "sorted":
             deleted = delete_keys(run, [target.keys.sorted(op.field)])
+        deleted += delete_keys(run, _string_keys(target, op.field, op.kind))
         for prefix in _index_prefixes(target, op.field, op.kind):
             for batch in run.scan(prefix):
                 run.heartbeat()
@@ -442,7 +477,7 @@ def _indexed_columns(target: Target) -> list[tuple[ColumnProperty, list[IndexKin
         return []
     out = []
     for col in target.mapper.stored_columns():
-        kinds: list[IndexKind] = [k for k in INDEX_KINDS if getattr(col, k)]
+        kinds = [k for k in INDEX_KINDS if k in col.index_kinds]
         if kinds:
             out.append((col, kinds))
     return out
@@ -563,8 +598,9 @@ def estimate(run: MigrationRun, op: RedisOperation) -> str:
                     return f"would FAIL: {_duplicates_text(target, op.field, dups)}"
             return f"would index {_count(run, target, op.field)[1]} objects"
         if isinstance(op, DropIndex):
-            if op.kind == "sorted":
-                found = int(run.client.exists(target.keys.sorted(op.field)))
+            if op.kind in ("sorted", "suffix"):
+                single = [target.keys.sorted(op.field), *_string_keys(target, op.field, op.kind)]
+                found = int(run.client.exists(*single))
             else:
                 prefixes = _index_prefixes(target, op.field, op.kind)
                 found = sum(_count_keys(run.scan(p)) for p in prefixes)

@@ -61,7 +61,7 @@ def snapshot(reg: Registry, heads: tuple[str, ...] = ()) -> Layout:
             assert col.codec is not None
             entry: dict[str, Any] = {
                 "type": col.codec.expected,
-                "indexes": [k for k in ("indexed", "unique", "sorted") if getattr(col, k)],
+                "indexes": col.index_kinds,
             }
             if col.foreign_key is not None:
                 target = col.foreign_key.target

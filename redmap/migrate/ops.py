@@ -35,7 +35,7 @@ __all__ = [
     "Transform",
 ]
 
-IndexKind = Literal["indexed", "unique", "sorted"]
+IndexKind = Literal["indexed", "unique", "sorted", "text", "suffix"]
 INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
 
 #: What `op.transform` functions receive and return: the stored hash fields, raw.

@@ -9,6 +9,10 @@ Layout (documented in `docs/key-layout.md`):
 {P}:K:#ix:<field>:<value>  equality index: set of ids ("#null" as value for None)
 {P}:K:#uq:<field>:<value>  unique index: string holding the id that owns the value
 {P}:K:#zs:<field>          sorted index: zset of ids scored by the field
+{P}:K:#lx:<field>          sorted index of a str/Enum field: zset, score 0, members
+                           `value code + NUL + id` in byte order (see `textindex`)
+{P}:K:#sx:<field>          suffix index: as #lx, of the reversed string
+{P}:K:#tx:<field>:<word>   word index: set of ids whose field contains the word
 {P}:K:#fk:<field>:<id>     zset of the ids whose foreign key <field> holds <id> (one-to-many)
 {P}:K:#rel:<name>:<id>     zset of the ids linked to one object by many-to-many <name>
 {P}:K:#dl                  zset of the ids with a deadline (expiry, soft-delete purge), score ms
@@ -168,6 +172,22 @@ class KeySpace:
     def sorted(self, field: str) -> str:
         """The zset of ids scored by `field`."""
         return f"{self._base}{_SIGIL}zs:{field}"
+
+    def lexical(self, field: str) -> str:
+        """The lexicographic zset of a `Sorted()` str/Enum field (`textindex.member`)."""
+        return f"{self._base}{_SIGIL}lx:{field}"
+
+    def suffix(self, field: str) -> str:
+        """The lexicographic zset of a `Suffix()` field's reversed values."""
+        return f"{self._base}{_SIGIL}sx:{field}"
+
+    def word(self, field: str, word_segment: str) -> str:
+        """The set of ids whose `Text()` field holds the (escaped, casefolded) word."""
+        return f"{self._base}{_SIGIL}tx:{field}:{word_segment}"
+
+    def word_prefix(self, field: str) -> str:
+        """What every word-set key of `field` starts with (migrations and audit only)."""
+        return f"{self._base}{_SIGIL}tx:{field}:"
 
     def relation(self, name: str, id_segment: str) -> str:
         """The ids related to one object through relationship `name`."""

@@ -27,9 +27,12 @@ from .schema import (
     Marker,
     PrimaryKey,
     Sorted,
+    Suffix,
+    Text,
     Unique,
     UpdatedAt,
 )
+from .textindex import is_string_type
 from .types import Codec, compile_codec
 
 if TYPE_CHECKING:
@@ -64,6 +67,11 @@ class ColumnProperty:
     indexed: bool = False
     unique: bool = False
     sorted: bool = False
+    # String indexes (`textindex`): `Sorted()` on a str/Enum field sets `lexical`, not
+    # `sorted` (which stays the numeric score index); `Text()` and `Suffix()`.
+    lexical: bool = False
+    text: bool = False
+    suffix: bool = False
     foreign_key: ForeignKey | None = None
     # An int primary key that is None at flush gets its value from the model's counter.
     generated: bool = False
@@ -78,7 +86,26 @@ class ColumnProperty:
 
     @property
     def has_index(self) -> bool:
-        return self.indexed or self.unique or self.sorted or self.foreign_key is not None
+        return (
+            self.indexed
+            or self.unique
+            or self.sorted
+            or self.foreign_key is not None
+            or self.has_string_index
+        )
+
+    @property
+    def has_string_index(self) -> bool:
+        return self.lexical or self.text or self.suffix
+
+    @property
+    def index_kinds(self) -> list[str]:
+        """The migration index kinds of this field (`op.create_index(..., kind=)`); an
+        ordered string is "sorted", like a numeric one."""
+        kinds = [k for k in ("indexed", "unique") if getattr(self, k)]
+        if self.sorted or self.lexical:
+            kinds.append("sorted")
+        return kinds + [k for k in ("text", "suffix") if getattr(self, k)]
 
 
 class Mapper(Generic[M]):
@@ -256,7 +283,21 @@ class Mapper(Generic[M]):
                 col.foreign_key = m
             elif isinstance(m, ExpiresAt | CreatedAt | UpdatedAt):
                 col.role = _ROLES[type(m)]
+            elif isinstance(m, Text):
+                col.text = True
+            elif isinstance(m, Suffix):
+                col.suffix = True
         codec = compile_codec(base, model=self.name, field=col.key)
+        inner = _strip_optional(base)
+        if col.sorted and is_string_type(inner):
+            col.sorted, col.lexical = False, True
+        if (col.text or col.suffix) and inner is not str:
+            marker = "Text()" if col.text else "Suffix()"
+            raise MappingError(
+                f"{marker} needs a str field, not {codec.expected}",
+                model=self.name,
+                field=col.key,
+            )
         col.codec = codec
         if col.role is not None and (_strip_optional(base) is not datetime or not codec.nullable):
             raise MappingError(
@@ -288,7 +329,7 @@ class Mapper(Generic[M]):
             )
         if col.sorted and not codec.sortable:
             raise MappingError(
-                f"Sorted() needs an int, float, Decimal, bool, date or datetime field, "
+                f"Sorted() needs an int, float, Decimal, bool, date, datetime, str or Enum field, "
                 f"not {codec.expected}",
                 model=self.name,
                 field=col.key,
@@ -465,6 +506,17 @@ class ExpiryInfo:
             roles[col.role] = col.key
         ttl = _duration(mapper, "__ttl__")
         soft = _duration(mapper, "__soft_delete__")
+        if ttl is not None or soft is not None or "expires" in roles:
+            for col in mapper.columns.values():
+                if col.text or col.suffix or col.lexical:
+                    raise MappingError(
+                        "Text(), Suffix() and Sorted() on a str or Enum field are not supported "
+                        "yet on a model with ExpiresAt or __soft_delete__ (the sweep and soft "
+                        "deletes do not maintain string indexes); drop the marker, or keep the "
+                        "field on a model without deadlines",
+                        model=mapper.name,
+                        field=col.key,
+                    )
         if ttl is not None and "expires" not in roles:
             raise MappingError(
                 "__ttl__ needs a field marked ExpiresAt() to hold each object's deadline",

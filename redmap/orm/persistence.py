@@ -30,6 +30,7 @@ from .flushplan import (
 )
 from .keys import KeySpace
 from .mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty, Mapper, mapper_of
+from .textindex import index_commands
 from .types import increment_command
 
 if TYPE_CHECKING:
@@ -167,6 +168,26 @@ class _Builder:
             zs = ks.sorted(col.key)
             self.expect_type(zs, "zset")
             self.additions.append(("ZADD", zs, score, segment))
+        if col.has_string_index:
+            self.string_entries(ks, col, enc, segment, add=True)
+
+    def string_entries(
+        self, ks: KeySpace, col: ColumnProperty, raw: bytes | None, segment: str, *, add: bool
+    ) -> None:
+        """The entries of `col`'s ordered, suffix and word indexes (`textindex`)."""
+        cmds = index_commands(
+            ks,
+            col.key,
+            lexical=col.lexical,
+            suffix=col.suffix,
+            text=col.text,
+            raw=raw,
+            segment=segment,
+            add=add,
+        )
+        for cmd in cmds:
+            self.expect_type(cmd[1], "set" if cmd[0] in ("SADD", "SREM") else "zset")
+        (self.additions if add else self.removals).extend(cmds)
 
     def remove_index_entries(
         self,
@@ -192,6 +213,8 @@ class _Builder:
             zs = ks.sorted(col.key)
             self.expect_type(zs, "zset")
             self.removals.append(("ZREM", zs, segment))
+        if col.has_string_index:
+            self.string_entries(ks, col, old, segment, add=False)
 
 
 def _score(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> str:

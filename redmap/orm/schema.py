@@ -20,6 +20,8 @@ __all__ = [
     "Marker",
     "PrimaryKey",
     "Sorted",
+    "Suffix",
+    "Text",
     "Unique",
     "UpdatedAt",
 ]
@@ -48,7 +50,18 @@ class Unique(Marker):
 
 @dataclass(frozen=True)
 class Sorted(Marker):
-    """A sorted index: ranges (`<`, `between`) and `order_by` on a numeric or date field."""
+    """A sorted index: ranges (`<`, `between`) and `order_by` on a numeric or date field;
+    on a `str` or `Enum` field (by name) also `startswith()`, in code-point order."""
+
+
+@dataclass(frozen=True)
+class Text(Marker):
+    """A word index on a `str` field: `Model.field.match("some words")` (`textindex`)."""
+
+
+@dataclass(frozen=True)
+class Suffix(Marker):
+    """A reversed-string index on a `str` field: `Model.field.endswith("@example.com")`."""
 
 
 @dataclass(frozen=True)

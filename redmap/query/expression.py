@@ -78,6 +78,20 @@ class ColumnOperators(Generic[T]):
         """Within `[low, high]`, both ends included, as in SQL."""
         return self._expr("between", (low, high))
 
+    def startswith(self, prefix: str) -> BinaryExpression:
+        """Starts with `prefix` (code points; "" matches every non-None value): a
+        `Sorted()` str field, read as one lexicographic range."""
+        return self._expr("startswith", prefix)
+
+    def endswith(self, suffix: str) -> BinaryExpression:
+        """Ends with `suffix`: a `Suffix()` field, read as one range of its reversed index."""
+        return self._expr("endswith", suffix)
+
+    def match(self, query: str) -> BinaryExpression:
+        """Contains every word of `query` (Unicode words, casefolded; `orm.textindex`):
+        a `Text()` field, read as an intersection of word sets."""
+        return self._expr("match", query)
+
     def __add__(self, delta: T) -> Increment:
         """`Player.score + 5`: assigned to `p.score` (or given to `update().values()`),
         the field is incremented in Redis at flush, atomically (API.md section 9)."""

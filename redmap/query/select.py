@@ -32,7 +32,7 @@ from ..orm.keys import KeySpace
 from ..orm.loading import ensure_loaded
 from ..orm.mapper import ColumnProperty, Mapper, mapper_of
 from ..orm.strategy_options import Load, LoadTree, build_tree
-from . import deadlines
+from . import deadlines, strings
 from .expression import (
     BinaryExpression,
     BooleanClauseList,
@@ -158,6 +158,8 @@ class _Compiler:
         self.commands: list[tuple[Any, ...]] = []
         self.temps: list[str] = []
         self._token = uuid.uuid4().hex
+        # Ordered-index ranges already turned into id zsets (`strings._convert`).
+        self.lex_temps: dict[tuple[str, bytes, bytes], str] = {}
 
     def temp(self) -> str:
         key = keys.meta_key(
@@ -301,6 +303,8 @@ class _Compiler:
         """A temp key for the condition and whether it is negated (for `!=`)."""
         col = self.column(expr.attribute)
         op = expr.op
+        if strings.handles(col, op):
+            return strings.leaf(self, col, op, expr.value)
         if op == "==":
             return self._equal_set(col, (expr.value,)), False
         if op == "!=":
@@ -363,6 +367,8 @@ class _Compiler:
         secondary_terms(self.mapper, stmt._order_by[1:])
         if col.primary_key:
             return self.ks.all(), term.descending
+        if col.lexical:
+            return strings.ordering(self, stmt, col), term.descending
         if not col.sorted:
             raise self._need(col, "Sorted()", "order_by")
         return self.ks.sorted(col.key), term.descending
@@ -657,6 +663,11 @@ def _read_live_ranges(
 
 def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
     """The ids of the requested page: read from one keyspace, or merged across shards."""
+    every = yield from strings.all_ids(stmt, spaces)
+    if every is not None:
+        return every
+    if strings.lex_ordered(stmt) is not None and (len(stmt._order_by) == 1 or len(spaces) > 1):
+        return (yield from strings.page_ids(stmt, spaces))
     if len(stmt._order_by) > 1 and not _first_term_is_pk(stmt):
         return (yield from _ids_by_terms(stmt, spaces))
     fanned = len(spaces) > 1
@@ -852,6 +863,8 @@ def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | 
         return None
     c = _Compiler(mapper_of(stmt.model), ks)
     col = c.column(cond.attribute)
+    if strings.handles(col, cond.op):
+        return strings.count_command(c, cond)
     if cond.op in _RANGE_OPS:
         low, high = c.bounds(col, cond.op, cond.value)
         return ("ZCOUNT", c.range_source(col), low, high)
@@ -863,6 +876,7 @@ def _direct_count_command(stmt: Select[Any], ks: KeySpace) -> tuple[Any, ...] | 
 def execute_count(session: SessionContext, stmt: Select[Any]) -> Steps[int]:
     """The number of matches after offset/limit: one round trip (per shard read)."""
     mapper = mapper_of(stmt.model)
+    stmt = strings.unordered_for_count(stmt, mapper)
     spaces = _target_shards(stmt, mapper)
     if not spaces:
         _validate(stmt, mapper)
