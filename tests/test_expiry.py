@@ -195,6 +195,27 @@ class TestReads:
                 assert [t.rank for t in s.scalars(no_cond)] == want
                 assert s.count(select(Token).where(Token.rank >= 0)) == 100
 
+    def test_several_order_by_terms(self, eng: Engine, clock: Clock) -> None:
+        """Tie groups of the first term, sorted by the second: expired members left out."""
+        with Session(eng) as s:
+            for i in range(24):
+                gone = i % 3 == 1
+                s.add(Token(value=f"t{i:02d}", rank=i // 4, expires=clock.at(1) if gone else None))
+            s.commit()
+        clock.now = T0 + 2
+        live = [(i // 4, f"t{i:02d}") for i in range(24) if i % 3 != 1]
+        want = sorted(live, key=lambda rv: (rv[0], [-ord(ch) for ch in rv[1]]))
+        with Session(eng) as s:
+            for offset, limit in [(0, 5), (3, 4), (7, 20)]:
+                stmt = (
+                    select(Token)
+                    .order_by(Token.rank, Token.value.desc())
+                    .offset(offset)
+                    .limit(limit)
+                )
+                got = [(t.rank, t.value) for t in s.scalars(stmt)]
+                assert got == want[offset : offset + limit], (offset, limit)
+
     def test_object_in_the_session_expires(self, eng: Engine, clock: Clock) -> None:
         _tokens(eng, clock, 4)
         with Session(eng) as s:

@@ -281,12 +281,12 @@ class Mapper(Generic[M]):
                 col.sorted = True
             elif isinstance(m, ForeignKey):
                 col.foreign_key = m
+            elif isinstance(m, ExpiresAt | CreatedAt | UpdatedAt):
+                col.role = _ROLES[type(m)]
             elif isinstance(m, Text):
                 col.text = True
             elif isinstance(m, Suffix):
                 col.suffix = True
-            elif isinstance(m, ExpiresAt | CreatedAt | UpdatedAt):
-                col.role = _ROLES[type(m)]
         codec = compile_codec(base, model=self.name, field=col.key)
         inner = _strip_optional(base)
         if col.sorted and is_string_type(inner):

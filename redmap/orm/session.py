@@ -595,7 +595,7 @@ class Session:
         mapper_of(model).validate_pk(pk)
         st = self._context.identity_map.get((model, pk))
         if st is not None:
-            if st.deleted or expiry.gone(st):
+            if st.deleted or (st.mapper.expiry.expires is not None and expiry.gone(st)):
                 return True, None
             if not st.unloaded():
                 obj: M = st.obj
