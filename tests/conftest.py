@@ -18,9 +18,11 @@ from redis.cluster import RedisCluster
 import redmap
 from redmap.dialects._server import ServerProcess, find_redis_server, server_version
 from redmap.exc import RedmapConnectionError
+from redmap.orm import expiry
 from redmap.testing import servers
 from redmap.testing.servers import ClusterProcesses
 from tests._async_driver import DRIVER_ENV, SCRIPT_ENV, make_engine
+from tests._clock import Clock
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -148,3 +150,11 @@ def sengine(request: pytest.FixtureRequest) -> Iterator[redmap.Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """Every expiry decision of the test reads this clock, which starts at `T0`."""
+    c = Clock()
+    with expiry.use_clock(c):
+        yield c

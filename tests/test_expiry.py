@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
@@ -37,6 +36,7 @@ from redmap.engine import Engine
 from redmap.exc import IntegrityError, MappingError, StaleDataError, ValidationError
 from redmap.orm import expiry
 from tests._async_driver import make_engine
+from tests._clock import T0, Clock
 
 reg = registry(prefix="exp")
 
@@ -80,27 +80,6 @@ class Label:
     carts: list[Cart] = relationship(secondary="cart_labels", back_populates="tags")
     expires: Annotated[datetime | None, ExpiresAt()] = None
     id: Annotated[int | None, PrimaryKey()] = None
-
-
-T0 = 1_900_000_000.0  # a fixed "now" (2030), moved by hand
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def at(self, seconds: float) -> datetime:
-        return datetime.fromtimestamp(T0 + seconds, timezone.utc)
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    c = Clock()
-    with expiry.use_clock(c):
-        yield c
 
 
 @pytest.fixture

@@ -3,17 +3,14 @@ sweep and the audit, on one server and on a 3-node cluster (`sengine`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
-import pytest
-
 import redmap
 from redmap import ExpiresAt, Indexed, PrimaryKey, Session, Sorted, Unique, registry, select
 from redmap.audit import audit
-from redmap.orm import expiry
+from tests._clock import T0, Clock
 
 creg = registry(prefix="xc", shards=4)
 
@@ -36,23 +33,6 @@ class Invite:
     code: Annotated[str, Unique()]
     expires: Annotated[datetime | None, ExpiresAt()] = None
     id: Annotated[int | None, PrimaryKey()] = None
-
-
-T0 = 1_900_000_000.0
-
-
-class Clock:
-    now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    c = Clock()
-    with expiry.use_clock(c):
-        yield c
 
 
 def _at(seconds: float) -> datetime:

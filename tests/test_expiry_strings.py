@@ -10,7 +10,6 @@ it back. Sync, asyncio and scripted flushes (`driver` fixture); a clock the test
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
@@ -30,7 +29,7 @@ from redmap import (
 )
 from redmap.audit import audit
 from redmap.engine import Engine
-from redmap.orm import expiry
+from tests._clock import T0, Clock
 
 reg = registry(prefix="exs")
 
@@ -53,23 +52,6 @@ class Page:
     body: Annotated[str, Text()]
     mail: Annotated[str, Suffix()]
     id: Annotated[str | None, PrimaryKey()] = None
-
-
-T0 = 1_900_000_000.0
-
-
-class Clock:
-    now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    c = Clock()
-    with expiry.use_clock(c):
-        yield c
 
 
 def raw(engine: Engine) -> redis.Redis:

@@ -5,7 +5,6 @@ Real server; sync, asyncio and scripted flush drivers; a clock the tests move.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
@@ -27,7 +26,7 @@ from redmap import (
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import IntegrityError, InvalidRequestError, MappingError, NoResultFound
-from redmap.orm import expiry
+from tests._clock import T0, Clock
 
 reg = registry(prefix="sd")
 
@@ -60,23 +59,6 @@ class Tag:
     label: str
     docs: list[Doc] = relationship(secondary="doc_tags", back_populates="tags")
     id: Annotated[int | None, PrimaryKey()] = None
-
-
-T0 = 1_900_000_000.0
-
-
-class Clock:
-    now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Iterator[Clock]:
-    c = Clock()
-    with expiry.use_clock(c):
-        yield c
 
 
 def raw(engine: Engine) -> redis.Redis:
