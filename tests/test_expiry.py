@@ -26,6 +26,7 @@ from redmap import (
     Sorted,
     Unique,
     UpdatedAt,
+    inspect,
     registry,
     relationship,
     select,
@@ -289,6 +290,34 @@ class TestWrites:
             t.kind = "b"
             s.commit()
             assert t.updated == clock.at(7)
+
+    def test_increments_with_the_updated_at_stamp_are_never_stale(
+        self, eng: Engine, clock: Clock
+    ) -> None:
+        """An atomic counter on a model with UpdatedAt (and ExpiresAt): two sessions that
+        loaded the same version both commit (issue 14's "never stale"); the stamp is the
+        last write's moment and the Sorted score follows Redis's value."""
+        with Session(eng) as s:
+            s.add(Token(value="a", rank=10))
+            s.commit()
+        with Session(eng) as s1, Session(eng) as s2:
+            a, b = s1.get(Token, 1), s2.get(Token, 1)
+            assert a is not None and b is not None
+            clock.now = T0 + 3
+            a.rank = Token.rank + 5
+            s1.commit()
+            clock.now = T0 + 4
+            b.rank = Token.rank - 2
+            s2.commit()  # loaded before s1's commit: not stale
+            assert (b.rank, b.updated) == (13, clock.at(4))
+            assert inspect(b).version == 3 and not s2.dirty
+        r = raw(eng)
+        assert r.hget("{exp}:token:1", "rank") == b"13"
+        assert r.zscore("{exp}:token:#zs:rank", "1") == 13
+        with Session(eng) as s:
+            t = s.get(Token, 1)
+            assert t is not None and t.updated == clock.at(4) and t.created == clock.at(0)
+        assert audit(r, reg).ok
 
     def test_naive_expiry_refused(self, eng: Engine, clock: Clock) -> None:
         with Session(eng) as s:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..commands import Command
@@ -317,7 +317,10 @@ def plan_flush(
         # Only increments: they commute with every other write, so the object need only
         # still be the same incarnation (API.md section 9: never stale).
         only_incs = (
-            len(incs) == len(u.changes) and st.version is not None and st.incarnation is not None
+            bool(incs)
+            and len(incs) + _blind_stamp(mapper, u.changes) == len(u.changes)
+            and st.version is not None
+            and st.incarnation is not None
         )
         if mapper.expiry.tracked:
             tracked[_ks(u).deadlines()] = (mapper, _ks(u))
@@ -547,10 +550,27 @@ def _plan_increments_only(b: _Builder, u: UpdateTask) -> None:
             value=st.pk,
         )
     )
-    for name, (inc, _) in u.changes.items():
-        _plan_increment(b, u, name, inc)
+    for name, (inc, enc) in u.changes.items():
+        if type(inc) is Increment:
+            _plan_increment(b, u, name, inc)
+        else:  # the UpdatedAt stamp (`_blind_stamp`): the last write's moment wins
+            b.followups.append(("HSET", u.key, name, enc))
     b.increments.append(("HINCRBY", u.key, VERSION_FIELD, 1))
     b.incremented.append((st, None))
+
+
+def _blind_stamp(mapper: Mapper[Any], changes: Mapping[str, tuple[Any, bytes | None]]) -> int:
+    """1 when `changes` holds the flush's `UpdatedAt` stamp on a field with no index, else 0.
+
+    Such a stamp is written without a version check beside increments: every writer of
+    the object stamps it, so whichever write lands last leaves its own moment, which is
+    what the field means, and increments with a stamp stay never stale (API.md section 9).
+    An indexed stamp moves an index entry from the value loaded, so it needs the check.
+    """
+    name = mapper.expiry.updated
+    if name is None or name not in changes or mapper.columns[name].has_index:
+        return 0
+    return 1
 
 
 def _plan_increment(b: _Builder, u: UpdateTask, name: str, inc: Increment) -> None:
