@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 from . import dialects
 from .commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from .exc import InvalidRequestError
-from .orm.expiry import SWEEP_BATCH, registry_mappers, sweep_steps
+from .orm.expiry import SWEEP_BATCH, registry_mappers, sweep_all_steps
 from .orm.flushprotocol import SCRIPT_THRESHOLD
 from .urls import safe_url
 
@@ -214,7 +214,7 @@ class Engine(EngineBase):
         delete's grace period): its hash and every index, unique and link entry, found
         through the per-model deadline zsets, never by SCAN. Returns how many objects were
         purged. Safe to run at any time, from any number of processes (docs/expiry.md)."""
-        return self.run(sweep_steps(registry_mappers(registry), batch=batch))
+        return self.run(sweep_all_steps(self, registry_mappers(registry), batch=batch))
 
     def dispose(self) -> None:
         """Close pooled connections; the engine reconnects if used again."""

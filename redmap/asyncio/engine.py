@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import dialects
 from ..commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from ..engine import Echo, EngineBase
-from ..orm.expiry import SWEEP_BATCH, registry_mappers, sweep_steps
+from ..orm.expiry import SWEEP_BATCH, registry_mappers, sweep_all_steps
 from ..orm.flushprotocol import SCRIPT_THRESHOLD
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class AsyncEngine(EngineBase):
     async def sweep(self, registry: Any, *, batch: int = SWEEP_BATCH) -> int:
         """`Engine.sweep`, awaited: purge every object of `registry` whose deadline
         passed; returns how many."""
-        return await self.run(sweep_steps(registry_mappers(registry), batch=batch))
+        return await self.run(sweep_all_steps(self, registry_mappers(registry), batch=batch))
 
     async def dispose(self) -> None:
         """Close pooled connections; the engine reconnects if used again."""

@@ -54,6 +54,9 @@ __all__ = [
     "registry_mappers",
     "set_clock",
     "stamp",
+    "child_relationships",
+    "detach_children",
+    "sweep_all_steps",
     "sweep_steps",
     "use_clock",
 ]
@@ -510,7 +513,13 @@ def piggyback(spaces: Sequence[tuple[Mapper[Any], KeySpace]], now: int) -> list[
     """The bounded sweeps a flush queues in its MULTI for the tracked models it writes
     (their keyspaces under its hash tag): at most `PIGGYBACK_LIMIT` ids each."""
     load = not _Loaded.sweep
-    return [sweep_command(m, ks, now, PIGGYBACK_LIMIT, load=load) for m, ks in spaces]
+    # A model whose objects have children is left to `Engine.sweep`, which detaches the
+    # children through a unit of work before purging their parent.
+    return [
+        sweep_command(m, ks, now, PIGGYBACK_LIMIT, load=load)
+        for m, ks in spaces
+        if not child_relationships(m)
+    ]
 
 
 def piggyback_replies(replies: Sequence[Any]) -> None:
@@ -605,11 +614,42 @@ def registry_mappers(registry: Any) -> list[Mapper[Any]]:
     return list(registry.mappers.values())
 
 
-def sweep_steps(mappers: Sequence[Mapper[Any]], *, batch: int = SWEEP_BATCH) -> Steps[int]:
+def child_relationships(mapper: Mapper[Any]) -> list[Any]:
+    """The one-to-many relationships whose children point at `mapper`'s objects by a
+    foreign key: those children must be detached (or deleted, with a delete cascade)
+    before the sweep purges their parent, as a flush does for a deleted parent."""
+    return [p for p in mapper.relationships.values() if p.direction is Direction.ONETOMANY]
+
+
+# Set by `redmap.orm.session` when it is imported (the sweep runs below the Session, which
+# imports the engine): the steps that detach or delete, through a unit of work, the
+# children of the objects whose deadline passed. Arguments: the engine running the
+# steps, the mappers swept, the moment. Returns how many children it changed.
+detach_children: Callable[[Any, Sequence[Mapper[Any]], int], Steps[int]] | None = None
+
+
+def sweep_all_steps(
+    engine: Any, mappers: Sequence[Mapper[Any]], *, batch: int = SWEEP_BATCH
+) -> Steps[int]:
+    """What `Engine.sweep` runs: the children of the gone objects first (a unit of work
+    through `detach_children`, for models with one-to-many relationships), then the
+    purge, both as of one moment. Run again after a failure, it redoes what is left."""
+    now = now_ms()
+    if detach_children is not None and any(
+        m.expiry.tracked and child_relationships(m) for m in mappers
+    ):
+        yield from detach_children(engine, mappers, now)
+    return (yield from sweep_steps(mappers, batch=batch, now=now))
+
+
+def sweep_steps(
+    mappers: Sequence[Mapper[Any]], *, batch: int = SWEEP_BATCH, now: int | None = None
+) -> Steps[int]:
     """Purge every object of `mappers` whose deadline passed: one script invocation per
     keyspace and batch (one round trip for all keyspaces per batch), until none is left.
     Returns how many objects were purged. Time linear in what is purged; no SCAN."""
-    now = now_ms()
+    if now is None:
+        now = now_ms()
     todo = [(m, ks) for m in mappers if m.expiry.tracked for ks in m.all_keyspaces()]
     purged = 0
     while todo:

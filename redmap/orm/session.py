@@ -1047,3 +1047,102 @@ def _copy_fields(source: object, target: object) -> None:
     for col in mapper_of(type(target)).stored_columns():
         if col.key in d:
             setattr(target, col.key, d[col.key])
+
+
+# -- the children of objects the sweep purges ----------------------------------------------
+
+# Parents whose children one unit of work detaches (a bound on the session's size).
+_DETACH_BATCH = 500
+# Passes over the gone parents (each after one that changed something); a bound, not a
+# need: one pass leaves nothing to change unless children of the same model were deleted.
+_DETACH_PASSES = 5
+
+
+def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Steps[int]:
+    """Detach the children of every object of `mappers` whose deadline passed by `now`
+    (their foreign key set to None), or delete them where the relationship cascades
+    delete: what a flush does for a deleted parent, through the same unit of work (the
+    children's indexes, unique values, cascades, versions and `UpdatedAt` included).
+
+    Run by the sweep (`expiry.sweep_all_steps`) before it purges the parents, so that no
+    child keeps a foreign key to a purged object. The gone parents are read from their
+    deadline zsets in batches; a pass that changed something is followed by another, until
+    one finds nothing left to change (deleting children may move the offsets). Children
+    that are themselves gone are left to their own model's sweep. Returns how many
+    children were changed.
+    """
+    from ..query.expression import col
+    from ..query.select import select
+
+    changed = 0
+    for _ in range(_DETACH_PASSES):
+        again = False
+        for mapper in mappers:
+            props = expiry.child_relationships(mapper) if mapper.expiry.tracked else []
+            if not props:
+                continue
+            for ks in mapper.all_keyspaces():
+                offset = 0
+                while True:
+                    (segments,) = yield Read(
+                        [
+                            (
+                                "ZRANGEBYSCORE", ks.deadlines(), "-inf", now,
+                                "LIMIT", offset, _DETACH_BATCH,
+                            )  # fmt: skip
+                        ]
+                    )
+                    if isinstance(segments, Exception):
+                        raise RedmapError(
+                            f"the sweep of {mapper.name} could not read "
+                            f"{ks.deadlines()!r}: {segments}; run `redmap audit`"
+                        )
+                    if not segments:
+                        break
+                    offset += len(segments)
+                    pks = [mapper.pk_from_segment(seg) for seg in segments]
+                    n = yield from _detach_batch(engine, mapper, props, pks, col, select)
+                    changed += n
+                    again = again or n > 0
+        if not again:
+            break
+    return changed
+
+
+def _detach_batch(
+    engine: Any, mapper: Any, props: Sequence[Any], pks: list[Any], col: Any, select: Any
+) -> Steps[int]:
+    """One unit of work over the children of the gone parents `pks` of `mapper`."""
+    inner = Session(engine if isinstance(engine, Engine) else None, autoflush=False)
+    if not isinstance(engine, Engine):
+        inner._async_engine = engine
+    n = 0
+    try:
+        for prop in props:
+            child = mapper_of(prop.target)
+            fk = prop.fk_column
+            found = yield from inner._scalars_steps(
+                select(prop.target).where(col(prop.target, fk).in_(pks))
+            )
+            for obj in found.all():
+                n += 1
+                if "delete" in prop.cascade:
+                    inner.delete(obj)
+                    continue
+                codec = child.columns[fk].codec
+                if codec is not None and not codec.nullable:
+                    raise RedmapError(
+                        f"cannot sweep {mapper.name}: its expired objects have {child.name} "
+                        f"children whose {fk} is required, and {mapper.name}.{prop.key} does "
+                        f"not cascade delete; make {child.name}.{fk} Optional or add "
+                        f'cascade="all, delete" to the relationship'
+                    )
+                setattr(obj, fk, None)
+        if n:
+            yield from inner._commit_steps()
+    finally:
+        inner.close()
+    return n
+
+
+expiry.detach_children = _detach_children_steps
