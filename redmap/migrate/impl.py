@@ -21,6 +21,7 @@ from alembic_like.operations import Operations
 from ..dialects.base import translate_errors
 from ..exc import DecodeError, MigrationError, ValidationError
 from ..orm import keys
+from ..orm.expiry import SOFT_FIELD
 from ..orm.mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
 from ..orm.textindex import index_commands
 from ..orm.types import Codec, compile_codec
@@ -351,9 +352,16 @@ def create_index(operations: Operations, op: CreateIndex) -> None:
                 )
 
         def plan(key: str, segment: str, row: Row) -> Change | None:
-            return _add_entries(target, op.field, op.kind, row.get(op.field), segment, codec)
+            change = _add_entries(target, op.field, op.kind, row.get(op.field), segment, codec)
+            if row.get(SOFT_FIELD) is not None:
+                # Soft-deleted: in no query index until restored (`Session.restore` puts
+                # every entry back), but its unique value stays held.
+                change.commands = [c for c in change.commands if c[0] == "SET"]
+                if not change.commands:
+                    return None
+            return change
 
-        result = rewrite(run, target, op.summary(), plan, fields=[op.field])
+        result = rewrite(run, target, op.summary(), plan, fields=[op.field, SOFT_FIELD])
     if result.taken:
         raise MigrationError(
             f"{op.summary()}: values taken by other objects since the check: "
