@@ -216,8 +216,14 @@ class _Builder(Protocol):
 
     def expect_type(self, key: str, kind: str) -> None: ...
 
-    def string_entries(
-        self, ks: KeySpace, col: ColumnProperty, raw: bytes | None, segment: str, *, add: bool
+    def remove_query_entries(
+        self,
+        ks: KeySpace,
+        col: ColumnProperty,
+        old: bytes | None,
+        segment: str,
+        *,
+        replaced: bool = False,
     ) -> None: ...
 
 
@@ -368,17 +374,7 @@ def plan_soft_delete(
     b.expect_type(ks.all(), "zset")
     b.removals.append(("ZREM", ks.all(), segment))
     for col in mapper.indexed_columns:
-        enc = st.loaded.get(col.key)
-        if col.indexed or col.unique:
-            ix = ks.index(col.key, keys.NULL_SEGMENT if enc is None else keys.escape(enc))
-            b.expect_type(ix, "set")
-            b.removals.append(("SREM", ix, segment))
-        if col.sorted:
-            zs = ks.sorted(col.key)
-            b.expect_type(zs, "zset")
-            b.removals.append(("ZREM", zs, segment))
-        if col.has_string_index:
-            b.string_entries(ks, col, enc, segment, add=False)
+        b.remove_query_entries(ks, col, st.loaded.get(col.key), segment)
     fields: list[Any] = [SOFT_FIELD, str(now), VERSION_FIELD, str((st.version or 0) + 1)]
     if st.version is None:
         fields.extend((INCARNATION_FIELD, incarnation))
@@ -427,17 +423,16 @@ for _, id in ipairs(ids) do
         -- a string index member (value and id): removed as it was written
         redis.call('ZREM', zkey, (string.gsub(hex, '..', function(h)
           return string.char(tonumber(h, 16)) end)) .. id)
-        key = nil
-      end
-      local t = key and redis.call('TYPE', key)
-      t = t and (t.ok or t)
-      if not t then
-      elseif t == 'set' then redis.call('SREM', key, id)
-      elseif t == 'zset' then redis.call('ZREM', key, id)
-      elseif t == 'string' then
-        -- a unique value: released only if this object still holds it (it may have
-        -- been taken over since the deadline passed).
-        if redis.call('GET', key) == id then redis.call('DEL', key) end
+      else
+        local t = redis.call('TYPE', key)
+        t = t.ok or t
+        if t == 'set' then redis.call('SREM', key, id)
+        elseif t == 'zset' then redis.call('ZREM', key, id)
+        elseif t == 'string' then
+          -- a unique value: released only if this object still holds it (it may have
+          -- been taken over since the deadline passed).
+          if redis.call('GET', key) == id then redis.call('DEL', key) end
+        end
       end
     end
   end

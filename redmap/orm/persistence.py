@@ -199,16 +199,31 @@ class _Builder:
         *,
         replaced: bool,
     ) -> None:
-        if col.indexed or col.unique:
-            vseg = keys.NULL_SEGMENT if old is None else keys.escape(old)
-            ix = ks.index(col.key, vseg)
-            self.expect_type(ix, "set")
-            self.removals.append(("SREM", ix, segment))
+        """Take the object out of `col`'s query indexes and release its unique value."""
+        self.remove_query_entries(ks, col, old, segment, replaced=replaced)
         if col.unique and old is not None:
             uq = ks.unique(col.key, keys.escape(old))
             self.releases.setdefault(uq, set()).add(segment)
             self.watch[uq] = None
             self.removals.append(("DEL", uq))
+
+    def remove_query_entries(
+        self,
+        ks: KeySpace,
+        col: ColumnProperty,
+        old: bytes | None,
+        segment: str,
+        *,
+        replaced: bool = False,
+    ) -> None:
+        """Take the object out of `col`'s query indexes (equality set, Sorted zset, string
+        indexes), leaving its unique value held: what a soft delete does
+        (`expiry.plan_soft_delete`), and the first half of `remove_index_entries`."""
+        if col.indexed or col.unique:
+            vseg = keys.NULL_SEGMENT if old is None else keys.escape(old)
+            ix = ks.index(col.key, vseg)
+            self.expect_type(ix, "set")
+            self.removals.append(("SREM", ix, segment))
         if col.sorted and not replaced:
             zs = ks.sorted(col.key)
             self.expect_type(zs, "zset")

@@ -1071,9 +1071,6 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
     that are themselves gone are left to their own model's sweep. Returns how many
     children were changed.
     """
-    from ..query.expression import col
-    from ..query.select import select
-
     changed = 0
     for _ in range(_DETACH_PASSES):
         again = False
@@ -1101,7 +1098,7 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
                         break
                     offset += len(segments)
                     pks = [mapper.pk_from_segment(seg) for seg in segments]
-                    n = yield from _detach_batch(engine, mapper, props, pks, col, select)
+                    n = yield from _detach_batch(engine, mapper, props, pks)
                     changed += n
                     again = again or n > 0
         if not again:
@@ -1109,10 +1106,11 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
     return changed
 
 
-def _detach_batch(
-    engine: Any, mapper: Any, props: Sequence[Any], pks: list[Any], col: Any, select: Any
-) -> Steps[int]:
+def _detach_batch(engine: Any, mapper: Any, props: Sequence[Any], pks: list[Any]) -> Steps[int]:
     """One unit of work over the children of the gone parents `pks` of `mapper`."""
+    from ..query.expression import col
+    from ..query.select import select
+
     inner = Session(engine if isinstance(engine, Engine) else None, autoflush=False)
     if not isinstance(engine, Engine):
         inner._async_engine = engine
