@@ -3,7 +3,8 @@
 The proxy listens on a free 127.0.0.1 port and forwards bytes both ways to a target
 server. It reads the client's RESP stream far enough to find each command's name
 (commands split across TCP reads are reassembled first) and the server's stream far
-enough to count replies, so it can lose exactly the reply to an EXEC:
+enough to count replies, so it can lose exactly the reply to an EXEC (or to a flush
+script sent outside MULTI, the whole transaction of a flush made only of increments):
 
 ```python
 with LoopbackProxy(host, port) as proxy:
@@ -24,6 +25,9 @@ Modes (switchable at run time with `set_mode`):
 * `blackhole`: accept connections and forward nothing either way; clients time out.
   Connections blackholed are closed when the proxy leaves this mode.
 * `reset`: close every open connection at once, and every new one as soon as accepted.
+
+A flush script (an `EVAL`/`EVALSHA` naming a flush token) sent outside MULTI counts as
+an EXEC for the two EXEC modes and in the EXEC counters: it is a commit point of its own.
 
 With `once=True` the two EXEC modes fire on the next EXEC only; when that fault is
 complete the proxy switches to the mode given as `then` (default `pass`), so
@@ -210,6 +214,8 @@ class _Link:
     pending_then: Mode | None = None
     blackholed: bool = False
     closed: bool = False
+    # Between MULTI and EXEC/DISCARD: a script there is queued, not a commit point.
+    in_multi: bool = False
 
 
 class LoopbackProxy:
@@ -469,7 +475,14 @@ class LoopbackProxy:
             link.to_upstream += link.commands.take_rest()
             return
         for name, frame in commands:
-            if name == b"EXEC":
+            if name == b"MULTI":
+                link.in_multi = True
+            elif name == b"DISCARD":
+                link.in_multi = False
+            if name == b"EXEC" or (
+                name in (b"EVAL", b"EVALSHA") and not link.in_multi and b"#flush:" in frame
+            ):
+                link.in_multi = False
                 if self._on_exec(link, frame):
                     return
             else:

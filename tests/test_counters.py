@@ -85,12 +85,11 @@ def test_increments_are_applied_by_redis_and_the_attribute_takes_its_value(
         p.balance = Player.balance + Decimal("1.10")
         with count_round_trips(engine) as rt:
             s.commit()
-        # One round trip: the script (its body the first time this engine runs it).
+        # One round trip, one command: the script (its body the first time this engine
+        # runs it) is the whole transaction (docs/design/flush-concurrency.md, "A flush
+        # made only of increments").
         assert rt.round_trips == 1
-        assert rt.command_names in (
-            ["WATCH", "MULTI", "EVALSHA", "EXEC"],
-            ["WATCH", "MULTI", "EVAL", "EXEC"],
-        )
+        assert rt.command_names in (["EVALSHA"], ["EVAL"])
         assert "HGETALL" not in rt.command_names  # nothing read back
         assert (p.score, p.coins, p.ratio, p.balance) == (5, -3, 0.25, Decimal("1.1"))
         assert inspect(p).version == 2 and not s.dirty
@@ -502,3 +501,50 @@ def test_an_unsettled_lost_reply_on_the_increment_path_marks_the_object_in_doubt
             assert s.get(Player, player).score == 1  # type: ignore[union-attr]
     finally:
         eng.dispose()
+
+
+def test_an_increment_only_flush_sent_alone_loads_the_script_after_noscript(
+    engine: redmap.Engine, redis_client: redis.Redis, player: int
+) -> None:
+    """The script sent without MULTI: a NOSCRIPT reply (cache emptied by a restart or a
+    failover) means nothing ran; the flush goes again with the script's body."""
+    with Session(engine, expire_on_commit=False) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 1
+        s.commit()  # the engine has now seen the script run
+        redis_client.script_flush()
+        p.score = Player.score + 2
+        with count_round_trips(engine) as rt:
+            s.commit()
+        assert [[c[0] for c in b] for b in rt.batches] == [["EVALSHA"], ["EVAL"]]
+        assert p.score == 3 and inspect(p).version == 3
+    assert redis_client.hget(f"{{ct}}:player:{player}", "score") == b"3"
+    assert redis_client.zscore("{ct}:player:#zs:score", str(player)) == 3
+
+
+def test_an_increment_only_flush_refused_by_maxmemory_writes_nothing(
+    engine: redmap.Engine, redis_client: redis.Redis, player: int
+) -> None:
+    """Under maxmemory, Redis refuses the lone script at its first write: a FlushError
+    saying nothing was written, Redis and the session as they were; a retry once
+    memory is back applies the increment once."""
+    key = f"{{ct}}:player:{player}"
+    with Session(engine, expire_on_commit=False) as s:
+        p = s.get(Player, player)
+        assert p is not None
+        p.score = Player.score + 1
+        s.commit()
+        before = dump_keys(redis_client)
+        p.score = Player.score + 5
+        redis_client.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(FlushError, match="nothing was written"):
+                s.commit()
+        finally:
+            redis_client.config_set("maxmemory", 0)
+        assert dump_keys(redis_client) == before
+        assert s.dirty and inspect(p).version == 2 and not inspect(p).in_doubt
+        s.commit()  # the same pending increment, applied once
+        assert p.score == 6
+    assert redis_client.hget(key, "score") == b"6"

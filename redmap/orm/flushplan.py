@@ -153,6 +153,9 @@ class FlushPlan:
     # Bounded sweeps queued after the writes in the same MULTI (`expiry.piggyback`):
     # their replies are not the flush's, and their failures never fail it.
     sweep: list[Command] = dataclasses.field(default_factory=list)
+    # Made only of increments (`persistence.plan_increments`): nothing to watch but the
+    # token, so one script invocation is the whole transaction (no WATCH/MULTI/EXEC).
+    blind: bool = False
 
     def give_back(self) -> dict[str, tuple[int, int]]:
         """The ids a refused flush may return to their counters: the last range handed

@@ -407,7 +407,8 @@ class FlushProtocol:
 
     def _scripted(self, plan: FlushPlan) -> Generator[Request, Reply, None]:
         """`WATCH token`, MULTI, the plan's script invocations, EXEC: one round trip
-        (plus `SCRIPT LOAD` when the server does not know the script).
+        (plus `SCRIPT LOAD` when the server does not know the script). A plan made only
+        of increments (`FlushPlan.blind`) in one invocation sends that invocation alone.
 
         The script checks every precondition at the commit point and writes only when
         all hold (docs/design/flush-concurrency.md); the token is written by it, so a
@@ -423,13 +424,21 @@ class FlushProtocol:
         # Until this engine saw the script run, the first invocation carries its body
         # (EVAL caches it), so that the first scripted flush needs no NOSCRIPT round trip.
         load = not self.script_cache.loaded
+        # A plan made only of increments watches nothing but the token, which the script
+        # checks itself: one invocation is then the whole transaction, atomic as a script
+        # is, and WATCH/MULTI/EXEC around it would add three commands and no guarantee
+        # (docs/design/flush-concurrency.md, "A flush made only of increments").
+        alone = len(evals) == 1 and not plan.sweep and plan.blind
         for _ in range(WATCH_RETRIES):
             if load:
                 evals[0] = ("EVAL", flushscript.SCRIPT, *evals[0][2:])
             sent_at = self.clock()
-            replies = yield RoundTrip(
-                [("WATCH", plan.token_key), ("MULTI",), *evals, *plan.sweep, ("EXEC",)], route
+            commands = (
+                evals
+                if alone
+                else [("WATCH", plan.token_key), ("MULTI",), *evals, *plan.sweep, ("EXEC",)]
             )
+            replies = yield RoundTrip(commands, route)
             if isinstance(replies, Lost):
                 self.broken = True
                 yield from self._after_lost_exec(plan, replies, sent_at)
@@ -437,14 +446,19 @@ class FlushProtocol:
             assert replies is not None
             if self._redirected(replies):
                 raise _Redirected()
-            # A refused WATCH does not stop the MULTI sent with it: the EXEC reply says
-            # what happened (the script checks the token itself).
-            exec_reply = replies[-1]
-            if exec_reply is None:
-                continue  # the token changed under the WATCH: nothing ran
-            if isinstance(exec_reply, Exception):
-                queued = [str(r) for r in replies[2:-1] if isinstance(r, Exception)]
-                raise plan.refused_at_queue(queued or [str(exec_reply)], len(replies) - 3)
+            if alone:
+                # The script's reply, or Redis's refusal of it (NOSCRIPT, OOM): read as
+                # the EXEC reply holding them would be.
+                exec_reply: Any = replies
+            else:
+                # A refused WATCH does not stop the MULTI sent with it: the EXEC reply
+                # says what happened (the script checks the token itself).
+                exec_reply = replies[-1]
+                if exec_reply is None:
+                    continue  # the token changed under the WATCH: nothing ran
+                if isinstance(exec_reply, Exception):
+                    queued = [str(r) for r in replies[2:-1] if isinstance(r, Exception)]
+                    raise plan.refused_at_queue(queued or [str(exec_reply)], len(replies) - 3)
             own = _own_replies(plan, list(exec_reply))
             if any(_no_script(r) for r in own):
                 load = True  # nothing ran (a restart or failover emptied the cache)

@@ -547,6 +547,7 @@ def plan_increments(
         states=[u.state for u in updates],
         cross_slot_allowed=cross_slot_allowed,
         incremented=b.incremented,
+        blind=True,
     )
 
 
