@@ -59,6 +59,7 @@ class SessionContext:
         "rel_dirty",
         "replace_guards",
         "supports_cluster",
+        "doubt",
     )
 
     def __init__(
@@ -78,6 +79,9 @@ class SessionContext:
         self.identity_map = IdentityMap()
         # Pending (added, never flushed) states in insertion order, by id(state).
         self.new: dict[int, InstanceState] = {}
+        # States marked in doubt while in this session (`InstanceState.in_doubt`); some
+        # may have left it or been reloaded since: `doubtful()` says which still are.
+        self.doubt: set[InstanceState] = set()
         # Persistent states marked for deletion, by id(state).
         self.deleted: dict[int, InstanceState] = {}
         # Relationship bookkeeping between flushes (consumed by `dependency.prepare`):
@@ -152,6 +156,14 @@ class SessionContext:
         st.key = key
         st.session = self
         self.identity_map.add(st)
+        if st.in_doubt:
+            self.doubt.add(st)
+
+    def doubtful(self) -> list[InstanceState]:
+        """The states of this session whose last flush's outcome is unknown: O(their
+        number), not O(the session's size)."""
+        self.doubt = {st for st in self.doubt if st.in_doubt and st.session is self}
+        return list(self.doubt)
 
     def forget_deleted(self, st: InstanceState) -> None:
         """A deletion was flushed: `st` leaves the session (detached)."""
@@ -182,7 +194,7 @@ class SessionContext:
         (JSON) field, whose in-place changes bypass the attribute descriptors."""
         out = list(self.identity_map.modified)
         seen = {id(s) for s in out}
-        for st in self.identity_map.states():
-            if st.mapper.mutable_columns and id(st) not in seen:
+        for st in self.identity_map.mutable.values():
+            if id(st) not in seen:
                 out.append(st)
         return out

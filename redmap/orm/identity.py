@@ -21,17 +21,27 @@ class IdentityMap:
     def __init__(self) -> None:
         self._states: dict[Identity, InstanceState] = {}
         self.modified: set[InstanceState] = set()
+        # The states of models with mutable (JSON) fields, by id: a flush compares them
+        # all (in-place changes bypass the descriptors), and only them, so a session
+        # holding many other objects does not visit those at each flush.
+        self.mutable: dict[int, InstanceState] = {}
 
     def get(self, identity: Identity) -> InstanceState | None:
         return self._states.get(identity)
 
     def add(self, state: InstanceState) -> None:
         assert state.identity is not None
+        old = self._states.get(state.identity)
+        if old is not None and old is not state:
+            self.mutable.pop(id(old), None)
         self._states[state.identity] = state
+        if state.mapper.mutable_columns:
+            self.mutable[id(state)] = state
 
     def discard(self, state: InstanceState) -> None:
         if state.identity is not None and self._states.get(state.identity) is state:
             del self._states[state.identity]
+            self.mutable.pop(id(state), None)
         self.modified.discard(state)
 
     def states(self) -> list[InstanceState]:
@@ -40,6 +50,7 @@ class IdentityMap:
     def clear(self) -> None:
         self._states.clear()
         self.modified.clear()
+        self.mutable.clear()
 
     def __len__(self) -> int:
         return len(self._states)

@@ -194,6 +194,8 @@ class Session:
         if st.identity is None:
             st.session = ctx
             ctx.new[id(st)] = st
+            if st.in_doubt:
+                ctx.doubt.add(st)
             self._cascade_add(st)
             return
         existing = ctx.identity_map.get(st.identity)
@@ -206,6 +208,8 @@ class Session:
         ctx.identity_map.add(st)
         if st.modified:
             ctx.identity_map.modified.add(st)
+        if st.in_doubt:
+            ctx.doubt.add(st)
         self._cascade_add(st)
 
     def _cascade_add(self, st: InstanceState) -> None:
@@ -359,8 +363,7 @@ class Session:
         try:
             self._flush_thread = threading.get_ident()
             ctx = self._context
-            doubt = [st for st in ctx.identity_map.states() if st.in_doubt]
-            doubt += [st for st in ctx.new.values() if st.in_doubt]
+            doubt = ctx.doubtful()
             if doubt:
                 raise InvalidRequestError(
                     f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
@@ -402,7 +405,7 @@ class Session:
             or ctx.rel_dirty
             or ctx.links
             or ctx.orphans
-            or any(st.mapper.mutable_columns for st in ctx.identity_map.states())
+            or ctx.identity_map.mutable
         )
 
     def _autoflush(self) -> Steps[None]:
@@ -414,7 +417,7 @@ class Session:
                 ctx.new
                 or ctx.deleted
                 or ctx.identity_map.modified
-                or any(st.mapper.mutable_columns for st in ctx.identity_map.states())
+                or ctx.identity_map.mutable
             ):
                 ctx.autoflushing = True
                 try:

@@ -26,8 +26,8 @@ class InstanceState:
 
     __slots__ = (
         "deleted",
+        "_in_doubt",
         "identity",
-        "in_doubt",
         "incarnation",
         "key",
         "load_options",
@@ -61,7 +61,7 @@ class InstanceState:
         # Marked for deletion by Session.delete(), until the flush or a rollback.
         self.deleted = False
         # The last flush's outcome is unknown for this object (lost EXEC reply).
-        self.in_doubt = False
+        self._in_doubt = False
         # Loader options of the statement that returned this object, by relationship
         # name (`strategy_options.LoadNode`), for its unloaded relationships: a later
         # lazy load follows them (raiseload, sub-options). None: the mapped `lazy=`.
@@ -69,6 +69,20 @@ class InstanceState:
 
     def __repr__(self) -> str:
         return f"<InstanceState {self.mapper.name} {self.status.value} key={self.key!r}>"
+
+    @property
+    def in_doubt(self) -> bool:
+        """The last flush's outcome is unknown for this object (a lost EXEC reply not
+        settled): the session refuses to flush until a rollback reloads it."""
+        return self._in_doubt
+
+    @in_doubt.setter
+    def in_doubt(self, value: bool) -> None:
+        # The session finds its doubtful objects in `doubt`, not by visiting every
+        # object it holds at each flush (the cost of a flush follows its work).
+        self._in_doubt = value
+        if value and self.session is not None:
+            self.session.doubt.add(self)
 
     @property
     def status(self) -> ObjectStatus:

@@ -951,7 +951,7 @@ class IncrementFlush(UOWTransaction):
             elif ks.tag != tag:
                 return None
             updates.append(UpdateTask(st, mapper.pk_segment(st.pk), st.key, changes, ks))
-        if any(st.mapper.mutable_columns for st in session.identity_map.states()):
+        if session.identity_map.mutable:
             return None
         flush = cls(session)
         flush.updates = updates
