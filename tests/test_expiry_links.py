@@ -193,6 +193,28 @@ class TestOneServer:
         _audit_clean(engine)
 
 
+    def test_a_late_second_step_changes_nothing(self, engine: Engine, clock: Clock) -> None:
+        """Two sweeps: the first stops after its first step; the second ends the club,
+        whose id is then inserted again with links of its own. The first sweep's second
+        step, arriving late, finds the id no longer waiting and removes nothing."""
+        _seed(engine, clock, club_expires=10, player_expires=None)
+        clock.now = T0 + 11
+        steps = expiry.sweep_steps([mapper_of(Club)], one_server=True)
+        first = next(steps)
+        late = steps.send(engine.execute(first.commands))
+        steps.close()
+        assert engine.sweep(reg) == 0  # the other sweep ends the waiting club
+        with Session(engine) as s:
+            club = Club(name="again", id=1)
+            club.members.extend([p for p in s.get_many(Player, [2, 3]) if p is not None])
+            s.add(club)
+            s.commit()
+        assert engine.execute(late.commands) == [0]
+        assert _player_links(engine, 2) == {b"1", b"2"}
+        assert _club_links(engine, 1) == {b"2", b"3"}
+        _audit_clean(engine)
+
+
 def _audit_clean_quietly(engine: Engine) -> bool:
     report = audit(_raw(engine), reg)
     return report.ok and not report.broken_references
