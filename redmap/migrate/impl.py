@@ -20,7 +20,7 @@ from alembic_like.operations import Operations
 
 from ..dialects.base import translate_errors
 from ..exc import DecodeError, MigrationError, ValidationError
-from ..orm import keys
+from ..orm import expiry, keys
 from ..orm.expiry import SOFT_FIELD
 from ..orm.mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
 from ..orm.textindex import index_commands
@@ -351,17 +351,19 @@ def create_index(operations: Operations, op: CreateIndex) -> None:
                     f"nothing was written"
                 )
 
+        fields = [op.field, SOFT_FIELD, *_deadline_fields(target)]
+
         def plan(key: str, segment: str, row: Row) -> Change | None:
             change = _add_entries(target, op.field, op.kind, row.get(op.field), segment, codec)
             if row.get(SOFT_FIELD) is not None:
                 # Soft-deleted: in no query index until restored (`Session.restore` puts
                 # every entry back), but its unique value stays held.
                 change.commands = [c for c in change.commands if c[0] == "SET"]
-                if not change.commands:
-                    return None
-            return change
+            # An object with a deadline: the sweep must find the new entries too.
+            change.commands[:0] = _sweep_data(target, segment, row)
+            return change if change.commands else None
 
-        result = rewrite(run, target, op.summary(), plan, fields=[op.field, SOFT_FIELD])
+        result = rewrite(run, target, op.summary(), plan, fields=list(dict.fromkeys(fields)))
     if result.taken:
         raise MigrationError(
             f"{op.summary()}: values taken by other objects since the check: "
@@ -443,22 +445,35 @@ def _renamed_spaces(
     ]
 
 
-# Hash fields that are the object's version and incarnation, not its data.
-_BOOKKEEPING = (VERSION_FIELD, INCARNATION_FIELD)
+# Hash fields that are redmap's own, not the object's data: its version, its incarnation
+# and its soft-delete mark.
+_BOOKKEEPING = (VERSION_FIELD, INCARNATION_FIELD, SOFT_FIELD)
 
 
 @RedisOperations.implementation_for(Transform)
 def transform(operations: Operations, op: Transform) -> None:
-    """Pass each object's raw fields through `op.fn`, keeping mapped indexes in step."""
+    """Pass each object's raw fields through `op.fn`, keeping mapped indexes in step.
+
+    On a model with deadlines: an object already gone (its ExpiresAt moment or its soft
+    delete's grace period passed, by the client clock) is left to the sweep as it is; a
+    soft-deleted one is transformed but stays out of the query indexes (its unique
+    claims move with its values; `Session.restore` indexes the new values); and the
+    deadline zset and sweep data follow the new values, so the sweep cleans what the
+    object holds by then."""
     run = _run(operations)
     position = operations.position if isinstance(operations, RedisOperations) else 0
     with translate_errors(run.url):
         target = run.resolve(op.model)
         indexed = _indexed_columns(target)
+        tracked = target.mapper is not None and target.mapper.expiry.tracked
 
         def plan(key: str, segment: str, row: Row) -> Change | None:
-            # `#v` and `#i` are redmap's own, never the function's: they are left as they
-            # are (the apply script bumps `#v`; `#i` stays, it is the same object).
+            soft = row.get(SOFT_FIELD)
+            if tracked and _gone(target, row):
+                return None  # gone for every API: the sweep purges it as it was
+            # `#v`, `#i` and `#d` are redmap's own, never the function's: they are left as
+            # they are (the apply script bumps `#v`; `#i` stays, it is the same object;
+            # `#d` keeps a soft-deleted object deleted).
             old = {k: v for k, v in row.items() if k not in _BOOKKEEPING}
             given = dict(old)
             try:
@@ -469,7 +484,10 @@ def transform(operations: Operations, op: Transform) -> None:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             new = _checked_fields(op, given if out is None else out)
-            return _diff(target, key, segment, old, new, indexed)
+            change = _diff(target, key, segment, old, new, indexed, deleted=soft is not None)
+            if change is not None and tracked:
+                _follow_deadline(change, target, key, segment, old, new, soft)
+            return change
 
         result = rewrite(run, target, op.summary(), plan, position=position)
     if result.taken:
@@ -500,8 +518,8 @@ def _checked_fields(op: Transform, fields: Any) -> dict[str, bytes]:
             raise MigrationError(f"{op.summary()}: field names must be str, not {name!r}")
         if name in _BOOKKEEPING:
             raise MigrationError(
-                f"{op.summary()}: the function returned {name!r}, redmap's own version or "
-                f"incarnation field; leave it out (redmap keeps it)"
+                f"{op.summary()}: the function returned {name!r}, redmap's own version, "
+                f"incarnation or soft-delete field; leave it out (redmap keeps it)"
             )
         if isinstance(value, str):
             value = value.encode("utf-8")
@@ -520,8 +538,13 @@ def _diff(
     old: dict[str, bytes],
     new: dict[str, bytes],
     indexed: list[tuple[ColumnProperty, list[IndexKind]]],
+    *,
+    deleted: bool = False,
 ) -> Change | None:
-    """The commands taking the object from `old` to `new`: index entries, then the hash."""
+    """The commands taking the object from `old` to `new`: index entries, then the hash.
+
+    A soft-deleted object (`deleted`) is in no query index: only its unique claims move
+    (the old value's released, the new one's claimed)."""
     sets = {name: value for name, value in new.items() if old.get(name) != value}
     dels = [name for name in old if name not in new]
     if not sets and not dels:
@@ -532,8 +555,12 @@ def _diff(
         if before == after:
             continue
         for kind in kinds:
-            change.commands += _remove_entries(target, col.key, kind, before, segment)
+            removals = _remove_entries(target, col.key, kind, before, segment)
             added = _add_entries(target, col.key, kind, after, segment, col.codec)
+            if deleted:
+                removals = [c for c in removals if c[0] == "DEL"]  # the unique claim
+                added.commands = [c for c in added.commands if c[0] == "SET"]
+            change.commands += removals
             additions += added.commands
             change.claims += added.claims
     change.commands += additions
@@ -543,6 +570,71 @@ def _diff(
         pairs = [item for name, value in sets.items() for item in (field_bytes(name), value)]
         change.commands.append(("HSET", key, *pairs))
     return change
+
+
+def _deadline_fields(target: Target) -> list[str]:
+    """The fields `_sweep_data` reads: a tracked model's indexed fields and ExpiresAt."""
+    mapper = target.mapper
+    if mapper is None or not mapper.expiry.tracked:
+        return []
+    out = [c.key for c in mapper.indexed_columns]
+    return out if mapper.expiry.expires is None else [*out, mapper.expiry.expires]
+
+
+def _sweep_data(target: Target, segment: str, row: Row) -> list[Command]:
+    """The sweep data of an object with a deadline, from its stored values (as a flush
+    writes it, `expiry.sweep_keys`): none for an object without one."""
+    mapper = target.mapper
+    if mapper is None or not mapper.expiry.tracked or expiry.deadline_of(mapper, row) is None:
+        return []
+    encoded = {c.key: row.get(c.key) for c in mapper.indexed_columns}
+    data = expiry.sweep_keys(mapper, target.keys, encoded)
+    return [("HSET", target.keys.sweep_data(), segment, data)]
+
+
+def _gone(target: Target, row: Row) -> bool:
+    """Whether an object's stored deadline (ExpiresAt, or the end of its soft delete's
+    grace period) has passed by the client clock."""
+    assert target.mapper is not None
+    deadline = expiry.deadline_of(target.mapper, row)
+    return deadline is not None and deadline <= expiry.now_ms()
+
+
+def _follow_deadline(
+    change: Change,
+    target: Target,
+    key: str,
+    segment: str,
+    old: dict[str, bytes],
+    new: dict[str, bytes],
+    soft: bytes | None,
+) -> None:
+    """Keep the deadline zset and the sweep data of a transformed object in step with
+    its new values, as a flush would (`expiry.track`): a moved deadline moves in `#dl`
+    and on the hash's expiry, and the sweep data lists the new values' index keys."""
+    mapper = target.mapper
+    assert mapper is not None
+    ks = target.keys
+    marks = {} if soft is None else {SOFT_FIELD: soft}
+    before = expiry.deadline_of(mapper, {**old, **marks})
+    after = expiry.deadline_of(mapper, {**new, **marks})
+    cols = [c.key for c in mapper.indexed_columns]
+    if after is None:
+        if before is not None:
+            untrack = [("ZREM", ks.deadlines(), segment), ("HDEL", ks.sweep_data(), segment)]
+            change.commands[:0] = untrack
+            change.commands.append(("PERSIST", key))
+        return
+    if after == before and all(old.get(c) == new.get(c) for c in cols):
+        return
+    data = expiry.sweep_keys(mapper, ks, {c: new.get(c) for c in cols})
+    # Before the hash's own writes (which cannot fail), like the index commands.
+    change.commands[:0] = [
+        ("ZADD", ks.deadlines(), after, segment),
+        ("HSET", ks.sweep_data(), segment, data),
+    ]
+    if after != before:
+        change.commands.append(("PEXPIREAT", key, after + expiry.MARGIN_MS))
 
 
 @RedisOperations.implementation_for(Execute)
