@@ -548,3 +548,39 @@ def test_an_increment_only_flush_refused_by_maxmemory_writes_nothing(
         s.commit()  # the same pending increment, applied once
         assert p.score == 6
     assert redis_client.hget(key, "score") == b"6"
+
+
+def test_an_object_in_doubt_is_refused_in_whichever_session_holds_it(
+    engine: redmap.Engine, proxy: LoopbackProxy, player: int
+) -> None:
+    """The session finds its objects in doubt without visiting every object it holds
+    (`SessionContext.doubt`): one expunged while in doubt and added to another session
+    still stops that session's flush until a rollback there reloads it."""
+    from redmap.exc import OutcomeUnknownError
+
+    eng = redmap.create_engine(proxy.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        with Session(eng) as s:
+            s.add_all([Player(name=f"other{i}") for i in range(50)])
+            s.commit()
+            p = s.get(Player, player)
+            assert p is not None
+            p.score = Player.score + 1
+            proxy.set_mode("drop_exec_reply", once=True, then="reset")
+            with pytest.raises(OutcomeUnknownError):
+                s.commit()
+            proxy.set_mode("pass")
+            assert inspect(p).in_doubt
+            s.expunge(p)
+            s.add(Player(name="fine"))
+            s.commit()  # nothing in doubt is left in this session
+        with Session(eng) as other:
+            other.add(p)
+            other.add(Player(name="blocked"))
+            with pytest.raises(InvalidRequestError, match="rollback"):
+                other.commit()
+            other.rollback()
+            assert not inspect(p).in_doubt
+            assert other.get(Player, player).score == 1  # type: ignore[union-attr]
+    finally:
+        eng.dispose()

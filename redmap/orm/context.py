@@ -162,6 +162,8 @@ class SessionContext:
     def doubtful(self) -> list[InstanceState]:
         """The states of this session whose last flush's outcome is unknown: O(their
         number), not O(the session's size)."""
+        if not self.doubt:
+            return []
         self.doubt = {st for st in self.doubt if st.in_doubt and st.session is self}
         return list(self.doubt)
 
