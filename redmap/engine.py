@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 from . import dialects
 from .commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from .exc import InvalidRequestError
-from .orm.expiry import SWEEP_BATCH, registry_mappers, sweep_all_steps
+from .orm.expiry import SWEEP_BATCH
 from .orm.flushprotocol import SCRIPT_THRESHOLD
+from .orm.sweep import registry_mappers, sweep_all_steps
 from .urls import safe_url
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ are linked both ways (`Club.members` / `Player.clubs`) and one way (`Club.fans`,
 far side is Player's hidden link). Purging a gone object of either side removes its id
 from the other side's link zsets, whatever their hash tag: the sweep script purges
 what lives under the object's own tag and reports the links under other tags; a second
-step removes those and ends the object (`expiry.finish_steps`). Runs on the sync and
+step removes those and ends the object (`sweep.finish_steps`). Runs on the sync and
 asyncio drivers and the scripted flush (`driver`), and on a 3-node cluster (`sengine`).
 """
 
@@ -23,7 +23,7 @@ from redmap import ExpiresAt, Indexed, PrimaryKey, Session, registry, relationsh
 from redmap.audit import audit
 from redmap.engine import Engine
 from redmap.exc import IntegrityError
-from redmap.orm import expiry
+from redmap.orm import sweep
 from redmap.orm.mapper import mapper_of
 from tests._clock import T0, Clock
 
@@ -176,7 +176,7 @@ class TestOneServer:
         _seed(engine, clock, club_expires=10, player_expires=20)
         clock.now = T0 + 21
         mappers = [mapper_of(Club), mapper_of(Player)]
-        steps = expiry.sweep_steps(mappers, one_server=True)
+        steps = sweep.sweep_steps(mappers, one_server=True)
         first = next(steps)
         replies = engine.execute(first.commands)
         finish = steps.send(replies)  # the second step's request: never sent
@@ -199,7 +199,7 @@ class TestOneServer:
         step, arriving late, finds the id no longer waiting and removes nothing."""
         _seed(engine, clock, club_expires=10, player_expires=None)
         clock.now = T0 + 11
-        steps = expiry.sweep_steps([mapper_of(Club)], one_server=True)
+        steps = sweep.sweep_steps([mapper_of(Club)], one_server=True)
         first = next(steps)
         late = steps.send(engine.execute(first.commands))
         steps.close()

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import dialects
 from ..commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from ..engine import Echo, EngineBase
-from ..orm.expiry import SWEEP_BATCH, registry_mappers, sweep_all_steps
+from ..orm.expiry import SWEEP_BATCH
 from ..orm.flushprotocol import SCRIPT_THRESHOLD
+from ..orm.sweep import registry_mappers, sweep_all_steps
 
 if TYPE_CHECKING:
     from ..dialects.asyncio_base import AsyncDialect

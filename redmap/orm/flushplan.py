@@ -150,7 +150,7 @@ class FlushPlan:
         default_factory=list
     )
     replies: list[Any] | None = None
-    # Bounded sweeps queued after the writes in the same MULTI (`expiry.piggyback`):
+    # Bounded sweeps queued after the writes in the same MULTI (`sweep.piggyback`):
     # their replies are not the flush's, and their failures never fail it.
     sweep: list[Command] = dataclasses.field(default_factory=list)
     # Made only of increments (`persistence.plan_increments`): nothing to watch but the

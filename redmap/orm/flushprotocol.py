@@ -31,7 +31,7 @@ from ..exc import (
     RedmapConnectionError,
     StaleDataError,
 )
-from . import expiry, flushscript
+from . import flushscript, sweep
 from .flushplan import FlushPlan, IdsTaken, NeedsScript, id_guard_key
 from .gcpause import paused_gc
 from .mapper import Mapper
@@ -187,11 +187,11 @@ def _no_script(reply: Any) -> bool:
 
 def _own_replies(plan: FlushPlan, replies: list[Any]) -> list[Any]:
     """The EXEC replies of the flush's own commands; those of the sweeps queued after
-    them (`FlushPlan.sweep`) are only noted (`expiry.piggyback_replies`)."""
+    them (`FlushPlan.sweep`) are only noted (`sweep.piggyback_replies`)."""
     if not plan.sweep:
         return replies
     cut = len(replies) - len(plan.sweep)
-    expiry.piggyback_replies(replies[cut:])
+    sweep.piggyback_replies(replies[cut:])
     return replies[:cut]
 
 

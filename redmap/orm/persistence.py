@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..commands import Command
 from ..exc import IntegrityError, ValidationError
 from ..query.expression import Increment
-from . import expiry, keys
+from . import expiry, keys, sweep
 from .flushplan import (
     TOKEN_TTL_MS,
     ZADD_INCREMENTED,
@@ -519,7 +519,7 @@ def plan_flush(
         states=states,
         cross_slot_allowed=cross_slot_allowed,
         incremented=b.incremented,
-        sweep=expiry.piggyback([t for t in tracked.values() if t[1].tag == tag], now),
+        sweep=sweep.piggyback([t for t in tracked.values() if t[1].tag == tag], now),
     )
 
 

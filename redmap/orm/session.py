@@ -23,7 +23,7 @@ from ..exc import (
     RedmapError,
     StaleDataError,
 )
-from . import events, expiry
+from . import events, expiry, sweep
 from .attributes import STATE_ATTR, state_of
 from .context import SessionContext
 from .identity import IdentitySet
@@ -1067,7 +1067,7 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
     delete: what a flush does for a deleted parent, through the same unit of work (the
     children's indexes, unique values, cascades, versions and `UpdatedAt` included).
 
-    Run by the sweep (`expiry.sweep_all_steps`) before it purges the parents, so that no
+    Run by the sweep (`sweep.sweep_all_steps`) before it purges the parents, so that no
     child keeps a foreign key to a purged object. The gone parents are read from their
     deadline zsets in batches; a pass that changed something is followed by another, until
     one finds nothing left to change (deleting children may move the offsets). Children
@@ -1078,7 +1078,7 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
     for _ in range(_DETACH_PASSES):
         again = False
         for mapper in mappers:
-            props = expiry.child_relationships(mapper) if mapper.expiry.tracked else []
+            props = sweep.child_relationships(mapper) if mapper.expiry.tracked else []
             if not props:
                 continue
             for ks in mapper.all_keyspaces():
@@ -1146,4 +1146,4 @@ def _detach_batch(engine: Any, mapper: Any, props: Sequence[Any], pks: list[Any]
     return n
 
 
-expiry.detach_children = _detach_children_steps
+sweep.detach_children = _detach_children_steps
