@@ -563,13 +563,64 @@ def _diff(
             change.commands += removals
             additions += added.commands
             change.claims += added.claims
+    links = _foreign_key_moves(target, segment, old, new)
+    change.commands += [c for c in links if c[0] == "ZREM"]
     change.commands += additions
+    change.commands += [c for c in links if c[0] == "ZADD"]
     if dels:
         change.commands.append(("HDEL", key, *map(field_bytes, dels)))
     if sets:
         pairs = [item for name, value in sets.items() for item in (field_bytes(name), value)]
         change.commands.append(("HSET", key, *pairs))
     return change
+
+
+def _foreign_key_moves(
+    target: Target, segment: str, old: dict[str, bytes], new: dict[str, bytes]
+) -> list[Command]:
+    """The parent's list of children follows a transformed foreign key (or the field
+    ordering that list): the object leaves the old parent's zset and joins the new one's
+    with the score a flush gives it. Soft-deleted objects too: a soft delete keeps its
+    foreign-key entries, which a restore needs."""
+    mapper = target.mapper
+    if mapper is None:
+        return []
+    out: list[Command] = []
+    for col in mapper.stored_columns():
+        if col.foreign_key is None:
+            continue
+        before, after = old.get(col.key), new.get(col.key)
+        order = col.order_column
+        if before == after and (order is None or old.get(order) == new.get(order)):
+            continue
+        if before is not None:
+            out.append(("ZREM", target.keys.foreign(col.key, keys.escape(before)), segment))
+        if after is not None:
+            score = _child_score(target, col, new.get(order) if order else None, segment)
+            zset = target.keys.foreign(col.key, keys.escape(after))
+            out.append(("ZADD", zset, score, segment))
+    return out
+
+
+def _child_score(target: Target, col: ColumnProperty, order: bytes | None, segment: str) -> str:
+    """A child's score in its parent's zset, as the flush writes it: its order_by field's
+    score (-inf for None), else its integer id (0 for other ids)."""
+    mapper = target.mapper
+    assert mapper is not None
+    if col.order_column is None:
+        pk = mapper.pk_from_segment(segment)
+        return str(pk) if mapper.pk.codec is not None and isinstance(pk, int) else "0"
+    if order is None:
+        return "-inf"
+    ocol = mapper.columns[col.order_column]
+    assert ocol.codec is not None
+    try:
+        return repr(ocol.codec.to_score(ocol.codec.decode(order)))
+    except (DecodeError, ValidationError) as exc:
+        raise MigrationError(
+            f"{target.name} {target.show_id(segment)}: its {col.order_column!r} orders the "
+            f"children of {col.key!r} and cannot be scored ({exc}); fix the transform"
+        ) from None
 
 
 def _deadline_fields(target: Target) -> list[str]:

@@ -390,3 +390,82 @@ def test_bad_index_kind_fails_the_step(project: Project) -> None:
     assert result.code == 1
     assert "index kind must be one of indexed, unique, sorted" in result.err
     assert project.heads() == []
+
+
+CLUBS = """\
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Optional
+
+from redmap import ForeignKey, PrimaryKey, Sorted, registry, relationship
+
+reg = registry(prefix="app")
+
+
+@reg.mapped
+@dataclass
+class Club:
+    name: str
+    members: list["Member"] = relationship(back_populates="club", order_by="Member.rank")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+
+
+@reg.mapped
+@dataclass
+class Member:
+    name: str
+    rank: Annotated[int, Sorted()] = 0
+    club_id: Annotated[Optional[int], ForeignKey("Club")] = None
+    club: Optional[Club] = relationship(back_populates="members")
+    id: Annotated[Optional[int], PrimaryKey()] = None
+"""
+
+
+class TestTransformForeignKeys:
+    def test_transform_moves_children_between_parents_and_reorders_them(
+        self, project: Project
+    ) -> None:
+        """A transform that changes a foreign key (or the field ordering the parent's
+        list) moves the object's entry in the parents' children zsets as a flush would:
+        the lists read right and the audit is clean; down moves them back."""
+        from redmap.audit import audit
+
+        project.write_models(CLUBS)
+        module = project.models()
+        with redmap.Session(project.engine) as s:
+            a, b = module.Club(name="a"), module.Club(name="b")
+            s.add_all([a, b])
+            s.flush()
+            s.add_all(module.Member(name=f"m{i}", rank=i, club_id=a.id) for i in range(6))
+            s.commit()
+        before = stored(project.client)
+        project.write_revision(
+            "r1",
+            None,
+            'op.transform("Member", to_b, to_a)',
+            header="""\
+            def to_b(fields):
+                n = int(fields["name"][1:])
+                if n % 2:
+                    fields["club_id"] = b"2"
+                fields["rank"] = str(10 - n).encode()
+
+
+            def to_a(fields):
+                n = int(fields["name"][1:])
+                fields["club_id"] = b"1"
+                fields["rank"] = str(n).encode()
+
+
+            """,
+        )
+        project.ok("upgrade", "head")
+        assert audit(project.client, module.reg).ok
+        with redmap.Session(project.engine) as s:
+            clubs = {c.name: c for c in s.scalars(select(module.Club)).all()}
+            assert [m.name for m in clubs["a"].members] == ["m4", "m2", "m0"]
+            assert [m.name for m in clubs["b"].members] == ["m5", "m3", "m1"]
+        project.ok("downgrade", "base")
+        assert audit(project.client, module.reg).ok
+        assert stored(project.client) == before
