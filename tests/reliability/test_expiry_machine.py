@@ -1,30 +1,63 @@
 """Issue 15: a state machine of expiring and soft-deleted objects under a clock it moves.
 
-Each example draws a configuration (sync or asyncio driver, WATCH or scripted flush) and
-then random steps: inserts with random lifetimes (or none, or the `__ttl__` default),
-moving and cancelling expiries, deletes (soft: restorable until the grace period ends),
-restores, clock moves, sweeps, and a concurrent writer taking over a unique value. A
-reference model computes what every read must answer; the invariants compare `get`,
-`count`, paged and ordered queries, equality queries and unique claims with it after
-every step, and `redmap audit` must be clean after every sweep. No test sleeps: time is
-the machine's clock (`redmap.orm.expiry.use_clock`).
+Each example draws its configuration (`Config`, as tests/reliability/test_config_machine.py
+does): the primary key kind of the models (generated or explicit int, str, generated or
+explicit UUID), `Unique()` on `Lease.code` or a plain equality index, sharded by the
+object's own key (4 shards) or not (`Unique()` is refused on a sharded model, so never
+both), restorable deletes (`__soft_delete__`) or final ones, the sync or asyncio driver,
+a WATCH or scripted flush, and a relationship shape:
+
+- none;
+- "group": a plain `Group` whose `leases` are the expiring, soft-deletable children;
+- "notes ...": an expiring `Lease` whose `notes` the sweep detaches (foreign key None),
+  with notes that are final or restorable themselves, or deletes (``cascade="all,
+  delete"``), with an optional or a required foreign key. A required foreign key
+  without a delete cascade stops the sweep with a RedmapError (tests/test_expiry_children.py),
+  so it is never drawn.
+
+Then random steps: inserts with random lifetimes (or none, or the `__ttl__` default),
+moving and cancelling expiries, deletes, restores, clock moves, sweeps, a concurrent
+writer taking over a unique value, notes added, deleted and restored, leases moved
+between groups; and the paths of things going wrong: a flush refused (a unique value or
+an explicit key taken; an object changed, expired or deleted since it was loaded) leaves
+Redis as it was, and the same session fixes the cause and commits; a detached copy is
+`merge()`d after its object expired, was deleted, changed or was purged meanwhile
+(StaleDataError, nothing merged) or not (applied).
+
+A reference model computes what every read must answer; the invariants compare `get`,
+`count`, paged and ordered queries, equality queries, string queries and relationship
+lists (never a gone child, never a gone parent) with it after every step, and `redmap
+audit` must be clean after every sweep. No test sleeps: time is the machine's clock
+(`redmap.orm.expiry.use_clock`).
+
+Known defect (docs in the report of issue 15 item 5, regression tests xfail in
+tests/test_expiry_children.py): the sweep neither detaches nor purges the *soft-deleted*
+children of a gone parent (a delete cascade even soft-deletes its live children), so they
+keep a foreign key to the purged parent. The machine never draws a delete cascade on a
+soft-delete model and puts a sweep off while a restorable note's lease is gone, unless
+`REDMAP_PP_PROVOKE=sweep-soft-children` (then it fails naming the defect).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field, make_dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
+from unittest import mock
 
 import hypothesis.strategies as st
 import pytest
 import redis
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from redmap import (
     ExpiresAt,
+    ForeignKey,
     Indexed,
     PrimaryKey,
     Session,
@@ -33,44 +66,196 @@ from redmap import (
     Unique,
     create_engine,
     registry,
+    relationship,
     select,
 )
 from redmap.audit import audit
 from redmap.engine import Engine
-from redmap.exc import IntegrityError, NoResultFound
+from redmap.exc import IntegrityError, InvalidRequestError, NoResultFound, StaleDataError
 from redmap.orm import expiry
 from redmap.orm.textindex import words
 from tests.reliability._budget import Stats, check_minimums, examples_from_env, run_seeded
-
-reg = registry(prefix="xm")
+from tests.reliability.test_config_machine import POOLS, ReplayableUUIDs
 
 TTL = 20  # seconds
-
-
-@reg.mapped
-@dataclass
-class Lease:
-    __ttl__ = timedelta(seconds=TTL)
-    __soft_delete__ = timedelta(seconds=20)
-    code: Annotated[str, Unique()]
-    kind: Annotated[str, Indexed()] = "a"
-    rank: Annotated[int, Sorted()] = 0
-    # String indexes (issue 16) kept through expiry, soft delete, restore and the sweep.
-    title: Annotated[str, Sorted(), Text()] = ""
-    expires: Annotated[datetime | None, ExpiresAt()] = None
-    id: Annotated[int | None, PrimaryKey()] = None
-
+GRACE = 20  # seconds: `__soft_delete__` of leases and of restorable notes
 
 T0 = 1_900_000_000.0
 CODES = [f"c{i}" for i in range(8)]
 KINDS = ["a", "b"]
+LABELS = ["x", "y"]
 # Titles sharing prefixes and words, with characters the ordered index escapes.
 TITLES = ["red fox", "red\x00fox", "Red", "redder", "blue fox", "Straße fox", "#new1", ""]
+PROVOKE = {s.strip() for s in os.environ.get("REDMAP_PP_PROVOKE", "").split(",") if s.strip()}
+SOFT_CHILDREN = "sweep-soft-children"
+
 STATS = Stats()
+
+# -- configuration -----------------------------------------------------------------------
+
+PK_KINDS = ("gen_int", "int", "str", "gen_uuid", "uuid")
+PK_TYPES: dict[str, Any] = {"gen_int": int, "int": int, "str": str, "gen_uuid": uuid.UUID,
+                            "uuid": uuid.UUID}
+PLACEHOLDER: dict[Any, Any] = {int: 0, str: "", uuid.UUID: uuid.UUID(int=0)}
+
+# name: (relationship, cascade of the one-to-many, required foreign key, restorable notes)
+SHAPES: dict[str, tuple[str, str, bool, bool]] = {
+    "none": ("none", "save-update", False, False),
+    "group": ("group", "save-update", False, False),
+    "notes detached": ("notes", "save-update", False, False),
+    "notes detached, restorable": ("notes", "save-update", False, True),
+    "notes deleted": ("notes", "all, delete", False, False),
+    "notes deleted, required fk": ("notes", "all, delete", True, False),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one example runs on."""
+
+    pk: str
+    unique: bool
+    sharded: bool
+    soft: bool  # Lease has `__soft_delete__`
+    shape: str
+    driver: str = "sync"
+    flush: str = "watch"
+
+    @property
+    def rel(self) -> str:
+        return SHAPES[self.shape][0]
+
+    @property
+    def cascade(self) -> str:
+        return SHAPES[self.shape][1]
+
+    @property
+    def required(self) -> bool:
+        return SHAPES[self.shape][2]
+
+    @property
+    def soft_notes(self) -> bool:
+        """Notes have `__soft_delete__`: drawn, or required by a soft-deleting parent's
+        delete cascade (configure refuses it otherwise)."""
+        return SHAPES[self.shape][3] or (self.soft and "delete" in self.cascade)
+
+    @property
+    def explicit(self) -> bool:
+        return self.pk in POOLS
+
+
+def _valid(cfg: Config) -> Config:
+    """`Unique()` is refused on a sharded model; a delete cascade of a soft-delete model
+    soft-deletes the notes, which hits the known defect (module docstring)."""
+    unique = cfg.unique and not cfg.sharded
+    soft = cfg.soft and ("delete" not in cfg.cascade or SOFT_CHILDREN in PROVOKE)
+    return dataclasses.replace(cfg, unique=unique, soft=soft)
+
+
+CONFIGS = st.builds(
+    Config,
+    pk=st.sampled_from(PK_KINDS),
+    unique=st.booleans(),
+    sharded=st.booleans(),
+    soft=st.booleans(),
+    shape=st.sampled_from(list(SHAPES)),
+    driver=st.sampled_from(["sync", "async"]),
+    flush=st.sampled_from(["watch", "script"]),
+).map(_valid)
+
+
+@dataclass
+class Models:
+    reg: registry
+    Lease: Any
+    Group: Any = None
+    Note: Any = None
+
+
+_MODELS: dict[tuple[Any, ...], Models] = {}
+
+
+def models_for(cfg: Config) -> Models:
+    """The models of a configuration, in a registry of their own (built once per run)."""
+    key = (cfg.pk, cfg.unique, cfg.sharded, cfg.soft, cfg.shape)
+    if key in _MODELS:
+        return _MODELS[key]
+    prefix = "xm-" + "-".join(
+        [cfg.pk, "u" if cfg.unique else "i", "s" if cfg.sharded else "t",
+         "soft" if cfg.soft else "hard", cfg.shape.replace(",", "").replace(" ", "_")]
+    )
+    reg = registry(prefix=prefix, shards=4)
+    pk_type = PK_TYPES[cfg.pk]
+    shard: dict[str, Any] = {"__shard_key__": "id"} if cfg.sharded else {}
+    lease_ns: dict[str, Any] = {"__ttl__": timedelta(seconds=TTL), **shard}
+    if cfg.soft:
+        lease_ns["__soft_delete__"] = timedelta(seconds=GRACE)
+    code: Any = Annotated[str, Unique()] if cfg.unique else Annotated[str, Indexed()]
+    fields: list[Any] = [
+        ("code", code),
+        ("kind", Annotated[str, Indexed()], field(default="a")),
+        ("rank", Annotated[int, Sorted()], field(default=0)),
+        # String indexes (issue 16) kept through expiry, soft delete, restore and sweep.
+        ("title", Annotated[str, Sorted(), Text()], field(default="")),
+        ("expires", Annotated[Optional[datetime], ExpiresAt()], field(default=None)),
+    ]
+    if cfg.rel == "group":
+        fields += [
+            ("group_id", Annotated[Optional[pk_type], ForeignKey("Group")], field(default=None)),
+            ("group", Optional["Group"], relationship(back_populates="leases")),  # noqa: F821
+        ]
+    if cfg.rel == "notes":
+        fields.append(
+            ("notes", list["Note"],  # type: ignore[name-defined]  # noqa: F821
+             relationship(back_populates="lease", cascade=cfg.cascade))
+        )
+    fields.append(("id", Annotated[Optional[pk_type], PrimaryKey()], field(default=None)))
+    lease = make_dataclass("Lease", fields, namespace=lease_ns)
+    reg.mapped(lease)
+    out = Models(reg, lease)
+    if cfg.rel == "group":
+        out.Group = make_dataclass(
+            "Group",
+            [
+                ("name", str, field(default="")),
+                ("leases", list["Lease"],  # type: ignore[name-defined]  # noqa: F821
+                 relationship(back_populates="group")),
+                ("id", Annotated[Optional[pk_type], PrimaryKey()], field(default=None)),
+            ],
+            namespace=dict(shard),
+        )
+        reg.mapped(out.Group)
+    if cfg.rel == "notes":
+        note_ns = dict(shard)
+        if cfg.soft_notes:
+            note_ns["__soft_delete__"] = timedelta(seconds=GRACE)
+        fk: Any = Annotated[pk_type if cfg.required else Optional[pk_type], ForeignKey("Lease")]
+        lease_id: Any = ("lease_id", fk) if cfg.required else ("lease_id", fk, field(default=None))
+        out.Note = make_dataclass(
+            "Note",
+            [
+                lease_id,
+                ("label", Annotated[str, Indexed()], field(default="x")),
+                ("lease", Optional["Lease"], relationship(back_populates="notes")),  # noqa: F821
+                ("id", Annotated[Optional[int], PrimaryKey()], field(default=None)),
+            ],
+            namespace=note_ns,
+        )
+        reg.mapped(out.Note)
+    reg.configure()
+    _MODELS[key] = out
+    return out
+
+
+UUIDS = ReplayableUUIDs(7)
+SHARD_CHOICE = random.Random(0)
+"""Generated UUIDs and the shard a new object of a model sharded by its own generated key
+joins, the same in every replay of an example (reset at its start)."""
+
 MINIMUMS = {
     # Low on purpose: hypothesis's swarm testing switches rules off per example, so the
     # counts vary a lot between seeds; these only catch a machine that stopped reaching
-    # its branches at all.
+    # its branches at all. Figures seen on five seeds are in the commit message.
     "insert applied": 50,
     "insert refused: taken": 10,
     "insert took over an expired holder": 3,
@@ -91,6 +276,15 @@ class Ref:
     title: str
     deadline: float | None  # seconds (clock), None: never
     deleted_at: float | None = None  # soft-deleted at (clock)
+    group: Any = None  # the group's key ("group" shape)
+    writes: int = 0  # committed writes since the insert: a copy taken before is stale
+
+
+@dataclasses.dataclass
+class NoteRef:
+    lease: Any  # the lease's key, None: detached
+    label: str
+    deleted_at: float | None = None  # soft-deleted at (restorable notes)
 
 
 class ExpiryMachine(RuleBasedStateMachine):
@@ -101,10 +295,17 @@ class ExpiryMachine(RuleBasedStateMachine):
         super().__init__()
         STATS.bump("examples")
         self.client.flushall()
+        UUIDS.reset()
+        SHARD_CHOICE.seed(0)
         self.now = T0
-        self.ref: dict[int, Ref] = {}
-        self.seq = 0
+        self.ref: dict[Any, Ref] = {}
+        self.notes: dict[Any, NoteRef] = {}
+        self.groups: list[Any] = []
+        # Detached copies: (copy, the Ref it was loaded as, its `writes` then).
+        self.copies: list[tuple[Any, Ref, int]] = []
         self.engine: Engine = self.engines["sync"]
+        self.cfg = Config("gen_int", True, False, True, "none")
+        self.m = models_for(self.cfg)
 
     # -- the reference ----------------------------------------------------------------
 
@@ -114,32 +315,70 @@ class ExpiryMachine(RuleBasedStateMachine):
     def gone(self, r: Ref) -> bool:
         if r.deadline is not None and r.deadline <= self.now:
             return True
-        return r.deleted_at is not None and r.deleted_at + 20 <= self.now
+        return r.deleted_at is not None and r.deleted_at + GRACE <= self.now
 
-    def live(self) -> dict[int, Ref]:
+    def live(self) -> dict[Any, Ref]:
         return {pk: r for pk, r in self.ref.items() if not self.gone(r) and r.deleted_at is None}
 
-    def holder(self, code: str) -> int | None:
+    def holder(self, code: str) -> Any:
         """Who holds `code`: a live or soft-deleted (restorable) object."""
         for pk, r in self.ref.items():
             if r.code == code and not self.gone(r):
                 return pk
         return None
 
+    def note_gone(self, n: NoteRef) -> bool:
+        return n.deleted_at is not None and n.deleted_at + GRACE <= self.now
+
+    def visible_notes(self) -> dict[Any, NoteRef]:
+        return {pk: n for pk, n in self.notes.items() if n.deleted_at is None}
+
     def at(self, seconds: float) -> datetime:
         # Whole milliseconds: what the deadline zset stores.
         return datetime.fromtimestamp(round(self.now + seconds, 3), timezone.utc)
 
+    def session(self, **kw: Any) -> Session:
+        return Session(self.engine, **kw)
+
+    def snapshot(self) -> dict[bytes, Any]:
+        """Every key's serialized value but flush tokens."""
+        names = sorted(k for k in self.client.keys("*") if b"#flush:" not in k)
+        return {k: self.client.dump(k) for k in names}
+
     # -- rules ------------------------------------------------------------------------
 
-    @initialize(
-        driver=st.sampled_from(["sync", "async"]), flush=st.sampled_from(["watch", "script"])
-    )
-    def configure(self, driver: str, flush: str) -> None:
-        self.engine = self.engines[driver]
-        self.engine.flush_script_threshold = 0 if flush == "script" else None
-        STATS.bump(f"config driver={driver}")
-        STATS.bump(f"config flush={flush}")
+    @initialize(cfg=CONFIGS, data=st.data())
+    def configure(self, cfg: Config, data: st.DataObject) -> None:
+        self.cfg = cfg
+        self.m = models_for(cfg)
+        self.engine = self.engines[cfg.driver]
+        self.engine.flush_script_threshold = 0 if cfg.flush == "script" else None
+        STATS.bump(f"config pk={cfg.pk}")
+        STATS.bump(f"config {'unique' if cfg.unique else 'no unique'}")
+        STATS.bump(f"config {'sharded' if cfg.sharded else 'unsharded'}")
+        STATS.bump(f"config {'soft delete' if cfg.soft else 'final delete'}")
+        STATS.bump(f"config shape={cfg.shape}")
+        STATS.bump(f"config driver={cfg.driver}")
+        STATS.bump(f"config flush={cfg.flush}")
+        if cfg.rel == "group":
+            with expiry.use_clock(self.clock), self.session() as s:
+                for i in range(2):
+                    g = self.m.Group(name=f"g{i}")
+                    if cfg.explicit:
+                        g.id = POOLS[cfg.pk][i]
+                    s.add(g)
+                    s.commit()
+                    self.groups.append(g.id)
+
+    def _pick_pk(self, data: st.DataObject) -> Any:
+        """None (generated), or a pool key: a free one, or now and then a taken one."""
+        if not self.cfg.explicit:
+            return None
+        pool = POOLS[self.cfg.pk]
+        free = [k for k in pool if k not in self.ref]
+        if free and data.draw(st.integers(0, 3), label="taken key") > 0:
+            return data.draw(st.sampled_from(free), label="pk")
+        return data.draw(st.sampled_from(pool), label="pk")
 
     @rule(
         code=st.sampled_from(CODES),
@@ -147,33 +386,64 @@ class ExpiryMachine(RuleBasedStateMachine):
         rank=st.integers(0, 20),
         life=st.one_of(st.none(), st.just(-1.0), st.floats(0.5, 30)),
         title=st.sampled_from(TITLES),
+        data=st.data(),
     )
-    def insert(self, code: str, kind: str, rank: int, life: float | None, title: str) -> None:
+    def insert(
+        self, code: str, kind: str, rank: int, life: float | None, title: str,
+        data: st.DataObject,
+    ) -> None:
         """life None: the __ttl__ default; -1: no expiry at all (set after the insert)."""
         STATS.bump("rule insert")
-        self._insert(code, kind, rank, life, title)
+        self._insert(data, code, kind, rank, life, title)
 
     def _insert(
-        self, code: str, kind: str, rank: int, life: float | None, title: str = ""
+        self, data: st.DataObject, code: str, kind: str, rank: int, life: float | None,
+        title: str = "",
     ) -> None:
-        holder = self.holder(code)
-        with expiry.use_clock(self.clock), Session(self.engine) as s:
+        pk = self._pick_pk(data)
+        group = None
+        if self.cfg.rel == "group":
+            group = data.draw(st.sampled_from([None, *self.groups]), label="group")
+        labels: list[str] = []
+        if self.cfg.rel == "notes":
+            labels = data.draw(st.lists(st.sampled_from(LABELS), max_size=2), label="notes")
+        taken = self.cfg.unique and self.holder(code) is not None
+        old = self.ref.get(pk) if pk is not None else None
+        # A gone object not swept yet still holds its key, unless a flush purged it on
+        # the side (models without children): either outcome.
+        maybe = old is not None and self.gone(old) and self.cfg.rel != "notes" and not taken
+        refused = taken or (old is not None and not maybe)
+        with expiry.use_clock(self.clock), self.session() as s:
             expires = None if life is None or life < 0 else self.at(life)
-            obj = Lease(code=code, kind=kind, rank=rank, title=title, expires=expires)
+            obj = self.m.Lease(code=code, kind=kind, rank=rank, title=title, expires=expires)
+            if pk is not None:
+                obj.id = pk
+            if group is not None:
+                obj.group = s.get(self.m.Group, group)
+                assert obj.group is not None
+            notes = [self._new_note(label) for label in labels]
+            if labels:
+                obj.notes = notes
             s.add(obj)
-            if holder is not None:
+            if refused or maybe:
                 try:
                     s.commit()
                 except IntegrityError:
                     STATS.bump("insert refused: taken")
+                    if maybe:
+                        STATS.bump("insert refused: the key of a gone object not swept")
                     return
-                raise AssertionError(f"{code} is held by {holder}, yet the insert applied")
-            s.commit()
+                assert not refused, f"{code}/{pk!r} is held, yet the insert applied"
+                STATS.bump("insert took the key of a gone object purged on the side")
+                del self.ref[pk]
+            else:
+                s.commit()
             assert obj.id is not None
             if life is not None and life < 0:
                 obj.expires = None
                 s.commit()
-        if any(r.code == code for r in self.ref.values()):
+            note_ids = [n.id for n in notes]
+        if self.cfg.unique and any(r.code == code for r in self.ref.values()):
             STATS.bump("insert took over an expired holder")
         STATS.bump("insert applied")
         deadline = (
@@ -181,8 +451,16 @@ class ExpiryMachine(RuleBasedStateMachine):
             if life is not None and life < 0
             else (round(self.now + (TTL if life is None else life), 3))
         )
-        self.ref[obj.id] = Ref(code, kind, rank, title, deadline)
+        self.ref[obj.id] = Ref(code, kind, rank, title, deadline, group=group)
+        for nid, label in zip(note_ids, labels, strict=True):
+            self.notes[nid] = NoteRef(obj.id, label)
         self._tick()
+
+    def _new_note(self, label: str, lease: Any = None) -> Any:
+        """A new note; a required foreign key gets a placeholder the relationship replaces."""
+        if self.cfg.required and lease is None:
+            lease = PLACEHOLDER[PK_TYPES[self.cfg.pk]]
+        return self.m.Note(lease_id=lease, label=label)
 
     @rule(data=st.data())
     def reclaim(self, data: st.DataObject) -> None:
@@ -194,7 +472,7 @@ class ExpiryMachine(RuleBasedStateMachine):
         if not free:
             return
         code = data.draw(st.sampled_from(free))
-        self._insert(code, "a", 0, -1.0)
+        self._insert(data, code, "a", 0, -1.0)
 
     @rule(data=st.data(), life=st.floats(0.5, 100))
     def move_expiry(self, data: st.DataObject, life: float) -> None:
@@ -211,12 +489,15 @@ class ExpiryMachine(RuleBasedStateMachine):
         if not live:
             return
         pk = data.draw(st.sampled_from(sorted(live)))
-        with expiry.use_clock(self.clock), Session(self.engine) as s:
-            obj = s.get(Lease, pk)
+        with expiry.use_clock(self.clock), self.session() as s:
+            obj = s.get(self.m.Lease, pk)
             assert obj is not None
             obj.expires = None if life is None else self.at(life)
             s.commit()
-        self.ref[pk].deadline = None if life is None else round(self.now + life, 3)
+        r = self.ref[pk]
+        deadline = None if life is None else round(self.now + life, 3)
+        r.writes += deadline != r.deadline  # cancelling no expiry writes nothing
+        r.deadline = deadline
         STATS.bump("cancelled expiry" if life is None else "moved expiry")
         self._tick()
 
@@ -226,33 +507,82 @@ class ExpiryMachine(RuleBasedStateMachine):
         if not live:
             return
         pk = data.draw(st.sampled_from(sorted(live)))
-        with expiry.use_clock(self.clock), Session(self.engine) as s:
-            obj = s.get(Lease, pk)
+        with expiry.use_clock(self.clock), self.session() as s:
+            obj = s.get(self.m.Lease, pk)
             assert obj is not None
             s.delete(obj)
             s.commit()
-        self.ref[pk].deleted_at = self.now
-        STATS.bump("soft deleted")
+        children = [n for n in self.notes.values() if n.lease == pk]
+        if self.cfg.soft:
+            self._soft_deleted(pk)
+            STATS.bump("soft deleted")
+        else:
+            del self.ref[pk]
+            self._children_of_gone(pk, sweep=False)
+            STATS.bump("deleted for good")
+            if children:
+                STATS.bump(f"children of a deleted lease: {self.cfg.cascade}")
         self._tick()
+
+    def _soft_deleted(self, pk: Any) -> None:
+        r = self.ref[pk]
+        r.deleted_at = self.now
+        r.writes += 1
+        if "delete" in self.cfg.cascade:
+            # Soft-deleted with it, the same `#d` (only with REDMAP_PP_PROVOKE).
+            for n in self.notes.values():
+                if n.lease == pk and n.deleted_at is None:
+                    n.deleted_at = self.now
+
+    def _restored(self, pk: Any) -> None:
+        r = self.ref[pk]
+        for n in self.notes.values():
+            if n.lease == pk and n.deleted_at is not None and n.deleted_at == r.deleted_at:
+                n.deleted_at = None
+                STATS.bump("child restored with its lease")
+        r.deleted_at = None
+        r.writes += 1
+
+    def _children_of_gone(self, pk: Any, *, sweep: bool) -> None:
+        """What a final delete or the sweep does to the notes of `pk`: detach them, or
+        delete them with a delete cascade."""
+        for nid, n in list(self.notes.items()):
+            if n.lease != pk:
+                continue
+            if "delete" not in self.cfg.cascade:
+                n.lease = None
+                STATS.bump("child detached by the sweep" if sweep else "child detached")
+            elif self.cfg.soft_notes and n.deleted_at is None:
+                n.deleted_at = self.now  # only with REDMAP_PP_PROVOKE
+            else:
+                del self.notes[nid]
+                STATS.bump("child deleted by the sweep" if sweep else "child deleted")
 
     @rule(data=st.data())
     def restore(self, data: st.DataObject) -> None:
         if not self.ref:
+            return
+        if not self.cfg.soft:
+            pk = data.draw(st.sampled_from(sorted(self.ref)))
+            with expiry.use_clock(self.clock), self.session() as s:
+                with pytest.raises(InvalidRequestError, match="no __soft_delete__"):
+                    s.restore(self.m.Lease, pk)
+            STATS.bump("restore refused: no soft delete")
             return
         deleted = sorted(pk for pk, r in self.ref.items() if r.deleted_at is not None)
         pool = deleted if deleted and data.draw(st.booleans()) else sorted(self.ref)
         pk = data.draw(st.sampled_from(pool))
         r = self.ref[pk]
         ok = r.deleted_at is not None and not self.gone(r)
-        with expiry.use_clock(self.clock), Session(self.engine) as s:
+        with expiry.use_clock(self.clock), self.session() as s:
             try:
-                s.restore(Lease, pk)
+                s.restore(self.m.Lease, pk)
             except NoResultFound:
                 assert not ok, f"{pk} should have been restorable"
                 STATS.bump("restore refused")
                 return
         assert ok, f"{pk} was restored but is {r}"
-        r.deleted_at = None
+        self._restored(pk)
         STATS.bump("restore applied")
 
     @rule(seconds=st.floats(0.1, 15))
@@ -269,49 +599,370 @@ class ExpiryMachine(RuleBasedStateMachine):
         """Time passes a little with every write (swarm testing may disable `advance`)."""
         self._advance(1.5)
 
+    def _hazard(self) -> list[Any]:
+        """Restorable notes whose lease is gone: the known defect's trigger."""
+        return [
+            nid for nid, n in self.notes.items()
+            if n.deleted_at is not None and not self.note_gone(n) and n.lease is not None
+            and (n.lease not in self.ref or self.gone(self.ref[n.lease]))
+        ]
+
     @rule()
     def sweep(self) -> None:
+        hazard = self._hazard()
+        if hazard and SOFT_CHILDREN not in PROVOKE:
+            STATS.bump("sweep put off: a restorable note of a gone lease (known defect)")
+            return
         with expiry.use_clock(self.clock):
-            purged = self.engine.sweep(reg)
+            purged = self.engine.sweep(self.m.reg)
         gone = [pk for pk, r in self.ref.items() if self.gone(r)]
         for pk in gone:
+            if any(n.lease == pk for n in self.notes.values() if n.deleted_at is None):
+                STATS.bump("sweep of a lease with children")
+            self._children_of_gone(pk, sweep=True)
             del self.ref[pk]
+        for nid in [nid for nid, n in self.notes.items() if self.note_gone(n)]:
+            del self.notes[nid]
         STATS.bump("sweep purged", purged)
         STATS.bump("gone objects swept", len(gone))
-        report = audit(self.client, reg)
+        report = audit(self.client, self.m.reg)
+        if not report.ok and hazard:
+            raise AssertionError(
+                f"known defect {SOFT_CHILDREN!r} (restorable notes {hazard} of gone leases): "
+                f"{report.mismatches[:3]}"
+            )
         assert report.ok, report.mismatches + report.unexplained
+
+    # -- relationships ------------------------------------------------------------------
+
+    @precondition(lambda self: self.cfg.rel == "group")
+    @rule(data=st.data())
+    def regroup(self, data: st.DataObject) -> None:
+        """Move a live lease to another group (or none), by its key or its relationship."""
+        live = self.live()
+        if not live:
+            return
+        pk = data.draw(st.sampled_from(sorted(live)))
+        group = data.draw(st.sampled_from([None, *self.groups]), label="group")
+        with expiry.use_clock(self.clock), self.session() as s:
+            obj = s.get(self.m.Lease, pk)
+            assert obj is not None
+            if data.draw(st.booleans(), label="by the relationship"):
+                obj.group = None if group is None else s.get(self.m.Group, group)
+            else:
+                obj.group_id = group
+            s.commit()
+        r = self.ref[pk]
+        r.writes += r.group != group
+        r.group = group
+        STATS.bump("regrouped")
+        self._tick()
+
+    @precondition(lambda self: self.cfg.rel == "notes")
+    @rule(data=st.data(), label=st.sampled_from(LABELS))
+    def add_note(self, data: st.DataObject, label: str) -> None:
+        """A note on a live lease (by its foreign key or the lease's list), or on none."""
+        live = sorted(self.live())
+        options = live if self.cfg.required else [None, *live]
+        if not options:
+            return
+        pk = data.draw(st.sampled_from(options), label="lease")
+        with expiry.use_clock(self.clock), self.session() as s:
+            if pk is not None and data.draw(st.booleans(), label="through the list"):
+                lease = s.get(self.m.Lease, pk)
+                assert lease is not None
+                note = self._new_note(label)
+                lease.notes.append(note)
+                STATS.bump("note added through the list")
+            else:
+                note = self._new_note(label, pk)
+                s.add(note)
+            s.commit()
+            nid = note.id
+        self.notes[nid] = NoteRef(pk, label)
+        self._tick()
+
+    @precondition(lambda self: self.cfg.rel == "notes")
+    @rule(data=st.data())
+    def delete_note(self, data: st.DataObject) -> None:
+        visible = self.visible_notes()
+        if not visible:
+            return
+        nid = data.draw(st.sampled_from(sorted(visible)))
+        with expiry.use_clock(self.clock), self.session() as s:
+            note = s.get(self.m.Note, nid)
+            assert note is not None
+            s.delete(note)
+            s.commit()
+        if self.cfg.soft_notes:
+            self.notes[nid].deleted_at = self.now
+            STATS.bump("note soft-deleted")
+        else:
+            del self.notes[nid]
+            STATS.bump("note deleted")
+        self._tick()
+
+    @precondition(lambda self: self.cfg.rel == "notes" and self.cfg.soft_notes)
+    @rule(data=st.data())
+    def restore_note(self, data: st.DataObject) -> None:
+        if not self.notes:
+            return
+        nid = data.draw(st.sampled_from(sorted(self.notes)))
+        n = self.notes[nid]
+        ok = n.deleted_at is not None and not self.note_gone(n)
+        with expiry.use_clock(self.clock), self.session() as s:
+            try:
+                s.restore(self.m.Note, nid)
+            except NoResultFound:
+                assert not ok, f"note {nid} should have been restorable"
+                STATS.bump("note restore refused")
+                return
+        assert ok, f"note {nid} was restored but is {n}"
+        n.deleted_at = None
+        STATS.bump("note restored")
+        if n.lease is not None and n.lease not in self.live():
+            STATS.bump("note restored while its lease is gone or deleted")
+
+    # -- when things go wrong ---------------------------------------------------------------
+
+    @rule(data=st.data(), rank=st.integers(0, 20))
+    def retry_after_conflict(self, data: st.DataObject, rank: int) -> None:
+        """An insert refused (a unique value or an explicit key taken) writes nothing and
+        leaves the object pending; the same session fixes the cause and commits."""
+        held_codes = sorted({r.code for r in self.ref.values() if not self.gone(r)})
+        held_pks = sorted(pk for pk, r in self.ref.items() if not self.gone(r))
+        causes = (["code"] if self.cfg.unique and held_codes else []) + (
+            ["key"] if self.cfg.explicit and held_pks else [])
+        if not causes:
+            return
+        cause = data.draw(st.sampled_from(causes), label="cause")
+        free_codes = [c for c in CODES if all(r.code != c for r in self.ref.values())]
+        free_pks = [k for k in POOLS.get(self.cfg.pk, ()) if k not in self.ref]
+        if cause == "code":
+            code = data.draw(st.sampled_from(held_codes), label="code")
+            pk = data.draw(st.sampled_from(free_pks), label="pk") if free_pks else None
+            if self.cfg.explicit and pk is None:
+                return
+        else:
+            pk = data.draw(st.sampled_from(held_pks), label="pk")
+            code = data.draw(st.sampled_from(free_codes or CODES), label="code")
+            if self.cfg.unique and self.holder(code) is not None:
+                return
+        before = self.snapshot()
+        with expiry.use_clock(self.clock), self.session() as s:
+            obj = self.m.Lease(code=code, rank=rank, expires=self.at(TTL))
+            if pk is not None:
+                obj.id = pk
+            s.add(obj)
+            with pytest.raises(IntegrityError):
+                s.commit()
+            after = self.snapshot()
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            assert not changed, f"a refused insert changed Redis: {changed}"
+            STATS.bump(f"failed flush: IntegrityError ({cause})")
+            if cause == "code":
+                if not free_codes:
+                    s.rollback()
+                    return
+                code = data.draw(st.sampled_from(free_codes), label="free code")
+                obj.code = code
+            else:
+                if not free_pks:
+                    s.rollback()
+                    return
+                obj.id = pk = data.draw(st.sampled_from(free_pks), label="free pk")
+            s.commit()
+            assert obj.id is not None and (pk is None or obj.id == pk)
+            pk = obj.id
+        STATS.bump(f"retry after IntegrityError ({cause}): applied")
+        self.ref[pk] = Ref(code, "a", rank, "", round(self.now + TTL, 3))
+        self._tick()
+
+    @rule(data=st.data(), rank=st.integers(0, 20))
+    def retry_after_stale(self, data: st.DataObject, rank: int) -> None:
+        """A session loads a lease; meanwhile it changes, expires or is deleted; the
+        session's update is refused (StaleDataError, nothing written), then it rolls back,
+        reads again and, where the lease is still there or restorable, commits."""
+        live = self.live()
+        if not live:
+            return
+        pk = data.draw(st.sampled_from(sorted(live)))
+        r = self.ref[pk]
+        events = ["changed"] + (["expired"] if r.deadline is not None else []) + (
+            ["deleted"] if self.cfg.soft else [])
+        event = data.draw(st.sampled_from(events), label="meanwhile")
+        if rank == r.rank:
+            rank += 1  # a change to write
+        with expiry.use_clock(self.clock), self.session() as s:
+            obj = s.get(self.m.Lease, pk)
+            assert obj is not None
+            if event == "changed":
+                kind = "b" if r.kind == "a" else "a"
+                with self.session() as other:
+                    o = other.get(self.m.Lease, pk)
+                    assert o is not None
+                    o.kind = kind
+                    other.commit()
+                r.kind = kind
+                r.writes += 1
+            elif event == "expired":
+                assert r.deadline is not None
+                self._advance(r.deadline - self.now + 0.01)
+            else:
+                with self.session() as other:
+                    o = other.get(self.m.Lease, pk)
+                    assert o is not None
+                    other.delete(o)
+                    other.commit()
+                self._soft_deleted(pk)
+            obj.rank = rank
+            before = self.snapshot()
+            with pytest.raises(StaleDataError):
+                s.commit()
+            after = self.snapshot()
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            assert not changed, f"a stale commit changed Redis: {changed}"
+            STATS.bump(f"failed flush: StaleDataError ({event} meanwhile)")
+            s.rollback()
+            if event == "deleted":
+                assert s.get(self.m.Lease, pk) is None
+                s.restore(self.m.Lease, pk)
+                self._restored(pk)
+            obj = s.get(self.m.Lease, pk)
+            if event == "expired":
+                assert obj is None, f"{pk} expired, yet it reads {obj}"
+                STATS.bump("retry after StaleDataError: gone")
+                return
+            assert obj is not None
+            obj.rank = rank
+            s.commit()
+        r.rank = rank
+        r.writes += 1
+        STATS.bump(f"retry after StaleDataError ({event}): applied")
+        self._tick()
+
+    @rule(data=st.data())
+    def take_copy(self, data: st.DataObject) -> None:
+        """A copy loaded by a session that is closed since (detached)."""
+        live = self.live()
+        if not live or len(self.copies) >= 3:
+            return
+        pk = data.draw(st.sampled_from(sorted(live)))
+        with expiry.use_clock(self.clock), self.session(expire_on_commit=False) as s:
+            obj = s.get(self.m.Lease, pk)
+            assert obj is not None
+        self.copies.append((obj, self.ref[pk], self.ref[pk].writes))
+
+    @rule(data=st.data(), rank=st.integers(0, 20))
+    def merge_copy(self, data: st.DataObject, rank: int) -> None:
+        """`merge()` of a detached copy changed meanwhile: StaleDataError (nothing merged)
+        when the stored object expired, was deleted, purged, replaced or changed since the
+        copy was loaded; applied otherwise."""
+        if not self.copies:
+            return
+        i = data.draw(st.integers(0, len(self.copies) - 1), label="copy")
+        copy, was, writes = self.copies.pop(i)
+        pk = copy.id
+        now = self.ref.get(pk)
+        if now is not was:
+            why = "purged or replaced"
+        elif self.gone(was):
+            why = "gone" if was.deleted_at is None else "soft-deleted, grace over"
+        elif was.deleted_at is not None:
+            why = "soft-deleted"
+        elif was.writes != writes:
+            why = "changed"
+        else:
+            why = ""
+        if rank == copy.rank:
+            rank += 1  # a change to write
+        copy.rank = rank
+        with expiry.use_clock(self.clock), self.session() as s:
+            try:
+                merged = s.merge(copy)
+            except StaleDataError:
+                assert why, f"merge of an unchanged copy of {pk!r} refused"
+                STATS.bump(f"merge refused: {why} meanwhile")
+                assert not s.new and not s.dirty, "a refused merge left changes behind"
+                return
+            assert not why, f"merge of a copy of {pk!r} ({why} meanwhile) was not refused"
+            assert merged.rank == rank
+            s.commit()
+        was.rank = rank
+        was.writes += 1
+        STATS.bump("merge applied")
+        self._tick()
 
     # -- invariants ---------------------------------------------------------------------
 
     @invariant()
     def reads_match_the_reference(self) -> None:
         live = self.live()
-        with expiry.use_clock(self.clock), Session(self.engine) as s:
-            assert s.count(select(Lease)) == len(live)
+        lease = self.m.Lease
+        with expiry.use_clock(self.clock), self.session() as s:
+            assert s.count(select(lease)) == len(live)
             for kind in KINDS:
                 want = sorted(pk for pk, r in live.items() if r.kind == kind)
-                got = sorted(o.id or 0 for o in s.scalars(select(Lease).where(Lease.kind == kind)))
+                got = sorted(o.id for o in s.scalars(select(lease).where(lease.kind == kind)))
                 assert got == want, (kind, got, want)
-            order = sorted(live, key=lambda pk: (-live[pk].rank, -pk))
-            page = s.scalars(select(Lease).order_by(Lease.rank.desc()).offset(1).limit(3))
+            for code in CODES[:3]:
+                want = sorted(pk for pk, r in live.items() if r.code == code)
+                got = sorted(o.id for o in s.scalars(select(lease).where(lease.code == code)))
+                assert got == want, (code, got, want)
+            ranks = sorted((r.rank for r in live.values()), reverse=True)
+            page = s.scalars(select(lease).order_by(lease.rank.desc()).offset(1).limit(3))
             got_ranks = [o.rank for o in page]
-            assert got_ranks == [live[pk].rank for pk in order[1:4]], (got_ranks, order)
-            ranged = s.count(select(Lease).where(Lease.rank >= 10))
+            assert got_ranks == ranks[1:4], (got_ranks, ranks)
+            ranged = s.count(select(lease).where(lease.rank >= 10))
             assert ranged == sum(1 for r in live.values() if r.rank >= 10)
             red = sorted(pk for pk, r in live.items() if r.title.startswith("red"))
-            got = s.scalars(select(Lease).where(Lease.title.startswith("red"))).all()
-            assert sorted(o.id or 0 for o in got) == red
-            assert s.count(select(Lease).where(Lease.title.startswith("red"))) == len(red)
+            got = s.scalars(select(lease).where(lease.title.startswith("red"))).all()
+            assert sorted(o.id for o in got) == red
+            assert s.count(select(lease).where(lease.title.startswith("red"))) == len(red)
             # The documented tokenizer (tests/test_string_search.py checks it): here what is
             # checked is that the word sets follow expiry, soft delete, restore and sweep.
             fox = sorted(pk for pk, r in live.items() if "fox" in words(r.title))
-            got = s.scalars(select(Lease).where(Lease.title.match("FOX"))).all()
-            assert sorted(o.id or 0 for o in got) == fox, (got, fox)
+            got = s.scalars(select(lease).where(lease.title.match("FOX"))).all()
+            assert sorted(o.id for o in got) == fox, (got, fox)
             titles = sorted(r.title.encode() for r in live.values())
-            page = s.scalars(select(Lease).order_by(Lease.title).offset(1).limit(3))
+            page = s.scalars(select(lease).order_by(lease.title).offset(1).limit(3))
             assert [o.title.encode() for o in page] == titles[1:4]
             for pk in sorted(self.ref)[:6]:
-                assert (s.get(Lease, pk) is not None) == (pk in live), pk
+                obj = s.get(lease, pk)
+                assert (obj is not None) == (pk in live), pk
+                if obj is None:
+                    continue
+                if self.cfg.rel == "group":
+                    got_group = obj.group.id if obj.group is not None else None
+                    assert got_group == live[pk].group, (pk, got_group, live[pk].group)
+                if self.cfg.rel == "notes":
+                    got_notes = sorted(n.id for n in obj.notes)
+                    want_notes = sorted(nid for nid, n in self.visible_notes().items()
+                                        if n.lease == pk)
+                    assert got_notes == want_notes, (pk, got_notes, want_notes)
+            if self.cfg.rel == "group":
+                for g in self.groups:
+                    group = s.get(self.m.Group, g)
+                    assert group is not None
+                    got = sorted(o.id for o in group.leases)
+                    want = sorted(pk for pk, r in live.items() if r.group == g)
+                    assert got == want, ("group", g, got, want)
+            if self.cfg.rel == "notes":
+                self._check_notes(s, live)
+
+    def _check_notes(self, s: Session, live: dict[Any, Ref]) -> None:
+        """Every visible note with its stored foreign key; its `lease` reads the lease only
+        while that one is live (a gone or soft-deleted parent reads None)."""
+        visible = self.visible_notes()
+        got = {n.id: n.lease_id for n in s.scalars(select(self.m.Note))}
+        want = {nid: n.lease for nid, n in visible.items()}
+        assert got == want, ("notes", got, want)
+        for nid in sorted(visible)[:4]:
+            note = s.get(self.m.Note, nid)
+            assert note is not None
+            parent = visible[nid].lease
+            got_parent = note.lease.id if note.lease is not None else None
+            assert got_parent == (parent if parent in live else None), (nid, got_parent, parent)
 
 
 def _run(redis_url: str, max_examples: int, test_id: str) -> None:
@@ -324,13 +975,17 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     STATS.clear()
     t0 = time.perf_counter()
     try:
-        run_seeded(
-            "expiry state machine",
-            ExpiryMachine,
-            max_examples=max_examples,
-            steps=50,
-            test_id=test_id,
-        )
+        with (
+            mock.patch("uuid.uuid4", UUIDS),
+            mock.patch("redmap.orm.unitofwork.random", SHARD_CHOICE),
+        ):
+            run_seeded(
+                "expiry state machine",
+                ExpiryMachine,
+                max_examples=max_examples,
+                steps=50,
+                test_id=test_id,
+            )
     finally:
         client.close()
         for engine in engines.values():
