@@ -152,16 +152,26 @@ def _valid(cfg: Config) -> Config:
     return dataclasses.replace(cfg, unique=unique, soft=soft)
 
 
-CONFIGS = st.builds(
-    Config,
-    pk=st.sampled_from(PK_KINDS),
-    unique=st.booleans(),
-    sharded=st.booleans(),
-    soft=st.booleans(),
-    shape=st.sampled_from(list(SHAPES)),
-    driver=st.sampled_from(["sync", "async"]),
-    flush=st.sampled_from(["watch", "script"]),
-).map(_valid)
+def config_of(n: int) -> Config:
+    """The configuration numbered `n`: every field drawn evenly from a generator seeded
+    by `n`. Drawn field by field, hypothesis gave some values (a shape, a key kind) to
+    none of 100 examples in some seeds; one drawn number per example spreads them (a
+    replay draws the same number, so the same configuration)."""
+    rng = random.Random(n)
+    return _valid(
+        Config(
+            pk=rng.choice(PK_KINDS),
+            unique=rng.random() < 0.5,
+            sharded=rng.random() < 0.5,
+            soft=rng.random() < 0.5,
+            shape=rng.choice(list(SHAPES)),
+            driver=rng.choice(["sync", "async"]),
+            flush=rng.choice(["watch", "script"]),
+        )
+    )
+
+
+CONFIGS = st.integers(0, 2**32 - 1).map(config_of)
 
 
 @dataclass
@@ -663,10 +673,14 @@ class ExpiryMachine(RuleBasedStateMachine):
     @rule()
     @STATS.rule
     def sweep(self) -> None:
+        self._sweep()
+
+    def _sweep(self) -> bool:
+        """Sweep and check the reference's prediction and the audit; False when put off."""
         hazard = self._hazard()
         if hazard and SOFT_CHILDREN not in PROVOKE:
             STATS.bump("sweep put off: a restorable note of a gone lease (known defect)")
-            return
+            return False
         with expiry.use_clock(self.clock):
             purged = self.engine.sweep(self.m.reg)
         gone = [pk for pk, r in self.ref.items() if self.gone(r)]
@@ -686,6 +700,7 @@ class ExpiryMachine(RuleBasedStateMachine):
                 f"{report.mismatches[:3]}"
             )
         assert report.ok, report.mismatches + report.unexplained
+        return True
 
     # -- relationships ------------------------------------------------------------------
 
@@ -711,6 +726,39 @@ class ExpiryMachine(RuleBasedStateMachine):
         r.group = group
         STATS.bump("regrouped")
         self._tick()
+
+    @precondition(lambda self: self.cfg.rel == "notes")
+    @rule(data=st.data())
+    @STATS.rule
+    def parent_gone_then_sweep(self, data: st.DataObject) -> None:
+        """A lease with notes expires (or its grace period ends); the notes read no
+        parent, its list is gone with it; the sweep detaches or deletes them."""
+        parents = sorted({n.lease for n in self.visible_notes().values()} & set(self.live()))
+        if not parents:
+            return
+        pk = data.draw(st.sampled_from(parents), label="parent")
+        if self.cfg.soft and data.draw(st.booleans(), label="soft-deleted"):
+            with expiry.use_clock(self.clock), self.session() as s:
+                obj = s.get(self.m.Lease, pk)
+                assert obj is not None
+                s.delete(obj)
+                s.commit()
+            self._soft_deleted(pk)
+            STATS.bump("soft deleted")
+            self._advance(GRACE + 0.5)
+        else:
+            with expiry.use_clock(self.clock), self.session() as s:
+                obj = s.get(self.m.Lease, pk)
+                assert obj is not None
+                obj.expires = self.at(0.5)
+                s.commit()
+            r = self.ref[pk]
+            r.deadline = round(self.now + 0.5, 3)
+            r.writes += 1
+            self._advance(1.0)
+        self.reads_match_the_reference()
+        if self._sweep():
+            STATS.bump("parent with notes gone, then swept")
 
     @precondition(lambda self: self.cfg.rel == "notes")
     @rule(data=st.data(), label=st.sampled_from(LABELS))
@@ -741,6 +789,9 @@ class ExpiryMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     @STATS.rule
     def delete_note(self, data: st.DataObject) -> None:
+        self._delete_note(data)
+
+    def _delete_note(self, data: st.DataObject) -> None:
         visible = self.visible_notes()
         if not visible:
             return
@@ -762,6 +813,11 @@ class ExpiryMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     @STATS.rule
     def restore_note(self, data: st.DataObject) -> None:
+        """Restore a soft-deleted note (one deleted first, now and then) or try another."""
+        restorable = [nid for nid, n in self.notes.items()
+                      if n.deleted_at is not None and not self.note_gone(n)]
+        if not restorable and data.draw(st.booleans(), label="delete one first"):
+            self._delete_note(data)
         if not self.notes:
             return
         nid = data.draw(st.sampled_from(sorted(self.notes)))
@@ -1020,6 +1076,10 @@ class ExpiryMachine(RuleBasedStateMachine):
             parent = visible[nid].lease
             got_parent = note.lease.id if note.lease is not None else None
             assert got_parent == (parent if parent in live else None), (nid, got_parent, parent)
+            if parent is not None and parent not in live:
+                r = self.ref[parent]
+                STATS.bump("note of a gone lease read" if self.gone(r)
+                           else "note of a soft-deleted lease read")
 
 
 def _run(redis_url: str, max_examples: int, test_id: str) -> None:
