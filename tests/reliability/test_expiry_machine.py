@@ -514,11 +514,21 @@ class ExpiryMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     @STATS.rule
     def reclaim(self, data: st.DataObject) -> None:
-        """Claim the unique value of a gone (unswept) object: taken over."""
+        """Claim the unique value of a gone (unswept) object: taken over. When there is
+        none, a lease is inserted with a short life and the clock moved past it first."""
         free = sorted(
             {r.code for r in self.ref.values() if self.gone(r)}
             - {r.code for r in self.ref.values() if not self.gone(r)}
         )
+        if not free and self.cfg.unique:
+            unheld = [c for c in CODES if all(r.code != c for r in self.ref.values())]
+            if unheld:
+                self._insert(data, data.draw(st.sampled_from(unheld), label="code"), "a", 0, 0.5)
+                self._advance(1.0)
+                free = sorted(
+                    {r.code for r in self.ref.values() if self.gone(r)}
+                    - {r.code for r in self.ref.values() if not self.gone(r)}
+                )
         if not free:
             return
         code = data.draw(st.sampled_from(free))
@@ -559,8 +569,10 @@ class ExpiryMachine(RuleBasedStateMachine):
 
     def _delete(self, data: st.DataObject) -> None:
         pk = self._live_pk(data)
-        if pk is None:
-            return
+        if pk is not None:
+            self._delete_pk(pk)
+
+    def _delete_pk(self, pk: Any) -> None:
         with expiry.use_clock(self.clock), self.session() as s:
             obj = s.get(self.m.Lease, pk)
             assert obj is not None
@@ -606,11 +618,13 @@ class ExpiryMachine(RuleBasedStateMachine):
             if "delete" not in self.cfg.cascade:
                 n.lease = None
                 STATS.bump("child detached by the sweep" if sweep else "child detached")
+                STATS.bump("child detached (delete or sweep)")
             elif self.cfg.soft_notes and n.deleted_at is None:
                 n.deleted_at = self.now  # only with REDMAP_PP_PROVOKE
             else:
                 del self.notes[nid]
                 STATS.bump("child deleted by the sweep" if sweep else "child deleted")
+                STATS.bump("child deleted (delete or sweep)")
 
     @rule(data=st.data())
     @STATS.rule
@@ -976,6 +990,8 @@ class ExpiryMachine(RuleBasedStateMachine):
         i = data.draw(st.integers(0, len(self.copies) - 1), label="copy")
         copy, was, writes = self.copies.pop(i)
         pk = copy.id
+        if self.ref.get(pk) is was and pk in self.live():
+            self._meanwhile(data, pk)
         now = self.ref.get(pk)
         if now is not was:
             why = "purged or replaced"
@@ -1005,6 +1021,37 @@ class ExpiryMachine(RuleBasedStateMachine):
         was.writes += 1
         STATS.bump("merge applied")
         self._tick()
+
+    def _meanwhile(self, data: st.DataObject, pk: Any) -> None:
+        """What happens to a live lease while a copy of it is detached: nothing, a change,
+        its expiry, its delete, or its expiry and the sweep."""
+        event = data.draw(
+            st.sampled_from(["nothing", "changed", "expired", "deleted", "purged"]),
+            label="meanwhile",
+        )
+        STATS.bump(f"copy's lease meanwhile: {event}")
+        r = self.ref[pk]
+        if event == "changed":
+            with expiry.use_clock(self.clock), self.session() as s:
+                obj = s.get(self.m.Lease, pk)
+                assert obj is not None
+                obj.kind = "b" if r.kind == "a" else "a"
+                s.commit()
+            r.kind = "b" if r.kind == "a" else "a"
+            r.writes += 1
+        elif event in ("expired", "purged"):
+            with expiry.use_clock(self.clock), self.session() as s:
+                obj = s.get(self.m.Lease, pk)
+                assert obj is not None
+                obj.expires = self.at(0.5)
+                s.commit()
+            r.deadline = round(self.now + 0.5, 3)
+            r.writes += 1
+            self._advance(1.0)
+            if event == "purged":
+                self._sweep()
+        elif event == "deleted":
+            self._delete_pk(pk)
 
     # -- invariants ---------------------------------------------------------------------
 
@@ -1082,6 +1129,9 @@ class ExpiryMachine(RuleBasedStateMachine):
                            else "note of a soft-deleted lease read")
 
 
+STEPS = 30
+
+
 def _run(redis_url: str, max_examples: int, test_id: str) -> None:
     from tests._async_driver import LoopEngine
 
@@ -1100,7 +1150,7 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
                 "expiry state machine",
                 ExpiryMachine,
                 max_examples=max_examples,
-                steps=50,
+                steps=STEPS,
                 test_id=test_id,
             )
     finally:
@@ -1118,7 +1168,7 @@ def test_expiry_histories(redis_url: str, clean_redis: Any) -> None:
     """Random histories of expiring and soft-deleted objects agree with the reference."""
     _run(
         redis_url,
-        max_examples=examples_from_env(100),
+        max_examples=examples_from_env(200),
         test_id="tests/reliability/test_expiry_machine.py::test_expiry_histories",
     )
 
