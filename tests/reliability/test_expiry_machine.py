@@ -30,12 +30,16 @@ lists (never a gone child, never a gone parent) with it after every step, and `r
 audit` must be clean after every sweep. No test sleeps: time is the machine's clock
 (`redmap.orm.expiry.use_clock`).
 
-Known defect (docs in the report of issue 15 item 5, regression tests xfail in
-tests/test_expiry_children.py): the sweep neither detaches nor purges the *soft-deleted*
-children of a gone parent (a delete cascade even soft-deletes its live children), so they
-keep a foreign key to the purged parent. The machine never draws a delete cascade on a
-soft-delete model and puts a sweep off while a restorable note's lease is gone, unless
-`REDMAP_PP_PROVOKE=sweep-soft-children` (then it fails naming the defect).
+Known defect (strict xfail regression tests in tests/test_expiry_children.py): the
+*soft-deleted* children of a parent that goes for good keep its id. The sweep neither
+detaches nor purges them (it finds children by a query, which leaves them out, and its
+delete cascade soft-deletes the live children of a soft-delete model), nor does a flush
+deleting the parent for good detach them; restored, they point at nothing, and the audit
+says so. By default the machine never draws a delete cascade on a soft-delete model, and
+puts a sweep off while a restorable note's lease is gone, and a final delete of a lease
+while it has restorable notes; `REDMAP_PP_PROVOKE=sweep-soft-children` takes those paths
+(and fails). `REDMAP_PP_CONFIG=shape=notes-detached-restorable,soft=0` restricts a run to
+matching configurations.
 """
 
 from __future__ import annotations
@@ -102,10 +106,10 @@ PLACEHOLDER: dict[Any, Any] = {int: 0, str: "", uuid.UUID: uuid.UUID(int=0)}
 SHAPES: dict[str, tuple[str, str, bool, bool]] = {
     "none": ("none", "save-update", False, False),
     "group": ("group", "save-update", False, False),
-    "notes detached": ("notes", "save-update", False, False),
-    "notes detached, restorable": ("notes", "save-update", False, True),
-    "notes deleted": ("notes", "all, delete", False, False),
-    "notes deleted, required fk": ("notes", "all, delete", True, False),
+    "notes-detached": ("notes", "save-update", False, False),
+    "notes-detached-restorable": ("notes", "save-update", False, True),
+    "notes-deleted": ("notes", "all, delete", False, False),
+    "notes-deleted-required-fk": ("notes", "all, delete", True, False),
 }
 
 
@@ -171,7 +175,18 @@ def config_of(n: int) -> Config:
     )
 
 
-CONFIGS = st.integers(0, 2**32 - 1).map(config_of)
+def wanted(cfg: Config) -> bool:
+    """`REDMAP_PP_CONFIG=shape=notes-detached-restorable,soft=0` restricts a run to the
+    matching configurations (to chase one defect); unset, every configuration is drawn."""
+    for term in filter(None, os.environ.get("REDMAP_PP_CONFIG", "").split(",")):
+        key, _, value = term.partition("=")
+        have = getattr(cfg, key)
+        if (str(int(have)) if isinstance(have, bool) else str(have)) != value:
+            return False
+    return True
+
+
+CONFIGS = st.integers(0, 2**32 - 1).map(config_of).filter(wanted)
 
 
 @dataclass
@@ -192,7 +207,7 @@ def models_for(cfg: Config) -> Models:
         return _MODELS[key]
     prefix = "xm-" + "-".join(
         [cfg.pk, "u" if cfg.unique else "i", "s" if cfg.sharded else "t",
-         "soft" if cfg.soft else "hard", cfg.shape.replace(",", "").replace(" ", "_")]
+         "soft" if cfg.soft else "hard", cfg.shape]
     )
     reg = registry(prefix=prefix, shards=4)
     pk_type = PK_TYPES[cfg.pk]
@@ -573,6 +588,12 @@ class ExpiryMachine(RuleBasedStateMachine):
             self._delete_pk(pk)
 
     def _delete_pk(self, pk: Any) -> None:
+        if not self.cfg.soft and SOFT_CHILDREN not in PROVOKE and any(
+            n.lease == pk and n.deleted_at is not None and not self.note_gone(n)
+            for n in self.notes.values()
+        ):
+            STATS.bump("final delete put off: a restorable note of the lease (known defect)")
+            return
         with expiry.use_clock(self.clock), self.session() as s:
             obj = s.get(self.m.Lease, pk)
             assert obj is not None
@@ -1161,7 +1182,8 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
         f"expiry state machine: {STATS.get('examples', 0)} examples, "
         f"{time.perf_counter() - t0:.0f}s; counts: {dict(sorted(STATS.items()))}"
     )
-    check_minimums(STATS, MINIMUMS, examples=max_examples, per=100)
+    if not os.environ.get("REDMAP_PP_CONFIG"):
+        check_minimums(STATS, MINIMUMS, examples=max_examples, per=100)
 
 
 def test_expiry_histories(redis_url: str, clean_redis: Any) -> None:
