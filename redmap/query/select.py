@@ -673,6 +673,9 @@ def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
             len(stmt._order_by) == 1 or len(spaces) > 1
         ):
             return (yield from strings.page_ids(stmt, spaces))
+    elif len(spaces) > 1 and (lexical := strings.lex_ordered(stmt)) is not None:
+        # Ranks within each shard do not compare across shards: merged by value.
+        return (yield from strings.expiring_fan_out_ids(stmt, spaces, lexical))
     if len(stmt._order_by) > 1 and not _first_term_is_pk(stmt):
         return (yield from _ids_by_terms(stmt, spaces))
     fanned = len(spaces) > 1

@@ -27,12 +27,13 @@ from ..commands import Read, Steps
 from ..exc import QueryError
 from ..orm import keys
 from ..orm.keys import KeySpace
-from ..orm.mapper import ColumnProperty, Mapper, mapper_of
+from ..orm.mapper import VERSION_FIELD, ColumnProperty, Mapper, mapper_of
 from ..orm.textindex import (
     CONVERT_SCRIPT,
     NULL_MAX,
     NULL_MIN,
     id_of_member,
+    member,
     prefix_bounds,
     range_bounds,
     words,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "all_ids",
     "count_command",
+    "expiring_fan_out_ids",
     "handles",
     "leaf",
     "lex_ordered",
@@ -351,6 +353,47 @@ def page_ids(stmt: Select[Any], spaces: Sequence[KeySpace]) -> Steps[list[bytes]
             return [id_of_member(m) for m in members]
     members.sort(reverse=desc)
     end = None if stmt._limit is None else stmt._offset + stmt._limit
+    if ties:
+        return (yield from _by_terms(stmt, mapper, members, desc, end))
+    return [id_of_member(m) for m in members[stmt._offset : end]]
+
+
+def expiring_fan_out_ids(
+    stmt: Select[Any], spaces: Sequence[KeySpace], col: ColumnProperty
+) -> Steps[list[bytes]]:
+    """The page of a fan-out ordered first by the string field `col`, on a model with
+    ExpiresAt (whose pages leave expired ids out: `select._read_live_ranges`).
+
+    Each shard's page comes from a temporary id zset scored by rank *within that shard*
+    (`ordering`), which does not compare across shards; so the members the index holds
+    are rebuilt from the stored values (one more round trip: HMGET of the field and the
+    version of each candidate; one whose hash is gone by then is left out) and merged by
+    their bytes, the order one index would give. With more `order_by` terms, every live
+    match of each shard is read (a tie group may run past any page end), O(N); the tie
+    groups are then sorted by the other terms (`_by_terms`)."""
+    from .select import _read_ranges
+
+    mapper = mapper_of(stmt.model)
+    desc = stmt._order_by[0].descending
+    end = None if stmt._limit is None else stmt._offset + stmt._limit
+    ties = len(stmt._order_by) > 1
+    stop = -1 if end is None or ties else end - 1
+    per_space, _ = yield from _read_ranges(stmt, list(spaces), 0, stop, True)
+    ids = [m for page in per_space for m, _ in page]
+    cmds = [("HMGET", mapper.object_key(mapper.pk_from_segment(i)), col.key, VERSION_FIELD)
+            for i in ids]
+    replies = (yield Read(cmds)) if cmds else []
+    members = []
+    for raw, reply in zip(ids, replies, strict=True):
+        if isinstance(reply, Exception):
+            raise QueryError(f"Redis refused the query: {reply}")
+        value, version = reply
+        if version is None:
+            continue  # gone since its shard's page was read
+        segment = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        text = None if value is None else value.decode("utf-8")
+        members.append(member(text, segment).encode("utf-8"))
+    members.sort(reverse=desc)
     if ties:
         return (yield from _by_terms(stmt, mapper, members, desc, end))
     return [id_of_member(m) for m in members[stmt._offset : end]]
