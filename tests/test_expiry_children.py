@@ -255,6 +255,26 @@ class Label:
 
 @soft.mapped
 @dataclass
+class Desk:
+    name: str
+    lamps: list[Lamp] = relationship(back_populates="desk")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@soft.mapped
+@dataclass
+class Lamp:
+    """At most one lamp per desk: a `Unique` foreign key."""
+
+    __soft_delete__ = timedelta(seconds=20)
+    text: str
+    desk_id: Annotated[int | None, ForeignKey("Desk"), Unique()] = None
+    desk: Desk | None = relationship(back_populates="lamps")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@soft.mapped
+@dataclass
 class Card:
     __soft_delete__ = timedelta(seconds=20)
     text: str
@@ -483,4 +503,75 @@ def test_final_delete_purges_the_children_of_a_delete_cascade(
     with Session(engine) as s:
         s.add_all([Label(text="a"), Label(text="b")])
         s.commit()
+    assert audit(r, soft).ok
+
+
+@pytest.mark.usefixtures("driver")
+def test_sweep_release_raced_by_a_restore(
+    engine: Engine, clock: Clock, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soft-deleted draft restored by another client between the sweep's read of it
+    and its release: the release fails its version check (nothing written), and the
+    sweep's next pass finds the draft live and detaches it through the unit of work."""
+    from redmap.orm import session as session_module
+
+    _folder(engine, clock, memos=False)
+    with Session(engine) as s:
+        draft = s.get(Draft, 1)
+        assert draft is not None
+        s.delete(draft)
+        s.commit()
+    other = redmap.create_engine(redis_url)
+    real = session_module.soft_release_plan
+    raced: list[int] = []
+
+    def racing(*args: object, **kw: object) -> object:
+        if not raced:
+            with Session(other) as s2:
+                raced.append(s2.restore(Draft, 1).id or 0)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module, "soft_release_plan", racing)
+    try:
+        clock.now = T0 + 11
+        assert engine.sweep(soft) == 1
+    finally:
+        other.dispose()
+    assert raced == [1]
+    report = audit(raw(engine), soft)
+    assert report.ok, report.mismatches + report.unexplained
+    with Session(engine) as s:
+        back = s.get(Draft, 1)
+        assert back is not None and back.folder_id is None
+
+
+@pytest.mark.usefixtures("driver")
+def test_detached_soft_deleted_child_releases_its_unique_foreign_key(
+    engine: Engine, clock: Clock
+) -> None:
+    """A soft-deleted lamp keeps its claim on its desk's id (`Unique` foreign key) until
+    its desk is deleted for good: detached, it releases the claim, so a new desk given
+    the same explicit id can take a new lamp, and the old lamp restores with no desk."""
+    with Session(engine) as s:
+        s.add(Desk(name="d", id=1, lamps=[Lamp(text="l")]))
+        s.commit()
+        lamp = s.get(Lamp, 1)
+        assert lamp is not None
+        s.delete(lamp)
+        s.commit()
+    r = raw(engine)
+    assert r.get("{exc3}:lamp:#uq:desk_id:1") == b"1"
+    with Session(engine) as s:
+        desk = s.get(Desk, 1)
+        assert desk is not None
+        s.delete(desk)
+        s.commit()
+    assert not r.exists("{exc3}:lamp:#uq:desk_id:1")
+    report = audit(r, soft)
+    assert report.ok, report.mismatches + report.unexplained
+    with Session(engine) as s:
+        s.add(Desk(name="again", id=1, lamps=[Lamp(text="new")]))
+        s.commit()
+        back = s.restore(Lamp, 1)
+        assert back.desk_id is None
     assert audit(r, soft).ok

@@ -1123,8 +1123,10 @@ def _detach_batch(
     # Soft-deleted children first: a required foreign key stops the sweep before
     # anything is written (as for live children, below).
     for prop in props:
+        if "delete" in prop.cascade:
+            continue
         soft = yield from _soft_children_of(mapper, prop, pks, now)
-        if soft and "delete" not in prop.cascade:
+        if soft:
             _require_optional(mapper, prop)
     inner = Session(engine if isinstance(engine, Engine) else None, autoflush=False)
     if not isinstance(engine, Engine):
