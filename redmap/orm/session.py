@@ -1074,8 +1074,11 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
     child keeps a foreign key to a purged object. The gone parents are read from their
     deadline zsets in batches; a pass that changed something is followed by another, until
     one finds nothing left to change (deleting children may move the offsets). Children
-    that are themselves gone are left to their own model's sweep. Returns how many
-    children were changed.
+    that are themselves gone are left to their own model's sweep. Soft-deleted children
+    (which queries leave out) are read from the parents' `#fk` zsets and released by a
+    version-checked plan: detached, or, with a delete cascade, ended at `now` so that the
+    purge after this step removes them (`_detach_batch`). Returns how many children were
+    changed.
     """
     changed = 0
     for _ in range(_DETACH_PASSES):
