@@ -32,7 +32,7 @@ from redmap import (
 from redmap.asyncio import create_async_engine
 from redmap.audit import audit
 from redmap.engine import Engine
-from redmap.exc import RedmapError
+from redmap.exc import InvalidRequestError, NoResultFound, RedmapError
 from tests._clock import T0, Clock
 
 reg = registry(prefix="exc")
@@ -186,7 +186,7 @@ def test_async_sweep_detaches_children(redis_url: str, clean_redis: None, clock:
         sync.dispose()
 
 
-# -- soft-deleted children of gone parents (known defect, not fixed) ------------------------
+# -- soft-deleted children of parents gone for good (issue 15) -----------------------------
 
 soft = registry(prefix="exc3")
 
@@ -235,6 +235,46 @@ class Box:
 
 @soft.mapped
 @dataclass
+class Crate:
+    """Deleted for good, with a delete cascade to a soft-delete model."""
+
+    name: str
+    labels: list[Label] = relationship(back_populates="crate", cascade="all, delete")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@soft.mapped
+@dataclass
+class Label:
+    __soft_delete__ = timedelta(seconds=20)
+    text: Annotated[str, Unique()]
+    crate_id: Annotated[int | None, ForeignKey("Crate")] = None
+    crate: Crate | None = relationship(back_populates="labels")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@soft.mapped
+@dataclass
+class Desk:
+    name: str
+    lamps: list[Lamp] = relationship(back_populates="desk")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@soft.mapped
+@dataclass
+class Lamp:
+    """At most one lamp per desk: a `Unique` foreign key."""
+
+    __soft_delete__ = timedelta(seconds=20)
+    text: str
+    desk_id: Annotated[int | None, ForeignKey("Desk"), Unique()] = None
+    desk: Desk | None = relationship(back_populates="lamps")
+    id: Annotated[int | None, PrimaryKey()] = None
+
+
+@soft.mapped
+@dataclass
 class Card:
     __soft_delete__ = timedelta(seconds=20)
     text: str
@@ -252,29 +292,22 @@ def _folder(engine: Engine, clock: Clock, *, memos: bool) -> None:
         s.commit()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: the sweep's delete cascade soft-deletes the children of a "
-    "soft-delete model, which keep the purged parent's id (found by the expiry state "
-    "machine, REDMAP_PP_PROVOKE=sweep-soft-children)",
-)
+@pytest.mark.usefixtures("driver")
 def test_sweep_cascade_purges_soft_delete_children(engine: Engine, clock: Clock) -> None:
     """The parent is purged for good, so the children its delete cascade reaches must go
     for good too (not be soft-deleted, restorable with a foreign key to nothing)."""
     _folder(engine, clock, memos=True)
     clock.now = T0 + 11
-    assert engine.sweep(soft) == 1
+    # The folder and its memo: the cascade ends the memo's grace period at the sweep's
+    # moment, so the purge that follows removes it too (and counts it).
+    assert engine.sweep(soft) == 2
     with Session(engine) as s:
         assert s.get(Memo, 1, include_deleted=True) is None
     report = audit(raw(engine), soft)
     assert report.ok, report.mismatches + report.unexplained
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: the sweep finds children by a query, which leaves soft-deleted "
-    "ones out, so they keep the purged parent's id (restorable so)",
-)
+@pytest.mark.usefixtures("driver")
 def test_sweep_detaches_soft_deleted_children(engine: Engine, clock: Clock) -> None:
     """A child soft-deleted on its own before its parent expired is detached by the sweep
     too: restored later, it has no parent, not the id of a purged one."""
@@ -293,11 +326,7 @@ def test_sweep_detaches_soft_deleted_children(engine: Engine, clock: Clock) -> N
         assert back.folder_id is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: a flush deleting a parent for good detaches its live children "
-    "only; a soft-deleted one keeps the parent's id (restorable so)",
-)
+@pytest.mark.usefixtures("driver")
 def test_final_delete_detaches_soft_deleted_children(engine: Engine, clock: Clock) -> None:
     with Session(engine) as s:
         box = Box(name="b", cards=[Card(text="c")])
@@ -313,3 +342,236 @@ def test_final_delete_detaches_soft_deleted_children(engine: Engine, clock: Cloc
     assert report.ok, report.mismatches + report.unexplained
     with Session(engine) as s:
         assert s.restore(Card, 1).box_id is None
+
+
+@pytest.mark.usefixtures("driver")
+def test_sweep_cascade_ends_soft_deleted_children_too(engine: Engine, clock: Clock) -> None:
+    """A memo soft-deleted on its own before its folder expired goes for good with the
+    folder (delete cascade), in the same sweep run, as the live memo does; the drafts
+    (no cascade), live or soft-deleted, are detached and the soft-deleted one restorable
+    with no parent."""
+    with Session(engine) as s:
+        folder = Folder(name="f", expires=clock.at(10))
+        folder.memos = [Memo(text="m1"), Memo(text="m2")]
+        folder.drafts = [Draft(text="d1"), Draft(text="d2")]
+        s.add(folder)
+        s.commit()
+        for obj in (s.get(Memo, 1), s.get(Draft, 1)):
+            assert obj is not None
+            s.delete(obj)
+        s.commit()
+    r = raw(engine)
+    assert r.zcard("{exc3}:memo:#fk:folder_id:1") == 2
+    clock.now = T0 + 11
+    assert engine.sweep(soft) == 3  # the folder and both memos
+    report = audit(r, soft)
+    assert report.ok, report.mismatches + report.unexplained
+    assert not r.exists("{exc3}:memo:1") and not r.exists("{exc3}:memo:2")
+    assert not r.exists("{exc3}:memo:#fk:folder_id:1")
+    assert not r.exists("{exc3}:draft:#fk:folder_id:1")
+    with Session(engine) as s:
+        for pk in (1, 2):
+            assert s.get(Memo, pk, include_deleted=True) is None
+            with pytest.raises(NoResultFound):
+                s.restore(Memo, pk)
+        live = s.get(Draft, 2)
+        assert live is not None and live.folder_id is None
+        back = s.restore(Draft, 1)
+        assert back.folder_id is None
+    assert audit(r, soft).ok
+    assert engine.sweep(soft) == 0
+
+
+def test_async_engine_sweep_releases_soft_deleted_children(
+    redis_url: str, clean_redis: None, clock: Clock
+) -> None:
+    """`AsyncEngine.sweep` (not the LoopEngine of the `driver` fixture) runs the same
+    steps: the soft-deleted draft is detached, the memo of the cascade purged."""
+    sync = redmap.create_engine(redis_url)
+    try:
+        with Session(sync) as s:
+            folder = Folder(name="f", expires=clock.at(10))
+            folder.memos = [Memo(text="m")]
+            folder.drafts = [Draft(text="d")]
+            s.add(folder)
+            s.commit()
+            draft = s.get(Draft, 1)
+            assert draft is not None
+            s.delete(draft)
+            s.commit()
+        clock.now = T0 + 11
+
+        async def main() -> int:
+            engine = create_async_engine(redis_url)
+            try:
+                return await engine.sweep(soft)
+            finally:
+                await engine.dispose()
+
+        assert asyncio.run(main()) == 2
+        report = audit(raw(sync), soft)
+        assert report.ok, report.mismatches + report.unexplained
+        with Session(sync) as s:
+            assert s.get(Memo, 1, include_deleted=True) is None
+            assert s.restore(Draft, 1).folder_id is None
+    finally:
+        sync.dispose()
+
+
+def test_required_foreign_key_of_a_soft_deleted_child_is_a_clear_error(
+    redis_url: str, clean_redis: None, clock: Clock
+) -> None:
+    """The sweep refuses, before purging anything, to detach a soft-deleted child whose
+    foreign key is required; so does a flush deleting the parent for good."""
+    bad = registry(prefix="exc4")
+
+    @bad.mapped
+    @dataclass
+    class Team:
+        name: str
+        members: list[Member] = relationship(back_populates="team")
+        expires: Annotated[datetime | None, ExpiresAt()] = None
+        id: Annotated[int | None, PrimaryKey()] = None
+
+    @bad.mapped
+    @dataclass
+    class Member:
+        __soft_delete__ = timedelta(seconds=20)
+        team_id: Annotated[int, ForeignKey("Team")]
+        team: Team | None = relationship(back_populates="members")
+        id: Annotated[int | None, PrimaryKey()] = None
+
+    engine = redmap.create_engine(redis_url)
+    try:
+        with Session(engine) as s:
+            for pk in (1, 2):
+                team = Team(name="t", expires=clock.at(1), id=pk)
+                team.members = [Member(team_id=pk, id=pk)]
+                s.add(team)
+            s.commit()
+            for pk in (1, 2):
+                member = s.get(Member, pk)
+                assert member is not None
+                s.delete(member)
+            s.commit()
+            team2 = s.get(Team, 2)
+            assert team2 is not None
+            s.delete(team2)
+            with pytest.raises(InvalidRequestError, match="team_id is required"):
+                s.commit()
+        assert raw(engine).exists("{exc4}:team:2")
+        clock.now = T0 + 2
+        with pytest.raises(RedmapError, match="Member.team_id Optional"):
+            engine.sweep(bad)
+        assert raw(engine).exists("{exc4}:team:1")  # nothing purged
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.usefixtures("driver")
+def test_final_delete_purges_the_children_of_a_delete_cascade(
+    engine: Engine, clock: Clock
+) -> None:
+    """A crate deleted for good takes its labels along (delete cascade), although Label
+    has `__soft_delete__`: the live one is deleted for good (not soft-deleted), the one
+    soft-deleted before has its grace period ended at the flush's moment, so the bounded
+    sweep the flush carries purges it at once; neither is restorable, and their unique
+    values are free."""
+    with Session(engine) as s:
+        crate = Crate(name="c", labels=[Label(text="a"), Label(text="b")])
+        s.add(crate)
+        s.commit()
+        label = s.get(Label, 1)
+        assert label is not None
+        s.delete(label)
+        s.commit()
+        crate = s.get(Crate, 1)
+        assert crate is not None
+        s.delete(crate)
+        s.commit()
+    r = raw(engine)
+    assert not r.exists("{exc3}:label:#fk:crate_id:1")
+    assert not r.exists("{exc3}:label:1") and not r.exists("{exc3}:label:2")
+    report = audit(r, soft)
+    assert report.ok, report.mismatches + report.unexplained
+    with Session(engine) as s:
+        for pk in (1, 2):
+            assert s.get(Label, pk, include_deleted=True) is None
+            with pytest.raises(NoResultFound):
+                s.restore(Label, pk)
+    assert engine.sweep(soft) == 0
+    with Session(engine) as s:
+        s.add_all([Label(text="a"), Label(text="b")])
+        s.commit()
+    assert audit(r, soft).ok
+
+
+@pytest.mark.usefixtures("driver")
+def test_sweep_release_raced_by_a_restore(
+    engine: Engine, clock: Clock, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soft-deleted draft restored by another client between the sweep's read of it
+    and its release: the release fails its version check (nothing written), and the
+    sweep's next pass finds the draft live and detaches it through the unit of work."""
+    from redmap.orm import session as session_module
+
+    _folder(engine, clock, memos=False)
+    with Session(engine) as s:
+        draft = s.get(Draft, 1)
+        assert draft is not None
+        s.delete(draft)
+        s.commit()
+    other = redmap.create_engine(redis_url)
+    real = session_module.soft_release_plan
+    raced: list[int] = []
+
+    def racing(*args: object, **kw: object) -> object:
+        if not raced:
+            with Session(other) as s2:
+                raced.append(s2.restore(Draft, 1).id or 0)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module, "soft_release_plan", racing)
+    try:
+        clock.now = T0 + 11
+        assert engine.sweep(soft) == 1
+    finally:
+        other.dispose()
+    assert raced == [1]
+    report = audit(raw(engine), soft)
+    assert report.ok, report.mismatches + report.unexplained
+    with Session(engine) as s:
+        back = s.get(Draft, 1)
+        assert back is not None and back.folder_id is None
+
+
+@pytest.mark.usefixtures("driver")
+def test_detached_soft_deleted_child_releases_its_unique_foreign_key(
+    engine: Engine, clock: Clock
+) -> None:
+    """A soft-deleted lamp keeps its claim on its desk's id (`Unique` foreign key) until
+    its desk is deleted for good: detached, it releases the claim, so a new desk given
+    the same explicit id can take a new lamp, and the old lamp restores with no desk."""
+    with Session(engine) as s:
+        s.add(Desk(name="d", id=1, lamps=[Lamp(text="l")]))
+        s.commit()
+        lamp = s.get(Lamp, 1)
+        assert lamp is not None
+        s.delete(lamp)
+        s.commit()
+    r = raw(engine)
+    assert r.get("{exc3}:lamp:#uq:desk_id:1") == b"1"
+    with Session(engine) as s:
+        desk = s.get(Desk, 1)
+        assert desk is not None
+        s.delete(desk)
+        s.commit()
+    assert not r.exists("{exc3}:lamp:#uq:desk_id:1")
+    report = audit(r, soft)
+    assert report.ok, report.mismatches + report.unexplained
+    with Session(engine) as s:
+        s.add(Desk(name="again", id=1, lamps=[Lamp(text="new")]))
+        s.commit()
+        back = s.restore(Lamp, 1)
+        assert back.desk_id is None
+    assert audit(r, soft).ok

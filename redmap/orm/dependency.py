@@ -24,10 +24,20 @@ from .strategies import link_keys, selectin_load, unreadable
 
 if TYPE_CHECKING:
     from .context import SessionContext
+    from .keys import KeySpace
+    from .mapper import Mapper
     from .relationships import RelationshipProperty
     from .state import InstanceState
 
-__all__ = ["DeferredKey", "LinkChange", "MemberCheck", "RelationshipWork", "prepare"]
+__all__ = [
+    "DeferredKey",
+    "LinkChange",
+    "MemberCheck",
+    "RelationshipWork",
+    "SoftRelease",
+    "prepare",
+    "soft_children",
+]
 
 
 @dataclasses.dataclass
@@ -60,11 +70,33 @@ class DeferredKey:
 
 
 @dataclasses.dataclass
+class SoftRelease:
+    """A soft-deleted child of a parent gone for good, as Redis holds it (`data`): the
+    flush detaches it (`end` False) or ends its grace period (`end`: the relationship
+    cascades delete), checked against the version it was read with
+    (`expiry.release_soft_child`). Queries and relationship lists leave such a child
+    out, so it is found through the parent's children zset."""
+
+    mapper: Mapper[Any]
+    pk: Any
+    ks: KeySpace
+    key: str
+    segment: str
+    data: dict[bytes, bytes]
+    fk: str
+    end: bool
+
+
+@dataclasses.dataclass
 class RelationshipWork:
     links: list[LinkChange] = dataclasses.field(default_factory=list)
     member_checks: list[MemberCheck] = dataclasses.field(default_factory=list)
     drop_keys: list[str] = dataclasses.field(default_factory=list)
     deferred: list[DeferredKey] = dataclasses.field(default_factory=list)
+    soft_releases: list[SoftRelease] = dataclasses.field(default_factory=list)
+    # id() of the deleted states of soft-delete models that go for good all the same:
+    # the children a delete cascade takes along from a parent deleted for good.
+    purge: set[int] = dataclasses.field(default_factory=set)
     # What preparing this work changed in the session (None for the parts of a
     # cross-slot flush, which share their whole flush's journal).
     journal: FlushJournal | None = None
@@ -151,12 +183,12 @@ def _cascade_deletes(session: SessionContext, work: RelationshipWork) -> Steps[N
         todo = [st for st in session.deleted_states() if id(st) not in done]
         if not todo:
             return
-        by_mapper: dict[Any, list[InstanceState]] = {}
+        by_mapper: dict[tuple[Any, bool], list[InstanceState]] = {}
         for st in todo:
             done.add(id(st))
-            by_mapper.setdefault(st.mapper, []).append(st)
-        for mapper, states in by_mapper.items():
-            if mapper.expiry.soft_delete_ms is not None:
+            by_mapper.setdefault((st.mapper, id(st) in work.purge), []).append(st)
+        for (mapper, purged), states in by_mapper.items():
+            if mapper.expiry.soft_delete_ms is not None and not purged:
                 # A soft delete keeps links and foreign keys (a restore needs them); its
                 # delete cascades soft-delete the children, with the same `#d`.
                 for prop in expiry.cascade_children(mapper):
@@ -173,6 +205,7 @@ def _cascade_deletes(session: SessionContext, work: RelationshipWork) -> Steps[N
                     [(st, k) for st in states for k in link_keys(st, prop)]
                 )
                 pointing = _pointing(session, prop)
+                unloaded: list[tuple[bytes, str]] = []
                 for st in states:
                     members = list(st.obj.__dict__.get(prop.key) or [])
                     keys_ = link_keys(st, prop)
@@ -186,6 +219,7 @@ def _cascade_deletes(session: SessionContext, work: RelationshipWork) -> Steps[N
                     )
                     if prop.direction is Direction.ONETOMANY:
                         _detach_children(work, st, prop, members)
+                        unloaded.extend(_not_held(session, prop, listed))
                     else:
                         for other in members:
                             ost = state_of(other)
@@ -199,8 +233,70 @@ def _cascade_deletes(session: SessionContext, work: RelationshipWork) -> Steps[N
                         if "delete" in prop.cascade:
                             for other in members:
                                 _journal(work).delete(other)
+                if unloaded:
+                    # Soft-deleted children: lists leave them out, their parent's
+                    # children zset (checked above) does not.
+                    found = yield from soft_children(prop, unloaded, expiry.now_ms())
+                    _check_optional(prop, found)
+                    work.soft_releases.extend(found)
             for src in mapper.hidden_links:
                 yield from _unlink_hidden(session, states, src, work)
+
+
+def _not_held(
+    session: SessionContext, prop: RelationshipProperty, listed: dict[bytes, str]
+) -> list[tuple[bytes, str]]:
+    """The children a deleted parent's children zsets list that the session does not
+    hold (hidden from its loads: soft-deleted, or gone), with the zset listing each."""
+    target = mapper_of(prop.target)
+    out = []
+    for seg, key in listed.items():
+        pk = target.pk_from_segment(seg, key)
+        if session.identity_map.get((prop.target, pk)) is None:
+            out.append((seg, key))
+    return out
+
+
+def _check_optional(prop: RelationshipProperty, found: list[SoftRelease]) -> None:
+    """A soft-deleted child is detached only if its foreign key may be None."""
+    if not found or "delete" in prop.cascade:
+        return
+    codec = found[0].mapper.columns[prop.fk_column].codec
+    if codec is not None and not codec.nullable:
+        child = found[0]
+        raise InvalidRequestError(
+            f"cannot delete the parent of the soft-deleted {child.mapper.name}"
+            f"({child.pk!r}) for good: its {prop.fk_column} is required, and "
+            f"{prop.parent.name if prop.parent else '?'}.{prop.key} does not cascade "
+            f"delete; make it Optional or add cascade=\"all, delete\"; nothing was written"
+        )
+
+
+def soft_children(
+    prop: RelationshipProperty, listed: list[tuple[bytes, str]], now: int
+) -> Steps[list[SoftRelease]]:
+    """Of the children `listed` (member of a one-to-many's children zset, that zset),
+    the soft-deleted ones still restorable at `now` (one HGETALL each, one round trip),
+    to be detached, or ended with a delete cascade, because their parent goes for good."""
+    target = mapper_of(prop.target)
+    if target.expiry.soft_delete_ms is None or not listed:
+        return []
+    pks = [target.pk_from_segment(seg, key) for seg, key in listed]
+    object_keys = [target.object_key(pk) for pk in pks]
+    replies = yield Read([("HGETALL", k) for k in object_keys])
+    out = []
+    for pk, key, data in zip(pks, object_keys, replies, strict=True):
+        if isinstance(data, Exception):
+            raise unreadable(key, data, f"a {target.name} child")
+        if not expiry.loose_child(target, prop.fk_column, data, now):
+            continue
+        out.append(
+            SoftRelease(
+                target, pk, target.keys_for_pk(pk), key, target.pk_segment(pk), data,
+                prop.fk_column, "delete" in prop.cascade,
+            )
+        )  # fmt: skip
+    return out
 
 
 def _members_at_flush(
@@ -353,6 +449,10 @@ def _detach_children(
                 journal.expunge(child)  # a new child of a deleted parent is never written
             else:
                 journal.delete(child)
+                # Its parent goes for good (this is no soft delete's cascade): so does
+                # it, even on a model with `__soft_delete__`, rather than stay
+                # restorable with a foreign key to nothing.
+                work.purge.add(id(cst))
         else:
             # As SQLAlchemy does without a delete cascade: the children stay, orphaned.
             if prop.reverse is not None:

@@ -47,10 +47,13 @@ __all__ = [
     "SWEEP_BATCH",
     "deadline_of",
     "gone",
+    "loose_child",
     "now_ms",
+    "release_soft_child",
     "set_clock",
     "stamp",
     "use_clock",
+    "version_of",
 ]
 
 # Redis removes an object hash this long after its deadline (clock skew allowance).
@@ -374,6 +377,76 @@ def plan_soft_delete(
     deadline = deadline_of(mapper, {**st.loaded, SOFT_FIELD: str(now).encode()})
     assert deadline is not None
     track(b, ks, key, segment, deadline, sweep_keys(mapper, ks, st.loaded))
+
+
+def loose_child(
+    child: Mapper[Any], fk: str, data: Mapping[bytes, bytes], now: int
+) -> bool:
+    """Whether a fetched child hash is a soft-deleted object still restorable at `now`
+    that holds a foreign key in `fk`: what a parent gone for good must release itself
+    (queries and relationship lists leave such children out)."""
+    if not data or _SOFT not in data or child.expiry.soft_delete_ms is None:
+        return False
+    if data.get(fk.encode()) is None:
+        return False
+    deadline = deadline_of(child, {k.decode(): v for k, v in data.items()})
+    return deadline is not None and deadline > now
+
+
+def version_of(data: Mapping[bytes, bytes]) -> tuple[int | None, bytes | None]:
+    """The (`#v`, `#i`) of a fetched hash, as a version check expects them."""
+    raw = data.get(VERSION_FIELD.encode())
+    version = int(raw) if raw is not None and raw.isdigit() else None
+    return version, data.get(INCARNATION_FIELD.encode())
+
+
+def release_soft_child(
+    child: Mapper[Any],
+    ks: KeySpace,
+    key: str,
+    segment: str,
+    data: Mapping[bytes, bytes],
+    fk: str,
+    *,
+    end: bool,
+    now: int,
+) -> tuple[list[Command], list[str]]:
+    """The writes that release a soft-deleted child (`loose_child`) from a parent gone
+    for good, to send after a version check of `key` against `version_of(data)`.
+
+    Without `end` (no delete cascade) the child is detached: its foreign key goes (HDEL:
+    None), it leaves the parent's children zset, and its sweep data no longer lists that
+    zset; it stays soft-deleted and restorable, and comes back with no parent. With `end`
+    (the relationship cascades delete) its grace period ends at `now`: `#d` moves back so
+    that the hash, `#dl` and a restore all agree the object is gone, and the sweep purges
+    it with every index, unique and link entry (in the same run, when the sweep itself
+    ends it); an optional foreign key is cleared too, so nothing names the parent until
+    then. Both bump `#v`, so a restore or update planned before fails its check.
+    Returns the writes and the unique claims they release (a `Unique` foreign key): the
+    caller watches each and checks that it still names the child."""
+    version, _ = version_of(data)
+    fields: list[Any] = [VERSION_FIELD, str((version or 0) + 1)]
+    writes: list[Command] = []
+    info = child.expiry
+    assert info.soft_delete_ms is not None
+    if end:
+        fields.extend((SOFT_FIELD, str(now - info.soft_delete_ms)))
+        writes.append(("ZADD", ks.deadlines(), now, segment))
+        writes.append(("PEXPIREAT", key, now + MARGIN_MS))
+    writes.insert(0, ("HSET", key, *fields))
+    codec = child.columns[fk].codec
+    old = data.get(fk.encode())
+    if old is None or (end and codec is not None and not codec.nullable):
+        return writes, []
+    writes.append(("HDEL", key, fk))
+    writes.append(("ZREM", ks.foreign(fk, keys.escape(old)), segment))
+    held: list[str] = []
+    if child.columns[fk].unique:
+        held.append(ks.unique(fk, keys.escape(old)))
+        writes.append(("DEL", held[0]))
+    loaded = {k.decode(): v for k, v in data.items() if k.decode() != fk}
+    writes.append(("HSET", ks.sweep_data(), segment, sweep_keys(child, ks, loaded)))
+    return writes, held
 
 
 def takeover(mapper: Mapper[Any], ks: KeySpace, now: int) -> tuple[str, int] | None:

@@ -34,7 +34,7 @@ from .textindex import index_commands
 from .types import increment_command
 
 if TYPE_CHECKING:
-    from .dependency import RelationshipWork
+    from .dependency import RelationshipWork, SoftRelease
     from .state import InstanceState
 
 __all__ = [
@@ -51,6 +51,8 @@ __all__ = [
     "id_guard_key",
     "plan_flush",
     "plan_increments",
+    "plan_soft_releases",
+    "soft_release_plan",
     "summarise_errors",
 ]
 
@@ -300,13 +302,14 @@ def plan_flush(
     # Keyspaces of models with deadlines this flush writes (a bounded sweep rides along).
     tracked: dict[str, tuple[Mapper[Any], KeySpace]] = {}
 
+    purge = work.purge if work is not None else set()
     for d in deletes:
         st = d.state
         mapper = st.mapper
         ks = _ks(d)
         b.watch[d.key] = None
         b.checks.extend(_version_checks(d.key, st))
-        if mapper.expiry.soft_delete_ms is not None:
+        if mapper.expiry.soft_delete_ms is not None and id(st) not in purge:
             tracked[ks.deadlines()] = (mapper, ks)
             expiry.plan_soft_delete(b, st, ks, d.key, d.segment, now, incarnation)
             continue
@@ -471,7 +474,12 @@ def plan_flush(
         # deletes and updates above: a key they watch is checked by its version already).
         _expect_target(b, ref.state, ref.column, ref.value, new_keys)
     if work is not None:
-        _plan_relationships(b, work, segments, new_pks, spaces)
+        _plan_relationships(b, work, segments, new_pks, spaces, now)
+        for r in work.soft_releases:
+            if r.end:
+                # Ended at `now`: the bounded sweep this flush carries purges it (unless
+                # its model has children: `Engine.sweep` then does).
+                tracked[r.ks.deadlines()] = (r.mapper, r.ks)
     for key, members, what in replace_guards:
         # `Session.replace_all`: the id zset still lists exactly what it read.
         b.watch[key] = None
@@ -787,6 +795,7 @@ def _plan_relationships(
     segments: dict[int, str],
     new_pks: dict[int, Any],
     spaces: dict[int, KeySpace],
+    now: int,
 ) -> None:
     def seg(st: InstanceState) -> str:
         known = segments.get(id(st))
@@ -832,3 +841,49 @@ def _plan_relationships(
             b.removals.append(("ZREM", b_key, seg(link.a)))
     for key in work.drop_keys:
         b.removals.append(("DEL", key))
+    plan_soft_releases(b, work.soft_releases, now)
+
+
+def plan_soft_releases(b: _Builder, releases: Sequence[SoftRelease], now: int) -> None:
+    """Detach (or end) soft-deleted children of parents gone for good, each checked
+    against the version it was read with, and its released unique claim against its id
+    (`expiry.release_soft_child`)."""
+    for r in releases:
+        b.watch[r.key] = None
+        b.checks.append(
+            Check(
+                "version",
+                r.key,
+                ("HMGET", r.key, VERSION_FIELD, INCARNATION_FIELD),
+                expected=expiry.version_of(r.data),
+                value=f"{r.mapper.name}({r.pk!r})",
+            )
+        )
+        writes, held = expiry.release_soft_child(
+            r.mapper, r.ks, r.key, r.segment, r.data, r.fk, end=r.end, now=now
+        )
+        for claim in held:
+            b.watch[claim] = None
+            b.checks.append(
+                Check(
+                    "unique", claim, ("GET", claim), expected={r.segment.encode()},
+                    field=r.fk, value=r.pk,
+                )
+            )  # fmt: skip
+        b.additions.extend(writes)
+
+
+def soft_release_plan(releases: Sequence[SoftRelease], token_key: str, now: int) -> FlushPlan:
+    """A plan made only of `plan_soft_releases` (the sweep's, for the soft-deleted
+    children of gone parents; all under `token_key`'s hash tag)."""
+    b = _Builder()
+    plan_soft_releases(b, releases, now)
+    b.watch[token_key] = None
+    return FlushPlan(
+        token_key=token_key,
+        token_ttl_ms=TOKEN_TTL_MS,
+        watch=list(b.watch),
+        checks=b.checks,
+        writes=[*b.additions, ("SET", token_key, b"applied", "PX", TOKEN_TTL_MS)],
+        states=[],
+    )

@@ -11,10 +11,11 @@ import contextlib
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from ..commands import Read, Steps
+from ..commands import Flush, Read, Steps
 from ..engine import Engine, default_engine
 from ..exc import (
     InvalidRequestError,
@@ -23,14 +24,16 @@ from ..exc import (
     RedmapError,
     StaleDataError,
 )
-from . import events, expiry, sweep
+from . import events, expiry, keys, sweep
 from .attributes import STATE_ATTR, state_of
 from .context import SessionContext
+from .dependency import soft_children
 from .identity import IdentitySet
 from .loading import ensure_loaded, load_instance, load_unloaded_steps, unloaded_pks
 from .mapper import mapper_of
+from .persistence import soft_release_plan
 from .relationship_events import discard_expired
-from .softdelete import restore_steps
+from .softdelete import PlanJob, restore_steps
 from .state import InstanceState
 from .strategies import selectin_for
 from .strategy_options import Load, build_tree
@@ -1071,8 +1074,11 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
     child keeps a foreign key to a purged object. The gone parents are read from their
     deadline zsets in batches; a pass that changed something is followed by another, until
     one finds nothing left to change (deleting children may move the offsets). Children
-    that are themselves gone are left to their own model's sweep. Returns how many
-    children were changed.
+    that are themselves gone are left to their own model's sweep. Soft-deleted children
+    (which queries leave out) are read from the parents' `#fk` zsets and released by a
+    version-checked plan: detached, or, with a delete cascade, ended at `now` so that the
+    purge after this step removes them (`_detach_batch`). Returns how many children were
+    changed.
     """
     changed = 0
     for _ in range(_DETACH_PASSES):
@@ -1101,7 +1107,7 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
                         break
                     offset += len(segments)
                     pks = [mapper.pk_from_segment(seg) for seg in segments]
-                    n = yield from _detach_batch(engine, mapper, props, pks)
+                    n = yield from _detach_batch(engine, mapper, props, pks, now)
                     changed += n
                     again = again or n > 0
         if not again:
@@ -1109,18 +1115,28 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
     return changed
 
 
-def _detach_batch(engine: Any, mapper: Any, props: Sequence[Any], pks: list[Any]) -> Steps[int]:
-    """One unit of work over the children of the gone parents `pks` of `mapper`."""
+def _detach_batch(
+    engine: Any, mapper: Any, props: Sequence[Any], pks: list[Any], now: int
+) -> Steps[int]:
+    """One unit of work over the live children of the gone parents `pks` of `mapper`,
+    then one plan per hash tag over their soft-deleted children."""
     from ..query.expression import col
     from ..query.select import select
 
+    # Soft-deleted children first: a required foreign key stops the sweep before
+    # anything is written (as for live children, below).
+    for prop in props:
+        if "delete" in prop.cascade:
+            continue
+        soft = yield from _soft_children_of(mapper, prop, pks, now)
+        if soft:
+            _require_optional(mapper, prop)
     inner = Session(engine if isinstance(engine, Engine) else None, autoflush=False)
     if not isinstance(engine, Engine):
         inner._async_engine = engine
     n = 0
     try:
         for prop in props:
-            child = mapper_of(prop.target)
             fk = prop.fk_column
             found = yield from inner._scalars_steps(
                 select(prop.target).where(col(prop.target, fk).in_(pks))
@@ -1130,20 +1146,69 @@ def _detach_batch(engine: Any, mapper: Any, props: Sequence[Any], pks: list[Any]
                 if "delete" in prop.cascade:
                     inner.delete(obj)
                     continue
-                codec = child.columns[fk].codec
-                if codec is not None and not codec.nullable:
-                    raise RedmapError(
-                        f"cannot sweep {mapper.name}: its expired objects have {child.name} "
-                        f"children whose {fk} is required, and {mapper.name}.{prop.key} does "
-                        f"not cascade delete; make {child.name}.{fk} Optional or add "
-                        f'cascade="all, delete" to the relationship'
-                    )
+                _require_optional(mapper, prop)
                 setattr(obj, fk, None)
         if n:
             yield from inner._commit_steps()
     finally:
         inner.close()
+    # Then every soft-deleted child, those the delete cascade above just soft-deleted
+    # included: detached, or (delete cascade) ended at `now`, so that the purge after
+    # this step removes it in the same run. A child changed meanwhile (restored, say)
+    # fails its version check: the next pass reads it again.
+    for prop in props:
+        released = yield from _soft_children_of(mapper, prop, pks, now)
+        by_tag: dict[str, list[Any]] = {}
+        for rel in released:
+            by_tag.setdefault(rel.ks.tag, []).append(rel)
+        for tag, rels in by_tag.items():
+            token_key = keys.flush_token_key(tag, uuid.uuid4().hex)
+            try:
+                yield Flush(PlanJob(soft_release_plan(rels, token_key, now)))
+            except StaleDataError:
+                pass  # another pass reads them again
+            n += len(rels)
     return n
+
+
+def _require_optional(mapper: Any, prop: Any) -> None:
+    """Children of a gone parent without a delete cascade are detached: their foreign
+    key must be Optional."""
+    child = mapper_of(prop.target)
+    fk = prop.fk_column
+    codec = child.columns[fk].codec
+    if codec is not None and not codec.nullable:
+        raise RedmapError(
+            f"cannot sweep {mapper.name}: its expired objects have {child.name} "
+            f"children whose {fk} is required, and {mapper.name}.{prop.key} does "
+            f"not cascade delete; make {child.name}.{fk} Optional or add "
+            f'cascade="all, delete" to the relationship'
+        )
+
+
+def _soft_children_of(mapper: Any, prop: Any, pks: list[Any], now: int) -> Steps[list[Any]]:
+    """The soft-deleted children (still restorable at `now`) of the parents `pks` of
+    `mapper` through `prop`, found by the parents' children zsets (queries leave them
+    out): one round trip for the zsets, one for the hashes."""
+    child = mapper_of(prop.target)
+    if child.expiry.soft_delete_ms is None:
+        return []
+    zsets = [
+        cks.foreign(prop.fk_column, mapper.pk_segment(pk))
+        for pk in pks
+        for cks in child.all_keyspaces()
+    ]
+    replies = yield Read([("ZRANGE", k, 0, -1) for k in zsets])
+    listed: list[tuple[bytes, str]] = []
+    for key, members in zip(zsets, replies, strict=True):
+        if isinstance(members, Exception):
+            raise RedmapError(
+                f"the sweep of {mapper.name} could not read {key!r}: {members}; run "
+                f"`redmap audit`"
+            )
+        listed.extend((m, key) for m in members)
+    found: list[Any] = yield from soft_children(prop, listed, now)
+    return found
 
 
 sweep.detach_children = _detach_children_steps

@@ -31,7 +31,7 @@ from .mapper import INCARNATION_FIELD, VERSION_FIELD, Mapper, mapper_of
 from .persistence import InsertTask, _all_score, _score
 from .textindex import index_commands
 
-__all__ = ["restore_steps"]
+__all__ = ["PlanJob", "restore_steps"]
 
 _SOFT = expiry.SOFT_FIELD.encode()
 
@@ -50,8 +50,9 @@ class _Found:
 
 
 @dataclasses.dataclass
-class _RestoreJob:
-    """A `FlushJob` (flushprotocol) of a ready plan: no inserts, no ids."""
+class PlanJob:
+    """A `FlushJob` (flushprotocol) of a ready plan: no inserts, no ids (a restore; the
+    sweep's release of soft-deleted children)."""
 
     the_plan: FlushPlan
     inserts: list[InsertTask] = dataclasses.field(default_factory=list)
@@ -131,7 +132,7 @@ def restore_steps(mapper: Mapper[Any], pk: Any) -> Steps[list[tuple[Mapper[Any],
             found.append(f)
             frontier.append(f)
     plan = _restore_plan(found, now)
-    yield Flush(_RestoreJob(plan))
+    yield Flush(PlanJob(plan))
     return [(f.mapper, f.pk) for f in found]
 
 

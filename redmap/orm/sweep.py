@@ -6,7 +6,9 @@ each model's deadline zset `#dl` up to now and, per id, removes what the sweep d
 `#dv` lists (index, unique, foreign-key and link entries) with the hash itself, in one
 script per batch (`SWEEP_SCRIPT`). Links under another hash tag take a second step
 (`finish_steps`, `FINISH_SCRIPT`); children of gone parents are detached or deleted
-through a unit of work first (`detach_children`, filled by the session).
+first (`detach_children`, filled by the session): live ones through a unit of work,
+soft-deleted ones (found by the parents' `#fk` zsets) by a version-checked plan that
+detaches them or ends their grace period at the sweep's moment, so the purge takes them.
 
 `Engine.sweep` runs `sweep_all_steps`; a flush carries a bounded sweep (`piggyback`).
 docs/expiry.md describes the behaviour, docs/design/flush-concurrency.md argues it.

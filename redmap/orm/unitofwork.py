@@ -600,9 +600,16 @@ class UOWTransaction:
             owner = next((p for tag, p in parts.items() if key.startswith(tag + ":")), None)
             if owner is not None:
                 owner.work.drop_keys.append(key)
+        for rel in self.work.soft_releases:
+            # A soft-deleted child is written by its own tag's part.
+            tag = rel.ks.tag
+            if tag not in parts:
+                parts[tag] = UOWTransaction(self.session)
+            parts[tag].work.soft_releases.append(rel)
         self._route_targets(parts, after)
         for tag, p in parts.items():
             p.tag = tag
+            p.work.purge = self.work.purge
         return self._order_parts(parts, after)
 
     def _route_targets(self, parts: dict[str, UOWTransaction], after: dict[str, set[str]]) -> None:
