@@ -23,6 +23,7 @@ from ..exc import DecodeError, MigrationError, ValidationError
 from ..orm import expiry, keys
 from ..orm.expiry import SOFT_FIELD
 from ..orm.mapper import INCARNATION_FIELD, VERSION_FIELD, ColumnProperty
+from ..orm.persistence import fk_score
 from ..orm.textindex import index_commands
 from ..orm.types import Codec, compile_codec
 from . import deadlines
@@ -603,19 +604,16 @@ def _foreign_key_moves(
 
 
 def _child_score(target: Target, col: ColumnProperty, order: bytes | None, segment: str) -> str:
-    """A child's score in its parent's zset, as the flush writes it: its order_by field's
-    score (-inf for None), else its integer id (0 for other ids)."""
+    """A child's score in its parent's zset, as the flush writes it (`fk_score`)."""
     mapper = target.mapper
     assert mapper is not None
-    if col.order_column is None:
-        pk = mapper.pk_from_segment(segment)
-        return str(pk) if mapper.pk.codec is not None and isinstance(pk, int) else "0"
-    if order is None:
-        return "-inf"
-    ocol = mapper.columns[col.order_column]
-    assert ocol.codec is not None
     try:
-        return repr(ocol.codec.to_score(ocol.codec.decode(order)))
+        value = None
+        if col.order_column is not None and order is not None:
+            codec = mapper.columns[col.order_column].codec
+            assert codec is not None
+            value = codec.decode(order)
+        return fk_score(mapper, col, value, mapper.pk_from_segment(segment))
     except (DecodeError, ValidationError) as exc:
         raise MigrationError(
             f"{target.name} {target.show_id(segment)}: its {col.order_column!r} orders the "

@@ -261,9 +261,8 @@ def _check_optional(prop: RelationshipProperty, found: list[SoftRelease]) -> Non
     """A soft-deleted child is detached only if its foreign key may be None."""
     if not found or "delete" in prop.cascade:
         return
-    codec = found[0].mapper.columns[prop.fk_column].codec
-    if codec is not None and not codec.nullable:
-        child = found[0]
+    child = found[0]
+    if child.mapper.columns[prop.fk_column].required:
         raise InvalidRequestError(
             f"cannot delete the parent of the soft-deleted {child.mapper.name}"
             f"({child.pk!r}) for good: its {prop.fk_column} is required, and "

@@ -434,9 +434,8 @@ def release_soft_child(
         writes.append(("ZADD", ks.deadlines(), now, segment))
         writes.append(("PEXPIREAT", key, now + MARGIN_MS))
     writes.insert(0, ("HSET", key, *fields))
-    codec = child.columns[fk].codec
     old = data.get(fk.encode())
-    if old is None or (end and codec is not None and not codec.nullable):
+    if old is None or (end and child.columns[fk].required):
         return writes, []
     writes.append(("HDEL", key, fk))
     writes.append(("ZREM", ks.foreign(fk, keys.escape(old)), segment))

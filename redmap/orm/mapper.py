@@ -95,6 +95,12 @@ class ColumnProperty:
         )
 
     @property
+    def required(self) -> bool:
+        """Whether None is refused (the annotation is not Optional): such a foreign key
+        cannot be cleared to detach a child."""
+        return self.codec is not None and not self.codec.nullable
+
+    @property
     def has_string_index(self) -> bool:
         return self.lexical or self.text or self.suffix
 

@@ -48,6 +48,7 @@ __all__ = [
     "TargetRef",
     "UpdateTask",
     "bind_placeholders",
+    "fk_score",
     "id_guard_key",
     "plan_flush",
     "plan_increments",
@@ -465,7 +466,7 @@ def plan_flush(
                 score = (
                     ins.segment
                     if ins.pk is None and col.order_column is None
-                    else _fk_score(mapper, col, ins.values.get(col.order_column or ""), ins.pk)
+                    else fk_score(mapper, col, ins.values.get(col.order_column or ""), ins.pk)
                 )
                 b.additions.append(("ZADD", fk_key, score, ins.segment))
 
@@ -703,7 +704,7 @@ def _merge(commands: list[Command]) -> list[Command]:
     return [tuple(c) for c in out]
 
 
-def _fk_score(mapper: Mapper[Any], col: ColumnProperty, order_value: Any, pk: Any) -> str:
+def fk_score(mapper: Mapper[Any], col: ColumnProperty, order_value: Any, pk: Any) -> str:
     """Score of a child in its parent's zset: its order_by field, else its primary key."""
     if col.order_column is None:
         return _all_score(mapper, pk)
@@ -785,7 +786,7 @@ def _update_foreign_keys(b: _Builder, u: UpdateTask, new_keys: set[str]) -> None
             b.expect_type(fk_key, "zset")
             order_value = _current_value(st, u, col.order_column) if col.order_column else None
             b.additions.append(
-                ("ZADD", fk_key, _fk_score(mapper, col, order_value, st.pk), u.segment)
+                ("ZADD", fk_key, fk_score(mapper, col, order_value, st.pk), u.segment)
             )
 
 

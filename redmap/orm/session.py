@@ -1124,9 +1124,10 @@ def _detach_batch(
     from ..query.select import select
 
     # Soft-deleted children first: a required foreign key stops the sweep before
-    # anything is written (as for live children, below).
+    # anything is written (as for live children, below). Only such a key needs them
+    # read now; the release below reads them anyway.
     for prop in props:
-        if "delete" in prop.cascade:
+        if "delete" in prop.cascade or not mapper_of(prop.target).columns[prop.fk_column].required:
             continue
         soft = yield from _soft_children_of(mapper, prop, pks, now)
         if soft:
@@ -1176,8 +1177,7 @@ def _require_optional(mapper: Any, prop: Any) -> None:
     key must be Optional."""
     child = mapper_of(prop.target)
     fk = prop.fk_column
-    codec = child.columns[fk].codec
-    if codec is not None and not codec.nullable:
+    if child.columns[fk].required:
         raise RedmapError(
             f"cannot sweep {mapper.name}: its expired objects have {child.name} "
             f"children whose {fk} is required, and {mapper.name}.{prop.key} does "

@@ -144,14 +144,13 @@ def _restore_plan(found: list[_Found], now: int) -> FlushPlan:
     for f in found:
         mapper = f.mapper
         watch[f.key] = None
-        raw_version = f.data.get(VERSION_FIELD.encode())
-        version = int(raw_version) if raw_version and raw_version.isdigit() else None
+        version, incarnation = expiry.version_of(f.data)
         checks.append(
             Check(
                 "version",
                 f.key,
                 ("HMGET", f.key, VERSION_FIELD, INCARNATION_FIELD),
-                expected=(version, f.data.get(INCARNATION_FIELD.encode())),
+                expected=(version, incarnation),
                 value=f"{mapper.name}({f.pk!r})",
             )
         )
