@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import random
 import socket
 import threading
@@ -350,11 +351,28 @@ class TestNeverBlocks:
                 await s.commit()
                 assert await s.count(select(Player)) == 0
 
+        # A blocking call is caught two ways: the socket guard refuses it outright, and
+        # asyncio's debug mode reports any step that held the loop for 0.25 s. The second
+        # is a wall-clock measure, so a garbage collection late in a long suite or a CI
+        # machine's scheduler can trip it without any blocking call (CI once saw 0.488 s
+        # inside redis-py's own ClusterNode.execute_pipeline). The collector is paused for
+        # the workload, and a slow step must repeat: a blocking call in redmap blocks on
+        # every run, a stall of the machine does not. Each run leaves Redis empty.
         caplog.set_level("WARNING", logger="asyncio")
-        with no_blocking_sockets():
-            arun(work, aengine_url)
-        slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
-        assert slow == []
+        runs: list[list[str]] = []
+        for _ in range(3):
+            caplog.clear()
+            gc.collect()
+            gc.disable()
+            try:
+                with no_blocking_sockets():
+                    arun(work, aengine_url)
+            finally:
+                gc.enable()
+            runs.append([r.getMessage() for r in caplog.records if "took" in r.getMessage()])
+            if not runs[-1]:
+                break
+        assert runs[-1] == [], runs
 
     def test_the_guard_catches_a_blocking_call(self, redis_url: str, clean_redis: None) -> None:
         """The guard is real: the sync API on the loop thread trips it."""
