@@ -16,6 +16,8 @@ __all__ = [
     "Command",
     "FetchHashes",
     "Flush",
+    "LoneReply",
+    "LoneScript",
     "Read",
     "Request",
     "RoundTripHook",
@@ -72,6 +74,30 @@ class Flush:
     job: Any
 
 
-Request = Read | FetchHashes | Transactions | Flush
+@dataclass(frozen=True, slots=True)
+class LoneScript:
+    """Send one invocation of the flush script alone, on a flush connection of the node
+    holding `route`, if the driver knows that server holds the script (the counter lane,
+    `redmap.orm.counterlane`). The reply is a `LoneReply`, or None when the driver did
+    not send it (script not known to be loaded, no connection to be had, or a driver
+    that leaves every flush to `Flush`): the flush then takes the general path."""
+
+    route: str
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class LoneReply:
+    """What became of a `LoneScript`: the script's reply (its error reply as the
+    exception object, a `flushprotocol.Lost` when the connection failed) and when it was
+    sent (monotonic seconds). `interrupt`: the KeyboardInterrupt that stopped the round
+    trip (the reply is then `Lost`), for the caller to raise once the flush is settled."""
+
+    reply: Any
+    sent_at: float
+    interrupt: BaseException | None = None
+
+
+Request = Read | FetchHashes | Transactions | Flush | LoneScript
 #: A core generator: yields requests, receives their replies, returns a `T`.
 Steps: TypeAlias = Generator[Request, Any, T]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 from . import dialects
-from .commands import Command, FetchHashes, Read, Request, Steps, Transactions
+from .commands import Command, FetchHashes, LoneScript, Read, Request, Steps, Transactions
 from .exc import InvalidRequestError
 from .orm.expiry import SWEEP_BATCH
 from .orm.flushprotocol import SCRIPT_THRESHOLD
@@ -173,6 +173,8 @@ class Engine(EngineBase):
             return self.fetch_hashes(request.keys)
         if isinstance(request, Transactions):
             return self.execute_transactions(request.groups)
+        if isinstance(request, LoneScript):
+            return self.dialect.lone_script(request)
         self.flush(request.job)
         return None
 
@@ -257,9 +259,7 @@ def create_engine(
     Nothing connects until the first command, except `redis+embedded://`, which starts
     (or joins) its server at once.
     """
-    return Engine(
-        url, echo=echo, flush_script_threshold=flush_script_threshold, **client_options
-    )
+    return Engine(url, echo=echo, flush_script_threshold=flush_script_threshold, **client_options)
 
 
 _default: Engine | None = None

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import redis
 import redis.exceptions as rex
 
-from ..commands import Command, RoundTripHook
-from ..exc import FlushError, OutcomeUnknownError, RedmapConnectionError, RedmapError
+from ..commands import Command, LoneReply, LoneScript, RoundTripHook
+from ..exc import RedmapConnectionError, RedmapError
 from ..orm.flushprotocol import (
+    APPLIED_ATTR,
     SCRIPT_THRESHOLD,
     ClientExecute,
     FlushProtocol,
@@ -30,6 +31,8 @@ from ..orm.flushprotocol import (
     RoundTrip,
     ScriptCache,
     Settle,
+    interrupted_outcome,
+    raise_interrupted,
 )
 from ..urls import password_of as _password_of
 from ..urls import safe_url
@@ -186,47 +189,6 @@ def _redirected(replies: Sequence[Any]) -> bool:
 def _is_redirect(reply: Any) -> bool:
     """Whether an error reply says the slot lives elsewhere (the protocol's question)."""
     return isinstance(reply, _REDIRECTS)
-
-
-#: The attribute a flush's interruption (`KeyboardInterrupt`, `asyncio.CancelledError`)
-#: carries once the driver settled it: True applied, False nothing written, None unknown.
-APPLIED_ATTR = "redmap_applied"
-
-
-def interrupted_outcome(
-    error: BaseException | None, interrupt: BaseException, *, after_end: bool = False
-) -> bool | None:
-    """Whether a flush the driver interrupted was applied, from how its protocol ended.
-
-    The protocol returned (`error` None): applied, True. `OutcomeUnknownError`: None.
-    Any other redmap error, or the interruption itself thrown back into the protocol
-    (while ids were handed out or at a redirect, both before the EXEC): nothing written,
-    False; the protocol raises nothing else after a lost reply. `after_end`: the
-    interruption was taken up only once the protocol had ended (it came while the
-    connection was given back, or its CancelledError was swallowed on the way), so a
-    `FlushError` may be a command refused inside EXEC, the rest applied: None. An error
-    that is none of these (a bug) is None: nothing is promised.
-    """
-    if error is None:
-        return True
-    if isinstance(error, OutcomeUnknownError):
-        return None
-    if after_end and isinstance(error, FlushError):
-        return None
-    if error is interrupt or isinstance(error, RedmapError):
-        return False
-    return None
-
-
-def raise_interrupted(
-    interrupt: BaseException, error: BaseException | None, *, after_end: bool = False
-) -> NoReturn:
-    """Raise the interruption a flush driver absorbed, now that the protocol has ended,
-    with its outcome in `APPLIED_ATTR`; the protocol's own error, if any, is its cause."""
-    setattr(interrupt, APPLIED_ATTR, interrupted_outcome(error, interrupt, after_end=after_end))
-    if error is None or error is interrupt:
-        raise interrupt
-    raise interrupt from error
 
 
 def exec_blocks(groups: Sequence[Sequence[Command]]) -> list[Command]:
@@ -498,6 +460,32 @@ class Dialect:
             self._release(pool, conn, broken=protocol.broken)
         if interrupt is not None:
             raise_interrupted(interrupt, error)
+
+    def lone_script(self, request: LoneScript) -> LoneReply | None:
+        """Send the counter lane's script invocation alone (`redmap.orm.counterlane`):
+        its reply, a connection failure as `Lost`, a KeyboardInterrupt as `Lost` with
+        the interruption. None, with nothing sent, until this engine saw the flush
+        script run (the general path then sends its body) or when no connection can be
+        checked out (the general path then reports it)."""
+        if not self.script_cache.loaded:
+            return None
+        try:
+            pool = self._flush_pool(request.route)
+            conn = _checkout(pool)
+        except (rex.RedisError, OSError):
+            return None
+        broken = True
+        sent_at = time.monotonic()
+        try:
+            reply: Any = self._round_trip(conn, [request.command])[0]
+            broken = False
+        except _CONNECTION_ERRORS as exc:
+            reply = Lost(type(exc).__name__)
+        except KeyboardInterrupt as exc:
+            return LoneReply(Lost("KeyboardInterrupt"), sent_at, exc)
+        finally:
+            self._release(pool, conn, broken=broken)
+        return LoneReply(reply, sent_at)
 
     @staticmethod
     def _release(pool: Any, conn: Any, *, broken: bool) -> None:

@@ -22,13 +22,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ..commands import Command
 from ..exc import (
     FlushError,
     OutcomeUnknownError,
     RedmapConnectionError,
+    RedmapError,
     StaleDataError,
 )
 from . import flushscript, sweep
@@ -38,6 +39,7 @@ from .mapper import Mapper
 from .persistence import InsertTask, bind_placeholders
 
 __all__ = [
+    "APPLIED_ATTR",
     "ID_RETRIES",
     "REDIRECT_RETRIES",
     "SCRIPT_THRESHOLD",
@@ -53,6 +55,8 @@ __all__ = [
     "Request",
     "RoundTrip",
     "Settle",
+    "interrupted_outcome",
+    "raise_interrupted",
 ]
 
 log = logging.getLogger("redmap.engine")
@@ -240,6 +244,9 @@ class FlushProtocol:
         self.scripted = job.has_increments or (
             script_threshold is not None and job.size > script_threshold
         )
+        # The reply to this flush's lone script invocation, sent already by the counter
+        # lane (`redmap.orm.counterlane`): read as the first round trip's (`_scripted`).
+        self.first: tuple[Reply, float] | None = getattr(job, "first_reply", None)
 
     # -- the whole flush ----------------------------------------------------------
 
@@ -432,13 +439,22 @@ class FlushProtocol:
         for _ in range(WATCH_RETRIES):
             if load:
                 evals[0] = ("EVAL", flushscript.SCRIPT, *evals[0][2:])
-            sent_at = self.clock()
             commands = (
                 evals
                 if alone
                 else [("WATCH", plan.token_key), ("MULTI",), *evals, *plan.sweep, ("EXEC",)]
             )
-            replies = yield RoundTrip(commands, route)
+            replies: Reply
+            if self.first is not None:
+                # The counter lane sent `evals` alone (EVALSHA: it runs only once the
+                # script is known to be loaded); its reply is this round trip's.
+                assert alone and not load and len(evals) == 1
+                (replies, sent_at), self.first = self.first, None
+                if not isinstance(replies, Lost):
+                    replies = [replies]
+            else:
+                sent_at = self.clock()
+                replies = yield RoundTrip(commands, route)
             if isinstance(replies, Lost):
                 self.broken = True
                 yield from self._after_lost_exec(plan, replies, sent_at)
@@ -554,8 +570,7 @@ class FlushProtocol:
             return
         assert replies is not None
         absent = {
-            seq: reply == 0
-            for seq, reply in zip(probes, replies[1 + len(keys_) :], strict=True)
+            seq: reply == 0 for seq, reply in zip(probes, replies[1 + len(keys_) :], strict=True)
         }
         undo: list[Command] = []
         for key, reply in zip(keys_, replies[1 : 1 + len(keys_)], strict=True):
@@ -702,3 +717,44 @@ class _LateIds:
 
     def ids(self) -> dict[str, str]:
         return {ph: t.segment for ph, t in self.placeholders.items()}
+
+
+#: The attribute a flush's interruption (`KeyboardInterrupt`, `asyncio.CancelledError`)
+#: carries once the driver settled it: True applied, False nothing written, None unknown.
+APPLIED_ATTR = "redmap_applied"
+
+
+def interrupted_outcome(
+    error: BaseException | None, interrupt: BaseException, *, after_end: bool = False
+) -> bool | None:
+    """Whether a flush the driver interrupted was applied, from how its protocol ended.
+
+    The protocol returned (`error` None): applied, True. `OutcomeUnknownError`: None.
+    Any other redmap error, or the interruption itself thrown back into the protocol
+    (while ids were handed out or at a redirect, both before the EXEC): nothing written,
+    False; the protocol raises nothing else after a lost reply. `after_end`: the
+    interruption was taken up only once the protocol had ended (it came while the
+    connection was given back, or its CancelledError was swallowed on the way), so a
+    `FlushError` may be a command refused inside EXEC, the rest applied: None. An error
+    that is none of these (a bug) is None: nothing is promised.
+    """
+    if error is None:
+        return True
+    if isinstance(error, OutcomeUnknownError):
+        return None
+    if after_end and isinstance(error, FlushError):
+        return None
+    if error is interrupt or isinstance(error, RedmapError):
+        return False
+    return None
+
+
+def raise_interrupted(
+    interrupt: BaseException, error: BaseException | None, *, after_end: bool = False
+) -> NoReturn:
+    """Raise the interruption a flush driver absorbed, now that the protocol has ended,
+    with its outcome in `APPLIED_ATTR`; the protocol's own error, if any, is its cause."""
+    setattr(interrupt, APPLIED_ATTR, interrupted_outcome(error, interrupt, after_end=after_end))
+    if error is None or error is interrupt:
+        raise interrupt
+    raise interrupt from error

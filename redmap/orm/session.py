@@ -27,6 +27,7 @@ from ..exc import (
 from . import events, expiry, keys, sweep
 from .attributes import STATE_ATTR, state_of
 from .context import SessionContext
+from .counterlane import CounterLane
 from .dependency import soft_children
 from .identity import IdentitySet
 from .loading import ensure_loaded, load_instance, load_unloaded_steps, unloaded_pks
@@ -103,7 +104,9 @@ class Session:
         # and that one's async_sessionmaker): their session-event listeners apply to it.
         self._event_owners: tuple[object, ...] = ()
         # The unit of work of the last flush applied (what a statement synchronizes).
-        self._last_flush: UOWTransaction | None = None
+        # What ran the last flush (tests read which path a flush took; a statement's
+        # own session reads its unit of work back).
+        self._last_flush: UOWTransaction | CounterLane | None = None
 
     @property
     def allow_cross_slot(self) -> bool:
@@ -354,10 +357,14 @@ class Session:
         Session is not thread-safe). An attribute assigned by another thread while
         the flush runs is not lost: it stays a pending change for the next flush.
         """
-        self._run(self._flush_steps())
+        self._run(self._flush_steps(lane=True))
 
-    def _flush_steps(self) -> Steps[None]:
-        """`flush()` as core steps (see `redmap.commands`), for both drivers."""
+    def _flush_steps(self, *, lane: bool = False) -> Steps[None]:
+        """`flush()` as core steps (see `redmap.commands`), for both drivers.
+
+        `lane`: a flush made only of increments of one object may take the counter lane
+        (`redmap.orm.counterlane`); `commit()` and `flush()` allow it. An autoflush and a
+        statement's own session (which reads the flush's unit of work back) do not."""
         if not self._flush_lock.acquire(blocking=False):
             if self._flush_thread == threading.get_ident():
                 raise InvalidRequestError("Session is already flushing")
@@ -372,6 +379,16 @@ class Session:
                     f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
                     f"call rollback() so they reload from what Redis holds"
                 )
+            if lane:
+                counter = CounterLane.collect(ctx)
+                if counter is not None:
+                    self._flushing = True
+                    try:
+                        job = yield from counter.steps(ctx)
+                    finally:
+                        self._flushing = False
+                    self._last_flush = counter if job is None else job
+                    return
             # Only increments (a counter's commit, no listener): the general unit of
             # work without its collection, same protocol and outcome (`IncrementFlush`).
             fast = IncrementFlush.collect_increments(ctx)
@@ -416,12 +433,7 @@ class Session:
         self._check_thread("read through the session")
         ctx = self._context
         if self.autoflush and not self._no_autoflush and not self._flushing:
-            if (
-                ctx.new
-                or ctx.deleted
-                or ctx.identity_map.modified
-                or ctx.identity_map.mutable
-            ):
+            if ctx.new or ctx.deleted or ctx.identity_map.modified or ctx.identity_map.mutable:
                 ctx.autoflushing = True
                 try:
                     yield from self._flush_steps()
@@ -450,7 +462,7 @@ class Session:
         """`commit()` as core steps, for both drivers."""
         if events.session_events_enabled():
             self._dispatch("before_commit")
-        yield from self._flush_steps()
+        yield from self._flush_steps(lane=True)
         if self.expire_on_commit:
             self.expire_all()
         if events.session_events_enabled():
@@ -668,9 +680,7 @@ class Session:
         """
         return self._run(self._get_one_steps(model, pk, options))
 
-    def _get_one_steps(
-        self, model: type[M], pk: Any, options: Sequence[Load] = ()
-    ) -> Steps[M]:
+    def _get_one_steps(self, model: type[M], pk: Any, options: Sequence[Load] = ()) -> Steps[M]:
         obj = yield from self._get_steps(model, pk, options)
         if obj is None:
             raise NoResultFound(f"no {mapper_of(model).name} with primary key {pk!r}")
@@ -858,7 +868,7 @@ class Session:
                 for obj in objs:
                     inner.delete(obj)
             yield from inner._flush_steps()
-            if inner._last_flush is not None:
+            if isinstance(inner._last_flush, UOWTransaction):  # never the lane: see above
                 self._synchronize(inner._last_flush, stmt)
         finally:
             inner.close()
@@ -1093,8 +1103,13 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
                     (segments,) = yield Read(
                         [
                             (
-                                "ZRANGEBYSCORE", ks.deadlines(), "-inf", now,
-                                "LIMIT", offset, _DETACH_BATCH,
+                                "ZRANGEBYSCORE",
+                                ks.deadlines(),
+                                "-inf",
+                                now,
+                                "LIMIT",
+                                offset,
+                                _DETACH_BATCH,
                             )  # fmt: skip
                         ]
                     )
@@ -1203,8 +1218,7 @@ def _soft_children_of(mapper: Any, prop: Any, pks: list[Any], now: int) -> Steps
     for key, members in zip(zsets, replies, strict=True):
         if isinstance(members, Exception):
             raise RedmapError(
-                f"the sweep of {mapper.name} could not read {key!r}: {members}; run "
-                f"`redmap audit`"
+                f"the sweep of {mapper.name} could not read {key!r}: {members}; run `redmap audit`"
             )
         listed.extend((m, key) for m in members)
     found: list[Any] = yield from soft_children(prop, listed, now)

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .context import SessionContext
     from .state import InstanceState
 
-__all__ = ["IncrementFlush", "UOWTransaction", "changed_fields"]
+__all__ = ["IncrementFlush", "UOWTransaction", "changed_fields", "record_increment"]
 
 
 def _encode(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> bytes | None:
@@ -807,24 +807,7 @@ class UOWTransaction:
     def _record_increment(
         st: InstanceState, name: str, inc: Increment, computed: dict[tuple[int, str | None], Any]
     ) -> bool:
-        """The attribute takes the value Redis computed, unless it was assigned again
-        since the flush collected it (then that assignment stays pending: False)."""
-        now = st.obj.__dict__
-        reply = computed.get((id(st), name))
-        if reply is None:
-            st.loaded.pop(name, None)
-            if now.get(name) is inc:
-                del now[name]  # applied, value unknown: reloads on access
-                return True
-            return False
-        enc = b"%d" % reply if isinstance(reply, int) else bytes(reply)
-        st.loaded[name] = enc
-        if now.get(name) is inc:
-            col = st.mapper.columns[name]
-            assert col.codec is not None
-            now[name] = col.codec.decode(enc)
-            return True
-        return False
+        return record_increment(st, name, inc, computed.get((id(st), name)))
 
     def _record_written(self) -> None:
         s = self.session
@@ -888,6 +871,27 @@ class UOWTransaction:
         for dk in self.work.deferred:
             dk.child.obj.__dict__[dk.column] = dk.target.pk
         self._flushed()
+
+
+def record_increment(st: InstanceState, name: str, inc: Increment, reply: Any) -> bool:
+    """The attribute takes the value Redis computed (`reply`; None when unknown), unless
+    it was assigned again since the flush collected it (then that assignment stays
+    pending: False). Shared by the unit of work and the counter lane."""
+    now = st.obj.__dict__
+    if reply is None:
+        st.loaded.pop(name, None)
+        if now.get(name) is inc:
+            del now[name]  # applied, value unknown: reloads on access
+            return True
+        return False
+    enc = b"%d" % reply if isinstance(reply, int) else bytes(reply)
+    st.loaded[name] = enc
+    if now.get(name) is inc:
+        col = st.mapper.columns[name]
+        assert col.codec is not None
+        now[name] = col.codec.decode(enc)
+        return True
+    return False
 
 
 class IncrementFlush(UOWTransaction):
@@ -963,6 +967,15 @@ class IncrementFlush(UOWTransaction):
         flush = cls(session)
         flush.updates = updates
         return flush
+
+    # The reply to this flush's script invocation when the counter lane sent it already
+    # (`redmap.orm.counterlane`), and when it was sent: the protocol reads it as its
+    # first round trip's. The lane set `token_key` to the token it sent.
+    first_reply: tuple[Any, float] | None = None
+
+    def start(self) -> None:
+        if self.first_reply is None:
+            super().start()
 
     def execute_steps(self) -> Steps[None]:
         """Run the flush; a failed one leaves the session as it was (nothing was
