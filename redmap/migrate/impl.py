@@ -102,9 +102,7 @@ end
 """
 # KEYS[1]: an object. ARGV: field, encoded default. Sets the field where it is absent
 # (never on a deleted object).
-_ADD_FIELD = (
-    _BUMP
-    + """
+_ADD_FIELD = _BUMP + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   return 0
 end
@@ -112,21 +110,15 @@ bump(ARGV[3], ARGV[4], ARGV[5])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
-)
 # ARGV: field. Deletes the field where present.
-_DROP_FIELD = (
-    _BUMP
-    + """
+_DROP_FIELD = _BUMP + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 bump(ARGV[2], ARGV[3], ARGV[4])
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
-)
 # ARGV: old field, new field. Moves the value where `old` is present.
-_RENAME_FIELD = (
-    _BUMP
-    + """
+_RENAME_FIELD = _BUMP + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return 0 end
 bump(ARGV[3], ARGV[4], ARGV[5])
@@ -134,7 +126,6 @@ redis.call('HSET', KEYS[1], ARGV[2], value)
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
-)
 
 
 def _bump_args() -> tuple[str, str, str]:

@@ -101,7 +101,8 @@ class FieldAttribute(ColumnOperators[Any]):
         command = None if col.codec is None else increment_command(col.codec)
         if command is None:
             raise InvalidRequestError(
-                f"{where} cannot be incremented: increments apply to int, float and Decimal fields"
+                f"{where} cannot be incremented: increments apply to int, float and "
+                f"Decimal fields"
             )
         if col.primary_key or col.indexed or col.unique or col.foreign_key is not None:
             raise InvalidRequestError(
@@ -303,7 +304,8 @@ def _validators(mapper: Mapper[Any]) -> dict[str, Callable[[Any, str, Any], Any]
             for name in names:
                 if name not in mapper.columns and name not in mapper.relationships:
                     raise MappingError(
-                        f"@validates names {name!r}, which is neither a field nor a relationship",
+                        f"@validates names {name!r}, which is neither a field nor a "
+                        f"relationship",
                         model=mapper.name,
                         field=attr_name,
                     )

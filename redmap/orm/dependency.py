@@ -267,7 +267,7 @@ def _check_optional(prop: RelationshipProperty, found: list[SoftRelease]) -> Non
             f"cannot delete the parent of the soft-deleted {child.mapper.name}"
             f"({child.pk!r}) for good: its {prop.fk_column} is required, and "
             f"{prop.parent.name if prop.parent else '?'}.{prop.key} does not cascade "
-            f'delete; make it Optional or add cascade="all, delete"; nothing was written'
+            f"delete; make it Optional or add cascade=\"all, delete\"; nothing was written"
         )
 
 

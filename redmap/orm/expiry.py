@@ -379,7 +379,9 @@ def plan_soft_delete(
     track(b, ks, key, segment, deadline, sweep_keys(mapper, ks, st.loaded))
 
 
-def loose_child(child: Mapper[Any], fk: str, data: Mapping[bytes, bytes], now: int) -> bool:
+def loose_child(
+    child: Mapper[Any], fk: str, data: Mapping[bytes, bytes], now: int
+) -> bool:
     """Whether a fetched child hash is a soft-deleted object still restorable at `now`
     that holds a foreign key in `fk`: what a parent gone for good must release itself
     (queries and relationship lists leave such children out)."""

@@ -146,7 +146,9 @@ class FlushPlan:
     # The plan's first writes are increments: the state and field (None: `#v`) of each,
     # in order; once applied, `replies` holds what Redis computed for them (None when
     # the reply was lost and the flush settled as applied: the values are unknown).
-    incremented: list[tuple[InstanceState, str | None]] = dataclasses.field(default_factory=list)
+    incremented: list[tuple[InstanceState, str | None]] = dataclasses.field(
+        default_factory=list
+    )
     replies: list[Any] | None = None
     # Bounded sweeps queued after the writes in the same MULTI (`sweep.piggyback`):
     # their replies are not the flush's, and their failures never fail it.
@@ -331,7 +333,8 @@ class FlushPlan:
             dict.fromkeys(
                 str(c.value)  # a replace_all guard: what it lists
                 if c.state is None
-                else f"the {c.expected}({c.value!r}) that {c.state.mapper.name}.{c.field} points at"
+                else f"the {c.expected}({c.value!r}) that {c.state.mapper.name}.{c.field} "
+                f"points at"
                 if c.kind == "target"
                 else f"{c.state.mapper.name}({c.value!r})"
                 for c in stale

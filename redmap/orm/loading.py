@@ -197,4 +197,6 @@ def load_unloaded_steps(session: SessionContext, st: InstanceState) -> Steps[Non
     assert st.key is not None
     (data,) = yield Read([("HGETALL", st.key)])
     if load_instance(session, st.mapper, st.pk, st.key, data) is None:
-        raise ObjectDeletedError(f"{st.mapper.name} with primary key {st.pk!r} no longer exists")
+        raise ObjectDeletedError(
+            f"{st.mapper.name} with primary key {st.pk!r} no longer exists"
+        )

@@ -517,7 +517,9 @@ class ExpiryInfo:
                 "__ttl__ needs a field marked ExpiresAt() to hold each object's deadline",
                 model=mapper.name,
             )
-        return cls(roles.get("expires"), roles.get("created"), roles.get("updated"), ttl, soft)
+        return cls(
+            roles.get("expires"), roles.get("created"), roles.get("updated"), ttl, soft
+        )
 
 
 def _duration(mapper: Mapper[Any], name: str) -> int | None:

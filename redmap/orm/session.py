@@ -1103,13 +1103,8 @@ def _detach_children_steps(engine: Any, mappers: Sequence[Any], now: int) -> Ste
                     (segments,) = yield Read(
                         [
                             (
-                                "ZRANGEBYSCORE",
-                                ks.deadlines(),
-                                "-inf",
-                                now,
-                                "LIMIT",
-                                offset,
-                                _DETACH_BATCH,
+                                "ZRANGEBYSCORE", ks.deadlines(), "-inf", now,
+                                "LIMIT", offset, _DETACH_BATCH,
                             )  # fmt: skip
                         ]
                     )

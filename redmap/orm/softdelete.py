@@ -126,7 +126,9 @@ def restore_steps(mapper: Mapper[Any], pk: Any) -> Steps[list[tuple[Mapper[Any],
         for (child, cpk), ckey, cdata in zip(wanted, child_keys, hashes, strict=True):
             if isinstance(cdata, Exception) or not cdata or cdata.get(_SOFT) != token:
                 continue
-            f = _Found(child, cpk, child.keys_for_pk(cpk), child.pk_segment(cpk), ckey, cdata)
+            f = _Found(
+                child, cpk, child.keys_for_pk(cpk), child.pk_segment(cpk), ckey, cdata
+            )
             found.append(f)
             frontier.append(f)
     plan = _restore_plan(found, now)

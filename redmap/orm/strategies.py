@@ -254,10 +254,7 @@ def selectin_for(
             elif strategy == "selectin":
                 reached = [o for st in pending for o in _values(st, prop)]
                 yield from selectin_for(
-                    session,
-                    reached,
-                    {} if options is not None else None,
-                    reset=reset,
+                    session, reached, {} if options is not None else None, reset=reset,
                     depth=depth + 1,
                 )
 

@@ -341,7 +341,9 @@ def registry_mappers(registry: Any) -> list[Mapper[Any]]:
     from .registry import registry as registry_class
 
     if not isinstance(registry, registry_class):
-        raise RedmapError(f"sweep() takes the models' registry (redmap.registry), not {registry!r}")
+        raise RedmapError(
+            f"sweep() takes the models' registry (redmap.registry), not {registry!r}"
+        )
     registry.configure()
     return list(registry.mappers.values())
 

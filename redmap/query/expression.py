@@ -103,7 +103,8 @@ class ColumnOperators(Generic[T]):
             negated = -delta  # type: ignore[operator]
         except TypeError:
             raise QueryError(
-                f"{self!r} - {delta!r}: an increment needs a number, not {type(delta).__name__}"
+                f"{self!r} - {delta!r}: an increment needs a number, not "
+                f"{type(delta).__name__}"
             ) from None
         return Increment(self, negated)  # type: ignore[arg-type]
 
@@ -201,7 +202,8 @@ def col(field: Any, name: str | None = None, /) -> ColumnOperators[Any]:
         return attr
     if not isinstance(field, FieldAttribute):
         raise QueryError(
-            f"col() takes a mapped field read from its class, like col(Player.score); got {field!r}"
+            f"col() takes a mapped field read from its class, like col(Player.score); "
+            f"got {field!r}"
         )
     return field
 

@@ -645,16 +645,8 @@ def _read_live_ranges(
             for ks in spaces:
                 c, final, desc = _compile(stmt, ks)
                 page = deadlines.page_command(
-                    final,
-                    ks.deadlines(),
-                    ("-inf", "+inf"),
-                    desc,
-                    start,
-                    stop,
-                    allowance,
-                    now,
-                    scored,
-                    load=True,
+                    final, ks.deadlines(), ("-inf", "+inf"), desc, start, stop, allowance, now,
+                    scored, load=True,
                 )
                 groups.append((c, [page]))
             replies = [t[0] for t in (yield from _run_all(groups))]
@@ -677,7 +669,9 @@ def _ids_in(stmt: Select[Any], spaces: list[KeySpace]) -> Steps[list[bytes]]:
         every = yield from strings.all_ids(stmt, spaces)
         if every is not None:
             return every
-        if strings.lex_ordered(stmt) is not None and (len(stmt._order_by) == 1 or len(spaces) > 1):
+        if strings.lex_ordered(stmt) is not None and (
+            len(stmt._order_by) == 1 or len(spaces) > 1
+        ):
             return (yield from strings.page_ids(stmt, spaces))
     elif len(spaces) > 1 and (lexical := strings.lex_ordered(stmt)) is not None:
         # Ranks within each shard do not compare across shards: merged by value.

@@ -380,9 +380,8 @@ def expiring_fan_out_ids(
     stop = -1 if end is None or ties else end - 1
     per_space, _ = yield from _read_ranges(stmt, list(spaces), 0, stop, True)
     ids = [m for page in per_space for m, _ in page]
-    cmds = [
-        ("HMGET", mapper.object_key(mapper.pk_from_segment(i)), col.key, VERSION_FIELD) for i in ids
-    ]
+    cmds = [("HMGET", mapper.object_key(mapper.pk_from_segment(i)), col.key, VERSION_FIELD)
+            for i in ids]
     replies = (yield Read(cmds)) if cmds else []
     members = []
     for raw, reply in zip(ids, replies, strict=True):
