@@ -74,19 +74,20 @@ class Flush:
     job: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LoneScript:
-    """Send one invocation of the flush script alone, on a flush connection of the node
-    holding `route`, if the driver knows that server holds the script (the counter lane,
-    `redmap.orm.counterlane`). The reply is a `LoneReply`, or None when the driver did
-    not send it (script not known to be loaded, no connection to be had, or a driver
-    that leaves every flush to `Flush`): the flush then takes the general path."""
+    """One invocation of the flush script to send alone, on a flush connection of the
+    node holding `route` (the counter lane, `redmap.orm.counterlane`): not a request
+    of the steps, but what the sync `Engine.lone_script` is handed. Answered by a
+    `LoneReply`, or None when the driver did not send it (the script not known to be
+    loaded, no connection to be had, or a driver that declines the lane): the flush
+    then takes the general path."""
 
     route: str
     command: Command
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LoneReply:
     """What became of a `LoneScript`: the script's reply (its error reply as the
     exception object, a `flushprotocol.Lost` when the connection failed) and when it was
@@ -98,6 +99,6 @@ class LoneReply:
     interrupt: BaseException | None = None
 
 
-Request = Read | FetchHashes | Transactions | Flush | LoneScript
+Request = Read | FetchHashes | Transactions | Flush
 #: A core generator: yields requests, receives their replies, returns a `T`.
 Steps: TypeAlias = Generator[Request, Any, T]

@@ -14,7 +14,16 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 from . import dialects
-from .commands import Command, FetchHashes, LoneScript, Read, Request, Steps, Transactions
+from .commands import (
+    Command,
+    FetchHashes,
+    LoneReply,
+    LoneScript,
+    Read,
+    Request,
+    Steps,
+    Transactions,
+)
 from .exc import InvalidRequestError
 from .orm.expiry import SWEEP_BATCH
 from .orm.flushprotocol import SCRIPT_THRESHOLD
@@ -173,8 +182,6 @@ class Engine(EngineBase):
             return self.fetch_hashes(request.keys)
         if isinstance(request, Transactions):
             return self.execute_transactions(request.groups)
-        if isinstance(request, LoneScript):
-            return self.dialect.lone_script(request)
         self.flush(request.job)
         return None
 
@@ -204,6 +211,11 @@ class Engine(EngineBase):
         for group in replies:
             self._echo_replies(group)
         return replies
+
+    def lone_script(self, request: LoneScript) -> LoneReply | None:
+        """Send the counter lane's script invocation alone (`redmap.orm.counterlane`):
+        its `LoneReply`, or None when the dialect did not send it."""
+        return self.dialect.lone_script(request)
 
     def flush(self, job: FlushJob) -> None:
         """Run one flush atomically: the flush protocol (`redmap.orm.flushprotocol`) driven by

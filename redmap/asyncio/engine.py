@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import dialects
-from ..commands import Command, FetchHashes, LoneScript, Read, Request, Steps, Transactions
+from ..commands import Command, FetchHashes, Read, Request, Steps, Transactions
 from ..engine import Echo, EngineBase
 from ..orm.expiry import SWEEP_BATCH
 from ..orm.flushprotocol import SCRIPT_THRESHOLD
@@ -69,10 +69,6 @@ class AsyncEngine(EngineBase):
             return await self.fetch_hashes(request.keys)
         if isinstance(request, Transactions):
             return await self.execute_transactions(request.groups)
-        if isinstance(request, LoneScript):
-            # The counter lane is the sync driver's: cancellation is settled in one
-            # place, `execute_flush`, which the general path reaches (None: not sent).
-            return None
         await self.flush(request.job)
         return None
 

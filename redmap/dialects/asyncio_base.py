@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio
 import redis.exceptions as rex
 
-from ..commands import Command, RoundTripHook
+from ..commands import Command, LoneReply, LoneScript, RoundTripHook
 from ..orm.flushprotocol import (
     SCRIPT_THRESHOLD,
     ClientExecute,
@@ -406,6 +406,13 @@ class AsyncDialect:
         except asyncio.CancelledError as exc:
             cancelled = cancelled or exc
         return cancelled
+
+    def lone_script(self, request: LoneScript) -> LoneReply | None:
+        """The counter lane (`redmap.orm.counterlane`) is the sync driver's: this driver
+        declines it (None, nothing sent), so that every flush reaches `execute_flush`,
+        where a cancellation is settled. Its AsyncSession never asks; an engine that
+        runs the sync Session on this driver does."""
+        return None
 
     async def _round_trip(self, conn: Any, commands: Sequence[Command]) -> list[Any]:
         self._hook(commands)

@@ -44,6 +44,10 @@ def state_of(obj: object) -> InstanceState | None:
     return None
 
 
+_NUMBERS = (int, float, decimal.Decimal)
+_INEXACT = (float, decimal.Decimal)
+
+
 class FieldAttribute(ColumnOperators[Any]):
     """A stored field: plain reads and writes, with change tracking when persistent."""
 
@@ -89,10 +93,13 @@ class FieldAttribute(ColumnOperators[Any]):
         self.set_tracked(obj, value)
 
     def _check_increment(self, obj: object, inc: Increment) -> None:
-        """Refuse an increment that the flush could not apply, at assignment."""
-        where = f"{self.mapper.name}.{self.key}"
+        """Refuse an increment that the flush could not apply, at assignment. (A
+        counter's commit runs this each time: the message is built only to raise.)"""
         other = inc.attribute
-        if other.key != self.key or not issubclass(self.mapper.class_, other.mapper.class_):
+        if other is not self and (
+            other.key != self.key or not issubclass(self.mapper.class_, other.mapper.class_)
+        ):
+            where = f"{self.mapper.name}.{self.key}"
             raise InvalidRequestError(
                 f"{where} = {other!r} + ...: an increment adds to the field it is assigned "
                 f"to; write {where} + n"
@@ -101,10 +108,11 @@ class FieldAttribute(ColumnOperators[Any]):
         command = None if col.codec is None else increment_command(col.codec)
         if command is None:
             raise InvalidRequestError(
-                f"{where} cannot be incremented: increments apply to int, float and "
-                f"Decimal fields"
+                f"{self.mapper.name}.{self.key} cannot be incremented: increments apply "
+                f"to int, float and Decimal fields"
             )
         if col.primary_key or col.indexed or col.unique or col.foreign_key is not None:
+            where = f"{self.mapper.name}.{self.key}"
             raise InvalidRequestError(
                 f"{where} cannot be incremented: it is a primary key, a foreign key or "
                 f"Indexed/Unique, whose index entries need the new value before Redis "
@@ -113,11 +121,12 @@ class FieldAttribute(ColumnOperators[Any]):
             )
         delta = inc.delta
         whole = command == "HINCRBY"
-        numeric = (int,) if whole else (int, float, decimal.Decimal)
-        if (
-            not isinstance(delta, numeric)
+        if type(delta) is int:
+            pass  # the usual delta, valid for every incrementable field
+        elif (
+            not isinstance(delta, int if whole else _NUMBERS)
             or isinstance(delta, bool)
-            or (isinstance(delta, float | decimal.Decimal) and not math.isfinite(delta))
+            or (isinstance(delta, _INEXACT) and not math.isfinite(delta))
         ):
             raise ValidationError(
                 model=self.mapper.name,
@@ -129,7 +138,7 @@ class FieldAttribute(ColumnOperators[Any]):
         st = state_of(obj)
         if st is None or st.identity is None:
             raise InvalidRequestError(
-                f"{where} + n is applied by Redis to a stored object; this "
+                f"{self.mapper.name}.{self.key} + n is applied by Redis to a stored object; this "
                 f"{self.mapper.name} is not stored yet: assign it a value"
             )
 

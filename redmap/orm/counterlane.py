@@ -10,7 +10,7 @@ client (docs/performance.md, "A hot counter").
 
 The lane builds the very invocation the general path sends for that flush, argument for
 argument (tests/test_counter_lane.py compares it with `flushscript.encode` of
-`plan_increments`), asks the driver to send it alone (`commands.LoneScript`) and, when
+`plan_increments`), asks the sync driver to send it alone (`Engine.lone_script`) and, when
 the script answers that it applied everything, records the values Redis computed as
 `UOWTransaction.finalize` does (`unitofwork.record_increment`).
 
@@ -60,11 +60,17 @@ class _Form:
     increment command (None: not incrementable), its Sorted zset (None: not sorted), and
     whether a list is ordered by it."""
 
-    __slots__ = ("fields", "tag")
+    __slots__ = ("fields", "prefix", "tag", "token_prefix")
 
     def __init__(self, mapper: Mapper[Any]) -> None:
         ks = mapper.keys
         self.tag = ks.tag
+        # Object keys are `prefix + segment` (`KeySpace.object`), token keys
+        # `token_prefix + token` (`keys.flush_token_key`): built by concatenation.
+        self.prefix = ks.object_prefix
+        self.token_prefix = keys.flush_token_key(self.tag, "")
+        assert keys.flush_token_key(self.tag, "t") == self.token_prefix + "t"
+        assert ks.object("s") == self.prefix + "s"
         ordering = {c.order_column for c in mapper.indexed_columns}
         self.fields: dict[str, tuple[str | None, str | None, bool]] = {}
         for name, col in mapper.columns.items():
@@ -145,7 +151,7 @@ class CounterLane:
         ):
             return None
         form = _form(st.mapper)
-        if form is None:
+        if form is None or not key.startswith(form.prefix):
             return None
         d = st.obj.__dict__
         fields = form.fields
@@ -165,10 +171,10 @@ class CounterLane:
             incs += (-4, verb, key, name, increment_text(inc.delta))
             if zset is not None:
                 if segment is None:
-                    segment = st.mapper.pk_segment(st.pk)
+                    segment = key[len(form.prefix) :]
                 checks += ("t", zset, "zset")
                 sorted_ += ("z", zset, segment, len(changes))
-        token_key = keys.flush_token_key(form.tag, os.urandom(16).hex())
+        token_key = form.token_prefix + os.urandom(16).hex()
         command = (
             "EVALSHA",
             flushscript.SCRIPT_SHA,
@@ -188,24 +194,25 @@ class CounterLane:
         )
         return cls(st, changes, command, token_key)
 
-    def steps(self, session: SessionContext) -> Steps[IncrementFlush | None]:
-        """Send the invocation; record what it applied, or hand its reply to the flush
-        protocol (`IncrementFlush` with `first_reply`). Returns the `IncrementFlush` that
-        finished the flush, None when the lane did it all."""
-        sent: LoneReply | None = yield LoneScript(self.route, self.command)
+    @property
+    def request(self) -> LoneScript:
+        """What the sync driver sends (`Engine.lone_script`)."""
+        return LoneScript(self.route, self.command)
+
+    def finish(self, session: SessionContext, sent: LoneReply | None) -> Steps[IncrementFlush]:
+        """The flush when the invocation was not sent (`sent` None: the general path from
+        the start) or not answered with the plain success: the flush protocol reads its
+        reply as its own (`IncrementFlush.first_reply`, same token). An interrupted
+        round trip is settled there, then the KeyboardInterrupt goes on carrying the
+        outcome, as from the general driver. Returns the `IncrementFlush` that ran."""
         if sent is None:
             job = self.job(session, None)
             yield from job.execute_steps()
             return job
-        if sent.interrupt is None and self.record(sent.reply):
-            return None
         job = self.job(session, (sent.reply, sent.sent_at))
         if sent.interrupt is None:
             yield from job.execute_steps()
             return job
-        # Interrupted during the round trip (a KeyboardInterrupt): the reply is lost and
-        # the protocol settles it; the interruption then goes on, carrying the outcome
-        # as the general driver's does.
         try:
             yield from job.execute_steps()
         except BaseException as error:

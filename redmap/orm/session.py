@@ -357,14 +357,45 @@ class Session:
         Session is not thread-safe). An attribute assigned by another thread while
         the flush runs is not lost: it stays a pending change for the next flush.
         """
-        self._run(self._flush_steps(lane=True))
+        if not self._counter_lane():
+            self._run(self._flush_steps())
 
-    def _flush_steps(self, *, lane: bool = False) -> Steps[None]:
-        """`flush()` as core steps (see `redmap.commands`), for both drivers.
+    def _counter_lane(self) -> bool:
+        """Run the flush by the counter lane (`redmap.orm.counterlane`) when it takes
+        what is pending (increments of one object): True once it ran, applied or
+        raising what the general path raises; False, with nothing done, otherwise.
 
-        `lane`: a flush made only of increments of one object may take the counter lane
-        (`redmap.orm.counterlane`); `commit()` and `flush()` allow it. An autoflush and a
-        statement's own session (which reads the flush's unit of work back) do not."""
+        Only `commit()` and `flush()` of a Session on the sync driver come here, and
+        without the steps machinery (a counter's commit is mostly that machinery): an
+        AsyncSession, an autoflush and a statement's own session (which reads the
+        flush's unit of work back) take the general path."""
+        if self._async_engine is not None or not self._flush_lock.acquire(blocking=False):
+            return False  # (another flush running: the general path says so)
+        try:
+            ctx = self._context
+            if ctx.doubt:
+                return False  # the general path refuses a session in doubt
+            lane = CounterLane.collect(ctx)
+            if lane is None:
+                return False
+            engine = self.bind
+            self._flush_thread = threading.get_ident()
+            self._flushing = True
+            try:
+                sent = engine.lone_script(lane.request)
+                if sent is not None and sent.interrupt is None and lane.record(sent.reply):
+                    self._last_flush = lane
+                else:
+                    self._last_flush = engine.run(lane.finish(ctx, sent))
+            finally:
+                self._flushing = False
+                self._flush_thread = None
+            return True
+        finally:
+            self._flush_lock.release()
+
+    def _flush_steps(self) -> Steps[None]:
+        """`flush()` as core steps (see `redmap.commands`), for both drivers."""
         if not self._flush_lock.acquire(blocking=False):
             if self._flush_thread == threading.get_ident():
                 raise InvalidRequestError("Session is already flushing")
@@ -379,16 +410,6 @@ class Session:
                     f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
                     f"call rollback() so they reload from what Redis holds"
                 )
-            if lane:
-                counter = CounterLane.collect(ctx)
-                if counter is not None:
-                    self._flushing = True
-                    try:
-                        job = yield from counter.steps(ctx)
-                    finally:
-                        self._flushing = False
-                    self._last_flush = counter if job is None else job
-                    return
             # Only increments (a counter's commit, no listener): the general unit of
             # work without its collection, same protocol and outcome (`IncrementFlush`).
             fast = IncrementFlush.collect_increments(ctx)
@@ -456,13 +477,17 @@ class Session:
         Session events: `before_commit` before the flush, `after_commit` once it was
         applied (not when it raised).
         """
+        if self._counter_lane():
+            if self.expire_on_commit:
+                self.expire_all()
+            return
         self._run(self._commit_steps())
 
     def _commit_steps(self) -> Steps[None]:
         """`commit()` as core steps, for both drivers."""
         if events.session_events_enabled():
             self._dispatch("before_commit")
-        yield from self._flush_steps(lane=True)
+        yield from self._flush_steps()
         if self.expire_on_commit:
             self.expire_all()
         if events.session_events_enabled():
@@ -868,7 +893,7 @@ class Session:
                 for obj in objs:
                     inner.delete(obj)
             yield from inner._flush_steps()
-            if isinstance(inner._last_flush, UOWTransaction):  # never the lane: see above
+            if isinstance(inner._last_flush, UOWTransaction):  # never the lane
                 self._synchronize(inner._last_flush, stmt)
         finally:
             inner.close()
