@@ -148,6 +148,8 @@ class FieldAttribute(ColumnOperators[Any]):
         makes without events too."""
         st = state_of(obj)
         if st is not None and st.identity is not None:
+            if self.key not in obj.__dict__ and type(value) is not Increment:
+                st.blind.add(self.key)  # assigned while expired: see InstanceState.blind
             st.modified_attribute(self.key)
         obj.__dict__[self.key] = value
 

@@ -125,6 +125,7 @@ def load_instance(
         if refresh:
             d.update(values)
             st.modified.clear()
+            st.blind.clear()
             session.identity_map.modified.discard(st)
         else:
             unloaded = st.unloaded()

@@ -925,6 +925,7 @@ class Session:
             mine.loaded = dict(src.loaded)
             mine.version, mine.incarnation = src.version, src.incarnation
             mine.modified.clear()
+            mine.blind.clear()
             imap.modified.discard(mine)
             for prop in src.mapper.relationships.values():
                 if prop.fk_column and prop.fk_column in u.changes:

@@ -25,6 +25,7 @@ class InstanceState:
     """What the ORM knows about one mapped object."""
 
     __slots__ = (
+        "blind",
         "deleted",
         "_in_doubt",
         "identity",
@@ -54,6 +55,12 @@ class InstanceState:
         self.loaded: dict[str, bytes | None] = {}
         # Attributes assigned since the snapshot; compared with it at flush.
         self.modified: set[str] = set()
+        # Of those, the ones assigned while not loaded (expired): what Redis holds for
+        # them is unknown to the session, so they are written even when the value equals
+        # the old snapshot (the flush's version check then says whether Redis still
+        # held it). Compared with the snapshot, such an assignment was lost when another
+        # writer had changed the field meanwhile.
+        self.blind: set[str] = set()
         self.version: int | None = None
         # The hash's `#i` at `version` (None: the hash had none, data written before
         # incarnations existed). Checked with the version; never an attribute.
@@ -138,6 +145,7 @@ class InstanceState:
         for name in names:
             d.pop(name, None)
             self.modified.discard(name)
+            self.blind.discard(name)
         if attribute_names is None:
             for rel in self.mapper.relationships:
                 d.pop(rel, None)

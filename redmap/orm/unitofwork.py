@@ -65,6 +65,8 @@ def _same_as_loaded(st: InstanceState, name: str) -> bool:
     col = st.mapper.columns[name]
     if col.primary_key:
         return True
+    if name in st.blind:
+        return False
     try:
         return _encode(st.mapper, col, d[name]) == st.loaded.get(name)
     except ValidationError:
@@ -113,7 +115,7 @@ def changed_fields(
             out[name] = (value, None)  # applied by Redis (`persistence._plan_increment`)
             continue
         enc = _encode(mapper, col, value)
-        if enc != state.loaded.get(name):
+        if enc != state.loaded.get(name) or name in state.blind:
             out[name] = (value, enc)
     return out
 
@@ -846,6 +848,8 @@ class UOWTransaction:
                         st.modified.discard(name)
                 elif _same_as_loaded(st, name):
                     st.modified.discard(name)
+            # What was written is what Redis holds now: no longer blind.
+            st.blind.difference_update(u.changes)
             if not st.modified:
                 s.identity_map.modified.discard(st)
         for ins in self.inserts:

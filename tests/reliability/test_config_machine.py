@@ -401,6 +401,10 @@ class Tracked:
     version: dict[Any, int | None] = field(default_factory=dict)
     expired: set[Any] = field(default_factory=set)
     partial: dict[Any, set[str]] = field(default_factory=dict)  # assigned while expired
+    # Fields assigned while expired, until the session writes or expires them: they are
+    # written even when equal to the snapshot (InstanceState.blind), unlike `partial`,
+    # which a reload ends.
+    blind: dict[Any, set[str]] = field(default_factory=dict)
     dirty: dict[Any, dict[str, Any]] = field(default_factory=dict)
     new: list[tuple[NewPlayer, Any, Row]] = field(default_factory=list)
     new_teams: list[tuple[NewTeam, Any]] = field(default_factory=list)
@@ -422,6 +426,7 @@ class Tracked:
     def expire_all(self) -> None:
         self.expired = set(self.objs)
         self.partial.clear()
+        self.blind.clear()
         self.dirty.clear()
         self.orphans.clear()
 
@@ -432,7 +437,7 @@ class Tracked:
         self.expire_all()
 
     def forget(self, pk: Any) -> None:
-        for d in (self.objs, self.snap, self.version, self.dirty, self.partial):
+        for d in (self.objs, self.snap, self.version, self.dirty, self.partial, self.blind):
             d.pop(pk, None)
         self.expired.discard(pk)
 
@@ -741,6 +746,7 @@ class ConfigHistories(RuleBasedStateMachine):
         t.dirty.setdefault(pk, {})[fld] = value
         if pk in t.expired:
             t.partial.setdefault(pk, set()).add(fld)
+            t.blind.setdefault(pk, set()).add(fld)
             bump("assigned while expired")
 
     @rule(who=SESSIONS, data=st.data())
@@ -832,6 +838,7 @@ class ConfigHistories(RuleBasedStateMachine):
         t.session.expire(t.objs[pk])
         t.dirty.pop(pk, None)
         t.partial.pop(pk, None)
+        t.blind.pop(pk, None)
         t.orphans.discard(pk)
         t.expired.add(pk)
 
@@ -886,6 +893,7 @@ class ConfigHistories(RuleBasedStateMachine):
         setattr(obj, fld, value)
         t.dirty.setdefault(pk, {})[fld] = value
         t.partial.setdefault(pk, set()).add(fld)
+        t.blind.setdefault(pk, set()).add(fld)
         assert self.cfg is not None
         score = self.players[pk].score + 1
         answer = self._ask(op="update", pk=enc(pk), field="score", value=score)
@@ -921,7 +929,8 @@ class ConfigHistories(RuleBasedStateMachine):
             if pk in doomed:
                 continue
             snap = t.snap[pk]
-            ch = {f: v for f, v in t.dirty[pk].items() if getattr(snap, f) != v}
+            blind = t.blind.get(pk, set())
+            ch = {f: v for f, v in t.dirty[pk].items() if getattr(snap, f) != v or f in blind}
             if ch:
                 updates[pk] = ch
         errors: set[type[Exception]] = set()
@@ -1621,6 +1630,7 @@ class ConfigHistories(RuleBasedStateMachine):
                 t.session.expire(obj)
                 t.dirty.pop(pk, None)
                 t.partial.pop(pk, None)
+                t.blind.pop(pk, None)
                 t.expired.add(pk)
                 again = self._get(t, pk)
                 assert again is obj
