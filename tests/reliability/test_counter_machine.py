@@ -455,6 +455,7 @@ class CounterMachine(RuleBasedStateMachine):
             assert len(writing) == 1 and only_incs
             assert self.cfg.driver == "sync" and not self.cfg.sharded
 
+        written = {pk: self.held[who][pk].changes() for pk in writing}
         for h in self.held[who].values():
             if not h.changes():
                 h.pending.clear()  # a name assigned its own value: nothing to write
@@ -463,7 +464,7 @@ class CounterMachine(RuleBasedStateMachine):
         for pk in writing:
             held = self.held[who][pk]
             r = self.ref[pk]
-            changes = held.changes()
+            changes = written[pk]
             for f, (kind, value) in changes.items():
                 if kind == "inc":
                     setattr(r, f, getattr(r, f) + value)
