@@ -121,6 +121,10 @@ class Tracked:
         # they expired (those stay loaded: pending, or written by this session's flush).
         self.expired: set[int] = set()
         self.partial: dict[int, set[str]] = {}
+        # Fields assigned while expired, until written or expired again: a flush writes
+        # them even when equal to the snapshot (`InstanceState.blind`); a reload does
+        # not end this, unlike `partial`.
+        self.blind: dict[int, set[str]] = {}
         # Assignments since the snapshot (equal values included: they count once the
         # snapshot changes under them).
         self.dirty: dict[int, dict[str, Any]] = {}
@@ -139,7 +143,8 @@ class Tracked:
             if pk in self.deleted:
                 continue
             snap = self.snap[pk]
-            ch = {f: v for f, v in self.dirty[pk].items() if getattr(snap, f) != v}
+            blind = self.blind.get(pk, set())
+            ch = {f: v for f, v in self.dirty[pk].items() if getattr(snap, f) != v or f in blind}
             if ch:
                 out[pk] = ch
         return out
@@ -148,6 +153,7 @@ class Tracked:
         """Like `Session.expire_all`: everything unloaded, assignments dropped."""
         self.expired = set(self.objs)
         self.partial.clear()
+        self.blind.clear()
         self.dirty.clear()
 
     def rollback(self) -> None:
@@ -164,6 +170,7 @@ class Tracked:
         self.dirty.pop(pk, None)
         self.expired.discard(pk)
         self.partial.pop(pk, None)
+        self.blind.pop(pk, None)
 
 
 class SessionHistories(RuleBasedStateMachine):
@@ -251,6 +258,7 @@ class SessionHistories(RuleBasedStateMachine):
             t.snap[pk] = self.ref[pk]
             t.version[pk] = self.ver[pk]
             t.dirty.pop(pk, None)
+            t.blind.pop(pk, None)
         for obj, row in t.new:
             self.seq += 1
             assert obj.id == self.seq, "generated ids are handed out in order, none skipped"
@@ -376,6 +384,7 @@ class SessionHistories(RuleBasedStateMachine):
         t.dirty.setdefault(pk, {})[field] = value
         if pk in t.expired:
             t.partial.setdefault(pk, set()).add(field)
+            t.blind.setdefault(pk, set()).add(field)
 
     @rule(who=SESSIONS, data=st.data(), via_get=st.booleans())
     @STATS.rule
@@ -449,6 +458,7 @@ class SessionHistories(RuleBasedStateMachine):
         setattr(obj, field, value)
         t.dirty.setdefault(pk, {})[field] = value
         t.partial.setdefault(pk, set()).add(field)
+        t.blind.setdefault(pk, set()).add(field)
         with Session(self.engine) as s:
             found = s.get(Item, pk)
             assert found is not None

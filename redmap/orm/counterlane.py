@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..commands import LoneReply, LoneScript, Steps
 from ..query.expression import Increment
-from . import events, flushscript, keys
+from . import flushscript, keys
 from .flushplan import TOKEN_TTL_MS
 from .flushprotocol import raise_interrupted
 from .mapper import Mapper
 from .persistence import UpdateTask
 from .types import increment_command
-from .unitofwork import IncrementFlush, record_increment
+from .unitofwork import IncrementFlush, only_changes_pending, record_increment
 
 if TYPE_CHECKING:
     from .context import SessionContext
@@ -121,17 +121,7 @@ class CounterLane:
     def collect(cls, session: SessionContext) -> CounterLane | None:
         """The lane for what `session` has pending, or None (the general path then runs).
         No I/O, nothing in the session changes."""
-        if (
-            session.new
-            or session.deleted
-            or session.rel_dirty
-            or session.links
-            or session.orphans
-            or session.replace_guards
-            or session.identity_map.mutable
-            or events.mapper_events_enabled()
-            or events.session_events_enabled()
-        ):
+        if not only_changes_pending(session):
             return None
         modified = session.identity_map.modified
         if len(modified) != 1:

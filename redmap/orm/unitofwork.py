@@ -48,7 +48,13 @@ if TYPE_CHECKING:
     from .context import SessionContext
     from .state import InstanceState
 
-__all__ = ["IncrementFlush", "UOWTransaction", "changed_fields", "record_increment"]
+__all__ = [
+    "IncrementFlush",
+    "UOWTransaction",
+    "changed_fields",
+    "only_changes_pending",
+    "record_increment",
+]
 
 
 def _encode(mapper: Mapper[Any], col: ColumnProperty, value: Any) -> bytes | None:
@@ -898,6 +904,24 @@ def record_increment(st: InstanceState, name: str, inc: Increment, reply: Any) -
     return False
 
 
+def only_changes_pending(session: SessionContext) -> bool:
+    """Whether nothing but assignments to persistent objects is pending (no new or
+    deleted object, no relationship bookkeeping, no `replace_all` guard, no object with
+    mutable fields) and no mapper or session listener exists: what a flush made only of
+    increments needs of the session (`IncrementFlush`, the counter lane)."""
+    return not (
+        session.new
+        or session.deleted
+        or session.rel_dirty
+        or session.links
+        or session.orphans
+        or session.replace_guards
+        or session.identity_map.mutable
+        or events.mapper_events_enabled()
+        or events.session_events_enabled()
+    )
+
+
 class IncrementFlush(UOWTransaction):
     """A flush made only of increments of persistent objects (a hot counter's commit).
 
@@ -920,16 +944,7 @@ class IncrementFlush(UOWTransaction):
         ordering a foreign key's list), objects with mutable (JSON) fields in the
         session, and objects under several hash tags.
         """
-        if (
-            session.new
-            or session.deleted
-            or session.rel_dirty
-            or session.links
-            or session.orphans
-            or session.replace_guards
-            or events.mapper_events_enabled()
-            or events.session_events_enabled()
-        ):
+        if not only_changes_pending(session):
             return None
         modified = session.identity_map.modified
         if not modified:
@@ -966,8 +981,6 @@ class IncrementFlush(UOWTransaction):
             elif ks.tag != tag:
                 return None
             updates.append(UpdateTask(st, mapper.pk_segment(st.pk), st.key, changes, ks))
-        if session.identity_map.mutable:
-            return None
         flush = cls(session)
         flush.updates = updates
         return flush
