@@ -41,7 +41,7 @@ from .flushprotocol import raise_interrupted
 from .mapper import Mapper
 from .persistence import UpdateTask
 from .types import increment_command
-from .unitofwork import IncrementFlush, only_changes_pending, record_increment
+from .unitofwork import IncrementFlush, incrementable, only_changes_pending, record_increment
 
 if TYPE_CHECKING:
     from .context import SessionContext
@@ -127,19 +127,11 @@ class CounterLane:
         if len(modified) != 1:
             return None
         (st,) = modified
+        if not incrementable(st, session):
+            return None
         incarnation = st.incarnation
         key = st.key
-        if (
-            st.deleted
-            or st.in_doubt
-            or st.identity is None
-            or st.version is None
-            or incarnation is None
-            or key is None
-            or st.session is not session
-            or not st.modified
-        ):
-            return None
+        assert incarnation is not None and key is not None
         form = _form(st.mapper)
         if form is None or not key.startswith(form.prefix):
             return None

@@ -52,6 +52,7 @@ __all__ = [
     "IncrementFlush",
     "UOWTransaction",
     "changed_fields",
+    "incrementable",
     "only_changes_pending",
     "record_increment",
 ]
@@ -922,6 +923,21 @@ def only_changes_pending(session: SessionContext) -> bool:
     )
 
 
+def incrementable(st: InstanceState, session: SessionContext) -> bool:
+    """Whether `st` is an object of `session` an increments-only flush can write: stored,
+    its version and incarnation known, not deleted or in doubt, with assignments."""
+    return not (
+        st.deleted
+        or st.in_doubt
+        or st.identity is None
+        or st.version is None
+        or st.incarnation is None
+        or st.key is None
+        or st.session is not session
+        or not st.modified
+    )
+
+
 class IncrementFlush(UOWTransaction):
     """A flush made only of increments of persistent objects (a hot counter's commit).
 
@@ -953,16 +969,7 @@ class IncrementFlush(UOWTransaction):
         tag: str | None = None
         for st in modified:
             mapper = st.mapper
-            if (
-                st.deleted
-                or st.in_doubt
-                or st.identity is None
-                or st.version is None
-                or st.incarnation is None
-                or st.key is None
-                or st.session is not session
-                or not st.modified
-            ):
+            if not incrementable(st, session):
                 return None
             d = st.obj.__dict__
             changes: dict[str, tuple[Any, bytes | None]] = {}
@@ -980,6 +987,7 @@ class IncrementFlush(UOWTransaction):
                 tag = ks.tag
             elif ks.tag != tag:
                 return None
+            assert st.key is not None  # (incrementable)
             updates.append(UpdateTask(st, mapper.pk_segment(st.pk), st.key, changes, ks))
         flush = cls(session)
         flush.updates = updates
