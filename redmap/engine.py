@@ -271,7 +271,9 @@ def create_engine(
     Nothing connects until the first command, except `redis+embedded://`, which starts
     (or joins) its server at once.
     """
-    return Engine(url, echo=echo, flush_script_threshold=flush_script_threshold, **client_options)
+    return Engine(
+        url, echo=echo, flush_script_threshold=flush_script_threshold, **client_options
+    )
 
 
 _default: Engine | None = None

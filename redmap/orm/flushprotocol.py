@@ -570,7 +570,8 @@ class FlushProtocol:
             return
         assert replies is not None
         absent = {
-            seq: reply == 0 for seq, reply in zip(probes, replies[1 + len(keys_) :], strict=True)
+            seq: reply == 0
+            for seq, reply in zip(probes, replies[1 + len(keys_) :], strict=True)
         }
         undo: list[Command] = []
         for key, reply in zip(keys_, replies[1 : 1 + len(keys_)], strict=True):

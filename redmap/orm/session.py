@@ -454,7 +454,12 @@ class Session:
         self._check_thread("read through the session")
         ctx = self._context
         if self.autoflush and not self._no_autoflush and not self._flushing:
-            if ctx.new or ctx.deleted or ctx.identity_map.modified or ctx.identity_map.mutable:
+            if (
+                ctx.new
+                or ctx.deleted
+                or ctx.identity_map.modified
+                or ctx.identity_map.mutable
+            ):
                 ctx.autoflushing = True
                 try:
                     yield from self._flush_steps()
@@ -705,7 +710,9 @@ class Session:
         """
         return self._run(self._get_one_steps(model, pk, options))
 
-    def _get_one_steps(self, model: type[M], pk: Any, options: Sequence[Load] = ()) -> Steps[M]:
+    def _get_one_steps(
+        self, model: type[M], pk: Any, options: Sequence[Load] = ()
+    ) -> Steps[M]:
         obj = yield from self._get_steps(model, pk, options)
         if obj is None:
             raise NoResultFound(f"no {mapper_of(model).name} with primary key {pk!r}")
@@ -1239,7 +1246,8 @@ def _soft_children_of(mapper: Any, prop: Any, pks: list[Any], now: int) -> Steps
     for key, members in zip(zsets, replies, strict=True):
         if isinstance(members, Exception):
             raise RedmapError(
-                f"the sweep of {mapper.name} could not read {key!r}: {members}; run `redmap audit`"
+                f"the sweep of {mapper.name} could not read {key!r}: {members}; run "
+                f"`redmap audit`"
             )
         listed.extend((m, key) for m in members)
     found: list[Any] = yield from soft_children(prop, listed, now)
