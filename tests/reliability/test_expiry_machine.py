@@ -286,7 +286,6 @@ joins, the same in every replay of an example (reset at its start)."""
 MINIMUMS = {
     "insert applied": 100,  # (672)
     "insert refused: taken": 8,  # (53)
-    "insert took over an expired holder": 3,  # (16)
     "expired by the clock": 40,  # (260)
     "restores applied (any rule)": 4,  # (restore applied 0 to 97, + 19 or more)
     # (3 to 125; since each restored lease is restored twice, 29 and 116 on the seeds
@@ -327,6 +326,13 @@ MINIMUMS = {
     **{f"config driver={k}": 1 for k in ("sync", "async")},
     **{f"config flush={k}": 1 for k in ("watch", "script")},
 }
+
+# Branches only one configuration reaches: (the count of examples drawn with it, the
+# least per 100 of them). Only a unique model has holders to take over from: 108 and 120
+# per 100 unique examples on seeds 11 and 12 (`REDMAP_PP_CONFIG=unique=1`); seed
+# 2928955858 drew unique for 16 of 234 examples and took over once (a whole-run minimum
+# of 3 per 100 failed it).
+GIVEN = {"insert took over an expired holder": ("config unique", 5)}
 
 
 @dataclasses.dataclass
@@ -1223,7 +1229,7 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
         f"{time.perf_counter() - t0:.0f}s; counts: {dict(sorted(STATS.items()))}"
     )
     if not os.environ.get("REDMAP_PP_CONFIG"):
-        check_minimums(STATS, MINIMUMS, examples=max_examples, per=100)
+        check_minimums(STATS, MINIMUMS, examples=max_examples, per=100, given=GIVEN)
 
 
 def test_expiry_histories(redis_url: str, clean_redis: Any) -> None:
