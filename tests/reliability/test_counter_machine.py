@@ -187,6 +187,8 @@ class CounterMachine(RuleBasedStateMachine):
         STATS.bump(f"config driver={cfg.driver}")
         STATS.bump(f"config flush={cfg.flush}")
         STATS.bump(f"config expire_on_commit={cfg.expire_on_commit}")
+        if cfg.driver == "sync" and not cfg.sharded:
+            STATS.bump("config lane")  # the configurations the counter lane can take
         for _ in range(3):
             self.insert(data, data.draw(st.integers(-3, 3), label="hits"), 0, "a")
         for who in self.sessions:
@@ -572,26 +574,34 @@ STEPS = 30
 # (swarm testing switches rules off per example); they catch a machine that stopped
 # reaching its branches.
 MINIMUMS = {
-    # Lowest seen in seven runs of 200 examples (in brackets), halved again and again:
-    # hypothesis reuses an example's first draws, so a run has some forty distinct
-    # configurations, and the lane's share varies with them.
-    "applied (CounterLane)": 8,  # (43)
-    "applied (IncrementFlush)": 30,  # (146)
-    "applied (UOWTransaction)": 10,  # (48)
-    "lane handed its reply to the protocol: applied": 3,  # (24)
-    "refused: StaleDataError": 8,  # (39)
+    # About a third of the lowest seen in eleven runs of about 205 examples (seeds 1, 4
+    # to 13; in brackets, per 100 examples): hypothesis reuses an example's first
+    # draws, so a run has some forty distinct configurations and the counts swing with
+    # them (a first minimum of 8 other-writer increments failed seed 1, which drew 7).
+    "applied (IncrementFlush)": 15,  # (40)
+    "applied (UOWTransaction)": 8,  # (25)
+    "refused: StaleDataError": 4,  # (11)
     # "refused: StaleDataError (lane)": 0 to 16 per run: counted, no minimum (the
     # refusals of the lane are tested one by one in tests/test_counter_lane.py).
-    "refused: FlushError": 4,  # (19)
-    "retry after StaleDataError: applied": 8,  # (39)
-    "retry after a refused write: applied": 4,  # (19)
-    "other writer: increment": 8,
-    "other writer: delete": 10,
-    "other writer: reinsert": 2,
+    "refused: FlushError": 3,  # (8)
+    "retry after StaleDataError: applied": 4,  # (11)
+    "retry after a refused write: applied": 3,  # (8)
+    "other writer: increment": 3,  # (7)
+    "other writer: delete": 12,  # (41)
+    "other writer: reinsert": 2,  # (7)
     **{f"config pk={k}": 1 for k in PK_KINDS},
     **{f"config {k}": 1 for k in ("sorted", "plain", "sharded", "unsharded")},
     **{f"config driver={k}": 1 for k in ("sync", "async")},
     **{f"config flush={k}": 1 for k in ("watch", "script")},
+}
+
+# Branches only the sync unsharded configurations reach (`config lane`): the least per
+# 100 such examples (66 to 134 of 205 in those runs). Scaled to the whole run instead,
+# a run that drew few of them would fail, as the expiry machine's take-over minimum
+# did in CI.
+GIVEN = {
+    "applied (CounterLane)": ("config lane", 20),  # (50 per 100 lane examples)
+    "lane handed its reply to the protocol: applied": ("config lane", 5),  # (15)
 }
 
 
@@ -623,7 +633,7 @@ def _run(redis_url: str, max_examples: int, test_id: str) -> None:
         f"counter state machine: {STATS.get('examples', 0)} examples, "
         f"{time.perf_counter() - t0:.0f}s; counts: {dict(sorted(STATS.items()))}"
     )
-    check_minimums(STATS, MINIMUMS, examples=max_examples, per=100)
+    check_minimums(STATS, MINIMUMS, examples=max_examples, per=100, given=GIVEN)
 
 
 def test_counter_histories(redis_url: str, clean_redis: Any) -> None:
