@@ -131,6 +131,11 @@ class Tracked:
         # Added objects not yet flushed, in order, and objects marked for deletion.
         self.new: list[tuple[Item, Row]] = []
         self.deleted: set[int] = set()
+        # Objects a StaleDataError named since the last rollback, and those that
+        # rollback marked: their next load or flush takes what Redis holds
+        # (`InstanceState.reload`; tests/test_retry_after_rollback.py).
+        self.refused: set[int] = set()
+        self.reload: set[int] = set()
 
     def view(self, pk: int) -> Row:
         """What the session's object should show: the snapshot plus pending assignments."""
@@ -161,6 +166,8 @@ class Tracked:
         self.new.clear()
         self.deleted.clear()
         self.expire_all()
+        self.reload |= self.refused
+        self.refused.clear()
 
     def forget(self, pk: int) -> None:
         """The object was deleted by this session's flush: it leaves the identity map."""
@@ -171,6 +178,8 @@ class Tracked:
         self.expired.discard(pk)
         self.partial.pop(pk, None)
         self.blind.pop(pk, None)
+        self.refused.discard(pk)
+        self.reload.discard(pk)
 
 
 class SessionHistories(RuleBasedStateMachine):
@@ -234,12 +243,26 @@ class SessionHistories(RuleBasedStateMachine):
         On success the flush is applied to the reference; on the predicted error the
         session is rolled back (the invariants then check that nothing was written).
         """
+        if t.reload and (t.new or t.deleted or t.dirty):
+            # A flush with anything pending first loads the objects a rollback marked
+            # (those Redis still holds): their snapshot and version become current.
+            for pk in sorted(t.reload & set(self.ref)):
+                if t.version[pk] != self.ver[pk]:
+                    STATS.bump("flush reloaded a marked object that had changed")
+                t.snap[pk] = self.ref[pk]
+                t.version[pk] = self.ver[pk]
+                t.expired.discard(pk)
+                t.partial.pop(pk, None)
+                t.reload.discard(pk)
         errors, updates = self._predict(t)
         if errors:
             with pytest.raises((StaleDataError, IntegrityError)) as info:
                 action()
             assert type(info.value) in errors, f"{info.value!r}, expected one of {errors}"
             STATS.bump(f"flushes refused: {type(info.value).__name__}")
+            if isinstance(info.value, StaleDataError):
+                named = {id(o) for o in info.value.objects}
+                t.refused |= {pk for pk, o in t.objs.items() if id(o) in named}
             t.session.rollback()
             t.rollback()
             return False, None
@@ -299,7 +322,9 @@ class SessionHistories(RuleBasedStateMachine):
                     assert obj is not None
                     t.objs[pk] = obj
                 kept = t.partial.pop(pk, set())
-                if kept and t.version[pk] != self.ver[pk]:
+                marked = pk in t.reload  # (nothing read at the old version since)
+                t.reload.discard(pk)
+                if kept and t.version[pk] != self.ver[pk] and not marked:
                     # Fields assigned while expired, and the object changed since: the
                     # reload fills the other fields but keeps the old version, so the
                     # object never passes for current and a flush detects the conflict.

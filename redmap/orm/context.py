@@ -60,6 +60,8 @@ class SessionContext:
         "replace_guards",
         "supports_cluster",
         "doubt",
+        "refused",
+        "reload",
     )
 
     def __init__(
@@ -82,6 +84,13 @@ class SessionContext:
         # States marked in doubt while in this session (`InstanceState.in_doubt`); some
         # may have left it or been reloaded since: `doubtful()` says which still are.
         self.doubt: set[InstanceState] = set()
+        # States a flush of this session refused as stale since the last rollback (named
+        # by its StaleDataError): the rollback marks them to reload
+        # (`InstanceState.reload`), together with the states in doubt ...
+        self.refused: set[InstanceState] = set()
+        # ... and those marks, until a load or a flush's `reload_states` clears them:
+        # `to_reload()` says which still hold.
+        self.reload: set[InstanceState] = set()
         # Persistent states marked for deletion, by id(state).
         self.deleted: dict[int, InstanceState] = {}
         # Relationship bookkeeping between flushes (consumed by `dependency.prepare`):
@@ -158,6 +167,8 @@ class SessionContext:
         self.identity_map.add(st)
         if st.in_doubt:
             self.doubt.add(st)
+        if st.reload:
+            self.reload.add(st)
 
     def doubtful(self) -> list[InstanceState]:
         """The states of this session whose last flush's outcome is unknown: O(their
@@ -166,6 +177,16 @@ class SessionContext:
             return []
         self.doubt = {st for st in self.doubt if st.in_doubt and st.session is self}
         return list(self.doubt)
+
+    def to_reload(self) -> list[InstanceState]:
+        """The persistent states of this session marked to reload before their next
+        flush (`InstanceState.reload`): O(their number)."""
+        if not self.reload:
+            return []
+        self.reload = {
+            st for st in self.reload if st.reload and st.session is self and not st.in_doubt
+        }
+        return list(self.reload)
 
     def forget_deleted(self, st: InstanceState) -> None:
         """A deletion was flushed: `st` leaves the session (detached)."""

@@ -10,7 +10,7 @@ each, driven by whichever engine runs them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..commands import FetchHashes, Read, Steps
@@ -129,12 +129,17 @@ def load_instance(
             session.identity_map.modified.discard(st)
         else:
             unloaded = st.unloaded()
-            if not unloaded:
+            if not unloaded and not st.reload:
                 return st.obj
             for name in unloaded:
                 d[name] = values[name]
-            if (version, incarnation) != (st.version, st.incarnation) and len(unloaded) < len(
-                loaded
+            # A state marked to reload (a rollback after a refusal) loaded nothing since:
+            # what it holds are assignments made after the rollback, none read at the
+            # old version, so the snapshot is replaced whole.
+            if (
+                not st.reload
+                and (version, incarnation) != (st.version, st.incarnation)
+                and len(unloaded) < len(loaded)
             ):
                 # Some attributes were loaded at the earlier version (pending changes, or
                 # values this session flushed while the rest was expired): keep that
@@ -148,6 +153,7 @@ def load_instance(
         st.version = version
         st.incarnation = incarnation
         st.in_doubt = False
+        st.reload = False
         return st.obj
     cls: Any = mapper.class_
     obj = cls.__new__(cls)
@@ -161,6 +167,63 @@ def load_instance(
     st.incarnation = incarnation
     session.make_persistent(st, pk, key)
     return obj
+
+
+class Reloaded:
+    """What `reload_states` replaced, to put back when the flush it prepared fails (a
+    failed flush leaves the session as it was: the marks too, so a retry after the next
+    rollback loads again)."""
+
+    __slots__ = ("before", "after")
+
+    def __init__(self) -> None:
+        self.before: list[tuple[InstanceState, Any, list[str]]] = []
+        self.after: list[tuple[InstanceState, Any]] = []
+
+    def undo(self) -> None:
+        """Put back each state the flush did not write since (its snapshot still the one
+        loaded here); the attributes this load filled are unloaded again."""
+        for (st, old, unloaded), (_, new) in zip(self.before, self.after, strict=True):
+            if st.loaded is not new[0] or st.version != new[1]:
+                continue  # (written by the flush since: what it recorded stands)
+            st.loaded, st.version, st.incarnation, st.reload = old
+            d = st.obj.__dict__
+            for name in unloaded:
+                d.pop(name, None)
+            if st.reload and st.session is not None:
+                st.session.reload.add(st)
+
+
+def reload_states(session: SessionContext, states: Sequence[InstanceState]) -> Steps[Reloaded]:
+    """Load `states` (marked to reload: `InstanceState.reload`) as Redis holds them now,
+    in one round trip, keeping every value assigned since: their snapshot, version and
+    incarnation become what Redis holds, so the flush that follows checks and writes
+    against that. A state Redis no longer holds as an object (deleted, expired,
+    soft-deleted) keeps its old snapshot and mark: the flush refuses it as stale.
+    Returns what to put back if that flush fails (`Reloaded.undo`)."""
+    keyed = [(st, st.key) for st in states if st.key is not None]
+    replies = yield FetchHashes([key for _, key in keyed])
+    now = expiry.now_ms()
+    done = Reloaded()
+    for (st, key), data in zip(keyed, replies, strict=True):
+        if isinstance(data, Exception):
+            continue  # (the flush's own checks report what is wrong with the key)
+        old = (st.loaded, st.version, st.incarnation, st.reload)
+        unloaded = st.unloaded()
+        try:
+            load_instance(session, st.mapper, st.pk, key, data, now=now)
+        except DecodeError:
+            # A stored value this model cannot read: the object keeps what the session
+            # had (a write may be what repairs the value; the flush checks as before).
+            st.loaded, st.version, st.incarnation, st.reload = old
+            d = st.obj.__dict__
+            for name in unloaded:
+                d.pop(name, None)
+            continue
+        if st.loaded is not old[0]:
+            done.before.append((st, old, unloaded))
+            done.after.append((st, (st.loaded, st.version)))
+    return done
 
 
 def unloaded_pks(session: SessionContext, mapper: Mapper[Any], pks: Iterable[Any]) -> list[Any]:

@@ -30,7 +30,13 @@ from .context import SessionContext
 from .counterlane import CounterLane
 from .dependency import soft_children
 from .identity import IdentitySet
-from .loading import ensure_loaded, load_instance, load_unloaded_steps, unloaded_pks
+from .loading import (
+    ensure_loaded,
+    load_instance,
+    load_unloaded_steps,
+    reload_states,
+    unloaded_pks,
+)
 from .mapper import mapper_of
 from .persistence import soft_release_plan
 from .relationship_events import discard_expired
@@ -373,8 +379,8 @@ class Session:
             return False  # (another flush running: the general path says so)
         try:
             ctx = self._context
-            if ctx.doubt:
-                return False  # the general path refuses a session in doubt
+            if ctx.doubt or ctx.to_reload():
+                return False  # the general path refuses doubt, and reloads marked objects
             lane = CounterLane.collect(ctx)
             if lane is None:
                 return False
@@ -387,6 +393,9 @@ class Session:
                     self._last_flush = lane
                 else:
                     self._last_flush = engine.run(lane.finish(ctx, sent))
+            except StaleDataError as stale:
+                self._refused(stale)
+                raise
             finally:
                 self._flushing = False
                 self._flush_thread = None
@@ -410,26 +419,50 @@ class Session:
                     f"the outcome of an earlier flush of {len(doubt)} object(s) is unknown; "
                     f"call rollback() so they reload from what Redis holds"
                 )
-            # Only increments (a counter's commit, no listener): the general unit of
-            # work without its collection, same protocol and outcome (`IncrementFlush`).
-            fast = IncrementFlush.collect_increments(ctx)
-            # Session events fire only for a flush with something to write, as
-            # SQLAlchemy's (one dict test when no listener exists).
-            fire = fast is None and events.session_events_enabled() and self._has_pending()
-            if fire:
-                self._dispatch("before_flush")
-            self._flushing = True
-            uow = fast if fast is not None else UOWTransaction(self._context)
+            # Objects a rollback marked to reload (refused as stale, or in doubt): load
+            # them first, so that a retry writes against what Redis holds now.
+            marked = ctx.to_reload()
+            reloaded = None
+            if marked and self._has_pending():
+                reloaded = yield from reload_states(ctx, marked)
             try:
-                yield from uow.execute_steps()
-            finally:
-                self._flushing = False
+                # Only increments (a counter's commit, no listener): the general unit of
+                # work without its collection, same protocol and outcome
+                # (`IncrementFlush`).
+                fast = IncrementFlush.collect_increments(ctx)
+                # Session events fire only for a flush with something to write, as
+                # SQLAlchemy's (one dict test when no listener exists).
+                fire = fast is None and events.session_events_enabled() and self._has_pending()
+                if fire:
+                    self._dispatch("before_flush")
+                self._flushing = True
+                uow = fast if fast is not None else UOWTransaction(self._context)
+                try:
+                    yield from uow.execute_steps()
+                finally:
+                    self._flushing = False
+            except BaseException as failed:
+                if isinstance(failed, StaleDataError):
+                    self._refused(failed)
+                if reloaded is not None:
+                    reloaded.undo()  # a failed flush leaves the session as it was
+                raise
             self._last_flush = uow
             if fire:
                 self._dispatch("after_flush")
         finally:
             self._flush_thread = None
             self._flush_lock.release()
+
+    def _refused(self, stale: StaleDataError) -> None:
+        """Remember the objects a flush refused as stale, for `rollback()` to mark them
+        to reload. Nothing else changes: retried without a rollback, the same pending
+        changes (perhaps computed from what was stale) are refused again."""
+        ctx = self._context
+        for obj in stale.objects:
+            st = obj.__dict__.get(STATE_ATTR)
+            if isinstance(st, InstanceState) and st.session is ctx:
+                ctx.refused.add(st)
 
     def _dispatch(self, name: str) -> None:
         """Call the listeners of session event `name` with this session."""
@@ -509,9 +542,18 @@ class Session:
         for st in list(ctx.deleted.values()):
             st.deleted = False
         ctx.deleted.clear()
+        # Objects a flush refused as stale, or whose last flush's outcome is unknown:
+        # what the session loaded of them is known to be, or may be, out of date. The
+        # user redoes the change after this rollback; it is written against what Redis
+        # holds then (`InstanceState.reload`), or a retry would be refused forever.
+        refused = ctx.refused
         for st in ctx.identity_map.states():
+            if st.in_doubt or st in refused:
+                st.reload = True
+                ctx.reload.add(st)
             st.in_doubt = False
             st.expire()
+        refused.clear()
         ctx.identity_map.modified.clear()
         if events.session_events_enabled():
             self._dispatch("after_rollback")

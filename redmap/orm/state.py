@@ -36,6 +36,7 @@ class InstanceState:
         "mapper",
         "modified",
         "obj",
+        "reload",
         "session",
         "version",
         "__weakref__",
@@ -65,6 +66,13 @@ class InstanceState:
         # The hash's `#i` at `version` (None: the hash had none, data written before
         # incarnations existed). Checked with the version; never an attribute.
         self.incarnation: bytes | None = None
+        # Set by a rollback after a flush refused this object as stale, or left its
+        # outcome unknown: the session no longer trusts the version it loaded (the user
+        # was told it is stale, and redoes the change). The next load replaces the
+        # snapshot, and the next flush loads the object first if nothing did, so that a
+        # retry applies to what Redis holds (`loading.reload_states`) instead of being
+        # refused for the same stale version again and again.
+        self.reload = False
         # Marked for deletion by Session.delete(), until the flush or a rollback.
         self.deleted = False
         # The last flush's outcome is unknown for this object (lost EXEC reply).

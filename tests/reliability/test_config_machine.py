@@ -414,6 +414,10 @@ class Tracked:
     # Which object (incarnation) of each key the session loaded: a key deleted and
     # inserted again names another object, whatever its version number says.
     inc: dict[Any, int] = field(default_factory=dict)
+    # Players a StaleDataError named since the last rollback, and those that rollback
+    # marked: their next load or flush takes what Redis holds (`InstanceState.reload`).
+    refused: set[Any] = field(default_factory=set)
+    reload: set[Any] = field(default_factory=set)
 
     def view(self, pk: Any) -> Row:
         return dataclasses.replace(self.snap[pk], **self.dirty.get(pk, {}))
@@ -435,11 +439,20 @@ class Tracked:
         self.new_teams.clear()
         self.deleted.clear()
         self.expire_all()
+        self.reload |= self.refused
+        self.refused.clear()
 
     def forget(self, pk: Any) -> None:
         for d in (self.objs, self.snap, self.version, self.dirty, self.partial, self.blind):
             d.pop(pk, None)
         self.expired.discard(pk)
+        self.refused.discard(pk)
+        self.reload.discard(pk)
+
+    def named(self, error: StaleDataError) -> None:
+        """The players a refusal named: the next rollback marks them."""
+        ids = {id(o) for o in error.objects}
+        self.refused |= {pk for pk, o in self.objs.items() if id(o) in ids}
 
     @property
     def idle(self) -> bool:
@@ -637,7 +650,11 @@ class ConfigHistories(RuleBasedStateMachine):
                 assert obj is t.objs[pk]
             t.objs[pk] = obj
             kept = t.partial.pop(pk, set())
-            if kept and (t.version[pk] != self.pver[pk] or t.inc.get(pk) != self.inc[pk]):
+            marked = pk in t.reload  # (nothing read at the old version since)
+            t.reload.discard(pk)
+            if kept and not marked and (
+                t.version[pk] != self.pver[pk] or t.inc.get(pk) != self.inc[pk]
+            ):
                 # Assigned while expired and changed since: the reload keeps the old
                 # version, so that the commit detects the conflict.
                 bump("reload keeps old version (stale after expire)")
@@ -977,6 +994,41 @@ class ConfigHistories(RuleBasedStateMachine):
                     errors.add(IntegrityError)
         return errors, updates, doomed
 
+    def _reload_marked(self, t: Tracked) -> Callable[[], None]:
+        """What a commit with anything pending does first: the players a rollback marked
+        (those Redis still holds) load, so their version, incarnation and snapshot are
+        current. Returns the undo a failed commit runs (it puts them back as they were,
+        marks included)."""
+        if not t.reload or not (t.new or t.new_teams or t.deleted or t.dirty or t.orphans):
+            return lambda: None
+        saved = []
+        for pk in sorted(t.reload & set(self.players), key=order_key):
+            saved.append((pk, t.version.get(pk), t.inc.get(pk), t.snap.get(pk),
+                          pk in t.expired, t.partial.get(pk)))
+            if (t.version.get(pk), t.inc.get(pk)) != (self.pver[pk], self.inc[pk]):
+                bump("commit reloaded a marked player that had changed")
+            t.version[pk], t.inc[pk], t.snap[pk] = self.pver[pk], self.inc[pk], self.players[pk]
+            t.expired.discard(pk)
+            t.partial.pop(pk, None)
+            t.reload.discard(pk)
+
+        def undo() -> None:
+            for pk, version, inc, snap, expired, partial in saved:
+                if pk not in t.objs:
+                    continue
+                t.version[pk] = version
+                if inc is not None:
+                    t.inc[pk] = inc
+                if snap is not None:
+                    t.snap[pk] = snap
+                if expired:
+                    t.expired.add(pk)
+                if partial is not None:
+                    t.partial[pk] = partial
+                t.reload.add(pk)
+
+        return undo
+
     def _commit(self, t: Tracked, *, during: Callable[[], None] | None = None,
                 allowed: set[type[Exception]] | None = None) -> bool:
         """Commit `t` and check the outcome. `during` runs inside the flush, after its checks
@@ -985,6 +1037,7 @@ class ConfigHistories(RuleBasedStateMachine):
         Returns whether the commit was applied."""
         error: Exception | None = None
         pre_players = set(self.players)
+        undo = self._reload_marked(t)
         before = self._before(t)
         with self._inside_flush(t, during) as fired:
             try:
@@ -995,6 +1048,10 @@ class ConfigHistories(RuleBasedStateMachine):
             pre_players |= set(self.players)
         errors, updates, doomed = self._predict(t, before)
         assert self.cfg is not None
+        if error is not None:
+            undo()
+            if isinstance(error, StaleDataError):
+                t.named(error)
         if isinstance(error, PartialCommitError):
             assert self.cluster and self.cfg.cross_slot, f"{t.name}: {error!r}"
             self._partial(t, error, updates, doomed)
@@ -1082,6 +1139,7 @@ class ConfigHistories(RuleBasedStateMachine):
             self.pver[pk] += 1
             t.version[pk] = self.pver[pk]
             t.snap[pk] = self.players[pk]
+            t.reload.discard(pk)  # (written: what the flush recorded stands)
         t.deleted -= doomed - set(t.objs)
         self._assert_redis_is_reference()
         t.session.rollback()
@@ -1637,17 +1695,23 @@ class ConfigHistories(RuleBasedStateMachine):
                 again.name = name
                 t.dirty.setdefault(pk, {})["name"] = name
 
+        undo = self._reload_marked(t)
         errors, _, _ = self._predict(t)
         assert errors, f"{t.name}: the provoked failure ({how}) is not predicted"
+        undo()
         before = self._session_state(t)
         snapshot = self._snapshot()
         with pytest.raises(
             (StaleDataError, IntegrityError, CrossSlotError, PartialCommitError)
         ) as info:
             t.session.commit()
+        if isinstance(info.value, StaleDataError):
+            t.named(info.value)
         if isinstance(info.value, PartialCommitError):
             assert self.cluster and self.cfg.cross_slot, repr(info.value)
+            undo = self._reload_marked(t)
             _, updates, doomed = self._predict(t)
+            undo()
             self._partial(t, info.value, updates, doomed)
             return
         if isinstance(info.value, CrossSlotError):

@@ -141,6 +141,11 @@ class Held:
     # once the object expired (any assignment is then a change).
     name: str | None
     pending: dict[str, tuple[str, Any]] = dataclasses.field(default_factory=dict)
+    # Named by a StaleDataError since the session's last rollback ...
+    refused: bool = False
+    # ... and so marked by that rollback: the next flush with anything pending loads the
+    # object first (its version and incarnation become what Redis holds), as a load does.
+    reload: bool = False
 
     def changes(self) -> dict[str, tuple[str, Any]]:
         """What a flush writes: the pending increments, and the name if it differs."""
@@ -180,6 +185,9 @@ class CounterMachine(RuleBasedStateMachine):
             w: Session(self.engine, expire_on_commit=cfg.expire_on_commit) for w in ("s1", "s2")
         }
         self.held = {w: {} for w in self.sessions}
+        # How this example's users retry a refused commit: reload what they change, or
+        # make the same changes again on the objects they hold, reading nothing.
+        self.blind_retry = data.draw(st.booleans(), label="blind retry")
         STATS.bump("examples")
         STATS.bump(f"config pk={cfg.pk}")
         STATS.bump("config sorted" if cfg.sorted else "config plain")
@@ -281,7 +289,8 @@ class CounterMachine(RuleBasedStateMachine):
             assert obj is not None
         r = self.ref[pk]
         assert (obj.hits, obj.name) == (r.hits, r.name)
-        self.held[who][pk] = Held(obj, r.inc, r.version, r.name)
+        refused = held is not None and held.refused  # (until the next rollback)
+        self.held[who][pk] = Held(obj, r.inc, r.version, r.name, refused=refused)
 
     @rule(who=st.sampled_from(("s1", "s2")), data=st.data(),
           fields=st.sampled_from((("hits",), ("coins",), ("hits", "coins"))),
@@ -331,10 +340,32 @@ class CounterMachine(RuleBasedStateMachine):
     @rule(who=st.sampled_from(("s1", "s2")))
     @STATS.rule
     def rollback(self, who: str) -> None:
+        self._rollback(who)
+
+    def _rollback(self, who: str) -> None:
+        """Pending changes go, objects expire; those a refusal named are marked to reload
+        (so that a retry is written against what Redis holds, not refused forever)."""
         self.sessions[who].rollback()
         for held in self.held[who].values():
             held.pending.clear()
             held.name = None
+            if held.refused:
+                held.reload, held.refused = True, False
+                STATS.bump("rollback marked a refused object to reload")
+
+    def _reload_marked(self, who: str) -> None:
+        """What a flush does first when anything is pending: the marked objects load
+        (not a corrupt one: it cannot be decoded, and keeps what it had)."""
+        if not any(h.pending for h in self.held[who].values()):
+            return
+        for pk, held in self.held[who].items():
+            r = self.ref.get(pk)
+            if held.reload and r is not None and not r.corrupt:
+                if (held.inc, held.version) != (r.inc, r.version):
+                    STATS.bump("flush reloaded a marked object that had changed")
+                held.inc, held.version, held.reload = r.inc, r.version, False
+                if "name" not in held.pending:
+                    held.name = r.name
 
     @rule(who=st.sampled_from(("s1", "s2")))
     @STATS.rule
@@ -360,15 +391,16 @@ class CounterMachine(RuleBasedStateMachine):
     def flush(self, who: str) -> None:
         self._commit(who, retry=True, flush=True)
 
-    def _commit(self, who: str, *, retry: bool, flush: bool = False) -> None:
+    def _commit(self, who: str, *, retry: bool, flush: bool = False) -> Exception | None:
         """Commit (or flush) `who` and check the outcome; after a refusal, retry as users
-        do when `retry`."""
+        do when `retry`. Returns the error the commit raised (None: applied)."""
         s = self.sessions[who]
+        self._reload_marked(who)
         expected, writing = self._predict(who)
         assert self.cfg is not None
         # Whether the counter lane sends it (the asyncio driver declines the lane).
         lane = ("lane" if CounterLane.collect(s._context) is not None
-                and self.cfg.driver == "sync" else "general")
+                and not s._context.to_reload() and self.cfg.driver == "sync" else "general")
         before = self._snapshot()
         error: Exception | None = None
         try:
@@ -384,7 +416,7 @@ class CounterMachine(RuleBasedStateMachine):
                 h.pending.clear()
                 if not flush and self.cfg.expire_on_commit:
                     h.name = None  # a commit expires everything, written or not
-            return
+            return None
         path = type(s._last_flush).__name__
         if expected is None:
             assert error is None, (
@@ -395,13 +427,18 @@ class CounterMachine(RuleBasedStateMachine):
                 # The lane's reply was not the plain success (NOSCRIPT after the
                 # server forgot its scripts): the protocol finished the flush.
                 STATS.bump("lane handed its reply to the protocol: applied")
-            return
+            return None
         assert type(error) is expected, f"{who}: {error!r}, expected {expected.__name__}"
         assert self._snapshot() == before, "a refused commit wrote something"
+        if isinstance(error, StaleDataError):
+            named = {id(o) for o in error.objects}
+            for h in self.held[who].values():
+                if id(h.obj) in named:
+                    h.refused = True
         STATS.bump(f"refused: {expected.__name__} ({lane})")
         STATS.bump(f"refused: {expected.__name__}")
         if not retry:
-            return
+            return error
         if expected is FlushError:
             # A corrupt counter: repaired, and the same pending increments committed.
             for pk in writing:
@@ -411,14 +448,15 @@ class CounterMachine(RuleBasedStateMachine):
                     r.corrupt = False
             self._commit(who, retry=False, flush=flush)
             STATS.bump("retry after a refused write: applied")
-            return
+            return error
+        if self.blind_retry:
+            self._retry_blind(who, writing, flush=flush)
+            return error
         # Stale: roll back, reload, and the same increments again (plain values dropped:
         # the user decides them again from what is stored now).
         again = {pk: {f: c for f, c in self.held[who][pk].pending.items() if c[0] == "inc"}
                  for pk in writing}
-        s.rollback()
-        for held in self.held[who].values():
-            held.name = None
+        self._rollback(who)
         for pk in again:
             r_ = self.ref.get(pk)
             if r_ is not None and r_.corrupt:  # reloading needs a number there
@@ -436,6 +474,7 @@ class CounterMachine(RuleBasedStateMachine):
                 s.refresh(held.obj)
                 r = self.ref[pk]
                 held.inc, held.version, held.name = r.inc, r.version, r.name
+                held.reload = False
         for pk, incs in again.items():
             held = self.held[who].get(pk)
             if held is None:
@@ -447,6 +486,37 @@ class CounterMachine(RuleBasedStateMachine):
         if expected_now is None:
             self._commit(who, retry=False, flush=flush)
             STATS.bump("retry after StaleDataError: applied")
+        return error
+
+    def _retry_blind(self, who: str, writing: list[Any], *, flush: bool) -> None:
+        """The other way users retry a refused commit: roll back and make the same
+        changes again on the objects they hold, reading nothing. The rollback marked the
+        refused objects, so the retry is written against what Redis holds now: it
+        applies whenever the objects still exist (before the marks, it was refused
+        again and again, for the same stale version)."""
+        s = self.sessions[who]
+        again = {pk: dict(self.held[who][pk].pending) for pk in writing}
+        self._rollback(who)
+        for pk, changes in again.items():
+            r = self.ref.get(pk)
+            if r is not None and r.corrupt:
+                self.client.hset(self._key(pk), "coins", r.coins)
+                r.corrupt = False
+            held = self.held[who][pk]
+            for f, (kind, value) in changes.items():
+                setattr(held.obj, f, getattr(self.M, f) + value if kind == "inc" else value)
+                held.pending[f] = (kind, value)
+        exists = all(pk in self.ref for pk in again)
+        error = self._commit(who, retry=False, flush=flush)
+        if exists:
+            assert error is None, f"{who}: a retry after rollback was refused: {error!r}"
+            STATS.bump("retry after StaleDataError, reading nothing: applied")
+        else:
+            assert isinstance(error, StaleDataError), error
+            STATS.bump("retry after StaleDataError, reading nothing: gone")
+            self._rollback(who)
+            for pk in [pk for pk in self.held[who] if pk not in self.ref]:
+                s.expunge(self.held[who].pop(pk).obj)
 
     def _applied(self, who: str, writing: list[Any], path: str, *, expired: bool) -> None:
         assert self.cfg is not None

@@ -1039,7 +1039,9 @@ MINIMUMS = {
     "commits refused (stale)": 2,
     "stale: changed": 1,
     "commits with doomed": 4,
-    "foreign renames": 50,
+    # (a rule's own count: 92 in the 200 examples of seed 7, under a first minimum of 50
+    # per 100; hypothesis's swarm testing switches the rule off in whole examples)
+    "foreign renames": 25,
 }
 
 
