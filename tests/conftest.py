@@ -23,6 +23,7 @@ from redmap.testing import servers
 from redmap.testing.servers import ClusterProcesses
 from tests._async_driver import DRIVER_ENV, SCRIPT_ENV, make_engine
 from tests._clock import Clock
+from tests.proxy import LoopbackProxy
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -158,3 +159,13 @@ def clock() -> Iterator[Clock]:
     c = Clock()
     with expiry.use_clock(c):
         yield c
+
+
+@pytest.fixture
+def proxy(redis_client: redis.Redis, redis_url: str) -> Iterator[LoopbackProxy]:
+    """A loopback proxy in front of the emptied standalone server, whose faults a test
+    sets (`LoopbackProxy.set_mode`: drop an EXEC reply, reset, pass). Some modules
+    define their own `proxy`, which takes precedence there."""
+    host, _, port = redis_url.split("//")[1].split("/")[0].rpartition(":")
+    with LoopbackProxy(host, int(port)) as p:
+        yield p

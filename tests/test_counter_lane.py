@@ -119,13 +119,6 @@ def sync_engine(clean_redis: None, redis_url: str) -> Iterator[redmap.Engine]:
         engine.dispose()
 
 
-@pytest.fixture
-def proxy(redis_client: redis.Redis, redis_url: str) -> Iterator[LoopbackProxy]:
-    host, _, port = redis_url.split("//")[1].split("/")[0].rpartition(":")
-    with LoopbackProxy(host, int(port)) as p:
-        yield p
-
-
 def _stored(engine: redmap.Engine, obj: Any) -> Any:
     with Session(engine) as s:
         s.add(obj)

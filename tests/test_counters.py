@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated
@@ -277,13 +276,6 @@ def test_async_session_increments(redis_url: str, player: int) -> None:
             await engine.dispose()
 
     assert asyncio.run(main()) == (7, 1)
-
-
-@pytest.fixture
-def proxy(redis_client: redis.Redis, redis_url: str) -> Iterator[LoopbackProxy]:
-    host, _, port = redis_url.split("//")[1].split("/")[0].rpartition(":")
-    with LoopbackProxy(host, int(port)) as p:
-        yield p
 
 
 def test_a_lost_reply_leaves_the_incremented_field_to_reload(

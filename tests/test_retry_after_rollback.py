@@ -19,7 +19,7 @@ counter state machine now retries both ways (tests/reliability/test_counter_mach
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -267,13 +267,6 @@ def test_the_reload_is_one_round_trip_whatever_the_number_of_objects(
             s.flush()
         assert marked.round_trips == plain.round_trips + 1
         assert len(marked.batches[0]) == n
-
-
-@pytest.fixture
-def proxy(redis_client: redis.Redis, redis_url: str) -> Iterator[LoopbackProxy]:
-    host, _, port = redis_url.split("//")[1].split("/")[0].rpartition(":")
-    with LoopbackProxy(host, int(port)) as p:
-        yield p
 
 
 def test_an_object_in_doubt_is_written_against_what_redis_holds_after_the_rollback(
