@@ -323,3 +323,18 @@ def test_a_flush_that_fails_after_the_reload_leaves_the_session_as_it_was(
     with Session(engine) as s:
         assert [s.get(Seat, k).name for k in (a, b)] == ["mine", "mine too"]  # type: ignore[union-attr]
     assert audit(redis_client, rreg).ok
+
+
+def test_the_retry_applies_on_a_cluster_too(sengine: redmap.Engine) -> None:
+    """Standalone, then a 3-node cluster (the reload is one pipelined read there too)."""
+    (sid,) = _store(sengine)
+    with Session(sengine) as s:
+        c = s.get(Seat, sid)
+        assert c is not None
+        _other_reinserts(sengine, sid)
+        _refused_then_rolled_back(s, c, _assign)
+        _assign(c)
+        s.commit()
+    with Session(sengine) as s:
+        c = s.get(Seat, sid)
+        assert c is not None and (c.name, c.rank) == ("mine", 7)
