@@ -243,10 +243,14 @@ class SessionHistories(RuleBasedStateMachine):
         On success the flush is applied to the reference; on the predicted error the
         session is rolled back (the invariants then check that nothing was written).
         """
+        saved = []
         if t.reload and (t.new or t.deleted or t.dirty):
             # A flush with anything pending first loads the objects a rollback marked
-            # (those Redis still holds): their snapshot and version become current.
+            # (those Redis still holds): their snapshot and version become current. A
+            # failed flush puts them back as they were, marks included.
             for pk in sorted(t.reload & set(self.ref)):
+                saved.append((pk, t.snap[pk], t.version[pk], pk in t.expired,
+                              t.partial.get(pk)))
                 if t.version[pk] != self.ver[pk]:
                     STATS.bump("flush reloaded a marked object that had changed")
                 t.snap[pk] = self.ref[pk]
@@ -260,6 +264,13 @@ class SessionHistories(RuleBasedStateMachine):
                 action()
             assert type(info.value) in errors, f"{info.value!r}, expected one of {errors}"
             STATS.bump(f"flushes refused: {type(info.value).__name__}")
+            for pk, snap, version, expired, partial in saved:
+                t.snap[pk], t.version[pk] = snap, version
+                if expired:
+                    t.expired.add(pk)
+                if partial is not None:
+                    t.partial[pk] = partial
+                t.reload.add(pk)
             if isinstance(info.value, StaleDataError):
                 named = {id(o) for o in info.value.objects}
                 t.refused |= {pk for pk, o in t.objs.items() if id(o) in named}

@@ -353,19 +353,23 @@ class CounterMachine(RuleBasedStateMachine):
                 held.reload, held.refused = True, False
                 STATS.bump("rollback marked a refused object to reload")
 
-    def _reload_marked(self, who: str) -> None:
+    def _reload_marked(self, who: str) -> list[tuple[Held, int, int, str | None]]:
         """What a flush does first when anything is pending: the marked objects load
-        (not a corrupt one: it cannot be decoded, and keeps what it had)."""
+        (not a corrupt one: it cannot be decoded, and keeps what it had). Returns what
+        to put back if the flush fails (it leaves the session as it was, marks too)."""
+        saved: list[tuple[Held, int, int, str | None]] = []
         if not any(h.pending for h in self.held[who].values()):
-            return
+            return saved
         for pk, held in self.held[who].items():
             r = self.ref.get(pk)
             if held.reload and r is not None and not r.corrupt:
+                saved.append((held, held.inc, held.version, held.name))
                 if (held.inc, held.version) != (r.inc, r.version):
                     STATS.bump("flush reloaded a marked object that had changed")
                 held.inc, held.version, held.reload = r.inc, r.version, False
                 if "name" not in held.pending:
                     held.name = r.name
+        return saved
 
     @rule(who=st.sampled_from(("s1", "s2")))
     @STATS.rule
@@ -395,7 +399,7 @@ class CounterMachine(RuleBasedStateMachine):
         """Commit (or flush) `who` and check the outcome; after a refusal, retry as users
         do when `retry`. Returns the error the commit raised (None: applied)."""
         s = self.sessions[who]
-        self._reload_marked(who)
+        reloaded = self._reload_marked(who)
         expected, writing = self._predict(who)
         assert self.cfg is not None
         # Whether the counter lane sends it (the asyncio driver declines the lane).
@@ -430,6 +434,8 @@ class CounterMachine(RuleBasedStateMachine):
             return None
         assert type(error) is expected, f"{who}: {error!r}, expected {expected.__name__}"
         assert self._snapshot() == before, "a refused commit wrote something"
+        for held, inc, version, name in reloaded:
+            held.inc, held.version, held.name, held.reload = inc, version, name, True
         if isinstance(error, StaleDataError):
             named = {id(o) for o in error.objects}
             for h in self.held[who].values():
