@@ -338,3 +338,29 @@ def test_the_retry_applies_on_a_cluster_too(sengine: redmap.Engine) -> None:
     with Session(sengine) as s:
         c = s.get(Seat, sid)
         assert c is not None and (c.name, c.rank) == ("mine", 7)
+
+
+def test_an_expunged_object_leaves_the_marks_and_takes_its_own_along(
+    engine: redmap.Engine,
+) -> None:
+    """The session forgets a state that leaves it (nothing held for ever); the state
+    keeps its mark, and another session it joins reloads it before its flush."""
+    (sid,) = _store(engine)
+    with Session(engine) as s:
+        c = s.get(Seat, sid)
+        assert c is not None
+        _other_updates(engine, sid)
+        _assign(c)
+        with pytest.raises(StaleDataError):
+            s.commit()
+        s.rollback()
+        s.expunge(c)
+        assert not s._context.reload and not s._context.refused
+    assert _marked(c)
+    with Session(engine) as t:
+        t.add(c)
+        c.name = "moved"
+        t.commit()
+        assert not _marked(c)
+    with Session(engine) as s:
+        assert s.get(Seat, sid).name == "moved"  # type: ignore[union-attr]

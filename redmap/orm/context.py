@@ -192,6 +192,8 @@ class SessionContext:
         """A deletion was flushed: `st` leaves the session (detached)."""
         self.identity_map.discard(st)
         self.deleted.pop(id(st), None)
+        self.refused.discard(st)
+        self.reload.discard(st)
         st.deleted = False
         st.session = None
 
@@ -200,6 +202,8 @@ class SessionContext:
         self.identity_map.discard(st)
         self.new.pop(id(st), None)
         self.deleted.pop(id(st), None)
+        self.refused.discard(st)
+        self.reload.discard(st)  # (its mark goes with it: `make_persistent` takes it back)
         st.deleted = False
         st.session = None
 

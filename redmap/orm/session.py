@@ -222,6 +222,8 @@ class Session:
             ctx.identity_map.modified.add(st)
         if st.in_doubt:
             ctx.doubt.add(st)
+        if st.reload:
+            ctx.reload.add(st)
         self._cascade_add(st)
 
     def _cascade_add(self, st: InstanceState) -> None:
