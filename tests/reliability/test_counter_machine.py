@@ -659,12 +659,15 @@ MINIMUMS = {
     "refused: StaleDataError": 4,  # (11)
     # "refused: StaleDataError (lane)": 0 to 16 per run: counted, no minimum (the
     # refusals of the lane are tested one by one in tests/test_counter_lane.py).
-    "refused: FlushError": 3,  # (8)
+    # "refused: FlushError" and "retry after a refused write: applied" (a corrupt
+    # counter: 8 per 100 at the lowest in those seeds, 1.5 in a CI run on 9b5ee91):
+    # counted, no minimum; swarm testing can switch the corrupting rule off for most
+    # of a run. A refused increment on a corrupt field is tested one by one in
+    # tests/test_counters.py and tests/test_counter_lane.py.
     "retry after StaleDataError: applied": 4,  # (11)
-    "retry after a refused write: applied": 3,  # (8)
-    "other writer: increment": 3,  # (7)
+    "other writer: increment": 2,  # (7)
     "other writer: delete": 12,  # (41)
-    "other writer: reinsert": 2,  # (7)
+    "other writer: reinsert": 1,  # (7)
     **{f"config pk={k}": 1 for k in PK_KINDS},
     **{f"config {k}": 1 for k in ("sorted", "plain", "sharded", "unsharded")},
     **{f"config driver={k}": 1 for k in ("sync", "async")},
