@@ -169,27 +169,34 @@ def load_instance(
     return obj
 
 
+def _put_back(st: InstanceState, old: tuple[Any, ...], unloaded: list[str]) -> None:
+    """Undo a reload of `st`: its snapshot, version, incarnation and mark as `old`, and
+    the attributes the load filled (`unloaded` before it) unloaded again."""
+    st.loaded, st.version, st.incarnation, st.reload = old
+    d = st.obj.__dict__
+    for name in unloaded:
+        d.pop(name, None)
+
+
 class Reloaded:
     """What `reload_states` replaced, to put back when the flush it prepared fails (a
     failed flush leaves the session as it was: the marks too, so a retry after the next
     rollback loads again)."""
 
-    __slots__ = ("before", "after")
+    __slots__ = ("entries",)
 
     def __init__(self) -> None:
-        self.before: list[tuple[InstanceState, Any, list[str]]] = []
-        self.after: list[tuple[InstanceState, Any]] = []
+        # (state, what it had, the names the load filled, the snapshot and version it
+        # loaded: a flush that wrote the state since replaced or changed them)
+        self.entries: list[tuple[InstanceState, tuple[Any, ...], list[str], Any, Any]] = []
 
     def undo(self) -> None:
         """Put back each state the flush did not write since (its snapshot still the one
-        loaded here); the attributes this load filled are unloaded again."""
-        for (st, old, unloaded), (_, new) in zip(self.before, self.after, strict=True):
-            if st.loaded is not new[0] or st.version != new[1]:
+        loaded here)."""
+        for st, old, unloaded, loaded, version in self.entries:
+            if st.loaded is not loaded or st.version != version:
                 continue  # (written by the flush since: what it recorded stands)
-            st.loaded, st.version, st.incarnation, st.reload = old
-            d = st.obj.__dict__
-            for name in unloaded:
-                d.pop(name, None)
+            _put_back(st, old, unloaded)
             if st.reload and st.session is not None:
                 st.session.reload.add(st)
 
@@ -215,14 +222,10 @@ def reload_states(session: SessionContext, states: Sequence[InstanceState]) -> S
         except DecodeError:
             # A stored value this model cannot read: the object keeps what the session
             # had (a write may be what repairs the value; the flush checks as before).
-            st.loaded, st.version, st.incarnation, st.reload = old
-            d = st.obj.__dict__
-            for name in unloaded:
-                d.pop(name, None)
+            _put_back(st, old, unloaded)
             continue
         if st.loaded is not old[0]:
-            done.before.append((st, old, unloaded))
-            done.after.append((st, (st.loaded, st.version)))
+            done.entries.append((st, old, unloaded, st.loaded, st.version))
     return done
 
 

@@ -462,8 +462,8 @@ class Session:
         changes (perhaps computed from what was stale) are refused again."""
         ctx = self._context
         for obj in stale.objects:
-            st = obj.__dict__.get(STATE_ATTR)
-            if isinstance(st, InstanceState) and st.session is ctx:
+            st = state_of(obj)
+            if st is not None and st.session is ctx:
                 ctx.refused.add(st)
 
     def _dispatch(self, name: str) -> None:
