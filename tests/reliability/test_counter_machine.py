@@ -517,6 +517,7 @@ class CounterMachine(RuleBasedStateMachine):
         if exists:
             assert error is None, f"{who}: a retry after rollback was refused: {error!r}"
             STATS.bump("retry after StaleDataError, reading nothing: applied")
+            STATS.bump("retry after StaleDataError: applied")  # (either way of retrying)
         else:
             assert isinstance(error, StaleDataError), error
             STATS.bump("retry after StaleDataError, reading nothing: gone")
