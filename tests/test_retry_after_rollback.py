@@ -31,6 +31,7 @@ from redmap import Indexed, PrimaryKey, Session, Sorted, Unique, inspect, regist
 from redmap.audit import audit
 from redmap.exc import OutcomeUnknownError, StaleDataError
 from redmap.orm.attributes import state_of
+from redmap.orm.state import InstanceState
 from redmap.testing.assertions import count_round_trips, dump_keys
 from tests.proxy import LoopbackProxy
 
@@ -46,11 +47,15 @@ class Seat:
     id: Annotated[int | None, PrimaryKey()] = None
 
 
-def _marked(obj: object) -> bool:
-    """Whether the session marked `obj` to reload before its next flush."""
+def _state(obj: object) -> InstanceState:
     st = state_of(obj)
     assert st is not None
-    return st.reload
+    return st
+
+
+def _marked(obj: object) -> bool:
+    """Whether the session marked `obj` to reload before its next flush."""
+    return _state(obj).reload
 
 
 def _store(engine: redmap.Engine, n: int = 1) -> list[int]:
@@ -63,8 +68,7 @@ def _store(engine: redmap.Engine, n: int = 1) -> list[int]:
 
 def _other_updates(engine: redmap.Engine, sid: int) -> None:
     with Session(engine) as other:
-        c = other.get(Seat, sid)
-        assert c is not None
+        c = other.get_one(Seat, sid)
         c.name, c.email, c.rank = "theirs", f"theirs{sid}@x", 7
         other.commit()
 
@@ -72,8 +76,7 @@ def _other_updates(engine: redmap.Engine, sid: int) -> None:
 def _other_reinserts(engine: redmap.Engine, sid: int) -> None:
     """Deleted and inserted again under the same key: another incarnation."""
     with Session(engine) as other:
-        c = other.get(Seat, sid)
-        assert c is not None
+        c = other.get_one(Seat, sid)
         other.delete(c)
         other.commit()
         other.add(Seat(id=sid, name="theirs", email=f"theirs{sid}@x", rank=7))
@@ -110,8 +113,7 @@ def test_the_same_change_again_after_a_rollback_applies(
     other writer's, which only a reload can know)."""
     (sid,) = _store(engine)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         OTHERS[other](engine, sid)
         plain = change == "assign"
         if plain:  # (increments alone commute with an update: not refused)
@@ -125,8 +127,7 @@ def test_the_same_change_again_after_a_rollback_applies(
         s.commit()
         assert not _marked(c)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         if plain:
             assert (c.name, c.email, c.rank) == ("mine", f"mine{sid}@x", 7)
         else:
@@ -140,8 +141,7 @@ def test_a_delete_again_after_a_rollback_applies(
 ) -> None:
     (sid,) = _store(engine)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         _other_updates(engine, sid)
         s.delete(c)
         with pytest.raises(StaleDataError):
@@ -161,14 +161,13 @@ def test_reading_after_the_assignment_takes_the_current_version(
     and the commit applies."""
     (sid,) = _store(engine)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         _other_updates(engine, sid)
         _refused_then_rolled_back(s, c, _assign)
         c.name = "mine"
         assert c.rank == 7 and inspect(c).version == 2 and not _marked(c)
         s.commit()
-        assert s.get(Seat, sid).name == "mine"  # type: ignore[union-attr]
+        assert s.get_one(Seat, sid).name == "mine"
 
 
 def test_without_a_rollback_the_same_changes_are_refused_again(
@@ -178,8 +177,7 @@ def test_without_a_rollback_the_same_changes_are_refused_again(
     what was stale, so they are not written against the new version."""
     (sid,) = _store(engine)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         _other_updates(engine, sid)
         _assign(c)
         before = dump_keys(redis_client)
@@ -197,8 +195,7 @@ def test_a_rollback_without_a_refusal_keeps_the_loaded_version(
     any other rollback is still checked against the version the session loaded."""
     (sid,) = _store(engine)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         _other_updates(engine, sid)
         s.rollback()
         assert not _marked(c)
@@ -210,8 +207,7 @@ def test_a_rollback_without_a_refusal_keeps_the_loaded_version(
 def test_only_the_objects_the_refusal_named_are_marked(engine: redmap.Engine) -> None:
     a, b = _store(engine, 2)
     with Session(engine) as s:
-        ca, cb = s.get(Seat, a), s.get(Seat, b)
-        assert ca is not None and cb is not None
+        ca, cb = s.get_one(Seat, a), s.get_one(Seat, b)
         _other_updates(engine, a)
         _assign(ca)
         cb.name = "also"
@@ -227,10 +223,9 @@ def test_an_object_deleted_meanwhile_is_refused_each_time_and_not_brought_back(
 ) -> None:
     (sid,) = _store(engine)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         with Session(engine) as other:
-            other.delete(other.get(Seat, sid))
+            other.delete(other.get_one(Seat, sid))
             other.commit()
         before = dump_keys(redis_client)
         for _ in range(3):
@@ -245,23 +240,20 @@ def test_the_reload_is_one_round_trip_whatever_the_number_of_objects(
 ) -> None:
     sids = _store(engine, n)
     with Session(engine) as s:
-        seats = [s.get(Seat, sid) for sid in sids]
+        seats = [s.get_one(Seat, sid) for sid in sids]
         for sid in sids:
             _other_updates(engine, sid)
         for c in seats:
-            assert c is not None
             _assign(c)
         with pytest.raises(StaleDataError):
             s.commit()
         s.rollback()
         for c in seats:
-            assert c is not None
             _assign(c)
         with count_round_trips(engine) as marked:
             s.flush()
         assert [b[0][0] for b in marked.batches][0] == "HGETALL"
         for c in seats:
-            assert c is not None
             c.name = "again"
         with count_round_trips(engine) as plain:
             s.flush()
@@ -278,8 +270,7 @@ def test_an_object_in_doubt_is_written_against_what_redis_holds_after_the_rollba
     eng = redmap.create_engine(proxy.url, socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
         with Session(eng) as s:
-            c = s.get(Seat, sid)
-            assert c is not None
+            c = s.get_one(Seat, sid)
             c.name = "first"
             proxy.set_mode("drop_exec_reply", once=True, then="reset")
             with pytest.raises(OutcomeUnknownError):
@@ -302,26 +293,24 @@ def test_a_flush_that_fails_after_the_reload_leaves_the_session_as_it_was(
     the snapshot, version and mark it replaced (the attributes it filled unload again)."""
     a, b = _store(engine, 2)
     with Session(engine) as s:
-        ca = s.get(Seat, a)
-        assert ca is not None
+        ca = s.get_one(Seat, a)
         _other_updates(engine, a)
         _refused_then_rolled_back(s, ca, _assign)
-        cb = s.get(Seat, b)
-        assert cb is not None
+        cb = s.get_one(Seat, b)
         _other_updates(engine, b)  # cb is stale now, and not marked
         ca.name = "mine"
         cb.name = "mine too"
-        before = (inspect(ca).version, dict(state_of(ca).loaded), sorted(ca.__dict__))
+        before = (inspect(ca).version, dict(_state(ca).loaded), sorted(ca.__dict__))
         with pytest.raises(StaleDataError) as refused:
             s.commit()
         assert refused.value.objects == [cb]
-        assert (inspect(ca).version, dict(state_of(ca).loaded), sorted(ca.__dict__)) == before
+        assert (inspect(ca).version, dict(_state(ca).loaded), sorted(ca.__dict__)) == before
         assert _marked(ca)
         s.rollback()
         ca.name, cb.name = "mine", "mine too"
         s.commit()
     with Session(engine) as s:
-        assert [s.get(Seat, k).name for k in (a, b)] == ["mine", "mine too"]  # type: ignore[union-attr]
+        assert [s.get_one(Seat, k).name for k in (a, b)] == ["mine", "mine too"]
     assert audit(redis_client, rreg).ok
 
 
@@ -329,15 +318,14 @@ def test_the_retry_applies_on_a_cluster_too(sengine: redmap.Engine) -> None:
     """Standalone, then a 3-node cluster (the reload is one pipelined read there too)."""
     (sid,) = _store(sengine)
     with Session(sengine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         _other_reinserts(sengine, sid)
         _refused_then_rolled_back(s, c, _assign)
         _assign(c)
         s.commit()
     with Session(sengine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None and (c.name, c.rank) == ("mine", 7)
+        c = s.get_one(Seat, sid)
+        assert (c.name, c.rank) == ("mine", 7)
 
 
 def test_an_expunged_object_leaves_the_marks_and_takes_its_own_along(
@@ -347,8 +335,7 @@ def test_an_expunged_object_leaves_the_marks_and_takes_its_own_along(
     keeps its mark, and another session it joins reloads it before its flush."""
     (sid,) = _store(engine)
     with Session(engine) as s:
-        c = s.get(Seat, sid)
-        assert c is not None
+        c = s.get_one(Seat, sid)
         _other_updates(engine, sid)
         _assign(c)
         with pytest.raises(StaleDataError):
@@ -363,4 +350,4 @@ def test_an_expunged_object_leaves_the_marks_and_takes_its_own_along(
         t.commit()
         assert not _marked(c)
     with Session(engine) as s:
-        assert s.get(Seat, sid).name == "moved"  # type: ignore[union-attr]
+        assert s.get_one(Seat, sid).name == "moved"
