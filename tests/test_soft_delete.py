@@ -123,6 +123,62 @@ class TestSoftDelete:
         assert r.zscore("{sd}:doc:#dl", "1") is None
         assert r.ttl("{sd}:doc:1") == -1
 
+    def test_a_soft_deleted_object_read_is_refused_writes(
+        self, engine: Engine, clock: Clock
+    ) -> None:
+        """Read with include_deleted=True, a soft-deleted object is there to be read or
+        restored. A change to it was written with its index entries: a range count saw it
+        while `get` did not, and the audit found the entries (an outside-in probe, stop
+        17). A second delete restarted its grace period under a new `#d`, and its restore
+        no longer brought back the children its cascade had taken."""
+        _setup(engine)
+        with Session(engine) as s:
+            f = s.get(Folder, 1)
+            assert f is not None
+            s.delete(f)  # soft-deletes docs 1 and 2 with it
+            s.commit()
+        r = raw(engine)
+        before = {k: r.dump(k) for k in r.keys("*") if b"#flush:" not in k}
+        clock.now = T0 + 5
+        with Session(engine) as s:
+            d = s.get(Doc, 1, include_deleted=True)
+            assert d is not None
+            d.rank = 9
+            d.title = "z"
+            with pytest.raises(InvalidRequestError, match=r"cannot change Doc\(1\): it is "
+                               r"soft-deleted .* session.restore\(Doc, 1\)"):
+                s.commit()
+            # The autoflush of a restore refuses it too: the change goes first.
+            with pytest.raises(InvalidRequestError, match="cannot change Doc"):
+                s.restore(Folder, 1)
+            assert (d.rank, d.title) == (9, "z")  # the session as it was
+            # Once read, it stays hidden in this session as it does in Redis.
+            assert s.get(Doc, 1) is None
+            s.expire(d)
+            assert s.get_many(Doc, [1, 3])[0] is None
+            assert s.count(select(Doc).where(Doc.rank >= 5)) == 0
+            f = s.get(Folder, 1, include_deleted=True)
+            assert f is not None
+            with pytest.raises(InvalidRequestError, match=r"cannot delete Folder\(1\): "
+                               r"it is already soft-deleted"):
+                s.delete(f)
+            assert f not in s.deleted
+            s.commit()  # nothing left to write
+        assert {k: r.dump(k) for k in r.keys("*") if b"#flush:" not in k} == before
+        _ok(engine)
+        with Session(engine) as s:
+            d = s.get(Doc, 1, include_deleted=True)
+            assert d is not None and s.get(Doc, 1) is None
+            s.restore(Folder, 1)  # both docs back: the cascade's `#d` was kept
+            assert s.get(Doc, 1) is d and d.rank == 1
+            d.rank = 9  # restored: an ordinary object again
+            s.commit()
+        _ok(engine)
+        with Session(engine) as s:
+            assert sorted(x.id for x in s.scalars(select(Doc).where(Doc.rank >= 2))) == [1, 2, 3]
+            f = s.get(Folder, 1)
+            assert f is not None and sorted(x.id for x in f.docs) == [1, 2]
+
     def test_grace_period_ends_then_purged(self, engine: Engine, clock: Clock) -> None:
         _setup(engine)
         with Session(engine) as s:

@@ -143,8 +143,12 @@ def deadline_of(mapper: Mapper[Any], loaded: Mapping[str, bytes | None]) -> int 
 
 
 def gone(st: InstanceState, now: int | None = None) -> bool:
-    """Whether a loaded object's ExpiresAt moment has passed (what Redis holds, not a
-    pending assignment)."""
+    """Whether a loaded object is gone for reads: its ExpiresAt moment has passed (what
+    Redis holds, not a pending assignment), or it is soft-deleted (read with
+    `include_deleted=True`: `get_many`, relationship lists and references still hide it,
+    as they would have had they read it themselves)."""
+    if st.soft_deleted:
+        return True
     info = st.mapper.expiry
     if info.expires is None:
         return False
@@ -174,6 +178,27 @@ def hidden(mapper: Mapper[Any], data: Mapping[bytes, bytes], now: int, *, delete
 
 
 _SOFT = SOFT_FIELD.encode()
+
+
+def soft_deleted_message(st: InstanceState, what: str) -> str:
+    """Why a soft-deleted object (read with `include_deleted=True`) cannot be changed or
+    deleted, and what to do instead. A write would put it back in the query indexes
+    while reads still hide it; deleting it again would restart its grace period under a
+    new `#d`, so that its restore no longer found the children its cascade took along."""
+    name = st.mapper.name
+    ident = f"{name}({st.pk!r})"
+    if what == "delete":
+        return (
+            f"cannot delete {ident}: it is already soft-deleted (read with "
+            f"include_deleted=True); restore it with session.restore({name}, {st.pk!r}), "
+            f"or let its grace period end, when the sweep purges it"
+        )
+    return (
+        f"cannot change {ident}: it is soft-deleted (read with include_deleted=True), and "
+        f"reads hide it until it is restored; drop the change (session.rollback() or "
+        f"session.expire(obj)), restore it with session.restore({name}, {st.pk!r}), then "
+        f"change it; nothing was written"
+    )
 
 
 # -- the flush ------------------------------------------------------------------------

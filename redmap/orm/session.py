@@ -296,6 +296,8 @@ class Session:
             self.add(obj)
         elif st.session is not self._context:
             raise InvalidRequestError(f"{st.mapper.name} object belongs to another session")
+        if st.soft_deleted:
+            raise InvalidRequestError(expiry.soft_deleted_message(st, "delete"))
         st.deleted = True
         self._context.deleted[id(st)] = st
 
@@ -687,7 +689,13 @@ class Session:
         mapper_of(model).validate_pk(pk)
         st = self._context.identity_map.get((model, pk))
         if st is not None:
-            if st.deleted or (st.mapper.expiry.expires is not None and expiry.gone(st)):
+            if st.soft_deleted and st.unloaded():
+                return False, None  # (expired since: read again, it may be restored)
+            if (
+                st.deleted
+                or st.soft_deleted  # (read with include_deleted=True)
+                or (st.mapper.expiry.expires is not None and expiry.gone(st))
+            ):
                 return True, None
             if not st.unloaded():
                 obj: M = st.obj

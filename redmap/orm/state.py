@@ -38,6 +38,7 @@ class InstanceState:
         "obj",
         "reload",
         "session",
+        "soft_deleted",
         "version",
         "__weakref__",
     )
@@ -73,6 +74,11 @@ class InstanceState:
         # retry applies to what Redis holds (`loading.reload_states`) instead of being
         # refused for the same stale version again and again.
         self.reload = False
+        # The hash carried `#d` at `version`: a soft-deleted object, read with
+        # `get(..., include_deleted=True)` (no other read returns one). It is there to be
+        # read or restored: a flush that would change it and `Session.delete` refuse it,
+        # since a write would put it back in the indexes while it stays hidden.
+        self.soft_deleted = False
         # Marked for deletion by Session.delete(), until the flush or a rollback.
         self.deleted = False
         # The last flush's outcome is unknown for this object (lost EXEC reply).

@@ -184,6 +184,8 @@ class UOWTransaction:
             if st.deleted or st.identity is None:
                 continue
             changes = changed_fields(st, self._deferred_columns(st))
+            if changes and st.soft_deleted:
+                raise InvalidRequestError(expiry.soft_deleted_message(st, "change"))
             if changes and st.mapper.expiry.updated is not None:
                 # Every write that changes the object moves its UpdatedAt.
                 expiry.stamp(st, insert=False, now=stamp_at)
