@@ -180,6 +180,48 @@ def test_forward_references_resolve_at_configure() -> None:
     assert prop.target is Child and prop.uselist and prop.fk_column == "parent_id"
 
 
+def test_foreign_key_may_name_the_primary_key_as_in_sqlalchemy() -> None:
+    """`ForeignKey("Team.id")`, as a SQLAlchemy user writes "table.column", is the same
+    as `ForeignKey("Team")`; naming another field is refused, saying what to write (it
+    was "no mapped class named 'Team.id'", an outside-in probe, stop 17)."""
+    reg = registry(prefix="fkdot")
+
+    @reg.mapped
+    @dataclass
+    class Team:
+        name: str = ""
+        id: Annotated[int | None, PrimaryKey()] = None
+
+    @reg.mapped
+    @dataclass
+    class Player:
+        team_id: Annotated[int | None, ForeignKey("Team.id")] = None
+        team: Team | None = relationship()
+
+    reg.configure()
+    col = mapper_of(Player).columns["team_id"]
+    assert col.foreign_key is not None and col.foreign_key.target is Team
+    assert mapper_of(Player).relationships["team"].target is Team
+
+    bad = registry(prefix="fkdot2")
+
+    @bad.mapped
+    @dataclass
+    class Club:
+        name: str = ""
+        id: Annotated[int | None, PrimaryKey()] = None
+
+    @bad.mapped
+    @dataclass
+    class Member:
+        club_name: Annotated[str | None, ForeignKey("Club.name")] = None
+
+    with pytest.raises(MappingError, match=r"names 'name', but a foreign key holds the "
+                       r"primary key of Club: write ForeignKey\('Club'\) or "
+                       r"ForeignKey\('Club.id'\)"):
+        bad.configure()
+
+
 def test_relationship_without_foreign_key_is_mapping_error() -> None:
     """A one-to-many whose target has no foreign key back is refused at configure."""
     reg = registry(prefix="nofk")

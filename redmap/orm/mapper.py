@@ -373,10 +373,7 @@ class Mapper(Generic[M]):
                     ) from None
         for col in self.columns.values():
             if col.foreign_key is not None:
-                target = self.registry._lookup(
-                    col.foreign_key.target, model=self.name, field=col.key
-                )
-                col.foreign_key = ForeignKey(target)
+                col.foreign_key = ForeignKey(self._foreign_target(col))
         self._check_shard_key()
         self.mutable_columns = tuple(c for c in self.columns.values() if self._codec(c).mutable)
         self.indexed_columns = tuple(c for c in self.columns.values() if c.has_index)
@@ -387,6 +384,28 @@ class Mapper(Generic[M]):
         )
         self.expiry = ExpiryInfo.of(self)
         self.configured = True
+
+    def _foreign_target(self, col: ColumnProperty) -> type[Any]:
+        """The class a `ForeignKey` refers to: a class, its name, or "Name.pk" as a
+        SQLAlchemy user writes it ("table.column"), where the field must be the model's
+        primary key (a foreign key holds the target's key: no other field can be one)."""
+        assert col.foreign_key is not None
+        target = col.foreign_key.target
+        field = None
+        if isinstance(target, str) and "." in target:
+            target, _, field = target.partition(".")
+        cls = self.registry._lookup(target, model=self.name, field=col.key)
+        if field is not None:
+            pk = mapper_of_configured(cls).pk.key
+            if field != pk:
+                raise MappingError(
+                    f"ForeignKey({col.foreign_key.target!r}) names {field!r}, but a foreign "
+                    f"key holds the primary key of {target}: write ForeignKey({target!r}) "
+                    f"or ForeignKey('{target}.{pk}')",
+                    model=self.name,
+                    field=col.key,
+                )
+        return cls
 
     # -- primary keys ----------------------------------------------------------------
 
