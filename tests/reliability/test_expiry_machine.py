@@ -23,7 +23,9 @@ between groups; and the paths of things going wrong: a flush refused (a unique v
 an explicit key taken; an object changed, expired or deleted since it was loaded) leaves
 Redis as it was, and the same session fixes the cause and commits; a detached copy is
 `merge()`d after its object expired, was deleted, changed or was purged meanwhile
-(StaleDataError, nothing merged) or not (applied).
+(StaleDataError, nothing merged) or not (applied); a soft-deleted lease read with
+`include_deleted=True` is changed or deleted again (InvalidRequestError, nothing written),
+then restored and changed.
 
 A reference model computes what every read must answer; the invariants compare `get`,
 `count`, paged and ordered queries, equality queries, string queries and relationship
