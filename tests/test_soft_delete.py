@@ -167,6 +167,10 @@ class TestSoftDelete:
         assert {k: r.dump(k) for k in r.keys("*") if b"#flush:" not in k} == before
         _ok(engine)
         with Session(engine) as s:
+            with pytest.raises(InvalidRequestError, match="already soft-deleted"):
+                s.delete(f)  # detached: refused before it joins the session
+            assert f not in s
+        with Session(engine) as s:
             d = s.get(Doc, 1, include_deleted=True)
             assert d is not None and s.get(Doc, 1) is None
             s.restore(Folder, 1)  # both docs back: the cascade's `#d` was kept

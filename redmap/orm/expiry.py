@@ -26,7 +26,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..commands import Command
 from ..exc import StaleDataError, ValidationError
@@ -180,7 +180,7 @@ def hidden(mapper: Mapper[Any], data: Mapping[bytes, bytes], now: int, *, delete
 _SOFT = SOFT_FIELD.encode()
 
 
-def soft_deleted_message(st: InstanceState, what: str) -> str:
+def soft_deleted_message(st: InstanceState, what: Literal["change", "delete"]) -> str:
     """Why a soft-deleted object (read with `include_deleted=True`) cannot be changed or
     deleted, and what to do instead. A write would put it back in the query indexes
     while reads still hide it; deleting it again would restart its grace period under a

@@ -292,12 +292,12 @@ class Session:
         st = self._state(obj)
         if st.identity is None:
             raise InvalidRequestError(f"{st.mapper.name} object is not persisted; cannot delete")
+        if st.soft_deleted:
+            raise InvalidRequestError(expiry.soft_deleted_message(st, "delete"))
         if st.session is None:
             self.add(obj)
         elif st.session is not self._context:
             raise InvalidRequestError(f"{st.mapper.name} object belongs to another session")
-        if st.soft_deleted:
-            raise InvalidRequestError(expiry.soft_deleted_message(st, "delete"))
         st.deleted = True
         self._context.deleted[id(st)] = st
 
