@@ -25,7 +25,13 @@ from redmap import (
 )
 from redmap.audit import audit
 from redmap.engine import Engine
-from redmap.exc import IntegrityError, InvalidRequestError, MappingError, NoResultFound
+from redmap.exc import (
+    IntegrityError,
+    InvalidRequestError,
+    MappingError,
+    NoResultFound,
+    StaleDataError,
+)
 from tests._clock import T0, Clock
 
 reg = registry(prefix="sd")
@@ -170,6 +176,9 @@ class TestSoftDelete:
             with pytest.raises(InvalidRequestError, match="already soft-deleted"):
                 s.delete(f)  # detached: refused before it joins the session
             assert f not in s
+            with pytest.raises(StaleDataError, match=r"was soft-deleted then .* restore it "
+                               r"first \(session.restore\(Folder, 1\)\); nothing was merged"):
+                s.merge(f)
         with Session(engine) as s:
             d = s.get(Doc, 1, include_deleted=True)
             assert d is not None and s.get(Doc, 1) is None

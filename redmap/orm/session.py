@@ -824,9 +824,16 @@ class Session:
         if target is None:
             if versioned:
                 assert source is not None
+                since = (
+                    f"was soft-deleted then (read with include_deleted=True), and Redis holds "
+                    f"no live object under its key: restore it first (session.restore("
+                    f"{mapper.name}, {pk!r}))"
+                    if source.soft_deleted
+                    else "has been deleted since"
+                )
                 raise StaleDataError(
                     f"cannot merge {mapper.name}({pk!r}): it was loaded at version "
-                    f"{source.version} and has been deleted since; nothing was merged",
+                    f"{source.version} and {since}; nothing was merged",
                     objects=[obj],
                     keys=[source.key] if source.key else [],
                 )
