@@ -23,15 +23,13 @@ from typing import Any
 
 from .exc import DecodeError, RedmapError
 from .orm import keys
-from .orm.expiry import SOFT_FIELD, expect_deadlines
+from .orm.expiry import SOFT_FIELD, SOFT_FIELD_BYTES, expect_deadlines
 from .orm.loading import decode_hash
 from .orm.mapper import VERSION_FIELD, ColumnProperty, Mapper
 from .orm.relationships import Direction
 from .orm.textindex import index_commands
 
 __all__ = ["AuditReport", "BrokenReference", "WrongType", "audit"]
-
-_SOFT = SOFT_FIELD.encode()
 
 _BATCH = 500
 _VERSION = VERSION_FIELD.encode()
@@ -300,8 +298,8 @@ def _load_objects(
         if decoded is None:
             continue
         values = decoded[0]
-        if _SOFT in data:  # soft-deleted: out of the query indexes (expect_deadlines)
-            values = {**values, SOFT_FIELD: data[_SOFT]}
+        if SOFT_FIELD_BYTES in data:  # soft-deleted: out of the query indexes (expect_deadlines)
+            values = {**values, SOFT_FIELD: data[SOFT_FIELD_BYTES]}
         out[seg] = (pk, values)
     return out
 

@@ -65,6 +65,8 @@ SWEEP_BATCH = 500
 # Hash field of a soft-deleted object: when it was deleted (ms), the token its
 # cascade shares.
 SOFT_FIELD = "#d"
+# The same as a fetched hash's key (bytes), for the readers of raw hashes.
+SOFT_FIELD_BYTES = SOFT_FIELD.encode()
 
 _clock: Callable[[], float] = time.time
 
@@ -170,14 +172,11 @@ def hidden(mapper: Mapper[Any], data: Mapping[bytes, bytes], now: int, *, delete
             if ms is not None and ms <= now:
                 return True
     if info.soft_delete_ms is not None:
-        soft = data.get(_SOFT)
+        soft = data.get(SOFT_FIELD_BYTES)
         if soft is not None:
             # Past its grace period a soft-deleted object is gone like an expired one.
             return not deleted or (soft.isdigit() and int(soft) + info.soft_delete_ms <= now)
     return False
-
-
-_SOFT = SOFT_FIELD.encode()
 
 
 def soft_deleted_message(st: InstanceState, what: Literal["change", "delete"]) -> str:
@@ -410,7 +409,7 @@ def loose_child(
     """Whether a fetched child hash is a soft-deleted object still restorable at `now`
     that holds a foreign key in `fk`: what a parent gone for good must release itself
     (queries and relationship lists leave such children out)."""
-    if not data or _SOFT not in data or child.expiry.soft_delete_ms is None:
+    if not data or SOFT_FIELD_BYTES not in data or child.expiry.soft_delete_ms is None:
         return False
     if data.get(fk.encode()) is None:
         return False

@@ -34,7 +34,6 @@ __all__ = [
 
 _VERSION = VERSION_FIELD.encode()
 _INCARNATION = INCARNATION_FIELD.encode()
-_SOFT = expiry.SOFT_FIELD.encode()
 
 
 # An object hash as read: (field values, their stored form, version `#v`, incarnation
@@ -153,7 +152,7 @@ def load_instance(
         st.loaded = loaded
         st.version = version
         st.incarnation = incarnation
-        st.soft_deleted = include_deleted and _SOFT in data
+        st.soft_deleted = include_deleted and expiry.SOFT_FIELD_BYTES in data
         st.in_doubt = False
         st.reload = False
         return st.obj
@@ -167,7 +166,7 @@ def load_instance(
     st.loaded = loaded
     st.version = version
     st.incarnation = incarnation
-    st.soft_deleted = include_deleted and _SOFT in data
+    st.soft_deleted = include_deleted and expiry.SOFT_FIELD_BYTES in data
     session.make_persistent(st, pk, key)
     return obj
 

@@ -33,8 +33,6 @@ from .textindex import index_commands
 
 __all__ = ["PlanJob", "restore_steps"]
 
-_SOFT = expiry.SOFT_FIELD.encode()
-
 
 # -- restore ------------------------------------------------------------------------------
 
@@ -75,7 +73,7 @@ class PlanJob:
 def _hidden_reason(mapper: Mapper[Any], data: dict[bytes, bytes], now: int) -> str | None:
     if not data:
         return "there is none"
-    if _SOFT not in data:
+    if expiry.SOFT_FIELD_BYTES not in data:
         return "it is not deleted"
     loaded = {k.decode(): v for k, v in data.items()}
     deadline = expiry.deadline_of(mapper, loaded)
@@ -99,7 +97,7 @@ def restore_steps(mapper: Mapper[Any], pk: Any) -> Steps[list[tuple[Mapper[Any],
         )
     ks = mapper.keys_for_pk(pk)
     root = _Found(mapper, pk, ks, mapper.pk_segment(pk), key, data)
-    token = data[_SOFT]
+    token = data[expiry.SOFT_FIELD_BYTES]
     found = [root]
     frontier = [root]
     while frontier:
@@ -124,7 +122,11 @@ def restore_steps(mapper: Mapper[Any], pk: Any) -> Steps[list[tuple[Mapper[Any],
         child_keys = [m.object_key(p) for m, p in wanted]
         hashes = yield Read([("HGETALL", k) for k in child_keys])
         for (child, cpk), ckey, cdata in zip(wanted, child_keys, hashes, strict=True):
-            if isinstance(cdata, Exception) or not cdata or cdata.get(_SOFT) != token:
+            if (
+                isinstance(cdata, Exception)
+                or not cdata
+                or cdata.get(expiry.SOFT_FIELD_BYTES) != token
+            ):
                 continue
             f = _Found(
                 child, cpk, child.keys_for_pk(cpk), child.pk_segment(cpk), ckey, cdata
