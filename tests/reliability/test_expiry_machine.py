@@ -403,6 +403,11 @@ class ExpiryMachine(RuleBasedStateMachine):
                 return pk
         return None
 
+    def restorable(self) -> list[Any]:
+        """The soft-deleted leases whose grace period (and expiry) has not ended."""
+        return [pk for pk, r in self.ref.items() if r.deleted_at is not None
+                and not self.gone(r)]
+
     def note_gone(self, n: NoteRef) -> bool:
         return n.deleted_at is not None and n.deleted_at + GRACE <= self.now
 
@@ -716,8 +721,7 @@ class ExpiryMachine(RuleBasedStateMachine):
                     s.restore(self.m.Lease, pk)
             STATS.bump("restore refused: no soft delete")
             return
-        restorable = [pk for pk, r in self.ref.items() if r.deleted_at is not None
-                      and not self.gone(r)]
+        restorable = self.restorable()
         if not restorable and data.draw(st.booleans(), label="delete one first"):
             self._delete(data)
         if not self.ref:
@@ -751,12 +755,10 @@ class ExpiryMachine(RuleBasedStateMachine):
         expiry) or a second delete is refused and writes nothing (a change once put it
         back in the indexes while reads hid it); the session drops the change, restores
         it and changes it then."""
-        restorable = [pk for pk, r in self.ref.items() if r.deleted_at is not None
-                      and not self.gone(r)]
+        restorable = self.restorable()
         if not restorable:
             self._delete(data)
-            restorable = [pk for pk, r in self.ref.items() if r.deleted_at is not None
-                          and not self.gone(r)]
+            restorable = self.restorable()
             if not restorable:
                 return
         pk = data.draw(st.sampled_from(sorted(restorable)), label="soft-deleted lease")
