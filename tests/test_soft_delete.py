@@ -32,6 +32,7 @@ from redmap.exc import (
     NoResultFound,
     StaleDataError,
 )
+from redmap.testing.assertions import dump_keys
 from tests._clock import T0, Clock
 
 reg = registry(prefix="sd")
@@ -144,7 +145,7 @@ class TestSoftDelete:
             s.delete(f)  # soft-deletes docs 1 and 2 with it
             s.commit()
         r = raw(engine)
-        before = {k: r.dump(k) for k in r.keys("*") if b"#flush:" not in k}
+        before = dump_keys(r)
         clock.now = T0 + 5
         with Session(engine) as s:
             d = s.get(Doc, 1, include_deleted=True)
@@ -170,7 +171,7 @@ class TestSoftDelete:
                 s.delete(f)
             assert f not in s.deleted
             s.commit()  # nothing left to write
-        assert {k: r.dump(k) for k in r.keys("*") if b"#flush:" not in k} == before
+        assert dump_keys(r) == before
         _ok(engine)
         with Session(engine) as s:
             with pytest.raises(InvalidRequestError, match="already soft-deleted"):
